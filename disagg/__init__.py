@@ -1,0 +1,1 @@
+"""disagg: disaggregated LLM serving as infrastructure-as-code."""

@@ -1,0 +1,153 @@
+"""A deployment plan: the inventory's hosts, its settings and a label, placed.
+
+The same plan feeds `disagg render` and the pyinfra deploys, so what the CLI
+prints is what the deploy writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import settings as S
+from .settings import Settings
+from .topology import Cluster, Host, Topology, TopologyError, Worker, place
+
+ROLE_GROUPS = ("context", "generate", "baseline")
+
+
+def load_inventory(path: str, override_data: dict | None = None):
+    """Load an inventory file the way the pyinfra CLI does."""
+    from pyinfra.api import State
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    if not Path(path).is_file():
+        raise TopologyError(
+            f"inventory {path!r} not found; pass an inventory file such as inventories/h100.py"
+        )
+    with ctx_state.use(State()):
+        return make_inventory(path, override_data=override_data)
+
+
+def cluster_from_inventory(inventory) -> Cluster:
+    groups = {
+        name: tuple(h.name for h in inventory.get_group(name, []))
+        for name in (*ROLE_GROUPS, "head")
+    }
+    placed = {n for g in ROLE_GROUPS for n in groups[g]}
+    hosts = []
+    for h in inventory:
+        gpus = h.data.get("gpus")
+        if h.name in placed:
+            try:
+                gpus = int(gpus)
+            except (TypeError, ValueError):
+                raise TopologyError(
+                    f"host {h.name!r}: inventory data 'gpus' is {gpus!r}; "
+                    "set it to the number of GPUs on the host"
+                ) from None
+        address = h.data.get("address") or h.data.get("ssh_hostname") or h.name
+        hosts.append(Host(h.name, str(address), gpus or 0))
+    head_group = groups["head"] or groups["context"] or groups["baseline"]
+    if not head_group:
+        raise TopologyError(
+            "inventory has no 'head' or 'context' group; add the host that runs "
+            "the router and NATS to group 'head' (or 'context')"
+        )
+    return Cluster(tuple(hosts), groups, head_group[0])
+
+
+@dataclass(frozen=True)
+class Plan:
+    topology: Topology
+    settings: Settings
+    cluster: Cluster
+    workers: tuple[Worker, ...]
+
+    @property
+    def label(self) -> str:
+        return self.topology.label
+
+    @property
+    def head(self) -> Host:
+        return self.cluster.host(self.cluster.head)
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.head.address}:{self.settings.router_port}"
+
+    def workers_on(self, host: str) -> list[Worker]:
+        return [w for w in self.workers if w.host == host]
+
+    def worker_command(self, w: Worker) -> list[str]:
+        s = self.settings
+        args = [
+            f"{S.VLLM_VENV}/bin/python", "-m", "vllm.entrypoints.openai.api_server",
+            "--model", s.model,
+            "--host", w.address,
+            "--port", str(w.http_port),
+            "--tensor-parallel-size", str(len(w.gpus)),
+        ]  # fmt: skip
+        optional = {
+            "--served-model-name": s.served_model_name,
+            "--max-model-len": s.max_model_len,
+            "--gpu-memory-utilization": s.gpu_memory_utilization,
+            "--kv-cache-dtype": s.kv_cache_dtype,
+        }
+        for flag, value in optional.items():
+            if value is not None:
+                args += [flag, str(value)]
+        if self.topology.disaggregated and s.kv_transfer_config:
+            args += ["--kv-transfer-config", json.dumps(s.kv_transfer_config, separators=(",", ":"))]
+        args += ["--shutdown-timeout", str(s.shutdown_timeout), *s.extra_args]
+        return args
+
+    def worker_env(self, w: Worker) -> dict[str, str]:
+        env = {
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, w.gpus)),
+            "HF_HOME": f"{S.STATE_DIR}/hf",
+        }
+        if self.topology.disaggregated:
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = w.address
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(w.nixl_port)
+        env.update({k: str(v) for k, v in sorted(self.settings.engine_env.items())})
+        return env
+
+    def router_command(self) -> list[str]:
+        s = self.settings
+        args = [
+            f"{S.ROUTER_VENV}/bin/vllm-router",
+            "--host", "0.0.0.0",
+            "--port", str(s.router_port),
+            "--prometheus-host", "0.0.0.0",
+            "--prometheus-port", str(s.router_metrics_port),
+        ]  # fmt: skip
+        if self.topology.disaggregated:
+            args.append("--vllm-pd-disaggregation")
+            for w in self.workers:
+                args += ["--prefill" if w.role == "context" else "--decode", w.url]
+            args += ["--kv-connector", s.router_kv_connector]
+        else:
+            args += ["--worker-urls", *(w.url for w in self.workers)]
+        return args
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "workers": [w.as_dict() for w in self.workers]}
+
+
+def make_plan(inventory, label: str | None = None, label_key: str = "label") -> Plan:
+    """Validate everything and place the workers; raises TopologyError with a
+    one-line message before any host is touched."""
+    cluster = cluster_from_inventory(inventory)
+    settings = Settings.from_data(inventory.get_host(cluster.head).data)
+    label = label or getattr(settings, label_key)
+    if not label:
+        raise TopologyError(
+            f"inventory data {label_key!r} is missing; set it, e.g. "
+            f"--data {label_key}=context_tp2dp4_generate_tp8dp1"
+        )
+    topology = Topology.parse(label)
+    return Plan(topology, settings, cluster, tuple(place(topology, cluster, settings.ports)))

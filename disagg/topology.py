@@ -1,0 +1,244 @@
+"""Topology labels and the placement of workers onto inventory hosts.
+
+This module is the one source of truth for which GPUs and ports each worker
+gets; templates and roles only substitute what it computes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pyinfra.api.exceptions import PyinfraError
+
+LABEL_FORMS = "context_tp<T>dp<D>_generate_tp<T>dp<D> or baseline_tp<T>dp<D>"
+_N = r"(0|[1-9][0-9]*)"  # no leading zeros, so that labels round-trip
+_DISAGG_RE = re.compile(rf"context_tp{_N}dp{_N}_generate_tp{_N}dp{_N}")
+_BASELINE_RE = re.compile(rf"baseline_tp{_N}dp{_N}")
+
+UNIT_PREFIX = "disagg-"
+
+
+class TopologyError(PyinfraError, ValueError):
+    """Invalid label, inventory or placement. The message is one line that
+    names the field and the fix (pyinfra's CLI prints it as such)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One role of a topology: dp instances of tp GPUs each."""
+
+    role: str
+    tp: int
+    dp: int
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.dp
+
+    @property
+    def label(self) -> str:
+        return f"{self.role}_tp{self.tp}dp{self.dp}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    stages: tuple[Stage, ...]
+
+    @classmethod
+    def parse(cls, label: str) -> Topology:
+        if m := _DISAGG_RE.fullmatch(label):
+            ct, cd, gt, gd = map(int, m.groups())
+            stages = (Stage("context", ct, cd), Stage("generate", gt, gd))
+        elif m := _BASELINE_RE.fullmatch(label):
+            bt, bd = map(int, m.groups())
+            stages = (Stage("baseline", bt, bd),)
+        else:
+            raise TopologyError(
+                f"label {label!r} is malformed: expected {LABEL_FORMS}, "
+                "e.g. context_tp2dp4_generate_tp8dp1"
+            )
+        for s in stages:
+            for name, value in (("tp", s.tp), ("dp", s.dp)):
+                if value < 1:
+                    raise TopologyError(
+                        f"label {label!r}: {s.role} {name}{value} is invalid, "
+                        f"{name} must be >= 1"
+                    )
+        return cls(stages)
+
+    @property
+    def label(self) -> str:
+        return "_".join(s.label for s in self.stages)
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.stages[0].role == "context"
+
+    @property
+    def gpus(self) -> int:
+        return sum(s.gpus for s in self.stages)
+
+    def stage(self, role: str) -> Stage:
+        for s in self.stages:
+            if s.role == role:
+                return s
+        raise KeyError(role)
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    gpus: int
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The inventory as placement sees it: hosts in order, and the hosts of
+    each group (`context`, `generate`, `baseline`) by name."""
+
+    hosts: tuple[Host, ...]
+    groups: dict[str, tuple[str, ...]]
+    head: str
+
+    def host(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+    def group(self, role: str) -> tuple[str, str, tuple[Host, ...]]:
+        """(group name, its hosts) for a role. Baseline workers default to
+        the context hosts."""
+        name = role
+        if role == "baseline" and not self.groups.get("baseline"):
+            name = "context"
+        return name, tuple(self.host(n) for n in self.groups.get(name, ()))
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Port numbers of our services. Worker ports are bases: the n-th worker
+    on a host gets http_base + n and a block of NIXL ports from nixl_base."""
+
+    http_base: int = 8100
+    nixl_base: int = 5600
+    router: int = 8000
+    router_metrics: int = 29000
+    nats: int = 4222
+    nats_monitor: int = 8222
+
+    def head_services(self) -> dict[str, int]:
+        return {
+            "router_port": self.router,
+            "router_metrics_port": self.router_metrics,
+            "nats_port": self.nats,
+            "nats_monitor_port": self.nats_monitor,
+        }
+
+
+@dataclass(frozen=True)
+class Worker:
+    role: str
+    index: int
+    host: str
+    address: str
+    gpus: tuple[int, ...]
+    http_port: int
+    nixl_port: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+    @property
+    def unit(self) -> str:
+        return f"{UNIT_PREFIX}{self.name}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.http_port}"
+
+    @property
+    def nixl_ports(self) -> range:
+        # vLLM has used one NIXL side-channel port per TP rank in some releases
+        # and one per engine in others: a block of tp ports is safe for both.
+        return range(self.nixl_port, self.nixl_port + len(self.gpus))
+
+    def as_dict(self) -> dict:
+        return {
+            "role": self.role,
+            "index": self.index,
+            "host": self.host,
+            "gpus": list(self.gpus),
+            "http_port": self.http_port,
+            "nixl_port": self.nixl_port,
+            "unit": self.unit,
+        }
+
+
+def place(topology: Topology, cluster: Cluster, ports: Ports = Ports()) -> list[Worker]:
+    """Assign every worker a host, GPUs and ports, or raise TopologyError.
+
+    Each TP group stays on one host and takes the lowest free GPUs there, so
+    that tp2dp4 on an 8-GPU host gets the pairs 0,1 / 2,3 / 4,5 / 6,7. A host
+    in several groups shares its GPUs between them.
+    """
+    label = topology.label
+    free = {h.name: list(range(h.gpus)) for h in cluster.hosts}
+    next_port = {h.name: (ports.http_base, ports.nixl_base) for h in cluster.hosts}
+    workers: list[Worker] = []
+    for stage in topology.stages:
+        group, hosts = cluster.group(stage.role)
+        if not hosts:
+            raise TopologyError(
+                f"label {label!r}: inventory group {group!r} has no hosts; "
+                f"add the hosts that run {stage.role} workers to group {group!r}"
+            )
+        widest = max(h.gpus for h in hosts)
+        if stage.tp > widest:
+            raise TopologyError(
+                f"label {label!r}: {stage.role} tp{stage.tp} needs {stage.tp} GPUs on one "
+                f"host, but hosts in group {group!r} have at most {widest} GPUs per host "
+                f"(host data 'gpus'); use tp <= {widest}"
+            )
+        room = sum(len(free[h.name]) // stage.tp for h in hosts)
+        if room < stage.dp:
+            have = ", ".join(f"{h.name}: {len(free[h.name])}" for h in hosts)
+            raise TopologyError(
+                f"label {label!r}: {stage.label} needs {stage.dp} groups of {stage.tp} GPUs "
+                f"({stage.gpus} GPUs) in group {group!r}, which has room for {room} "
+                f"(free GPUs {have}); lower dp or add hosts to group {group!r}"
+            )
+        for index in range(stage.dp):
+            host = next(h for h in hosts if len(free[h.name]) >= stage.tp)
+            gpus = tuple(free[host.name][: stage.tp])
+            del free[host.name][: stage.tp]
+            http_port, nixl_port = next_port[host.name]
+            next_port[host.name] = (http_port + 1, nixl_port + stage.tp)
+            workers.append(
+                Worker(stage.role, index, host.name, host.address, gpus, http_port, nixl_port)
+            )
+    check_ports(workers, cluster, ports)
+    return workers
+
+
+def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports) -> None:
+    """Every port of ours on a host must be distinct and valid."""
+    by_host: dict[str, dict[int, str]] = {h.name: {} for h in cluster.hosts}
+    claims: list[tuple[str, int, str]] = [
+        (cluster.head, port, name) for name, port in ports.head_services().items()
+    ]
+    for w in workers:
+        claims.append((w.host, w.http_port, f"{w.name} http_port"))
+        claims.extend((w.host, p, f"{w.name} nixl_port") for p in w.nixl_ports)
+    for host, port, owner in claims:
+        if not 1 <= port <= 65535:
+            raise TopologyError(
+                f"port {port} of {owner} on host {host!r} is out of range; "
+                "choose port bases so that every port is in 1..65535"
+            )
+        other = by_host[host].setdefault(port, owner)
+        if other != owner:
+            raise TopologyError(
+                f"port clash on host {host!r}: {port} is both {other} and {owner}; "
+                "change http_port_base, nixl_port_base or the service port in the inventory data"
+            )

@@ -1,0 +1,144 @@
+"""Files our services need on a host, rendered from templates/.
+
+Every function returns {remote path: content}; the roles upload exactly that
+and `disagg render --units` prints exactly that.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from . import settings as S
+from .plan import Plan
+from .topology import Worker
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+NATS_CONF = f"{S.CONFIG_DIR}/nats-server.conf"
+NATS_SECRET_ENV = f"{S.CONFIG_DIR}/nats.env"
+NATS_PASSWORD_ENV = "DISAGG_NATS_PASSWORD"
+NATS_STORE = f"{S.STATE_DIR}/nats"
+
+_PLAIN_ARG = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
+
+
+@lru_cache(maxsize=None)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render(template: str, **context) -> str:
+    return _env().get_template(template).render(marker=S.MANAGED_MARKER, **context)
+
+
+def systemd_arg(arg: str) -> str:
+    """Quote one ExecStart argument for systemd (see systemd.syntax(7))."""
+    if _PLAIN_ARG.fullmatch(arg):
+        return arg
+    # systemd expands % specifiers and $VARIABLES even inside quotes
+    escaped = arg.replace("\\", "\\\\").replace("%", "%%").replace("$", "$$")
+    if "'" not in escaped:
+        return f"'{escaped}'"
+    return '"' + escaped.replace('"', '\\"') + '"'
+
+
+def exec_start(args: list[str]) -> str:
+    """One argument per line (flags with their value), so that a diff shows
+    exactly the engine argument that changed."""
+    lines: list[list[str]] = [[]]
+    for arg in args:
+        if arg.startswith("--") and lines[-1]:
+            lines.append([])
+        lines[-1].append(systemd_arg(arg))
+    return " \\\n    ".join(" ".join(line) for line in lines)
+
+
+def env_value(value: str) -> str:
+    if _PLAIN_ARG.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def unit_path(unit: str) -> str:
+    return f"{S.SYSTEMD_DIR}/{unit}.service"
+
+
+def env_path(unit: str) -> str:
+    return f"{S.CONFIG_DIR}/{unit}.env"
+
+
+def _service(description: str, user: str, args: list[str], stop_timeout: int,
+             env_files: list[str]) -> str:  # fmt: skip
+    return render(
+        "service.j2",
+        description=description,
+        user=user,
+        exec_start=exec_start(args),
+        stop_timeout=stop_timeout,
+        env_files=env_files,
+    )
+
+
+def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
+    env = {k: env_value(v) for k, v in plan.worker_env(w).items()}
+    unit = _service(
+        f"disagg {w.role} worker {w.index} ({plan.label}), GPUs {','.join(map(str, w.gpus))}",
+        S.SERVICE_USER,
+        plan.worker_command(w),
+        plan.settings.stop_timeout,
+        # '-': the HF token is optional (public or local models)
+        [env_path(w.unit), f"-{S.HF_TOKEN_ENV}"],
+    )
+    return {unit_path(w.unit): unit, env_path(w.unit): render("env.j2", env=env)}
+
+
+def router_files(plan: Plan) -> dict[str, str]:
+    unit = _service(
+        f"disagg vllm-router ({plan.label})",
+        S.SERVICE_USER,
+        plan.router_command(),
+        30,
+        [],
+    )
+    return {unit_path(S.ROUTER_UNIT): unit}
+
+
+def nats_files(plan: Plan) -> dict[str, str]:
+    s = plan.settings
+    conf = render(
+        "nats-server.conf.j2",
+        server_name=f"disagg-{plan.head.name}",
+        listen=f"{plan.head.address}:{s.nats_port}",
+        monitor_port=s.nats_monitor_port,
+        store_dir=NATS_STORE,
+        user=s.nats_user,
+        password_env=NATS_PASSWORD_ENV,
+    )
+    unit = _service(
+        "disagg NATS server with JetStream",
+        S.NATS_USER,
+        [f"{S.NATS_VENV}/bin/nats-server", "-c", NATS_CONF],
+        30,
+        [NATS_SECRET_ENV],
+    )
+    return {NATS_CONF: conf, unit_path(S.NATS_UNIT): unit}
+
+
+def host_units(plan: Plan, host: str) -> dict[str, str]:
+    """Every unit, env and config file of ours that belongs on host under plan."""
+    files: dict[str, str] = {}
+    for w in plan.workers_on(host):
+        files.update(worker_files(plan, w))
+    if host == plan.cluster.head:
+        files.update(nats_files(plan))
+        files.update(router_files(plan))
+    return files
