@@ -82,6 +82,13 @@ class Plan:
     def workers_on(self, host: str) -> list[Worker]:
         return [w for w in self.workers if w.host == host]
 
+    def units_on(self, host: str) -> list[str]:
+        """Names of the units that belong on host under this plan."""
+        names = [w.unit for w in self.workers_on(host)]
+        if host == self.cluster.head:
+            names += [S.NATS_UNIT, S.ROUTER_UNIT]
+        return names
+
     def worker_command(self, w: Worker) -> list[str]:
         s = self.settings
         args = [

@@ -1,0 +1,13 @@
+"""Converge the aggregated baseline of the inventory's `baseline_label`
+(e.g. baseline_tp4dp2) behind vllm-router in regular mode:
+
+    pyinfra inventories/h100.py deploys/baseline.py
+
+Units of the disaggregated layout are removed first."""
+
+from pyinfra import inventory
+
+from disagg.plan import make_plan
+from roles.serving import converge
+
+converge(make_plan(inventory, label_key="baseline_label"))

@@ -1,0 +1,15 @@
+"""Converge the disaggregated layout of the inventory's `label`
+(e.g. context_tp2dp4_generate_tp8dp1):
+
+    pyinfra inventories/h100.py deploys/disagg.py [--dry --diff]
+
+NVIDIA driver, NATS, vLLM, one unit per context/generate worker behind
+health gates, then vllm-router in PD mode. Units of another layout are
+removed first. Invalid input stops here, before any host is changed."""
+
+from pyinfra import inventory
+
+from disagg.plan import make_plan
+from roles.serving import converge
+
+converge(make_plan(inventory, label_key="label"))

