@@ -76,6 +76,10 @@ class NvidiaGpus(FactBase):
 class NvidiaPciDevices(FactBase):
     """{"gpus": N, "nvswitches": M} from sysfs; works before any driver is installed."""
 
+    @staticmethod
+    def default():
+        return {"gpus": 0, "nvswitches": 0}
+
     def command(self) -> str:
         return (
             "for d in /sys/bus/pci/devices/*; do "

@@ -30,10 +30,8 @@ SUPPORTED = {("Ubuntu", 22), ("Ubuntu", 24)}
 BLACKLIST = "/etc/modprobe.d/disagg-blacklist-nouveau.conf"
 
 
-def skip_reason(install: bool, pci: dict, distro: dict) -> str | None:
-    if not install:
-        return "install_nvidia_driver is False in the inventory"
-    if not pci.get("gpus"):
+def skip_reason(pci: dict, distro: dict) -> str | None:
+    if not pci["gpus"]:
         return "no NVIDIA GPU on the PCI bus"
     if (distro.get("name"), distro.get("major")) not in SUPPORTED:
         return f"{distro.get('name')} {distro.get('major')} is not Ubuntu 22.04 or 24.04"
@@ -91,9 +89,10 @@ def driver_services(services: list[str]):
 @deploy("NVIDIA driver", data_defaults=DEFAULTS)
 def nvidia_driver():
     pci = host.get_fact(NvidiaPciDevices)
-    reason = skip_reason(
-        bool(host.data.get("install_nvidia_driver")), pci, host.get_fact(LinuxDistribution)
-    )
+    if not host.data.get("install_nvidia_driver"):
+        reason = "install_nvidia_driver is False in the inventory"
+    else:
+        reason = skip_reason(pci, host.get_fact(LinuxDistribution))
     if reason:
         logger.info(f"{host.print_prefix}skip NVIDIA driver: {reason}")
         return

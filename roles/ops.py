@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import MaskString, StringCommand, operation
+from pyinfra.api import HiddenValue, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
@@ -178,7 +178,7 @@ def secret_env(path: str, variable: str, value: str | None = None):
     if current != hashlib.sha256(line.encode()).hexdigest():
         yield StringCommand(
             "umask 077 && printf '%s\\n'",
-            MaskString(shlex.quote(line.rstrip("\n"))),
+            HiddenValue(shlex.quote(line.rstrip("\n"))),
             ">",
             shlex.quote(path),
         )

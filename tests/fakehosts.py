@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyinfra
 from pyinfra.api import Config, State
+from pyinfra.api.command import FileUploadCommand
 from pyinfra.api.connect import connect_all
 from pyinfra.api.state import StateStage
 from pyinfra.connectors.fake import FakeConnector
@@ -55,7 +56,11 @@ class Planned:
     state: State
 
     def ops(self, host: str) -> list[tuple[str, list[str]]]:
-        """(operation name, commands) that would run on host, in order."""
+        """(operation name, commands) that would run on host, in order;
+        secrets masked as pyinfra prints them, uploads as 'upload PATH'."""
+        return [(name, [_masked(c) for c in cmds]) for name, cmds in self._raw_ops(host)]
+
+    def _raw_ops(self, host: str) -> list[tuple[str, list]]:
         h = self.state.inventory.get_host(host)
         out = []
         with ctx_state.use(self.state), ctx_inventory.use(self.state.inventory), ctx_host.use(h):
@@ -64,7 +69,21 @@ class Planned:
                 if op_data is None:
                     continue
                 names = ", ".join(sorted(self.state.op_meta[op_hash].names))
-                out.append((names, [_masked(c) for c in op_data.command_generator()]))
+                out.append((names, list(op_data.command_generator())))
+        return out
+
+    def commands(self, host: str) -> list[str]:
+        """Every command that would run on host, secrets masked as pyinfra prints them."""
+        return [c for _, cmds in self.ops(host) for c in cmds if not c.startswith("upload ")]
+
+    def uploads(self, host: str) -> dict[str, str]:
+        """{remote path: content} of every file that would be written on host."""
+        out = {}
+        for _, cmds in self._raw_ops(host):
+            for c in cmds:
+                if isinstance(c, FileUploadCommand):
+                    c.src.seek(0)
+                    out[c.dest] = c.src.read()
         return out
 
     def executed(self, host: str) -> list[str]:
@@ -72,8 +91,9 @@ class Planned:
 
 
 def _masked(command) -> str:
-    masked = getattr(command, "get_masked_value", None)
-    return masked() if masked else repr(command)
+    if isinstance(command, FileUploadCommand):
+        return f"upload {command.dest}"
+    return command.get_masked_value()
 
 
 def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses: dict | None = None) -> Planned:
@@ -92,5 +112,9 @@ def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses
         connect_all(state)
         state.set_stage(StateStage.Prepare)
         state.current_op_file_number = 0
-        load_deploy_file(state, str(ROOT / deploy))
+        try:
+            load_deploy_file(state, str(ROOT / deploy))
+        except Exception as e:
+            e.planned = Planned(state)  # so that a test can see what ran before
+            raise
     return Planned(state)

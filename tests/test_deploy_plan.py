@@ -1,0 +1,129 @@
+"""What `pyinfra inventories/h100.py deploys/*.py` would do, planned through
+pyinfra's own loader with its @fake connector and facts fed from a real GPU
+host's captured output. Real hosts are exercised by the end-to-end tests."""
+
+import pytest
+from fakehosts import gpu_host_responses, plan_deploy
+
+from disagg.plan import load_inventory, make_plan
+from disagg.topology import TopologyError
+from disagg.units import host_units
+
+H100 = "inventories/h100.py"
+NODES = ("h100-node1", "h100-node2")
+
+
+def stale_units(*units):
+    return {"grep -lxF": [f"/etc/systemd/system/{u}.service" for u in units]}
+
+
+@pytest.mark.parametrize("deploy, label_key", [("deploys/disagg.py", "label"),
+                                               ("deploys/baseline.py", "baseline_label")])
+def test_deploy_writes_exactly_the_rendered_units(deploy, label_key):
+    planned = plan_deploy(H100, deploy, responses=gpu_host_responses())
+    plan = make_plan(load_inventory(H100), label_key=label_key)
+    for host in NODES:
+        ours = {p: t for p, t in planned.uploads(host).items() if p.startswith(("/etc/systemd", "/etc/disagg"))}
+        assert ours == host_units(plan, host)
+
+
+def test_disagg_deploy_order_on_the_head():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    names = [name for name, _ in planned.ops("h100-node1")]
+    first = {key: next(i for i, n in enumerate(names) if key in n)
+             for key in ("NVIDIA driver", "Run disagg-nats", "NATS JetStream healthy", "Install vllm==",
+                         "Remove units of other layouts", "Run disagg-context-0",
+                         "disagg-context-3 healthy", "Run disagg-router")}  # fmt: skip
+    assert list(first) == sorted(first, key=first.get)
+    # all context workers start before the first health wait, so they load together
+    assert first["disagg-context-3 healthy"] > max(i for i, n in enumerate(names) if "Run disagg-context-" in n)
+    commands = planned.commands("h100-node1")
+    assert "systemctl start disagg-context-0.service" in commands
+    assert any("/healthz?js-enabled-only=true" in c for c in commands)
+
+
+def test_invalid_label_stops_before_any_host_is_touched():
+    with pytest.raises(TopologyError, match="generate tp16 needs 16 GPUs on one host") as e:
+        plan_deploy(H100, "deploys/disagg.py", data={"label": "context_tp2dp4_generate_tp16dp1"},
+                    responses=gpu_host_responses())
+    for host in NODES:
+        assert e.value.planned.executed(host) == []
+        assert e.value.planned.ops(host) == []
+
+
+def test_relabel_prunes_the_old_layout_only():
+    old = stale_units("disagg-context-0", "disagg-context-1", "disagg-context-2", "disagg-context-3",
+                      "disagg-nats", "disagg-router", "disagg-generate-0")
+    planned = plan_deploy(H100, "deploys/baseline.py", responses={**old, **gpu_host_responses()})
+    (prune,) = [c for n, c in planned.ops("h100-node1") if n == "Remove units of other layouts"]
+    stopped = [c for c in prune if c.startswith("systemctl disable --now")]
+    assert stopped == [f"systemctl disable --now disagg-context-{i}.service" for i in range(4)] + [
+        "systemctl disable --now disagg-generate-0.service"]
+    assert "rm -f /etc/systemd/system/disagg-context-0.service /etc/disagg/disagg-context-0.env" in prune
+    assert "systemctl daemon-reload" in prune
+
+
+def test_nothing_to_prune_is_no_change():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    for host in NODES:
+        (prune,) = [c for n, c in planned.ops(host) if n == "Remove units of other layouts"]
+        assert prune == []
+
+
+@pytest.mark.parametrize("purge", [False, True])
+def test_teardown_removes_our_units_and_nothing_else(purge):
+    units = ("disagg-context-1", "disagg-generate-0", "disagg-router")
+    data = {"purge": "true"} if purge else {}
+    planned = plan_deploy(H100, "deploys/teardown.py", data=data, responses=stale_units(*units))
+    commands = planned.commands("h100-node1")
+    for unit in units:
+        assert f"systemctl disable --now {unit}.service" in commands
+    assert not any("kill" in c for c in commands)
+    names = [n for n, _ in planned.ops("h100-node1")]
+    for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env", "/etc/disagg/nats-server.conf"):
+        assert f"disagg teardown | Remove {path}" in names
+    purged = [f"disagg teardown | Remove {what}" for what in
+              ("/opt/disagg", "/var/lib/disagg", "/etc/disagg", "user disagg", "user disagg-nats")]
+    assert [n for n in purged if n in names] == (purged if purge else [])
+
+
+def test_secrets_never_appear_in_commands_or_files():
+    secrets = {"hf_token": "hf_TOPSECRET123", "nats_password": "n4ts-PASSWORD"}
+    planned = plan_deploy(H100, "deploys/disagg.py", data=secrets, responses=gpu_host_responses())
+    for host in NODES:
+        text = "\n".join(planned.commands(host) + list(planned.uploads(host).values()))
+        for secret in secrets.values():
+            assert secret not in text
+    commands = planned.commands("h100-node1")
+    assert "umask 077 && printf '%s\\n' *MASKED* > /etc/disagg/hf-token.env" in commands
+
+
+def test_generated_nats_password_is_made_on_the_head_only():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    generate = [c for c in planned.commands("h100-node1") if "DISAGG_NATS_PASSWORD=" in c]
+    assert len(generate) == 1 and "/dev/urandom" in generate[0] and "umask 077" in generate[0]
+    assert not any("NATS" in c for c in planned.commands("h100-node2"))
+
+
+def _driver_commands(planned, host):
+    return [c for n, cmds in planned.ops(host) if n.startswith("NVIDIA driver") for c in map(str, cmds)]
+
+
+def test_driver_on_an_hgx_node_gets_fabric_manager():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    commands = " ".join(_driver_commands(planned, "h100-node1"))
+    assert "nvidia-driver-580-server-open" in commands and "nvidia-fabricmanager-580" in commands
+    assert "systemctl enable nvidia-persistenced.service" in commands
+    assert "/etc/modprobe.d/disagg-blacklist-nouveau.conf" in commands
+    # the driver is not loaded yet and the inventory does not allow a reboot
+    assert "reboot" not in commands
+
+
+def test_driver_without_nvswitch_and_skips():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses(nvswitches=0))
+    commands = " ".join(_driver_commands(planned, "h100-node1"))
+    assert "nvidia-driver-580-server-open" in commands and "fabricmanager" not in commands
+    for data, responses in (({"install_nvidia_driver": False}, gpu_host_responses()),
+                            ({}, gpu_host_responses(gpus=0, nvswitches=0))):
+        planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=responses)
+        assert _driver_commands(planned, "h100-node1") == []

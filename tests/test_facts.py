@@ -1,0 +1,45 @@
+"""GPU facts parsed from output captured on a real NVIDIA host."""
+
+from fakehosts import FIXTURES, fixture_output
+
+from disagg.facts import parse_driver_version, parse_pci, parse_query_gpu
+from roles.nvidia_driver import skip_reason
+
+
+def test_query_gpu_on_real_h200_output():
+    (gpu,) = parse_query_gpu(fixture_output("query-gpu.txt"))
+    assert gpu["index"] == 0
+    assert gpu["name"] == "NVIDIA H200"
+    assert gpu["memory.total"] == 143771
+    assert gpu["driver_version"] == "580.159.04"
+    assert gpu["persistence_mode"] == "Enabled"
+    # agrees with the plain nvidia-smi table of the same host
+    assert "Driver Version: 580.159.04" in (FIXTURES / "nvidia-h200" / "nvidia-smi.txt").read_text()
+
+
+def test_query_gpu_ignores_noise():
+    assert parse_query_gpu([]) == []
+    assert parse_query_gpu(["NVIDIA-SMI has failed because it couldn't communicate with the driver."]) == []
+
+
+def test_loaded_driver_on_real_host():
+    loaded = parse_driver_version((FIXTURES / "nvidia-h200" / "host.txt").read_text().splitlines())
+    assert loaded == {"version": "580.159.04", "open": True}
+    assert parse_driver_version(["NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug"]) == {
+        "version": "535.104.05", "open": False}
+    assert parse_driver_version([]) is None
+
+
+def test_pci_counts_gpus_and_nvswitches():
+    lines = ["0000:18:00.0 0x10de 0x030200", "0000:2a:00.0 0x10de 0x030200",
+             "0000:05:00.0 0x10de 0x068000", "0000:00:00.0 0x8086 0x060000", "garbage"]
+    assert parse_pci(lines) == {"gpus": 2, "nvswitches": 1}
+
+
+def test_driver_role_skips_with_a_reason():
+    ubuntu = {"name": "Ubuntu", "major": 24}
+    gpus = {"gpus": 8, "nvswitches": 4}
+    assert skip_reason(gpus, ubuntu) is None
+    assert skip_reason(gpus, {"name": "Ubuntu", "major": 22}) is None
+    assert "no NVIDIA GPU" in skip_reason({"gpus": 0, "nvswitches": 0}, ubuntu)
+    assert "Debian 12 is not Ubuntu" in skip_reason(gpus, {"name": "Debian", "major": 12})

@@ -1,0 +1,80 @@
+"""Units rendered for the reference inventory, against checked-in files.
+Regenerate them after an intended change with DISAGG_UPDATE_EXPECTED=1 and
+review the diff."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from disagg.plan import load_inventory, make_plan
+from disagg.units import env_value, exec_start, host_units, systemd_arg
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED = Path(__file__).resolve().parent / "expected"
+
+
+def rendered(label_key: str) -> dict[Path, str]:
+    plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py")), label_key=label_key)
+    return {
+        Path(plan.label) / host.name / path.lstrip("/"): text
+        for host in plan.cluster.hosts
+        for path, text in host_units(plan, host.name).items()
+    }
+
+
+@pytest.mark.parametrize("label_key", ["label", "baseline_label"])
+def test_reference_units_match_expected_files(label_key):
+    files = rendered(label_key)
+    if os.environ.get("DISAGG_UPDATE_EXPECTED"):
+        for rel, text in files.items():
+            (EXPECTED / rel).parent.mkdir(parents=True, exist_ok=True)
+            (EXPECTED / rel).write_text(text)
+    label_dir = EXPECTED / next(iter(files)).parts[0]
+    on_disk = {p.relative_to(EXPECTED) for p in label_dir.rglob("*") if p.is_file()}
+    assert on_disk == set(files), "rendered files differ from tests/expected"
+    for rel, text in files.items():
+        assert text == (EXPECTED / rel).read_text(), rel
+
+
+def test_reference_context_units_pin_gpu_pairs_and_distinct_ports():
+    files = rendered("label")
+    env = {rel.name: text for rel, text in files.items() if rel.suffix == ".env"}
+    pairs = ["0,1", "2,3", "4,5", "6,7"]
+    for i, pair in enumerate(pairs):
+        assert f"CUDA_VISIBLE_DEVICES={pair}\n" in env[f"disagg-context-{i}.env"]
+        assert f"VLLM_NIXL_SIDE_CHANNEL_PORT={5600 + 2 * i}\n" in env[f"disagg-context-{i}.env"]
+        unit = files[Path("context_tp2dp4_generate_tp8dp1/h100-node1/etc/systemd/system") / f"disagg-context-{i}.service"]
+        assert f"--port {8100 + i} " in unit and "--tensor-parallel-size 2 " in unit
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7\n" in env["disagg-generate-0.env"]
+
+
+def test_every_unit_stops_gracefully():
+    for rel, text in rendered("label").items():
+        if rel.suffix == ".service":
+            for line in ("KillSignal=SIGTERM", "KillMode=mixed", "Restart=on-failure", "LimitNOFILE=65536"):
+                assert f"\n{line}\n" in text, (rel, line)
+    worker = next(t for r, t in rendered("label").items() if r.name == "disagg-context-0.service")
+    # longer than vLLM's drain, so systemd never SIGKILLs an engine mid-drain
+    assert "--shutdown-timeout 60\n" in worker and "\nTimeoutStopSec=90\n" in worker
+
+
+@pytest.mark.parametrize(
+    "arg, quoted",
+    [("--port", "--port"), ("/opt/x/bin/python", "/opt/x/bin/python"),
+     ('{"a":1}', """'{"a":1}'"""), ("50%", "'50%%'"), ("$HOME", "'$$HOME'"),
+     ("it's", '"it\'s"'), ('a\\b', "'a\\\\b'"), ("two words", "'two words'")],
+)  # fmt: skip
+def test_systemd_arg_quoting(arg, quoted):
+    assert systemd_arg(arg) == quoted
+
+
+def test_exec_start_puts_each_flag_on_its_own_line():
+    assert exec_start(["/bin/x", "-m", "mod", "--a", "1", "--flag", "--b", "2"]) == (
+        "/bin/x -m mod \\\n    --a 1 \\\n    --flag \\\n    --b 2"
+    )
+
+
+def test_env_value_quoting():
+    assert env_value("0,1") == "0,1"
+    assert env_value('a "b"') == '"a \\"b\\""'
