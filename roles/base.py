@@ -2,9 +2,10 @@
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import apt, files
 
 from disagg import settings as S
+from roles.ops import service_user
 
 DEFAULTS = {
     # curl: health gates; python3-venv: our venvs
@@ -20,12 +21,6 @@ def base():
         update=True,
         cache_time=3600,
     )
-    server.user(
-        name=f"Service user {S.SERVICE_USER}",
-        user=S.SERVICE_USER,
-        system=True,
-        home=S.STATE_DIR,
-        shell="/usr/sbin/nologin",
-    )
+    service_user(S.SERVICE_USER, S.STATE_DIR)
     for path, owner in ((S.CONFIG_DIR, "root"), (S.OPT_DIR, "root"), (S.STATE_DIR, S.SERVICE_USER)):
         files.directory(name=f"Directory {path}", path=path, user=owner, group=owner, mode="755")

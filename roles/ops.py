@@ -14,7 +14,7 @@ from pyinfra.api import HiddenValue, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
-from pyinfra.operations import files, pip
+from pyinfra.operations import files, pip, server
 
 from disagg import settings as S
 from disagg import units
@@ -34,6 +34,13 @@ def put_files(rendered: dict[str, str], mode: str = "644") -> list[OperationMeta
         files.put(name=f"Write {path}", src=StringIO(text), dest=path, mode=mode)
         for path, text in rendered.items()
     ]
+
+
+def service_user(user: str, home: str) -> OperationMeta:
+    """A system user that cannot log in, for one of our services."""
+    return server.user(
+        name=f"Service user {user}", user=user, system=True, home=home, shell="/usr/sbin/nologin"
+    )
 
 
 def python_packages(venv: str, packages: Sequence[str], wheelhouse: str | None = None,
