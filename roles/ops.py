@@ -115,7 +115,8 @@ def commands_if_changed(commands: Sequence[str], changed_by: Sequence[OperationM
 def wait_healthy(unit: str, url: str, timeout: int):
     """
     Wait until GET url answers 200; fail naming the unit and showing the tail
-    of its journal if it does not within timeout seconds.
+    of its journal if it does not within timeout seconds, or as soon as the
+    unit has failed or crash-looped three times.
 
     **Example:**
 
@@ -129,8 +130,10 @@ def wait_healthy(unit: str, url: str, timeout: int):
     yield (
         f"deadline=$(( $(date +%s) + {int(timeout)} )); "
         f"until [ \"$(curl -s -o /dev/null -m 5 -w '%{{http_code}}' {q_url})\" = 200 ]; do "
-        f"if [ $(date +%s) -ge $deadline ] || systemctl -q is-failed {q_unit}; then "
-        f"echo \"{unit} is not healthy: {url} did not answer 200 within {int(timeout)} s; "
+        f"if [ $(date +%s) -ge $deadline ] || systemctl -q is-failed {q_unit} "
+        # a crash loop under Restart=on-failure never reaches 'failed'
+        f"|| [ \"$(systemctl show -p NRestarts --value {q_unit})\" -ge 3 ]; then "
+        f"echo \"{unit} is not healthy: {url} did not answer 200 (timeout {int(timeout)} s); "
         f"last lines of its journal:\" >&2; "
         f"journalctl -u {q_unit} -n 40 --no-pager >&2; exit 1; fi; sleep 2; done"
     )
