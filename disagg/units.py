@@ -91,7 +91,8 @@ def _service(description: str, user: str, args: list[str], stop_timeout: int,
 def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
     env = {k: env_value(v) for k, v in plan.worker_env(w).items()}
     unit = _service(
-        f"disagg {w.role} worker {w.index} ({plan.label}), GPUs {','.join(map(str, w.gpus))}",
+        # no label here: a relabel must not restart workers whose layout is unchanged
+        f"disagg {w.role} worker {w.index}, GPUs {','.join(map(str, w.gpus))}",
         S.SERVICE_USER,
         plan.worker_command(w),
         plan.settings.stop_timeout,
