@@ -60,3 +60,32 @@ def _table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+@main.group()
+def testhosts() -> None:
+    """Local systemd test hosts (containers) that stand in for GPU nodes."""
+
+
+@testhosts.command("up")
+@click.option("--count", default=2, show_default=True, help="Number of hosts.")
+def testhosts_up(count: int) -> None:
+    """Boot the hosts of inventories/local.py and write its tiny model."""
+    from . import testhosts as th
+    from . import tinymodel
+
+    try:
+        addresses = th.TestHosts(count).up()
+    except th.HarnessError as e:
+        _fail(e)
+    tinymodel.write(th.CACHE / "tiny-llama")
+    click.echo(f"test hosts up: {' '.join(addresses)} (ssh key {th.KEY})")
+
+
+@testhosts.command("down")
+def testhosts_down() -> None:
+    """Stop the hosts and remove everything `up` created."""
+    from . import testhosts as th
+
+    th.TestHosts().down()
+    click.echo("test hosts down")

@@ -93,13 +93,13 @@ class Plan:
         s = self.settings
         args = [
             f"{S.VLLM_VENV}/bin/python", "-m", "vllm.entrypoints.openai.api_server",
-            "--model", s.model,
+            "--model", s.model_path,
             "--host", w.address,
             "--port", str(w.http_port),
             "--tensor-parallel-size", str(len(w.gpus)),
         ]  # fmt: skip
         optional = {
-            "--served-model-name": s.served_model_name,
+            "--served-model-name": s.served_name,
             "--max-model-len": s.max_model_len,
             "--gpu-memory-utilization": s.gpu_memory_utilization,
             "--kv-cache-dtype": s.kv_cache_dtype,

@@ -21,6 +21,7 @@ SYSTEMD_DIR = "/etc/systemd/system"
 SERVICE_USER = "disagg"
 NATS_USER = "disagg-nats"
 HF_TOKEN_ENV = f"{CONFIG_DIR}/hf-token.env"
+MODELS_DIR = f"{STATE_DIR}/models"
 ROUTER_UNIT = "disagg-router"
 NATS_UNIT = "disagg-nats"
 # First line of every unit we write: teardown and prune remove only units
@@ -31,6 +32,8 @@ MANAGED_MARKER = "# Managed by disagg: removed by deploys/teardown.py"
 @dataclass(frozen=True)
 class Settings:
     model: str
+    # a model directory on the controller, pushed to every worker host
+    model_dir: str | None = None
     label: str | None = None
     baseline_label: str | None = None
     served_model_name: str | None = None
@@ -78,6 +81,18 @@ class Settings:
             nats=self.nats_port,
             nats_monitor=self.nats_monitor_port,
         )
+
+    @property
+    def model_path(self) -> str:
+        """What vLLM loads: the pushed copy of model_dir, else the model id."""
+        if self.model_dir:
+            return f"{MODELS_DIR}/{self.model_dir.rstrip('/').rsplit('/', 1)[-1]}"
+        return self.model
+
+    @property
+    def served_name(self) -> str | None:
+        """The name clients ask for; a pushed model is served as `model`."""
+        return self.served_model_name or (self.model if self.model_dir else None)
 
     @property
     def stop_timeout(self) -> int:

@@ -13,12 +13,16 @@ from pyinfra import host
 from pyinfra.api import HiddenValue, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
+from pyinfra.facts.pip import PipPackages
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import files, pip, server
 
 from disagg import settings as S
 from disagg import units
 from disagg.facts import HttpStatus, ManagedUnits
+from disagg.wheelhouse import ensure as wheelhouse_ensure
+
+WHEELHOUSE = f"{S.OPT_DIR}/wheelhouse"
 
 
 def changed(ops: Sequence[OperationMeta]) -> bool:
@@ -43,24 +47,29 @@ def service_user(user: str, home: str) -> OperationMeta:
     )
 
 
-def python_packages(venv: str, packages: Sequence[str], wheelhouse: str | None = None,
-                    remove: Sequence[str] = ()) -> None:  # fmt: skip
-    """A venv at a fixed path with pinned packages. With a wheelhouse (a
-    directory of wheels on the controller) it is pushed to the host and pip
-    installs from it alone, for hosts that cannot reach an index."""
-    extra = None
-    if wheelhouse:
-        remote = f"{S.OPT_DIR}/wheelhouse"
-        files.sync(name=f"Push wheelhouse {wheelhouse}", src=wheelhouse, dest=remote)
-        extra = f"--no-index --find-links {remote}"
-    pip.packages(
-        name=f"Install {' '.join(packages)} into {venv}",
-        packages=list(packages),
-        virtualenv=venv,
-        virtualenv_kwargs={"venv": True, "python": "python3"},
-        extra_install_args=extra,
-    )
-    if remove:
+def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = ()) -> None:
+    """A venv at a fixed path with pinned packages. With data `wheelhouse` (a
+    directory on the controller) the packages are downloaded there once,
+    pushed to the host and installed from it alone (`--no-index`). The venv
+    is read once: when it is as wanted, nothing else runs (pip is slow to ask)."""
+    have = {_pep503(k): v for k, v in host.get_fact(PipPackages, pip=f"{venv}/bin/pip").items()}
+    missing = [p for p in packages if p.partition("==")[2] not in have.get(_pep503(p.partition("==")[0]), [])]
+    unwanted = [p for p in remove if _pep503(p) in have]
+    if missing:
+        extra = None
+        wheelhouse = host.data.get("wheelhouse")
+        if wheelhouse:
+            local = wheelhouse_ensure(wheelhouse, list(packages))
+            files.sync(name=f"Push wheelhouse for {' '.join(packages)}", src=str(local), dest=WHEELHOUSE)
+            extra = f"--no-index --find-links {WHEELHOUSE}"
+        pip.packages(
+            name=f"Install {' '.join(packages)} into {venv}",
+            packages=list(packages),
+            virtualenv=venv,
+            virtualenv_kwargs={"venv": True, "python": "python3"},
+            extra_install_args=extra,
+        )
+    if remove and (missing or unwanted):
         pip.packages(
             name=f"Remove {' '.join(remove)} from {venv}",
             packages=list(remove),
@@ -68,6 +77,10 @@ def python_packages(venv: str, packages: Sequence[str], wheelhouse: str | None =
             virtualenv=venv,
             virtualenv_kwargs={"venv": True, "python": "python3"},
         )
+
+
+def _pep503(name: str) -> str:
+    return name.lower().replace("_", "-")
 
 
 @operation()

@@ -21,7 +21,7 @@ def converge(plan: Plan) -> None:
     if on_head:
         nats(plan)
     if runs_workers:
-        vllm()
+        vllm(plan)
     # before starting anything, so that the old layout frees its GPUs and ports
     prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
     if runs_workers:

@@ -1,12 +1,13 @@
 """The vLLM engine: system packages, a venv at a fixed path with the pinned
-engine package (optionally from a controller wheelhouse), the model cache
-directory and the HF token."""
+engine package (optionally from a controller wheelhouse), the model (cache
+directory, or a copy of a local model directory) and the HF token."""
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt, files
 
 from disagg import settings as S
+from disagg.plan import Plan
 from roles.ops import python_packages, secret_env
 
 DEFAULTS = {
@@ -16,30 +17,30 @@ DEFAULTS = {
     "vllm_system_packages": [],
     # packages the engine package pulls in but that break it (CPU build: torchvision & co)
     "vllm_remove_packages": [],
-    # local directory of wheels; pushed to the host and installed with --no-index
-    "vllm_wheelhouse": None,
     "hf_token": None,
 }
 
 
 @deploy("vLLM engine", data_defaults=DEFAULTS)
-def vllm():
+def vllm(plan: Plan):
     system_packages = host.data.get("vllm_system_packages")
     if system_packages:
         apt.packages(name="vLLM system packages", packages=system_packages, update=True, cache_time=3600)
     python_packages(
         S.VLLM_VENV,
         [host.data.get("vllm_package")],
-        wheelhouse=host.data.get("vllm_wheelhouse"),
         remove=host.data.get("vllm_remove_packages"),
     )
-    files.directory(
-        name="Model cache",
-        path=f"{S.STATE_DIR}/hf",
-        user=S.SERVICE_USER,
-        group=S.SERVICE_USER,
-        mode="755",
-    )
+    for path in (f"{S.STATE_DIR}/hf", S.MODELS_DIR):
+        files.directory(name=f"Directory {path}", path=path, user=S.SERVICE_USER, group=S.SERVICE_USER, mode="755")
+    if plan.settings.model_dir:
+        files.sync(
+            name=f"Push model {plan.settings.model_dir}",
+            src=plan.settings.model_dir,
+            dest=plan.settings.model_path,
+            user=S.SERVICE_USER,
+            group=S.SERVICE_USER,
+        )
     token = host.data.get("hf_token")
     if token:
         secret_env(name="HF token", path=S.HF_TOKEN_ENV, variable="HF_TOKEN", value=str(token))

