@@ -219,3 +219,32 @@ def _stop(pid: int, timeout: float = 30) -> None:
                 return
         time.sleep(0.5)
     os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class DeployRun:
+    seconds: float
+    changed: dict[str, list[str]]  # operation name -> hosts it changed
+    output: str
+
+
+def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff: bool = False) -> DeployRun:
+    """Run `pyinfra INVENTORY DEPLOY` as a user would, with --data key=value
+    overrides; raise with pyinfra's output if it fails."""
+    import sys
+
+    args = [sys.executable, "-m", "pyinfra", inventory, deploy, "--dry" if dry else "-y"]
+    args += ["--diff"] if diff else ["--json"]
+    for item in data:
+        args += ["--data", item]
+    start = time.monotonic()
+    result = subprocess.run(args, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    if result.returncode:
+        raise HarnessError(f"{' '.join(args[2:])} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    changed: dict[str, list[str]] = {}
+    if not diff:
+        for op in json.loads(result.stdout).get("results", {}).get("operations", []):
+            if op["success"]:
+                changed[op["name"]] = op["success"]
+    return DeployRun(seconds, changed, result.stdout + result.stderr)

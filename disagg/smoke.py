@@ -1,0 +1,54 @@
+"""Talk to a deployment the way a client does: one chat completion through
+the router, plain or streaming, and a worker's Prometheus counters."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+
+
+def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: float = 120) -> dict:
+    """POST /v1/chat/completions asking for exactly max_tokens tokens;
+    returns {"text", "completion_tokens"}."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        if not stream:
+            answer = json.load(response)
+            return {
+                "text": answer["choices"][0]["message"]["content"],
+                "completion_tokens": answer["usage"]["completion_tokens"],
+            }
+        text, usage, chunks = "", None, 0
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            for choice in event.get("choices", []):
+                text += choice.get("delta", {}).get("content") or ""
+                chunks += 1
+            usage = event.get("usage") or usage
+        return {"text": text, "completion_tokens": usage["completion_tokens"], "chunks": chunks}
+
+
+def counter(url: str, name: str, timeout: float = 10) -> float:
+    """Sum of a Prometheus counter's samples at url/metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=timeout) as response:
+        text = response.read().decode()
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.M)
+    return sum(float(v) for v in pattern.findall(text))
