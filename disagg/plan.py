@@ -50,7 +50,7 @@ def cluster_from_inventory(inventory) -> Cluster:
                     "set it to the number of GPUs on the host"
                 ) from None
         address = h.data.get("address") or h.data.get("ssh_hostname") or h.name
-        hosts.append(Host(h.name, str(address), gpus or 0))
+        hosts.append(Host(h.name, str(address), gpus if h.name in placed else 0))
     head_group = groups["head"] or groups["context"] or groups["baseline"]
     if not head_group:
         raise TopologyError(

@@ -24,7 +24,12 @@ def ensure(directory: str, requirements: list[str]) -> Path:
     with _lock:
         if not marker.exists():
             path.mkdir(parents=True, exist_ok=True)
-            print(f"--> wheelhouse: downloading {' '.join(requirements)} into {path}", flush=True)
+            # stderr: stdout may be pyinfra --json output
+            print(
+                f"--> wheelhouse: downloading {' '.join(requirements)} into {path}",
+                file=sys.stderr,
+                flush=True,
+            )
             result = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "-q", "-d", str(path), *requirements],
                 capture_output=True,
