@@ -228,23 +228,37 @@ class DeployRun:
     output: str
 
 
-def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff: bool = False) -> DeployRun:
+def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff: bool = False,
+               progress: bool = False) -> DeployRun:  # fmt: skip
     """Run `pyinfra INVENTORY DEPLOY` as a user would, with --data key=value
-    overrides; raise with pyinfra's output if it fails."""
+    overrides; raise with pyinfra's output if it fails. With progress, each
+    operation's name is echoed to stderr as it starts."""
     import sys
+    import tempfile
 
     args = [sys.executable, "-m", "pyinfra", inventory, deploy, "--dry" if dry else "-y"]
     args += ["--diff"] if diff else ["--json"]
     for item in data:
         args += ["--data", item]
     start = time.monotonic()
-    result = subprocess.run(args, capture_output=True, text=True)
+    # stdout to a file: with --json it is one document; the log streams on stderr
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, text=True)
+        log = []
+        for line in proc.stderr:
+            log.append(line)
+            if progress and line.startswith("--> Starting operation:"):
+                print(f"    {line[len('--> Starting operation:'):].strip()}", file=sys.stderr, flush=True)
+        proc.wait()
+        out.seek(0)
+        stdout = out.read()
     seconds = time.monotonic() - start
-    if result.returncode:
-        raise HarnessError(f"{' '.join(args[2:])} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    stderr = "".join(log)
+    if proc.returncode:
+        raise HarnessError(f"{' '.join(args[2:])} failed:\n{stdout[-6000:]}\n{stderr[-6000:]}")
     changed: dict[str, list[str]] = {}
     if not diff:
-        for op in json.loads(result.stdout).get("results", {}).get("operations", []):
+        for op in json.loads(stdout).get("results", {}).get("operations", []):
             if op["success"]:
                 changed[op["name"]] = op["success"]
-    return DeployRun(seconds, changed, result.stdout + result.stderr)
+    return DeployRun(seconds, changed, stdout + stderr)

@@ -31,7 +31,8 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "disagg", "render", "-i", INVENTORY], check=True)
         plan = make_plan(load_inventory(INVENTORY))
         print("--> deploying (the first run installs everything: several minutes)", flush=True)
-        timings["bare hosts to serving"] = testhosts.run_deploy(INVENTORY, "deploys/disagg.py").seconds
+        run = testhosts.run_deploy(INVENTORY, "deploys/disagg.py", progress=True)
+        timings["bare hosts to serving"] = run.seconds
         answer = smoke.chat(plan.router_url, plan.settings.model, 16)
         print(f"--> {plan.router_url}/v1/chat/completions answered {answer['completion_tokens']} tokens: "
               f"{answer['text']!r} (random weights: gibberish)")
@@ -39,7 +40,8 @@ def main() -> int:
         timings["no-op re-run"] = rerun.seconds
         print(f"--> re-run changed {len(rerun.changed)} operations")
         if not keep:
-            timings["teardown"] = testhosts.run_deploy(INVENTORY, "deploys/teardown.py").seconds
+            run = testhosts.run_deploy(INVENTORY, "deploys/teardown.py", progress=True)
+            timings["teardown"] = run.seconds
     except (testhosts.HarnessError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
