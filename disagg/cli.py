@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
+from . import results
+from .bench import DEFAULT_CONCURRENCY
 from .plan import load_inventory, make_plan
 from .topology import TopologyError
 from .units import host_units
@@ -89,3 +92,94 @@ def testhosts_down() -> None:
 
     th.TestHosts().down()
     click.echo("test hosts down")
+
+
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{text!r}: give positive integers, e.g. 1,2,4,8")
+    return values
+
+
+@main.command()
+@click.option("-i", "--inventory", "inventory_path", help="Inventory of the deployment (label, router URL, placement).")
+@click.option("--label-key", default="label", show_default=True,
+              help="Inventory data naming the deployed label: label or baseline_label.")
+@click.option("--url", help="Router URL, instead of an inventory (with --label).")
+@click.option("--label", help="Topology label of the deployment at --url.")
+@click.option("--model", help="Model name to request (default: the inventory's model).")
+@click.option("--tokenizer", help="Tokenizer directory or id (default: the inventory's model_dir or model).")
+@click.option("--concurrency", "concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
+              show_default=True, help="Comma-separated concurrencies, one aiperf run each.")
+@click.option("--isl", default=3000, show_default=True, help="Input tokens per request.")
+@click.option("--osl", default=150, show_default=True, help="Output tokens per request.")
+@click.option("--seed", default=0, show_default=True, help="aiperf's random seed.")
+@click.option("-o", "--out", "out", default="results", show_default=True, type=click.Path(path_type=Path),
+              help="Results root: runs go to OUT/<label>/<run-id>/c<N>/.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, isl, osl, seed, out, as_json):
+    """Benchmark a deployment with the reference traffic (streaming chat,
+    fixed ISL/OSL, 10 x concurrency requests) through aiperf."""
+    from .bench import Target, Traffic, sweep
+
+    try:
+        concurrencies = _concurrencies(concurrency)
+        if inventory_path:
+            plan = make_plan(load_inventory(inventory_path), label, label_key=label_key)
+            s = plan.settings
+            target = Target(
+                url=url or plan.router_url,
+                label=plan.label,
+                model=model or s.served_name or s.model,
+                tokenizer=tokenizer or s.model_dir or s.model,
+                placement=plan.as_dict()["workers"],
+                engine={k: v for k, v in s.__dict__.items() if k not in ("hf_token", "nats_password")},
+            )
+        elif url and label and model and tokenizer:
+            target = Target(url=url.rstrip("/"), label=label, model=model, tokenizer=tokenizer)
+        else:
+            raise TopologyError("give -i INVENTORY, or --url with --label, --model and --tokenizer")
+        run_dir = sweep(target, concurrencies, Traffic(isl=isl, osl=osl, seed=seed), out,
+                        progress=lambda line: click.echo(line, err=True))  # fmt: skip
+    except TopologyError as e:
+        _fail(e)
+    rows = results.load_run(run_dir)
+    if as_json:
+        click.echo(json.dumps({"label": target.label, "run_dir": str(run_dir), "rows": rows}, indent=2))
+    else:
+        click.echo(results.markdown(rows), nl=False)
+        click.echo(f"raw exports and tables: {run_dir}")
+
+
+@main.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--sla-tokens-per-user", type=float, help="Pick the best tokens/s/GPU at or above this.")
+@click.option("--sla-ttft-ms", type=float, help="...and a time to first token at or below this.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Where to write the plot and tables (default: first DIR).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def report(dirs, sla_tokens_per_user, sla_ttft_ms, out, as_json):
+    """Table, Pareto plot and SLA pick over recorded runs (DIRS: results
+    roots, label directories or run directories)."""
+    from .report import report as make_report
+
+    try:
+        summary = make_report(list(dirs), out or dirs[0], sla_tokens_per_user, sla_ttft_ms)
+    except TopologyError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(results.markdown(summary["rows"]), nl=False)
+    click.echo(f"plot: {summary['plot']} (series: {', '.join(summary['series'])})")
+    for label, p in summary["picks"].items():
+        if p is None:
+            click.echo(f"SLA {sla_tokens_per_user:g} tokens/s/user: {label}: no point meets it")
+        else:
+            click.echo(f"SLA {sla_tokens_per_user:g} tokens/s/user: {label}: {p['per_gpu']:.2f} tokens/s/GPU "
+                       f"at {p['per_user']:.2f} tokens/s/user ({p['how']})")  # fmt: skip
+    if "ratio" in summary:
+        d, b = summary["ratio_of"]
+        click.echo(f"disaggregated / baseline at the SLA: {summary['ratio']:.2f} ({d} / {b})")

@@ -79,6 +79,13 @@ class Topology:
     def gpus(self) -> int:
         return sum(s.gpus for s in self.stages)
 
+    @property
+    def configuration(self) -> str:
+        """In words, e.g. '4 x TP2 context + 1 x TP8 generate'."""
+        return " + ".join(
+            f"{s.dp} x TP{s.tp} {'aggregated' if s.role == 'baseline' else s.role}" for s in self.stages
+        )
+
     def stage(self, role: str) -> Stage:
         for s in self.stages:
             if s.role == role:

@@ -27,6 +27,11 @@ def local_hosts():
 
 
 @pytest.fixture(scope="session")
+def bench_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="session")
 def timings() -> dict[str, float]:
     """Figures, not assertions: printed at the end of the run."""
     return _TIMINGS

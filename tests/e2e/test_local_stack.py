@@ -5,6 +5,8 @@ teardown. The tests run in order and share the hosts."""
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import urllib.request
@@ -93,6 +95,26 @@ def test_b_rerun_changes_nothing(local_hosts, plan, timings):
     assert active_since(H1, units) == since
 
 
+def bench(*args: str) -> dict:
+    """`disagg bench` as a user runs it, with small ISL/OSL for CPUs."""
+    out = subprocess.run(
+        [sys.executable, "-m", "disagg", "bench", "-i", INVENTORY, "--concurrency", "1,2",
+         "--isl", "64", "--osl", "16", "--json", *args],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[2/2]" in out.stderr  # progress
+    return json.loads(out.stdout)
+
+
+def test_b2_bench_the_disaggregated_layout(local_hosts, bench_out):
+    summary = bench("-o", str(bench_out))
+    assert summary["label"] == "context_tp1dp2_generate_tp1dp1"
+    assert [r["concurrency"] for r in summary["rows"]] == [1, 2]
+    for r in summary["rows"]:
+        assert r["status"] == "ok" and r["output_token_throughput_per_gpu"] > 0
+
+
 def test_c_engine_arg_diff_then_restart_only_affected_units(local_hosts):
     workers = {H1: ["disagg-context-0", "disagg-context-1"], H2: ["disagg-generate-0"]}
     others = ["disagg-nats", "disagg-router"]
@@ -139,6 +161,22 @@ def test_e_baseline_answers_through_the_router(local_hosts):
         assert smoke.chat(baseline.router_url, MODEL, 6)["completion_tokens"] == 6
     after = [smoke.counter(w.url, "vllm:request_success_total") for w in baseline.workers]
     assert sum(after) - sum(before) == 4
+
+
+def test_e2_bench_the_baseline_and_report_both(local_hosts, bench_out):
+    summary = bench("--label-key", "baseline_label", "-o", str(bench_out))
+    assert summary["label"] == "baseline_tp1dp2" and len(summary["rows"]) == 2
+    users = [r["output_token_throughput_per_user"] for r in summary["rows"]]
+    out = subprocess.run(
+        [sys.executable, "-m", "disagg", "report", str(bench_out), "--sla-tokens-per-user", str(min(users)), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert len(report["rows"]) == 4
+    assert report["series"] == ["baseline_tp1dp2", "context_tp1dp2_generate_tp1dp1"]
+    assert (bench_out / "pareto.png").is_file()
+    assert report["picks"]["baseline_tp1dp2"] is not None and "ratio" in report
 
 
 def test_f_teardown_removes_ours_and_nothing_else(local_hosts, plan, timings):

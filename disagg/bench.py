@@ -1,0 +1,164 @@
+"""`disagg bench`: the reference study's traffic through aiperf, one run per
+concurrency, raw exports kept under OUT/<label>/<run-id>/c<N>/ with the
+provenance beside them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from . import results
+from .topology import Topology, TopologyError
+
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class Traffic:
+    """The reference study's traffic: streaming chat, fixed lengths."""
+
+    isl: int = 3000
+    osl: int = 150
+    requests_per_concurrency: int = 10
+    warmup_requests: int = 2
+    seed: int = 0
+
+
+@dataclass
+class Target:
+    url: str
+    label: str
+    model: str
+    tokenizer: str
+    placement: list[dict] | None = None
+    engine: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def aiperf_binary() -> str:
+    """aiperf from this environment (the optional extra), else PATH."""
+    beside = Path(sys.executable).parent / "aiperf"
+    found = str(beside) if beside.exists() else shutil.which("aiperf")
+    if not found:
+        raise TopologyError("aiperf is not installed: pip install 'disagg[bench]'")
+    return found
+
+
+def check_reachable(url: str, timeout: float = 5) -> None:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as e:
+        reason = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise TopologyError(f"{url} is unreachable ({url}/health: {reason}); is the deployment up?")
+
+
+def aiperf_command(binary: str, target: Target, traffic: Traffic, concurrency: int, out: Path) -> list[str]:
+    osl = str(traffic.osl)
+    return [
+        binary, "profile",
+        "--model", target.model,
+        "--url", target.url,
+        "--endpoint-type", "chat",
+        "--streaming",
+        "--tokenizer", target.tokenizer,
+        "--isl", str(traffic.isl), "--isl-stddev", "0",
+        "--osl", osl, "--osl-stddev", "0",
+        "--extra-inputs", f"max_tokens:{osl}",
+        "--extra-inputs", f"min_tokens:{osl}",
+        "--extra-inputs", "ignore_eos:true",
+        "--concurrency", str(concurrency),
+        "--request-count", str(traffic.requests_per_concurrency * concurrency),
+        "--warmup-request-count", str(traffic.warmup_requests),
+        "--random-seed", str(traffic.seed),
+        "--artifact-dir", str(out),
+        "--ui", "none",
+        "--no-gpu-telemetry",
+    ]  # fmt: skip
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for name in ("disagg", "aiperf"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def sweep(
+    target: Target,
+    concurrencies: list[int],
+    traffic: Traffic,
+    out_root: Path,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Path:
+    """Run aiperf once per concurrency; a failed run is recorded with its
+    error and the sweep goes on. Returns the run directory."""
+    binary = aiperf_binary()
+    topology = Topology.parse(target.label)
+    check_reachable(target.url)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = out_root / topology.label / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)  # never overwrite a run
+    provenance = {
+        "label": topology.label,
+        "configuration": topology.configuration,
+        "gpus": topology.gpus,
+        "gpus_per_role": {s.role: s.gpus for s in topology.stages},
+        "url": target.url,
+        "model": target.model,
+        "tokenizer": target.tokenizer,
+        "traffic": traffic.__dict__,
+        "placement": target.placement,
+        "engine": target.engine,
+        "versions": _versions(),
+        "started": datetime.now(timezone.utc).isoformat(),
+        "runs": [],
+        **target.extra,
+    }
+    for i, concurrency in enumerate(concurrencies, 1):
+        out = run_dir / f"c{concurrency}"
+        requests = traffic.requests_per_concurrency * concurrency
+        progress(f"[{i}/{len(concurrencies)}] {topology.label} concurrency {concurrency}: {requests} requests")
+        start = time.monotonic()
+        out.mkdir()
+        with open(out / "aiperf.log", "w") as log:
+            code = subprocess.run(
+                aiperf_command(binary, target, traffic, concurrency, out),
+                stdout=log, stderr=subprocess.STDOUT,
+            ).returncode  # fmt: skip
+        entry = {"concurrency": concurrency, "seconds": round(time.monotonic() - start, 1)}
+        export = results.read_export(out)
+        if code or export is None:
+            tail = (out / "aiperf.log").read_text().strip().splitlines()[-1:] or ["no output"]
+            entry["error"] = f"aiperf exited {code}: {tail[0][:300]}"
+        elif results.error_count(export):
+            entry["error"] = f"{results.error_count(export)} failed requests: {json.dumps(export.get('error_summary'))[:300]}"
+        provenance["runs"].append(entry)
+        provenance["finished"] = datetime.now(timezone.utc).isoformat()
+        (run_dir / results.PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        r = results.row(topology.label, concurrency, export, run_id, entry.get("error"))
+        progress(
+            f"    {entry['seconds']:.0f} s, {r['status']}: "
+            f"{results.fmt(r['output_token_throughput_per_user'])} tokens/s/user, "
+            f"{results.fmt(r['output_token_throughput_per_gpu'])} tokens/s/GPU"
+        )
+    rows = results.load_run(run_dir)
+    results.write_tables(rows, run_dir)
+    return run_dir

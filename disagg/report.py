@@ -1,0 +1,110 @@
+"""`disagg report`: the Pareto plot (tokens/s/GPU against tokens/s/user) and
+the best layout per label at an SLA, from recorded runs only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import results
+from .results import Point
+from .topology import Topology
+
+
+@dataclass(frozen=True)
+class Pick:
+    label: str
+    per_gpu: float
+    per_user: float
+    how: str  # "measured at c8" or "interpolated between c8 and c16"
+
+
+def frontier(points: list[Point]) -> list[Point]:
+    """Points no other point beats on both axes, by falling tokens/s/user."""
+    best: list[Point] = []
+    for p in sorted(points, key=lambda p: (-p.per_user, -p.per_gpu)):
+        if not best or p.per_gpu > best[-1].per_gpu:
+            best.append(p)
+    return best
+
+
+def pick(points: list[Point], sla_per_user: float, sla_ttft_ms: float | None = None) -> Pick | None:
+    """Best tokens/s/GPU with tokens/s/user >= the SLA (and TTFT within it):
+    a measured point, or the SLA crossing between two neighbouring
+    concurrencies, interpolated linearly, when that is higher."""
+
+    def meets_ttft(ttft: float) -> bool:
+        return sla_ttft_ms is None or ttft <= sla_ttft_ms
+
+    candidates = [
+        Pick(p.label, p.per_gpu, p.per_user, f"measured at c{p.concurrency}")
+        for p in points
+        if p.per_user >= sla_per_user and meets_ttft(p.ttft)
+    ]
+    ordered = sorted(points, key=lambda p: p.concurrency)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.per_user > sla_per_user > b.per_user:
+            f = (a.per_user - sla_per_user) / (a.per_user - b.per_user)
+            if meets_ttft(a.ttft + f * (b.ttft - a.ttft)):
+                candidates.append(Pick(a.label, a.per_gpu + f * (b.per_gpu - a.per_gpu), sla_per_user,
+                                       f"interpolated between c{a.concurrency} and c{b.concurrency}"))  # fmt: skip
+    return max(candidates, key=lambda c: c.per_gpu, default=None)
+
+
+def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Path) -> dict:
+    """Draw the PNG and return what it shows (kept beside it as JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown: dict = {"x": "tokens/s/user", "y": "tokens/s/GPU", "sla_per_user": sla_per_user, "series": {}}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for label, points in sorted(by_label.items()):
+        line = ax.plot([p.per_user for p in points], [p.per_gpu for p in points], "o", label=label)[0]
+        front = frontier(points)
+        ax.plot([p.per_user for p in front], [p.per_gpu for p in front], "-", color=line.get_color())
+        for p in points:
+            ax.annotate(f"c{p.concurrency}", (p.per_user, p.per_gpu), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))  # fmt: skip
+        shown["series"][label] = {
+            "points": [[p.concurrency, p.per_user, p.per_gpu] for p in points],
+            "frontier": [p.concurrency for p in front],
+        }
+    if sla_per_user is not None:
+        ax.axvline(sla_per_user, linestyle="--", color="grey", label=f"SLA {sla_per_user:g} tokens/s/user")
+    ax.set_xlabel("tokens/s/user")
+    ax.set_ylabel("tokens/s/GPU")
+    ax.set_title("Throughput per GPU against interactivity (frontier as lines)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    path.with_suffix(".json").write_text(json.dumps(shown, indent=2) + "\n")
+    return shown
+
+
+def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms: float | None) -> dict:
+    rows = [r for d in results.run_dirs(dirs) for r in results.load_run(d)]
+    results.write_tables(rows, out, "report")
+    by_label: dict[str, list[Point]] = {}
+    for r in rows:
+        p = results.point(r)
+        if p.per_user is not None and p.per_gpu is not None:
+            by_label.setdefault(p.label, []).append(p)
+    shown = plot(by_label, sla_per_user, out / "pareto.png")
+    summary = {"rows": rows, "plot": str(out / "pareto.png"), "series": sorted(shown["series"]), "picks": {}}
+    if sla_per_user is not None:
+        picks = {label: pick(points, sla_per_user, sla_ttft_ms) for label, points in by_label.items()}
+        summary["picks"] = {k: (v.__dict__ if v else None) for k, v in picks.items()}
+        best = {}
+        for label, p in picks.items():
+            kind = "disaggregated" if Topology.parse(label).disaggregated else "baseline"
+            if p and (kind not in best or p.per_gpu > best[kind].per_gpu):
+                best[kind] = p
+        if "disaggregated" in best and "baseline" in best:
+            summary["ratio"] = best["disaggregated"].per_gpu / best["baseline"].per_gpu
+            summary["ratio_of"] = [best["disaggregated"].label, best["baseline"].label]
+    return summary

@@ -1,0 +1,116 @@
+"""Tables and reports from real aiperf exports, recorded against the CPU
+stack on the test hosts (tests/fixtures/aiperf), recomputed here
+independently from the raw JSON."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from disagg import results
+from disagg.report import frontier, pick, report
+from disagg.results import Point
+from disagg.topology import TopologyError
+
+RECORDED = Path(__file__).resolve().parent / "fixtures" / "aiperf"
+LABELS = {"context_tp1dp2_generate_tp1dp1": 3, "baseline_tp1dp2": 2}
+
+
+def recorded_runs():
+    return {label: next((RECORDED / label).iterdir()) for label in LABELS}
+
+
+def test_table_is_computed_from_the_raw_export_and_the_topology():
+    for label, gpus in LABELS.items():
+        run = recorded_runs()[label]
+        rows = results.load_run(run)
+        provenance = json.loads((run / "provenance.json").read_text())
+        assert [r["concurrency"] for r in rows] == [e["concurrency"] for e in provenance["runs"]]
+        for r in rows:
+            raw = json.loads((run / f"c{r['concurrency']}" / "profile_export_aiperf.json").read_text())
+            assert r["output_token_throughput_per_gpu"] == pytest.approx(raw["output_token_throughput"]["avg"] / gpus)
+            assert r["output_token_throughput_per_user"] == raw["output_token_throughput_per_user"]["avg"]
+            assert r["time_to_first_token"] == raw["time_to_first_token"]["avg"]
+            assert r["inter_token_latency_p99"] == raw["inter_token_latency"]["p99"]
+            assert r["request_throughput"] == raw["request_throughput"]["avg"]
+            assert r["status"] == "ok" and r["errors"] == 0
+            assert r["configuration"] in ("2 x TP1 context + 1 x TP1 generate", "2 x TP1 aggregated")
+
+
+def test_older_genai_perf_exports_are_read(tmp_path):
+    run = recorded_runs()["baseline_tp1dp2"]
+    copy = tmp_path / "baseline_tp1dp2" / run.name
+    shutil.copytree(run, copy)
+    for export in copy.glob("c*/profile_export_aiperf.json"):
+        data = json.loads(export.read_text())
+        data["output_token_throughput_per_request"] = data.pop("output_token_throughput_per_user")
+        (export.parent / "profile_export_genai_perf.json").write_text(json.dumps(data))
+        export.unlink()
+    assert [r["output_token_throughput_per_user"] for r in results.load_run(copy)] == [
+        r["output_token_throughput_per_user"] for r in results.load_run(run)]
+
+
+def test_a_failed_run_is_marked_and_the_rest_kept(tmp_path):
+    run = recorded_runs()["baseline_tp1dp2"]
+    copy = tmp_path / "baseline_tp1dp2" / run.name
+    shutil.copytree(run, copy)
+    provenance = json.loads((copy / "provenance.json").read_text())
+    first = provenance["runs"][0]["concurrency"]
+    shutil.rmtree(copy / f"c{first}")
+    provenance["runs"][0]["error"] = "aiperf exited 1: connection refused"
+    (copy / "provenance.json").write_text(json.dumps(provenance))
+    rows = results.load_run(copy)
+    assert rows[0]["status"] == "error: aiperf exited 1: connection refused"
+    assert rows[0]["output_token_throughput_per_gpu"] is None
+    assert all(r["status"] == "ok" for r in rows[1:])
+    assert "| error: aiperf exited 1" in results.markdown(rows)
+
+
+def test_a_run_under_another_labels_directory_is_refused(tmp_path):
+    run = recorded_runs()["baseline_tp1dp2"]
+    shutil.copytree(run, tmp_path / "context_tp1dp2_generate_tp1dp1" / run.name)
+    with pytest.raises(TopologyError, match="recorded for label 'baseline_tp1dp2' but lies under"):
+        results.load_run(tmp_path / "context_tp1dp2_generate_tp1dp1" / run.name)
+
+
+def test_report_over_two_recorded_labels(tmp_path):
+    points = {label: [results.point(r) for r in results.load_run(run)] for label, run in recorded_runs().items()}
+    # an SLA between the two concurrencies' tokens/s/user of the disaggregated run
+    users = sorted(p.per_user for p in points["context_tp1dp2_generate_tp1dp1"])
+    sla = (users[0] + users[-1]) / 2
+    summary = report([RECORDED], tmp_path, sla, None)
+    assert len(summary["rows"]) == sum(len(p) for p in points.values())
+    png = tmp_path / "pareto.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = json.loads(png.with_suffix(".json").read_text())
+    assert sorted(shown["series"]) == sorted(LABELS) == summary["series"]
+    for label, want in points.items():
+        expected = pick(want, sla)
+        got = summary["picks"][label]
+        assert (got is None) == (expected is None)
+        if expected:
+            assert got["per_gpu"] == pytest.approx(expected.per_gpu) and got["how"] == expected.how
+    for name in ("report.csv", "report.json", "report.md"):
+        assert (tmp_path / name).is_file()
+
+
+def P(c, user, gpu, ttft=100.0):
+    return Point("context_tp2dp4_generate_tp8dp1", c, user, gpu, ttft, 20.0, {})
+
+
+def test_pick_measured_and_interpolated():
+    points = [P(1, 80, 10), P(8, 60, 50), P(16, 40, 90), P(32, 20, 120)]
+    # the crossing at 50 between c8 (60, 50) and c16 (40, 90): 70 tokens/s/GPU
+    chosen = pick(points, 50)
+    assert chosen.per_gpu == pytest.approx(70) and chosen.how == "interpolated between c8 and c16"
+    assert pick(points, 60).how == "measured at c8" and pick(points, 60).per_gpu == 50
+    assert pick(points, 90) is None
+    # a TTFT limit the crossing misses leaves the measured point
+    slow = [P(8, 60, 50, ttft=100), P(16, 40, 90, ttft=900)]
+    assert pick(slow, 50, sla_ttft_ms=300).how == "measured at c8"
+
+
+def test_frontier_drops_dominated_points():
+    points = [P(1, 80, 10), P(2, 70, 5), P(8, 60, 50), P(16, 40, 45)]
+    assert [p.concurrency for p in frontier(points)] == [1, 8]
