@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -136,7 +137,7 @@ def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, 
                 model=model or s.served_name or s.model,
                 tokenizer=tokenizer or s.model_dir or s.model,
                 placement=plan.as_dict()["workers"],
-                engine={k: v for k, v in s.__dict__.items() if k not in ("hf_token", "nats_password")},
+                engine=dataclasses.asdict(s),
             )
         elif url and label and model and tokenizer:
             target = Target(url=url.rstrip("/"), label=label, model=model, tokenizer=tokenizer)
