@@ -41,6 +41,7 @@ class Target:
     model: str
     tokenizer: str
     placement: list[dict] | None = None
+    worker_urls: list[str] | None = None  # what the router should route to
     engine: dict | None = None
     extra: dict = field(default_factory=dict)
 
@@ -65,6 +66,21 @@ def check_reachable(url: str, timeout: float = 5) -> None:
     except (urllib.error.URLError, OSError) as e:
         reason = str(getattr(e, "reason", e))
     raise TopologyError(f"{url} is unreachable ({url}/health: {reason}); is the deployment up?")
+
+
+def check_deployed(url: str, label: str, worker_urls: list[str], timeout: float = 5) -> None:
+    """The router must route to the label's workers: catches benchmarking one
+    layout under another's name. Skipped when the router has no /workers."""
+    try:
+        with urllib.request.urlopen(f"{url}/workers", timeout=timeout) as response:
+            routed = {w["url"] for w in json.load(response).get("workers", [])}
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return
+    if routed != set(worker_urls):
+        raise TopologyError(
+            f"the router at {url} routes to {', '.join(sorted(routed)) or 'no workers'}, not to the "
+            f"workers of {label}; deploy {label} first or pick the deployed label (--label-key)"
+        )
 
 
 def aiperf_command(binary: str, target: Target, traffic: Traffic, concurrency: int, out: Path) -> list[str]:
@@ -113,6 +129,8 @@ def sweep(
     binary = aiperf_binary()
     topology = Topology.parse(target.label)
     check_reachable(target.url)
+    if target.worker_urls:
+        check_deployed(target.url, topology.label, target.worker_urls)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = out_root / topology.label / run_id
     run_dir.mkdir(parents=True, exist_ok=False)  # never overwrite a run

@@ -137,6 +137,7 @@ def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, 
                 model=model or s.served_name or s.model,
                 tokenizer=tokenizer or s.model_dir or s.model,
                 placement=plan.as_dict()["workers"],
+                worker_urls=[w.url for w in plan.workers],
                 engine=dataclasses.asdict(s),
             )
         elif url and label and model and tokenizer:

@@ -1,9 +1,15 @@
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 from click.testing import CliRunner
 
 from disagg import bench
 from disagg.bench import Target, Traffic, aiperf_command
 from disagg.cli import main
+from disagg.topology import TopologyError
 
 
 def pairs(cmd: list[str]) -> list[tuple[str, str]]:
@@ -54,3 +60,30 @@ def test_configuration_in_words():
 
     assert Topology.parse("context_tp2dp4_generate_tp8dp1").configuration == "4 x TP2 context + 1 x TP8 generate"
     assert Topology.parse("baseline_tp4dp2").configuration == "2 x TP4 aggregated"
+
+
+def test_bench_refuses_a_router_that_serves_another_layout():
+    """A real HTTP server on loopback answering like vllm-router."""
+    routed = ["http://10.0.0.1:8100", "http://10.0.0.1:8101"]
+
+    class Router(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"workers": [{"url": u, "worker_type": "regular"} for u in routed]}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body if self.path == "/workers" else b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Router)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        bench.check_deployed(url, "baseline_tp1dp2", routed)  # matches: no error
+        with pytest.raises(TopologyError, match="routes to http://10.0.0.1:8100, http://10.0.0.1:8101, not to"):
+            bench.check_deployed(url, "context_tp1dp2_generate_tp1dp1", ["http://10.0.0.1:8100", "http://10.0.0.2:8100"])
+        # a router without /workers is not second-guessed
+        bench.check_deployed("http://127.0.0.1:9", "baseline_tp1dp2", routed)
+    finally:
+        server.shutdown()
