@@ -97,11 +97,11 @@ def unit_running(unit: str, changed_by: Sequence[OperationMeta] = ()):
         unit_running(name="Run router", unit="disagg-router", changed_by=written)
     """
     service = f"{unit}.service"
+    active = host.get_fact(SystemdStatus, services=[service]).get(service)
     if changed(changed_by):
         yield "systemctl daemon-reload"
-        active = host.get_fact(SystemdStatus, services=[service]).get(service)
         yield f"systemctl {'restart' if active else 'start'} {service}"
-    elif not host.get_fact(SystemdStatus, services=[service]).get(service):
+    elif not active:
         yield f"systemctl start {service}"
     if not host.get_fact(SystemdEnabled, services=[service]).get(service):
         yield f"systemctl enable {service}"
