@@ -125,3 +125,24 @@ class HttpStatus(FactBase):
     def process(self, output):
         text = "".join(output).strip()
         return int(text) if text.isdigit() else 0
+
+
+class EnvFileValue(FactBase):
+    """The value in a `VARIABLE=value` line of an env file, or None. Used for
+    a secret: pyinfra never prints fact output unless asked to debug facts."""
+
+    def command(self, path: str, variable: str) -> str:
+        return f"sed -n 's/^{variable}=//p' {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output):
+        return output[0] if output and output[0] else None
+
+
+class CommandSucceeds(FactBase):
+    """Whether a shell command exits 0 on the host (its output discarded)."""
+
+    def command(self, command: str) -> str:
+        return f"if ( {command} ) >/dev/null 2>&1; then echo yes; else echo no; fi"
+
+    def process(self, output):
+        return "".join(output).strip() == "yes"

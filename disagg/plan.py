@@ -79,14 +79,18 @@ class Plan:
     def router_url(self) -> str:
         return f"http://{self.head.address}:{self.settings.router_port}"
 
+    @property
+    def nats_url(self) -> str:
+        return f"nats://{self.head.address}:{self.settings.nats_port}"
+
     def workers_on(self, host: str) -> list[Worker]:
         return [w for w in self.workers if w.host == host]
 
     def units_on(self, host: str) -> list[str]:
         """Names of the units that belong on host under this plan."""
-        names = [w.unit for w in self.workers_on(host)]
+        names = [u for w in self.workers_on(host) for u in (w.unit, w.agent_unit)]
         if host == self.cluster.head:
-            names += [S.NATS_UNIT, S.ROUTER_UNIT]
+            names += [S.NATS_UNIT, S.ROUTER_UNIT, S.SYNC_UNIT]
         return names
 
     def worker_command(self, w: Worker) -> list[str]:
@@ -132,14 +136,60 @@ class Plan:
             "--prometheus-host", "0.0.0.0",
             "--prometheus-port", str(s.router_metrics_port),
         ]  # fmt: skip
+        if s.router_policy:
+            args += ["--policy", s.router_policy]
         if self.topology.disaggregated:
-            args.append("--vllm-pd-disaggregation")
-            for w in self.workers:
-                args += ["--prefill" if w.role == "context" else "--decode", w.url]
-            args += ["--kv-connector", s.router_kv_connector]
+            # no --prefill/--decode: members come from the registry through
+            # service discovery, so workers join and leave without a restart
+            args += [
+                "--vllm-pd-disaggregation",
+                "--vllm-discovery-address", self.discovery_address,
+                "--kv-connector", s.router_kv_connector,
+            ]  # fmt: skip
         else:
             args += ["--worker-urls", *(w.url for w in self.workers)]
         return args
+
+    @property
+    def discovery_address(self) -> str:
+        return f"127.0.0.1:{self.settings.router_discovery_port}"
+
+    def _agent(self, command: str, *args: str) -> list[str]:
+        return [f"{S.AGENT_VENV}/bin/python", S.AGENT_PYZ, command,
+                "--nats", self.nats_url, "--user", self.settings.nats_user, *args]  # fmt: skip
+
+    def agent_command(self, w: Worker) -> list[str]:
+        """The companion that registers w while it runs."""
+        return self._agent(
+            "heartbeat",
+            "--role", w.role,
+            "--index", str(w.index),
+            "--host", w.host,
+            "--url", w.url,
+            "--gpus", ",".join(map(str, w.gpus)),
+            "--label", self.label,
+            "--model", self.settings.served_name or self.settings.model,
+            "--zmq", f"{w.address}:{w.nixl_port}",
+        )  # fmt: skip
+
+    def sync_command(self) -> list[str]:
+        """The head's service that keeps the router's members = the registry's healthy workers."""
+        args = ["sync", "--router", f"http://127.0.0.1:{self.settings.router_port}"]
+        if self.topology.disaggregated:
+            return self._agent(*args, "--mode", "pd", "--discovery", self.discovery_address)
+        return self._agent(*args, "--mode", "aggregated")
+
+    def expected(self) -> list[str]:
+        """NAME=URL of every worker, as `status --expect` takes them."""
+        return [f"{w.name}={w.url}" for w in self.workers]
+
+    def status_command(self, timeout: int | None = None) -> list[str]:
+        """`status` on the head; with a timeout, wait until ready."""
+        args = ["status", "--router", f"http://127.0.0.1:{self.settings.router_port}"]
+        args += [a for e in self.expected() for a in ("--expect", e)]
+        if timeout is not None:
+            args += ["--wait", "--timeout", str(timeout)]
+        return self._agent(*args)
 
     def as_dict(self) -> dict[str, Any]:
         return {"label": self.label, "workers": [w.as_dict() for w in self.workers]}

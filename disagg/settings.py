@@ -17,6 +17,9 @@ OPT_DIR = "/opt/disagg"
 VLLM_VENV = f"{OPT_DIR}/vllm"
 ROUTER_VENV = f"{OPT_DIR}/router"
 NATS_VENV = f"{OPT_DIR}/nats"
+# nats-py, pyzmq, msgpack and a zip of this package, for the registry units
+AGENT_VENV = f"{OPT_DIR}/agent"
+AGENT_PYZ = f"{AGENT_VENV}/disagg.pyz"
 SYSTEMD_DIR = "/etc/systemd/system"
 SERVICE_USER = "disagg"
 NATS_USER = "disagg-nats"
@@ -24,6 +27,7 @@ HF_TOKEN_ENV = f"{CONFIG_DIR}/hf-token.env"
 MODELS_DIR = f"{STATE_DIR}/models"
 ROUTER_UNIT = "disagg-router"
 NATS_UNIT = "disagg-nats"
+SYNC_UNIT = "disagg-registry-sync"
 # First line of every unit we write: teardown and prune remove only units
 # that carry it, never a foreign unit that happens to be named disagg-*.
 MANAGED_MARKER = "# Managed by disagg: removed by deploys/teardown.py"
@@ -46,6 +50,8 @@ class Settings:
         default_factory=lambda: {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     )
     router_kv_connector: str = "nixl"
+    # vllm-router's --policy (None: its default, cache_aware)
+    router_policy: str | None = None
     nats_user: str = "disagg"
     http_port_base: int = Ports.http_base
     nixl_port_base: int = Ports.nixl_base
@@ -53,6 +59,7 @@ class Settings:
     router_metrics_port: int = Ports.router_metrics
     nats_port: int = Ports.nats
     nats_monitor_port: int = Ports.nats_monitor
+    router_discovery_port: int = Ports.router_discovery
     # vLLM drains in-flight requests for this long on SIGTERM
     shutdown_timeout: int = 60
     # a 70B model's first start downloads ~70 GB and loads it on every GPU
@@ -80,6 +87,7 @@ class Settings:
             router_metrics=self.router_metrics_port,
             nats=self.nats_port,
             nats_monitor=self.nats_monitor_port,
+            router_discovery=self.router_discovery_port,
         )
 
     @property

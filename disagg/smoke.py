@@ -8,12 +8,14 @@ import re
 import urllib.request
 
 
-def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: float = 120) -> dict:
+def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: float = 120,
+         prompt: str = "Say something.") -> dict:  # fmt: skip
     """POST /v1/chat/completions asking for exactly max_tokens tokens;
-    returns {"text", "completion_tokens"}."""
+    returns {"text", "completion_tokens"}. (A prefix-aware router sends
+    the same prompt to the same worker: vary it to reach them all.)"""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": "Say something."}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "min_tokens": max_tokens,
         "ignore_eos": True,

@@ -132,11 +132,14 @@ class Ports:
     router_metrics: int = 29000
     nats: int = 4222
     nats_monitor: int = 8222
+    # vllm-router's ZMQ service discovery (PD mode), on loopback
+    router_discovery: int = 30001
 
     def head_services(self) -> dict[str, int]:
         return {
             "router_port": self.router,
             "router_metrics_port": self.router_metrics,
+            "router_discovery_port": self.router_discovery,
             "nats_port": self.nats,
             "nats_monitor_port": self.nats_monitor,
         }
@@ -163,6 +166,11 @@ class Worker:
     @property
     def url(self) -> str:
         return f"http://{self.address}:{self.http_port}"
+
+    @property
+    def agent_unit(self) -> str:
+        """The companion that keeps this worker in the registry."""
+        return f"{self.unit}-agent"
 
     @property
     def nixl_ports(self) -> range:

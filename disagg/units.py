@@ -6,7 +6,9 @@ and `disagg render --units` prints exactly that.
 
 from __future__ import annotations
 
+import io
 import re
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,12 +16,13 @@ import jinja2
 
 from . import settings as S
 from .plan import Plan
+from .registry import DEREGISTER_GRACE, PASSWORD_ENV
 from .topology import Worker
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 NATS_CONF = f"{S.CONFIG_DIR}/nats-server.conf"
 NATS_SECRET_ENV = f"{S.CONFIG_DIR}/nats.env"
-NATS_PASSWORD_ENV = "DISAGG_NATS_PASSWORD"
+NATS_PASSWORD_ENV = PASSWORD_ENV
 NATS_STORE = f"{S.STATE_DIR}/nats"
 
 _PLAIN_ARG = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
@@ -77,7 +80,7 @@ def env_path(unit: str) -> str:
 
 
 def _service(description: str, user: str, args: list[str], stop_timeout: int,
-             env_files: list[str]) -> str:  # fmt: skip
+             env_files: list[str], binds_to: str | None = None, stop_post: str | None = None) -> str:  # fmt: skip
     return render(
         "service.j2",
         description=description,
@@ -85,6 +88,8 @@ def _service(description: str, user: str, args: list[str], stop_timeout: int,
         exec_start=exec_start(args),
         stop_timeout=stop_timeout,
         env_files=env_files,
+        binds_to=binds_to,
+        stop_post=stop_post,
     )
 
 
@@ -100,6 +105,47 @@ def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
         [env_path(w.unit), f"-{S.HF_TOKEN_ENV}"],
     )
     return {unit_path(w.unit): unit, env_path(w.unit): render("env.j2", env=env)}
+
+
+def agent_files(plan: Plan, w: Worker) -> dict[str, str]:
+    grace = int(DEREGISTER_GRACE)
+    unit = _service(
+        f"disagg registry heartbeat of {w.unit}",
+        S.SERVICE_USER,
+        plan.agent_command(w),
+        grace + 10,
+        # the NATS password, root-only: never on a command line or in a unit
+        [NATS_SECRET_ENV],
+        binds_to=w.unit,
+        # stopped before its worker (After=): the worker serves on until the router forgot it
+        stop_post=f"/bin/sleep {grace}",
+    )
+    return {unit_path(w.agent_unit): unit}
+
+
+def sync_files(plan: Plan) -> dict[str, str]:
+    unit = _service(
+        "disagg router membership from the registry",
+        S.SERVICE_USER,
+        plan.sync_command(),
+        10,
+        [NATS_SECRET_ENV],
+    )
+    return {unit_path(S.SYNC_UNIT): unit}
+
+
+def agent_pyz() -> bytes:
+    """This package as one runnable zip for the registry units: the same
+    code the controller runs, one file to compare and upload. Fixed
+    timestamps, so the same source gives the same bytes (no restart)."""
+    package = Path(__file__).resolve().parent
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(package.glob("*.py")):
+            z.writestr(zipfile.ZipInfo(f"disagg/{path.name}", (1980, 1, 1, 0, 0, 0)), path.read_bytes())
+        main = "import sys\nfrom disagg.registry import main\nsys.exit(main())\n"
+        z.writestr(zipfile.ZipInfo("__main__.py", (1980, 1, 1, 0, 0, 0)), main)
+    return buffer.getvalue()
 
 
 def router_files(plan: Plan) -> dict[str, str]:
@@ -139,7 +185,9 @@ def host_units(plan: Plan, host: str) -> dict[str, str]:
     files: dict[str, str] = {}
     for w in plan.workers_on(host):
         files.update(worker_files(plan, w))
+        files.update(agent_files(plan, w))
     if host == plan.cluster.head:
         files.update(nats_files(plan))
         files.update(router_files(plan))
+        files.update(sync_files(plan))
     return files

@@ -47,5 +47,9 @@ all = (
             "kv_connector_extra_config": {"shared_storage_path": "/var/lib/disagg/kv"},
         },
         "health_timeout": 900,
+        # the tests' short prompts share most of their text (the chat
+        # template), so the default cache_aware policy sends them all to one
+        # context worker
+        "router_policy": "round_robin",
     },
 )

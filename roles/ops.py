@@ -125,11 +125,11 @@ def commands_if_changed(commands: Sequence[str], changed_by: Sequence[OperationM
 
 
 @operation()
-def wait_healthy(unit: str, url: str, timeout: int):
+def wait_healthy(unit: str, url: str, timeout: int, answers: Sequence[int] = (200,)):
     """
-    Wait until GET url answers 200; fail naming the unit and showing the tail
-    of its journal if it does not within timeout seconds, or as soon as the
-    unit has failed or crash-looped three times.
+    Wait until GET url answers one of `answers` (200); fail naming the unit
+    and showing the tail of its journal if it does not within timeout
+    seconds, or as soon as the unit has failed or crash-looped three times.
 
     **Example:**
 
@@ -137,17 +137,18 @@ def wait_healthy(unit: str, url: str, timeout: int):
 
         wait_healthy(unit="disagg-context-0", url="http://10.0.0.1:8100/health", timeout=600)
     """
-    if host.get_fact(HttpStatus, url=url) == 200:
+    if host.get_fact(HttpStatus, url=url) in answers:
         return
     q_url, q_unit = shlex.quote(url), shlex.quote(unit)
     yield (
         f"deadline=$(( $(date +%s) + {int(timeout)} )); "
-        f"until [ \"$(curl -s -o /dev/null -m 5 -w '%{{http_code}}' {q_url})\" = 200 ]; do "
+        f"until case \"$(curl -s -o /dev/null -m 5 -w '%{{http_code}}' {q_url})\" in "
+        f"{'|'.join(map(str, answers))}) true;; *) false;; esac; do "
         f"if [ $(date +%s) -ge $deadline ] || systemctl -q is-failed {q_unit} "
         # a crash loop under Restart=on-failure never reaches 'failed'
         f"|| [ \"$(systemctl show -p NRestarts --value {q_unit})\" -ge 3 ]; then "
-        f"echo \"{unit} is not healthy: {url} did not answer 200 (timeout {int(timeout)} s); "
-        f"last lines of its journal:\" >&2; "
+        f"echo \"{unit} is not healthy: {url} did not answer {'/'.join(map(str, answers))} "
+        f"(timeout {int(timeout)} s); last lines of its journal:\" >&2; "
         f"journalctl -u {q_unit} -n 40 --no-pager >&2; exit 1; fi; sleep 2; done"
     )
 
@@ -167,38 +168,31 @@ def prune_units(keep: Sequence[str] = ()):
         prune_units()  # teardown
     """
     stale = [u for u in host.get_fact(ManagedUnits) if u not in keep]
+    if not stale:
+        return
+    # one command, so that systemd stops them in parallel and in dependency order
+    yield f"systemctl disable --now {' '.join(f'{u}.service' for u in stale)}"
     for unit in stale:
-        yield f"systemctl disable --now {unit}.service"
-        yield f"rm -f {units.unit_path(unit)} {units.env_path(unit)}"
-    if stale:
-        yield "systemctl daemon-reload"
-        yield "systemctl reset-failed"
+        # .wants: a heartbeat agent is enabled as WantedBy= its worker
+        yield f"rm -rf {units.unit_path(unit)} {units.unit_path(unit)}.wants {units.env_path(unit)}"
+    yield "systemctl daemon-reload"
+    yield "systemctl reset-failed"
 
 
 @operation()
-def secret_env(path: str, variable: str, value: str | None = None):
+def secret_env(path: str, variable: str, value: str):
     """
-    A root-only env file `variable=value`. Without a value, one is generated
-    on the host once and kept. The value never appears in pyinfra's output,
-    its diffs or on a command line shown to the user.
+    A root-only env file `variable=value`. The value never appears in
+    pyinfra's output, its diffs or on a command line shown to the user.
 
     **Example:**
 
     .. code:: python
 
-        secret_env(path="/etc/disagg/nats.env", variable="DISAGG_NATS_PASSWORD")
+        secret_env(path="/etc/disagg/hf-token.env", variable="HF_TOKEN", value=token)
     """
-    current = host.get_fact(Sha256File, path=path)
-    if value is None:
-        if current is None:
-            yield (
-                f"umask 077 && printf '{variable}=%s\\n' "
-                "\"$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')\" "
-                f"> {shlex.quote(path)}"
-            )
-        return
     line = f"{variable}={value}\n"
-    if current != hashlib.sha256(line.encode()).hexdigest():
+    if host.get_fact(Sha256File, path=path) != hashlib.sha256(line.encode()).hexdigest():
         yield StringCommand(
             "umask 077 && printf '%s\\n'",
             HiddenValue(shlex.quote(line.rstrip("\n"))),

@@ -1,6 +1,6 @@
-"""vllm-router on the head host: PD mode with one --prefill per context
-worker and one --decode per generate worker, or --worker-urls for the
-baseline; Prometheus metrics on."""
+"""vllm-router on the head host: PD mode with its members found through
+service discovery (fed from the registry by roles/registry.py), or
+--worker-urls for the baseline; Prometheus metrics on."""
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -19,8 +19,11 @@ def router(plan: Plan):
     written = put_files(units.router_files(plan))
     unit_running(name=f"Run {S.ROUTER_UNIT}", unit=S.ROUTER_UNIT, changed_by=written)
     wait_healthy(
-        name="Router healthy",
+        name="Router up",
         unit=S.ROUTER_UNIT,
         url=f"http://127.0.0.1:{plan.settings.router_port}/health",
         timeout=120,
+        # in PD mode it says 503 "Waiting for discovered workers" until the
+        # registry sync has sent it some; the readiness gate waits for 200
+        answers=(200, 503) if plan.topology.disaggregated else (200,),
     )

@@ -8,6 +8,7 @@ from roles.base import base
 from roles.nats import nats
 from roles.nvidia_driver import nvidia_driver
 from roles.ops import prune_units
+from roles import registry
 from roles.router import router
 from roles.vllm import vllm
 from roles.workers import workers
@@ -18,13 +19,16 @@ def converge(plan: Plan) -> None:
     runs_workers = bool(plan.workers_on(host.name))
     nvidia_driver()
     base()
+    runtime = registry.runtime(plan) if on_head or runs_workers else []
     if on_head:
-        nats(plan)
+        nats(plan, secret=runtime[0])
     if runs_workers:
         vllm(plan)
     # before starting anything, so that the old layout frees its GPUs and ports
     prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
     if runs_workers:
         workers(plan)
+        registry.agents(plan, changed_by=runtime)
     if on_head:
         router(plan)
+        registry.router_sync(plan, changed_by=runtime)

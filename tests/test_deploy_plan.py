@@ -2,6 +2,8 @@
 pyinfra's own loader with its @fake connector and facts fed from a real GPU
 host's captured output. Real hosts are exercised by the end-to-end tests."""
 
+import re
+
 import pytest
 from fakehosts import gpu_host_responses, plan_deploy
 
@@ -33,10 +35,12 @@ def test_disagg_deploy_order_on_the_head():
     first = {key: next(i for i, n in enumerate(names) if key in n)
              for key in ("NVIDIA driver", "Run disagg-nats", "NATS JetStream healthy", "Install vllm==",
                          "Remove units of other layouts", "Run disagg-context-0",
-                         "disagg-context-3 healthy", "Run disagg-router")}  # fmt: skip
+                         "disagg-context-3 healthy", "Run disagg-context-0-agent", "Run disagg-router",
+                         "Run disagg-registry-sync", "Every worker registered")}  # fmt: skip
     assert list(first) == sorted(first, key=first.get)
     # all context workers start before the first health wait, so they load together
-    assert first["disagg-context-3 healthy"] > max(i for i, n in enumerate(names) if "Run disagg-context-" in n)
+    starts = [i for i, n in enumerate(names) if "Run disagg-context-" in n and not n.endswith("-agent")]
+    assert first["disagg-context-3 healthy"] > max(starts)
     commands = planned.commands("h100-node1")
     assert "systemctl start disagg-context-0.service" in commands
     assert any("/healthz?js-enabled-only=true" in c for c in commands)
@@ -57,9 +61,10 @@ def test_relabel_prunes_the_old_layout_only():
     planned = plan_deploy(H100, "deploys/baseline.py", responses={**old, **gpu_host_responses()})
     (prune,) = [c for n, c in planned.ops("h100-node1") if n == "Remove units of other layouts"]
     stopped = [c for c in prune if c.startswith("systemctl disable --now")]
-    assert stopped == [f"systemctl disable --now disagg-context-{i}.service" for i in range(4)] + [
-        "systemctl disable --now disagg-generate-0.service"]
-    assert "rm -f /etc/systemd/system/disagg-context-0.service /etc/disagg/disagg-context-0.env" in prune
+    assert stopped == ["systemctl disable --now " + " ".join(
+        [f"disagg-context-{i}.service" for i in range(4)] + ["disagg-generate-0.service"])]
+    assert ("rm -rf /etc/systemd/system/disagg-context-0.service /etc/systemd/system/disagg-context-0.service.wants "
+            "/etc/disagg/disagg-context-0.env") in prune
     assert "systemctl daemon-reload" in prune
 
 
@@ -76,8 +81,7 @@ def test_teardown_removes_our_units_and_nothing_else(purge):
     data = {"purge": "true"} if purge else {}
     planned = plan_deploy(H100, "deploys/teardown.py", data=data, responses=stale_units(*units))
     commands = planned.commands("h100-node1")
-    for unit in units:
-        assert f"systemctl disable --now {unit}.service" in commands
+    assert f"systemctl disable --now {' '.join(u + '.service' for u in units)}" in commands
     assert not any("kill" in c for c in commands)
     names = [n for n, _ in planned.ops("h100-node1")]
     for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env", "/etc/disagg/nats-server.conf"):
@@ -98,11 +102,26 @@ def test_secrets_never_appear_in_commands_or_files():
     assert "umask 077 && printf '%s\\n' *MASKED* > /etc/disagg/hf-token.env" in commands
 
 
-def test_generated_nats_password_is_made_on_the_head_only():
+def _nats_secret_commands(planned, host) -> list[str]:
+    return [c.get_raw_value() for n, cmds in planned._raw_ops(host) if n.endswith("NATS credentials") for c in cmds]
+
+
+def test_nats_password_is_generated_once_and_shared_by_every_host():
     planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
-    generate = [c for c in planned.commands("h100-node1") if "DISAGG_NATS_PASSWORD=" in c]
-    assert len(generate) == 1 and "/dev/urandom" in generate[0] and "umask 077" in generate[0]
-    assert not any("NATS" in c for c in planned.commands("h100-node2"))
+    (head,) = _nats_secret_commands(planned, "h100-node1")
+    (other,) = _nats_secret_commands(planned, "h100-node2")
+    password = re.search(r"DISAGG_NATS_PASSWORD=(\w+)", head).group(1)
+    assert len(password) >= 32 and head == other
+    for host in NODES:  # masked wherever pyinfra prints it
+        assert not any(password in c for c in planned.commands(host))
+
+
+def test_nats_password_of_the_head_is_kept():
+    responses = {**gpu_host_responses(), "s/^DISAGG_NATS_PASSWORD=//p": ["k33p-me"]}
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=responses)
+    for host in NODES:
+        (command,) = _nats_secret_commands(planned, host)
+        assert "DISAGG_NATS_PASSWORD=k33p-me" in command
 
 
 def _driver_commands(planned, host):

@@ -1,0 +1,56 @@
+"""The control plane seen from the controller: the registry's status for a
+deployment given by its inventory, with the NATS password read from the
+head over SSH (root-only there) unless DISAGG_NATS_PASSWORD is set."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import registry
+from .plan import Plan
+from .topology import TopologyError
+
+
+def head_password(inventory, plan: Plan) -> str:
+    """DISAGG_NATS_PASSWORD, else the head's password file, read with the
+    inventory's own SSH settings; held in memory only, never printed."""
+    from pyinfra.api import Config, State
+    from pyinfra.api.facts import get_fact
+    from pyinfra.context import ctx_host, ctx_state
+
+    from .facts import EnvFileValue
+    from .units import NATS_PASSWORD_ENV, NATS_SECRET_ENV
+
+    given = registry.password_from_env()
+    if given:
+        return given
+    state = State(inventory, Config())
+    head = inventory.get_host(plan.cluster.head)
+    # pyinfra warns about host keys of inventories that do not check them
+    logging.getLogger("pyinfra").setLevel(logging.ERROR)
+    with ctx_state.use(state), ctx_host.use(head):
+        try:
+            value = get_fact(state, head, EnvFileValue, kwargs={"path": NATS_SECRET_ENV, "variable": NATS_PASSWORD_ENV})
+        finally:
+            head.disconnect()
+    if not value:
+        raise TopologyError(
+            f"no NATS password on the head {plan.cluster.head} ({NATS_SECRET_ENV}); "
+            f"deploy first, or set {NATS_PASSWORD_ENV}"
+        )
+    return value
+
+
+def expected(plan: Plan) -> list[registry.Expected]:
+    return registry.parse_expected(plan.expected())
+
+
+def status(inventory, plan: Plan, wait: float | None = None) -> registry.Status:
+    """The registry, router and NATS health of plan's deployment; with
+    wait, block up to that many seconds until it is ready."""
+    password = head_password(inventory, plan)
+    args = (plan.nats_url, plan.settings.nats_user, password, plan.router_url, expected(plan))
+    if wait is not None:
+        return asyncio.run(registry.wait_ready(*args, timeout=wait))
+    return asyncio.run(registry.status(*args))
