@@ -4,6 +4,7 @@ provenance beside them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -42,6 +43,8 @@ class Target:
     tokenizer: str
     placement: list[dict] | None = None
     worker_urls: list[str] | None = None  # what the router should route to
+    # what it routes to, when its own /workers cannot tell (PD service discovery)
+    routed: list[str] | None = None
     engine: dict | None = None
     extra: dict = field(default_factory=dict)
 
@@ -53,6 +56,33 @@ def aiperf_binary() -> str:
     if not found:
         raise TopologyError("aiperf is not installed: pip install 'disagg[bench]'")
     return found
+
+
+def target_for(inventory, plan, url: str | None = None, model: str | None = None,
+               tokenizer: str | None = None) -> Target:  # fmt: skip
+    """What to benchmark for a deployed plan: its router, model, tokenizer,
+    placement and engine settings, and the members the router has."""
+    from . import control
+
+    s = plan.settings
+    routed = None
+    if plan.topology.disaggregated:  # vllm-router's /workers does not list members found by discovery
+        routed = control.status(inventory, plan).members
+        if routed is None:
+            raise TopologyError(
+                f"the router sync on {plan.cluster.head} has not reported its members; "
+                f"see `disagg status -i INVENTORY` and `journalctl -u disagg-registry-sync`"
+            )
+    return Target(
+        url=url or plan.router_url,
+        label=plan.label,
+        model=model or s.served_name or s.model,
+        tokenizer=tokenizer or s.model_dir or s.model,
+        placement=plan.as_dict()["workers"],
+        worker_urls=[w.url for w in plan.workers],
+        routed=routed,
+        engine=dataclasses.asdict(s),
+    )
 
 
 def check_reachable(url: str, timeout: float = 5) -> None:
@@ -68,14 +98,19 @@ def check_reachable(url: str, timeout: float = 5) -> None:
     raise TopologyError(f"{url} is unreachable ({url}/health: {reason}); is the deployment up?")
 
 
-def check_deployed(url: str, label: str, worker_urls: list[str], timeout: float = 5) -> None:
+def check_deployed(url: str, label: str, worker_urls: list[str], routed: list[str] | None = None,
+                   timeout: float = 5) -> None:  # fmt: skip
     """The router must route to the label's workers: catches benchmarking one
-    layout under another's name. Skipped when the router has no /workers."""
-    try:
-        with urllib.request.urlopen(f"{url}/workers", timeout=timeout) as response:
-            routed = {w["url"] for w in json.load(response).get("workers", [])}
-    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
-        return
+    layout under another's name. `routed`: the router's members as the
+    registry sync reports them; else the router's /workers (skipped when it
+    has none)."""
+    if routed is None:
+        try:
+            with urllib.request.urlopen(f"{url}/workers", timeout=timeout) as response:
+                routed = [w["url"] for w in json.load(response).get("workers", [])]
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+            return
+    routed = set(routed)
     if routed != set(worker_urls):
         raise TopologyError(
             f"the router at {url} routes to {', '.join(sorted(routed)) or 'no workers'}, not to the "
@@ -130,7 +165,7 @@ def sweep(
     topology = Topology.parse(target.label)
     check_reachable(target.url)
     if target.worker_urls:
-        check_deployed(target.url, topology.label, target.worker_urls)
+        check_deployed(target.url, topology.label, target.worker_urls, target.routed)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = out_root / topology.label / run_id
     run_dir.mkdir(parents=True, exist_ok=False)  # never overwrite a run

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from . import results
+from . import registry, results
 from .bench import DEFAULT_CONCURRENCY
 from .plan import load_inventory, make_plan
 from .topology import TopologyError
@@ -124,22 +123,13 @@ def _concurrencies(text: str) -> list[int]:
 def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, isl, osl, seed, out, as_json):
     """Benchmark a deployment with the reference traffic (streaming chat,
     fixed ISL/OSL, 10 x concurrency requests) through aiperf."""
-    from .bench import Target, Traffic, sweep
+    from .bench import Target, Traffic, sweep, target_for
 
     try:
         concurrencies = _concurrencies(concurrency)
         if inventory_path:
-            plan = make_plan(load_inventory(inventory_path), label, label_key=label_key)
-            s = plan.settings
-            target = Target(
-                url=url or plan.router_url,
-                label=plan.label,
-                model=model or s.served_name or s.model,
-                tokenizer=tokenizer or s.model_dir or s.model,
-                placement=plan.as_dict()["workers"],
-                worker_urls=[w.url for w in plan.workers],
-                engine=dataclasses.asdict(s),
-            )
+            inventory = load_inventory(inventory_path)
+            target = target_for(inventory, make_plan(inventory, label, label_key=label_key), url, model, tokenizer)
         elif url and label and model and tokenizer:
             target = Target(url=url.rstrip("/"), label=label, model=model, tokenizer=tokenizer)
         else:
@@ -157,20 +147,162 @@ def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, 
 
 
 @main.command()
+@click.option("-i", "--inventory", "inventory_path", help="Inventory of the deployment (NATS, router, expected workers).")
+@click.option("--label-key", default="label", show_default=True,
+              help="Inventory data key of the deployed label (baseline_label for the baseline).")  # fmt: skip
+@click.option("--label", help="The deployed label, instead of the inventory's.")
+@click.option("--nats", "nats_url", help="nats://HOST:PORT, instead of an inventory.")
+@click.option("--user", default="disagg", show_default=True, help="NATS user (with --nats).")
+@click.option("--password-file", type=click.File(), help=f"File holding the NATS password (with --nats; "
+              f"default: ${registry.PASSWORD_ENV}).")  # fmt: skip
+@click.option("--router", "router_url", help="Router URL (with --nats).")
+@click.option("--wait", is_flag=True, help="Block until every deployed worker is healthy and routed.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to --wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(inventory_path, label_key, label, nats_url, user, password_file, router_url, wait, timeout, as_json):
+    """Workers in the registry (role, host, GPUs, URL, health, heartbeat age,
+    router membership, running requests), NATS and router health. Exit 0
+    when ready, 1 when not (naming what is missing)."""
+    import asyncio
+
+    from . import control
+
+    try:
+        if inventory_path:
+            inventory = load_inventory(inventory_path)
+            plan = make_plan(inventory, label, label_key=label_key)
+            current = control.status(inventory, plan, wait=timeout if wait else None)
+        elif nats_url:
+            password = password_file.read().strip().rpartition("=")[2] if password_file else registry.password_from_env()
+            args = (nats_url, user, password, router_url and router_url.rstrip("/"), [])
+            current = asyncio.run(registry.wait_ready(*args, timeout=timeout) if wait else registry.status(*args))
+        else:
+            raise TopologyError("give -i INVENTORY, or --nats nats://HOST:PORT")
+    except TopologyError as e:
+        _fail(e)
+    click.echo(json.dumps(current.as_dict(), indent=2) if as_json else registry.table(current))
+    sys.exit(0 if current.ready else 1)
+
+
+@main.command()
+@click.option("--model", required=True, help="Model id AIConfigurator knows (e.g. meta-llama/Meta-Llama-3.1-70B).")
+@click.option("--system", required=True, help="AIConfigurator system, e.g. h100_sxm.")
+@click.option("-i", "--inventory", "inventory_path", help="Place the layouts on this inventory's hosts.")
+@click.option("--gpus", type=int, help="GPUs in all (default: the inventory's).")
+@click.option("--gpus-per-host", type=int, default=8, show_default=True, help="Without -i: GPUs per host.")
+@click.option("--isl", default=3000, show_default=True, help="Input tokens per request.")
+@click.option("--osl", default=150, show_default=True, help="Output tokens per request.")
+@click.option("--sla-tokens-per-user", default=50.0, show_default=True, help="Tokens/s each user must see.")
+@click.option("--sla-ttft-ms", type=float, help="Time to first token limit (AIConfigurator's default: 2000).")
+@click.option("--backend", default="vllm", show_default=True, help="AIConfigurator backend.")
+@click.option("--top-n", default=5, show_default=True, help="Configurations per mode.")
+@click.option("-o", "--out", default="plan", show_default=True, type=click.Path(path_type=Path),
+              help="Writes plan.json here, and AIConfigurator's own files under aiconfigurator/.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(model, system, inventory_path, gpus, gpus_per_host, isl, osl, sla_tokens_per_user, sla_ttft_ms,
+         backend, top_n, out, as_json):  # fmt: skip
+    """Predict the best layouts for an SLA with AIConfigurator (`pip install
+    'disagg[plan]'`), as labels placed on the hosts; writes the pick's
+    inventory data (label, baseline_label) to OUT/plan.json."""
+    from . import planner
+    from .plan import cluster_from_inventory
+
+    try:
+        if inventory_path:
+            cluster = cluster_from_inventory(load_inventory(inventory_path))
+            gpus = gpus or sum(h.gpus for h in cluster.hosts)
+        elif gpus:
+            cluster = planner.synthetic_cluster(gpus, gpus_per_host)
+        else:
+            raise TopologyError("give -i INVENTORY or --gpus N (with --gpus-per-host)")
+        request = planner.Request(model, system, gpus, isl, osl, sla_tokens_per_user, sla_ttft_ms, backend, top_n)
+        click.echo(f"AIConfigurator: {model} on {gpus} x {system}, ISL {isl} / OSL {osl}, "
+                   f"{sla_tokens_per_user:g} tokens/s/user ...", err=True)  # fmt: skip
+        candidates, seconds = planner.run(request, out / "aiconfigurator")
+        planner.place_all(candidates, cluster)
+    except TopologyError as e:
+        _fail(e)
+    result = planner.as_dict(request, candidates, seconds, out / "aiconfigurator")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    rows = [[i, c.label, f"{c.tokens_per_gpu:.1f}", f"{c.tokens_per_user:.1f}", f"{c.ttft_ms:.0f}", c.concurrency,
+             planner.placement_text(c)] for i, c in enumerate(planner.ranked(candidates), 1)]  # fmt: skip
+    click.echo(_table(["#", "label", "tokens/s/GPU", "tokens/s/user", "TTFT ms", "concurrency", "placeable"], rows))
+    pick = result["pick"]
+    click.echo(f"pick: label={pick['label']} baseline_label={pick['baseline_label']} "
+               f"(AIConfigurator {result['aiconfigurator']['version']}, {seconds:.0f} s; {out / 'plan.json'})")  # fmt: skip
+    if inventory_path and pick["label"]:
+        click.echo(f"deploy: pyinfra {inventory_path} deploys/disagg.py --data label={pick['label']}")
+
+
+@main.command()
+@click.option("-i", "--inventory", "inventory_path", required=True, help="Inventory of the cluster to sweep on.")
+@click.option("--labels", required=True, help="Comma-separated labels, deployed and benchmarked in this order.")
+@click.option("--concurrency", "concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
+              show_default=True, help="Comma-separated concurrencies per label.")  # fmt: skip
+@click.option("--isl", default=3000, show_default=True, help="Input tokens per request.")
+@click.option("--osl", default=150, show_default=True, help="Output tokens per request.")
+@click.option("--from-plan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="plan.json of `disagg plan`: predicted against measured in the report.")  # fmt: skip
+@click.option("--sla-tokens-per-user", type=float, help="Pick each label's best point at this SLA.")
+@click.option("--ready-timeout", default=600.0, show_default=True, help="Seconds to wait for each layout.")
+@click.option("--keep", is_flag=True, help="Leave the last layout deployed (no teardown).")
+@click.option("-o", "--out", "out", default="results", show_default=True, type=click.Path(path_type=Path),
+              help="Results root; labels with complete results there are skipped.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def sweep(inventory_path, labels, concurrency, isl, osl, from_plan, sla_tokens_per_user, ready_timeout, keep,
+          out, as_json):  # fmt: skip
+    """Deploy each label, wait until ready, benchmark it, tear down at the
+    end, and report them together (resumable: finished labels are skipped)."""
+    from .bench import Traffic
+    from .deploy import DeployError
+    from .planner import predictions
+    from .sweep import sweep as run_sweep
+
+    try:
+        summary = run_sweep(
+            inventory_path,
+            [label.strip() for label in labels.split(",") if label.strip()],
+            _concurrencies(concurrency),
+            Traffic(isl=isl, osl=osl),
+            out,
+            predicted=predictions(from_plan) if from_plan else None,
+            teardown=not keep,
+            ready_timeout=ready_timeout,
+            sla_per_user=sla_tokens_per_user,
+            progress=lambda line: click.echo(line, err=True),
+        )
+    except (TopologyError, DeployError) as e:
+        _fail(e)
+    _print_report(summary, sla_tokens_per_user, as_json)
+
+
+@main.command()
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--sla-tokens-per-user", type=float, help="Pick the best tokens/s/GPU at or above this.")
 @click.option("--sla-ttft-ms", type=float, help="...and a time to first token at or below this.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Where to write the plot and tables (default: first DIR).")
+@click.option("--from-plan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="plan.json of `disagg plan`: predicted against measured, in a table and on the plot.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def report(dirs, sla_tokens_per_user, sla_ttft_ms, out, as_json):
+def report(dirs, sla_tokens_per_user, sla_ttft_ms, out, from_plan, as_json):
     """Table, Pareto plot and SLA pick over recorded runs (DIRS: results
     roots, label directories or run directories)."""
+    from .planner import predictions
     from .report import report as make_report
 
     try:
-        summary = make_report(list(dirs), out or dirs[0], sla_tokens_per_user, sla_ttft_ms)
+        predicted = predictions(from_plan) if from_plan else None
+        summary = make_report(list(dirs), out or dirs[0], sla_tokens_per_user, sla_ttft_ms, predicted)
     except TopologyError as e:
         _fail(e)
+    _print_report(summary, sla_tokens_per_user, as_json)
+
+
+def _print_report(summary: dict, sla_tokens_per_user: float | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -185,3 +317,8 @@ def report(dirs, sla_tokens_per_user, sla_ttft_ms, out, as_json):
     if "ratio" in summary:
         d, b = summary["ratio_of"]
         click.echo(f"disaggregated / baseline at the SLA: {summary['ratio']:.2f} ({d} / {b})")
+    if "predicted" in summary:
+        from .report import COMPARE_COLUMNS
+
+        click.echo("predicted (AIConfigurator) against measured:")
+        click.echo(results.markdown(summary["predicted"], COMPARE_COLUMNS), nl=False)

@@ -52,8 +52,39 @@ def pick(points: list[Point], sla_per_user: float, sla_ttft_ms: float | None = N
     return max(candidates, key=lambda c: c.per_gpu, default=None)
 
 
-def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Path) -> dict:
-    """Draw the PNG and return what it shows (kept beside it as JSON)."""
+COMPARE_COLUMNS = [
+    "label", "concurrency",
+    "predicted_per_gpu", "measured_per_gpu",
+    "predicted_per_user", "measured_per_user",
+    "predicted_ttft_ms", "measured_ttft_ms",
+]  # fmt: skip
+
+
+def compare(by_label: dict[str, list[Point]], predicted: dict[str, dict]) -> list[dict]:
+    """Predicted against measured, per label and concurrency: every measured
+    point of a predicted label, and each prediction (on the measured row of
+    the same concurrency when there is one)."""
+    rows: dict[tuple[str, int], dict] = {}
+
+    def row(label: str, concurrency: int) -> dict:
+        return rows.setdefault((label, concurrency), {c: None for c in COMPARE_COLUMNS} | {
+            "label": label, "concurrency": concurrency})  # fmt: skip
+
+    for label in predicted:
+        for p in by_label.get(label, []):
+            row(label, p.concurrency).update(measured_per_gpu=p.per_gpu, measured_per_user=p.per_user,
+                                             measured_ttft_ms=p.ttft)  # fmt: skip
+    for label, p in predicted.items():
+        row(label, p["concurrency"]).update(predicted_per_gpu=p["tokens_per_gpu"],
+                                            predicted_per_user=p["tokens_per_user"],
+                                            predicted_ttft_ms=p["ttft_ms"])  # fmt: skip
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Path,
+         predicted: dict[str, dict] | None = None) -> dict:  # fmt: skip
+    """Draw the PNG and return what it shows (kept beside it as JSON);
+    predictions as open diamonds in their label's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +92,10 @@ def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Pat
 
     shown: dict = {"x": "tokens/s/user", "y": "tokens/s/GPU", "sla_per_user": sla_per_user, "series": {}}
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {}
     for label, points in sorted(by_label.items()):
         line = ax.plot([p.per_user for p in points], [p.per_gpu for p in points], "o", label=label)[0]
+        colors[label] = line.get_color()
         front = frontier(points)
         ax.plot([p.per_user for p in front], [p.per_gpu for p in front], "-", color=line.get_color())
         for p in points:
@@ -72,6 +105,12 @@ def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Pat
             "points": [[p.concurrency, p.per_user, p.per_gpu] for p in points],
             "frontier": [p.concurrency for p in front],
         }
+    if predicted:
+        shown["predicted"] = {}
+        for label, p in sorted(predicted.items()):
+            ax.plot([p["tokens_per_user"]], [p["tokens_per_gpu"]], "D", mfc="none", color=colors.get(label, "black"),
+                    label=f"{label} predicted (c{p['concurrency']})")  # fmt: skip
+            shown["predicted"][label] = [p["concurrency"], p["tokens_per_user"], p["tokens_per_gpu"]]
     if sla_per_user is not None:
         ax.axvline(sla_per_user, linestyle="--", color="grey", label=f"SLA {sla_per_user:g} tokens/s/user")
     ax.set_xlabel("tokens/s/user")
@@ -86,7 +125,11 @@ def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Pat
     return shown
 
 
-def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms: float | None) -> dict:
+def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms: float | None,
+           predicted: dict[str, dict] | None = None) -> dict:  # fmt: skip
+    """Tables, plot and picks over recorded runs; with predictions (label ->
+    AIConfigurator's point, from `disagg plan`), also predicted.{csv,json,md}
+    and the predicted points on the plot."""
     rows = [r for d in results.run_dirs(dirs) for r in results.load_run(d)]
     results.write_tables(rows, out, "report")
     by_label: dict[str, list[Point]] = {}
@@ -94,8 +137,11 @@ def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms:
         p = results.point(r)
         if p.per_user is not None and p.per_gpu is not None:
             by_label.setdefault(p.label, []).append(p)
-    shown = plot(by_label, sla_per_user, out / "pareto.png")
+    shown = plot(by_label, sla_per_user, out / "pareto.png", predicted)
     summary = {"rows": rows, "plot": str(out / "pareto.png"), "series": sorted(shown["series"]), "picks": {}}
+    if predicted:
+        summary["predicted"] = compare(by_label, predicted)
+        results.write_tables(summary["predicted"], out, "predicted", COMPARE_COLUMNS)
     if sla_per_user is not None:
         picks = {label: pick(points, sla_per_user, sla_ttft_ms) for label, points in by_label.items()}
         summary["picks"] = {k: (v.__dict__ if v else None) for k, v in picks.items()}

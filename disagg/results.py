@@ -142,22 +142,23 @@ def fmt(value) -> str:
     return str(value)
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+def markdown(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: list[dict], directory: Path, stem: str = "table") -> list[Path]:
+def write_tables(rows: list[dict], directory: Path, stem: str = "table",
+                 columns: list[str] = COLUMNS) -> list[Path]:  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     files = {
         directory / f"{stem}.csv": buffer.getvalue(),
         directory / f"{stem}.json": json.dumps(rows, indent=2) + "\n",
-        directory / f"{stem}.md": markdown(rows),
+        directory / f"{stem}.md": markdown(rows, columns),
     }
     for path, text in files.items():
         path.write_text(text)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from disagg import smoke, testhosts, tinymodel
+from disagg.deploy import DeployError, run_deploy
 from disagg.plan import load_inventory, make_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,18 +32,18 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "disagg", "render", "-i", INVENTORY], check=True)
         plan = make_plan(load_inventory(INVENTORY))
         print("--> deploying (the first run installs everything: several minutes)", flush=True)
-        run = testhosts.run_deploy(INVENTORY, "deploys/disagg.py", progress=True)
+        run = run_deploy(INVENTORY, "deploys/disagg.py", progress=True)
         timings["bare hosts to serving"] = run.seconds
         answer = smoke.chat(plan.router_url, plan.settings.model, 16)
         print(f"--> {plan.router_url}/v1/chat/completions answered {answer['completion_tokens']} tokens: "
               f"{answer['text']!r} (random weights: gibberish)")
-        rerun = testhosts.run_deploy(INVENTORY, "deploys/disagg.py")
+        rerun = run_deploy(INVENTORY, "deploys/disagg.py")
         timings["no-op re-run"] = rerun.seconds
         print(f"--> re-run changed {len(rerun.changed)} operations")
         if not keep:
-            run = testhosts.run_deploy(INVENTORY, "deploys/teardown.py", progress=True)
+            run = run_deploy(INVENTORY, "deploys/teardown.py", progress=True)
             timings["teardown"] = run.seconds
-    except (testhosts.HarnessError, OSError) as e:
+    except (testhosts.HarnessError, DeployError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -114,3 +114,24 @@ def test_pick_measured_and_interpolated():
 def test_frontier_drops_dominated_points():
     points = [P(1, 80, 10), P(2, 70, 5), P(8, 60, 50), P(16, 40, 45)]
     assert [p.concurrency for p in frontier(points)] == [1, 8]
+
+
+def test_report_puts_predictions_beside_measurements(tmp_path):
+    label = "context_tp1dp2_generate_tp1dp1"
+    measured = {p.concurrency: p for p in (results.point(r) for r in results.load_run(recorded_runs()[label]))}
+    predicted = {
+        label: {"tokens_per_gpu": 9.5, "tokens_per_user": 30.0, "ttft_ms": 80.0, "concurrency": 2},
+        "context_tp2dp4_generate_tp8dp1": {"tokens_per_gpu": 92.0, "tokens_per_user": 53.2, "ttft_ms": 661.0,
+                                           "concurrency": 116},  # not measured: its own row
+    }  # fmt: skip
+    summary = report([RECORDED], tmp_path, None, None, predicted)
+    rows = {(r["label"], r["concurrency"]): r for r in summary["predicted"]}
+    assert sorted(rows) == [(label, 1), (label, 2), ("context_tp2dp4_generate_tp8dp1", 116)]
+    both = rows[(label, 2)]
+    assert both["predicted_per_gpu"] == 9.5 and both["measured_per_gpu"] == measured[2].per_gpu
+    assert both["measured_ttft_ms"] == measured[2].ttft
+    assert rows[(label, 1)]["predicted_per_gpu"] is None
+    assert rows[("context_tp2dp4_generate_tp8dp1", 116)]["measured_per_gpu"] is None
+    shown = json.loads((tmp_path / "pareto.json").read_text())
+    assert shown["predicted"][label] == [2, 30.0, 9.5]
+    assert "| predicted_per_gpu |" in (tmp_path / "predicted.md").read_text()

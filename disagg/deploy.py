@@ -1,0 +1,61 @@
+"""Run a deploy the way a user does (`python -m pyinfra INVENTORY DEPLOY`),
+for the CLI's sweep, the local stack script and the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# the deploy files beside the package (a source checkout, as pyinfra needs them)
+DEPLOYS = Path(__file__).resolve().parent.parent / "deploys"
+
+
+class DeployError(RuntimeError):
+    """pyinfra failed; the message carries the end of its output."""
+
+
+@dataclass
+class DeployRun:
+    seconds: float
+    changed: dict[str, list[str]]  # operation name -> hosts it changed
+    output: str
+
+
+def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff: bool = False,
+               progress: bool = False, limit: str | None = None) -> DeployRun:  # fmt: skip
+    """Run `pyinfra INVENTORY DEPLOY` as a user would, with --data key=value
+    overrides (and --limit); raise with pyinfra's output if it fails. With
+    progress, each operation's name is echoed to stderr as it starts."""
+    args = [sys.executable, "-m", "pyinfra", inventory, deploy, "--dry" if dry else "-y"]
+    args += ["--diff"] if diff else ["--json"]
+    for item in data:
+        args += ["--data", item]
+    if limit:
+        args += ["--limit", limit]
+    start = time.monotonic()
+    # stdout to a file: with --json it is one document; the log streams on stderr
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, text=True)
+        log = []
+        for line in proc.stderr:
+            log.append(line)
+            if progress and line.startswith("--> Starting operation:"):
+                print(f"    {line[len('--> Starting operation:'):].strip()}", file=sys.stderr, flush=True)
+        proc.wait()
+        out.seek(0)
+        stdout = out.read()
+    seconds = time.monotonic() - start
+    stderr = "".join(log)
+    if proc.returncode:
+        raise DeployError(f"{' '.join(args[2:])} failed:\n{stdout[-6000:]}\n{stderr[-6000:]}")
+    changed: dict[str, list[str]] = {}
+    if not diff:
+        for op in json.loads(stdout).get("results", {}).get("operations", []):
+            if op["success"]:
+                changed[op["name"]] = op["success"]
+    return DeployRun(seconds, changed, stdout + stderr)

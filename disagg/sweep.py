@@ -1,0 +1,67 @@
+"""`disagg sweep`: deploy each label in turn, wait until it is ready,
+benchmark it, and tear down at the end; resumable (a label whose results
+are complete is skipped) and closed by the report, with AIConfigurator's
+predictions beside the measurements when a plan is given."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import bench, control, results
+from .deploy import DEPLOYS, run_deploy
+from .plan import Plan, load_inventory, make_plan
+from .report import report
+from .topology import Topology, TopologyError
+
+
+def label_key(label: str) -> str:
+    """The inventory data key that a label is deployed under."""
+    return "label" if Topology.parse(label).disaggregated else "baseline_label"
+
+
+def complete_run(out_root: Path, label: str, concurrencies: list[int]) -> Path | None:
+    """A run of label that measured every concurrency without an error."""
+    for provenance in sorted((out_root / label).glob(f"*/{results.PROVENANCE}"), reverse=True):
+        runs = json.loads(provenance.read_text()).get("runs", [])
+        if set(concurrencies) <= {r["concurrency"] for r in runs if not r.get("error")}:
+            return provenance.parent
+    return None
+
+
+def sweep(inventory_path: str, labels: list[str], concurrencies: list[int], traffic: bench.Traffic,
+          out_root: Path, predicted: dict[str, dict] | None = None, teardown: bool = True,
+          ready_timeout: float = 600, sla_per_user: float | None = None,
+          progress: Callable[[str], None] = lambda line: None) -> dict:  # fmt: skip
+    """Every label validated and placed first, so that a bad one stops the
+    sweep before any host is touched; then deploy, gate, bench, per label."""
+    bench.aiperf_binary()
+    inventory = load_inventory(inventory_path)
+    plans: dict[str, Plan] = {label: make_plan(inventory, label, label_key=label_key(label)) for label in labels}
+    timings: dict[str, dict] = {}
+    for i, (label, plan) in enumerate(plans.items(), 1):
+        done = complete_run(out_root, label, concurrencies)
+        if done:
+            progress(f"[{i}/{len(plans)}] {label}: complete results in {done}, skipped")
+            continue
+        kind = "disagg" if plan.topology.disaggregated else "baseline"
+        progress(f"[{i}/{len(plans)}] {label}: deploying (deploys/{kind}.py)")
+        start = time.monotonic()
+        run_deploy(inventory_path, str(DEPLOYS / f"{kind}.py"), f"{label_key(label)}={label}")
+        state = control.status(inventory, plan, wait=ready_timeout)
+        if not state.ready:
+            raise TopologyError(f"{label} is not ready after {ready_timeout:.0f} s: {'; '.join(state.problems)}")
+        deployed = time.monotonic() - start
+        progress(f"[{i}/{len(plans)}] {label}: ready after {deployed:.0f} s, benchmarking")
+        run_dir = bench.sweep(bench.target_for(inventory, plan), concurrencies, traffic, out_root, progress)
+        timings[label] = {"deploy_s": round(deployed, 1), "bench_s": round(time.monotonic() - start - deployed, 1),
+                          "run_dir": str(run_dir)}  # fmt: skip
+    # a failure above leaves the hosts as they are, to look at
+    if teardown:
+        progress("teardown (deploys/teardown.py)")
+        run_deploy(inventory_path, str(DEPLOYS / "teardown.py"))
+    summary = report([out_root / label for label in labels], out_root, sla_per_user, None, predicted)
+    summary["sweep"] = timings
+    return summary

@@ -1,0 +1,119 @@
+"""`disagg plan`: AIConfigurator's saved output (recorded from a real run of
+0.12.0 for the reference case, tests/fixtures/aiconfigurator) converted to
+labels and placed; and one real run of AIConfigurator for the reference case."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from disagg import planner
+from disagg.plan import cluster_from_inventory, load_inventory
+
+REFERENCE = Path(__file__).parent / "fixtures" / "aiconfigurator" / "reference"
+H100 = "inventories/h100.py"
+
+
+@pytest.fixture
+def reference():
+    return planner.read_saved(REFERENCE)
+
+
+def test_labels_from_aiconfigurators_own_files(reference):
+    by_label = {c.label: c for c in reference}
+    # 4 x TP2 prefill + 1 x TP8 decode, one replica
+    one = by_label["context_tp2dp4_generate_tp8dp1"]
+    assert (one.mode, one.rank, one.replicas, one.gpus) == ("disagg", 1, 1, 16)
+    # 2P1D (TP2, TP4) x 2 replicas: replicas multiply dp, and concurrency
+    two = by_label["context_tp2dp4_generate_tp4dp2"]
+    assert (two.replicas, two.gpus) == (2, 16)
+    assert two.concurrency == 2 * int(two.source["concurrency"])
+    # aggregated TP8 x 2 and TP4 x 4
+    assert by_label["baseline_tp8dp2"].replicas == 2 and by_label["baseline_tp4dp4"].replicas == 4
+    assert len(reference) == 4
+
+
+def test_predicted_numbers_are_aiconfigurators(reference):
+    rows = {}
+    for mode in planner.MODES:
+        (table,) = REFERENCE.rglob(f"{mode}/best_config_topn.csv")
+        rows[mode] = list(csv.DictReader(open(table)))
+    for c in reference:
+        row = rows[c.mode][c.rank - 1]
+        assert c.tokens_per_gpu == float(row["tokens/s/gpu"])
+        assert c.tokens_per_user == float(row["tokens/s/user"])
+        assert c.ttft_ms == float(row["ttft"])
+
+
+def test_shapes_labels_cannot_express_are_kept_and_marked():
+    row = {"num_total_gpus": "8", "tp": "4", "pp": "2", "dp": "1", "tokens/s/gpu": "1", "tokens/s/user": "1",
+           "ttft": "1", "tpot": "1", "concurrency": "4"}  # fmt: skip
+    c = planner.candidate(row, "agg", 16, 1)
+    assert c.label == "baseline_tp4dp2" and c.unplaceable == "baseline pp2 inside a worker is not expressible as a disagg label"
+
+
+def test_placement_on_two_hosts_of_eight(reference):
+    planner.place_all(reference, planner.synthetic_cluster(16, 8))
+    top = planner.pick(reference, "disagg")
+    assert top.label == "context_tp2dp4_generate_tp8dp1"
+    assert [(w["role"], w["host"], w["gpus"]) for w in top.placement] == [
+        ("context", "host1", [0, 1]), ("context", "host1", [2, 3]),
+        ("context", "host1", [4, 5]), ("context", "host1", [6, 7]),
+        ("generate", "host2", [0, 1, 2, 3, 4, 5, 6, 7]),
+    ]  # fmt: skip
+    assert planner.placement_text(top) == "context x4 on host1; generate x1 on host2"
+
+
+def test_layout_needing_more_hosts_than_the_inventory_is_unplaceable(reference, monkeypatch):
+    monkeypatch.setenv("DISAGG_CONTEXT_HOST", "10.0.0.1")
+    monkeypatch.setenv("DISAGG_GENERATE_HOST", "10.0.0.2")
+    planner.place_all(reference, cluster_from_inventory(load_inventory(H100)))
+    by_label = {c.label: c for c in reference}
+    # the reference inventory runs the baseline on the context host only
+    assert "needs 2 groups of 8 GPUs (16 GPUs) in group 'context'" in by_label["baseline_tp8dp2"].unplaceable
+    assert by_label["context_tp2dp4_generate_tp8dp1"].unplaceable is None
+    assert planner.pick(reference, "agg") is None  # listed with the reason, never picked
+
+
+def test_predictions_from_a_plan_file(reference, tmp_path):
+    request = planner.Request("meta-llama/Meta-Llama-3.1-70B", "h100_sxm", 16)
+    planner.place_all(reference, planner.synthetic_cluster(16, 8))
+    plan = planner.as_dict(request, reference, 1.0, tmp_path)
+    assert plan["pick"] == {"label": "context_tp2dp4_generate_tp8dp1", "baseline_label": "baseline_tp8dp2"}
+    assert plan["request"]["tpot_ms"] == 20.0
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    predicted = planner.predictions(tmp_path / "plan.json")
+    assert predicted["baseline_tp4dp4"]["concurrency"] == 12 and set(predicted) == {c.label for c in reference}
+
+
+def test_unknown_model_and_system_list_the_supported_ones():
+    with pytest.raises(planner.TopologyError, match=r"model 'nobody/model' is not in .*meta-llama/Meta-Llama-3.1-70B"):
+        planner.check_supported("nobody/model", "h100_sxm")
+    with pytest.raises(planner.TopologyError, match=r"system 'h999' is unknown .*h100_sxm"):
+        planner.check_supported("meta-llama/Meta-Llama-3.1-70B", "h999")
+
+
+def test_plan_for_the_reference_case_with_aiconfigurator(tmp_path, monkeypatch):
+    """The real performance model (about 30 s): the reference layout comes first."""
+    monkeypatch.setenv("DISAGG_CONTEXT_HOST", "10.0.0.1")
+    monkeypatch.setenv("DISAGG_GENERATE_HOST", "10.0.0.2")
+    out = subprocess.run(
+        [sys.executable, "-m", "disagg", "plan", "--model", "meta-llama/Meta-Llama-3.1-70B", "--system", "h100_sxm",
+         "-i", H100, "--isl", "3000", "--osl", "150", "--sla-tokens-per-user", "50", "-o", str(tmp_path), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = json.loads(out.stdout)
+    assert plan["request"]["gpus"] == 16  # from the inventory
+    disagg = [c for c in plan["candidates"] if c["mode"] == "disagg"]
+    assert disagg[0]["label"] == "context_tp2dp4_generate_tp8dp1" and disagg[0]["unplaceable"] is None
+    roles = [(w["role"], w["host"]) for w in disagg[0]["placement"]]
+    assert roles == [("context", "10.0.0.1")] * 4 + [("generate", "10.0.0.2")]
+    assert plan["pick"]["label"] == "context_tp2dp4_generate_tp8dp1"
+    assert json.loads((tmp_path / "plan.json").read_text()) == plan
+    assert list((tmp_path / "aiconfigurator").rglob("disagg/best_config_topn.csv"))  # raw files kept
