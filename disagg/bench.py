@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import results
+from .extras import tool
 from .topology import Topology, TopologyError
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
@@ -50,12 +49,7 @@ class Target:
 
 
 def aiperf_binary() -> str:
-    """aiperf from this environment (the optional extra), else PATH."""
-    beside = Path(sys.executable).parent / "aiperf"
-    found = str(beside) if beside.exists() else shutil.which("aiperf")
-    if not found:
-        raise TopologyError("aiperf is not installed: pip install 'disagg[bench]'")
-    return found
+    return tool("aiperf", "aiperf", "bench")
 
 
 def target_for(inventory, plan, url: str | None = None, model: str | None = None,

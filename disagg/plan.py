@@ -155,7 +155,7 @@ class Plan:
         return f"127.0.0.1:{self.settings.router_discovery_port}"
 
     def _agent(self, command: str, *args: str) -> list[str]:
-        return [f"{S.AGENT_VENV}/bin/python", S.AGENT_PYZ, command,
+        return [f"{S.AGENT_VENV}/bin/python", S.AGENT_SCRIPT, command,
                 "--nats", self.nats_url, "--user", self.settings.nats_user, *args]  # fmt: skip
 
     def agent_command(self, w: Worker) -> list[str]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
 
+from .extras import tool
 from .topology import Cluster, Host, Topology, TopologyError, place
 
 AIC_VERSION = "0.12.0"
@@ -162,16 +161,12 @@ class Request:
 
 
 def aiconfigurator_binary() -> str:
-    beside = Path(sys.executable).parent / "aiconfigurator"
-    found = str(beside) if beside.exists() else shutil.which("aiconfigurator")
-    if not found:
-        raise TopologyError("AIConfigurator is not installed: pip install 'disagg[plan]'")
-    return found
+    return tool("aiconfigurator", "AIConfigurator", "plan")
 
 
-def aiconfigurator_command(request: Request, save_dir: Path) -> list[str]:
+def aiconfigurator_command(binary: str, request: Request, save_dir: Path) -> list[str]:
     args = [
-        aiconfigurator_binary(), "cli", "default",
+        binary, "cli", "default",
         "--model-path", request.model,
         "--system", request.system,
         "--backend", request.backend,
@@ -191,11 +186,13 @@ def aiconfigurator_command(request: Request, save_dir: Path) -> list[str]:
 def run(request: Request, save_dir: Path) -> tuple[list[Candidate], float]:
     """Run AIConfigurator into save_dir (kept: the raw files behind every
     number); returns its candidates and the seconds it took."""
+    binary = aiconfigurator_binary()
     check_supported(request.model, request.system)
     save_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(save_dir / "aiconfigurator.log", "w") as log:
-        code = subprocess.run(aiconfigurator_command(request, save_dir), stdout=log, stderr=subprocess.STDOUT).returncode
+        command = aiconfigurator_command(binary, request, save_dir)
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     seconds = time.monotonic() - start
     if code:
         lines = [line for line in (save_dir / "aiconfigurator.log").read_text().splitlines() if "[E]" in line or "error" in line]

@@ -3,12 +3,12 @@ NATS, one key per worker, refreshed by a companion unit beside each worker
 and read by the router sync on the head, `disagg status` and the deploy's
 readiness gate.
 
-This module runs on the hosts too, from a zip of this package in a small venv
-(nats-py, pyzmq, msgpack): it imports nothing else of disagg and no pyinfra.
+This module runs on the hosts too, as a script in a small venv (nats-py,
+pyzmq, msgpack): it imports nothing else of disagg and no pyinfra.
 
-    python disagg.pyz heartbeat --nats nats://10.0.0.1:4222 --role context ...
-    python disagg.pyz sync --nats nats://10.0.0.1:4222 --router http://127.0.0.1:8000 --mode pd ...
-    python disagg.pyz status --nats nats://10.0.0.1:4222 --expect context-0=http://... --wait
+    python registry.py heartbeat --nats nats://10.0.0.1:4222 --role context ...
+    python registry.py sync --nats nats://10.0.0.1:4222 --router http://127.0.0.1:8000 --mode pd ...
+    python registry.py status --nats nats://10.0.0.1:4222 --expect context-0=http://... --wait
 """
 
 from __future__ import annotations
@@ -153,6 +153,18 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class _Complaint:
+    """Logs a recurring error when it starts or changes, not every second."""
+
+    def __init__(self):
+        self.last: str | None = None
+
+    def __call__(self, message: str | None) -> None:
+        if message and message != self.last:
+            _log(message)
+        self.last = message
+
+
 # -- the companion of each worker -------------------------------------------
 
 
@@ -165,17 +177,15 @@ async def heartbeat(server: str, user: str, password: str | None, worker: dict,
     key = worker_key(worker["url"])
     nc = await connect(server, user, password, wait=True)
     kv = None
-    last_error = None
+    complain = _Complaint()
     while not stop.is_set():
         health = await asyncio.to_thread(probe, worker["url"])
         try:
             kv = kv or await bucket(nc)
             await kv.put(key, json.dumps({**worker, "health": health, "heartbeat": time.time()}).encode())
-            last_error = None
-        except Exception as e:  # NATS restarting: keep beating, say it once
-            if repr(e) != last_error:
-                _log(f"registry put failed, retrying: {e!r}")
-                last_error = repr(e)
+            complain(None)
+        except Exception as e:  # NATS restarting: keep beating
+            complain(f"registry put failed, retrying: {e!r}")
         await _sleep(stop, interval)
     try:
         if kv is not None:
@@ -230,7 +240,7 @@ async def sync(server: str, user: str, password: str | None, router: str, mode: 
     roles = set(DISCOVERY_TYPE) if mode == "pd" else {"baseline"}
     kv = None
     members: dict[str, dict] = {}
-    last_error = None
+    read_failed, sync_failed = _Complaint(), _Complaint()
     while not stop.is_set():
         try:
             kv = kv or await bucket(nc)
@@ -240,11 +250,9 @@ async def sync(server: str, user: str, password: str | None, router: str, mode: 
                 for k, e in (await read_all(kv)).items()
                 if k.startswith(WORKER_PREFIX) and e.get("role") in roles and routable(e, now)
             }
-            last_error = None
+            read_failed(None)
         except Exception as e:
-            if repr(e) != last_error:
-                _log(f"registry read failed, keeping {len(members)} members: {e!r}")
-                last_error = repr(e)
+            read_failed(f"registry read failed, keeping {len(members)} members: {e!r}")
         try:
             if sock is not None:
                 import msgpack
@@ -258,8 +266,9 @@ async def sync(server: str, user: str, password: str | None, router: str, mode: 
                 state = {"router": router, "mode": mode, "members": sorted(e["url"] for e in members.values()),
                          "heartbeat": time.time()}  # fmt: skip
                 await kv.put(ROUTER_KEY, json.dumps(state).encode())
-        except Exception as e:
-            _log(f"router sync failed: {e!r}")
+            sync_failed(None)
+        except Exception as e:  # the router restarting
+            sync_failed(f"router sync failed: {e!r}")
         await _sleep(stop, interval)
     await nc.close()
 
@@ -421,7 +430,7 @@ def parse_expected(values: list[str]) -> list[Expected]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="disagg.pyz", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="registry.py", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--nats", required=True, help="nats://HOST:PORT")
     common.add_argument("--user", default="disagg")

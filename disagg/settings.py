@@ -17,9 +17,9 @@ OPT_DIR = "/opt/disagg"
 VLLM_VENV = f"{OPT_DIR}/vllm"
 ROUTER_VENV = f"{OPT_DIR}/router"
 NATS_VENV = f"{OPT_DIR}/nats"
-# nats-py, pyzmq, msgpack and a zip of this package, for the registry units
+# nats-py, pyzmq, msgpack and disagg/registry.py, for the registry units
 AGENT_VENV = f"{OPT_DIR}/agent"
-AGENT_PYZ = f"{AGENT_VENV}/disagg.pyz"
+AGENT_SCRIPT = f"{AGENT_VENV}/registry.py"
 SYSTEMD_DIR = "/etc/systemd/system"
 SERVICE_USER = "disagg"
 NATS_USER = "disagg-nats"

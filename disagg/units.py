@@ -6,9 +6,7 @@ and `disagg render --units` prints exactly that.
 
 from __future__ import annotations
 
-import io
 import re
-import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import jinja2
 
 from . import settings as S
 from .plan import Plan
+from . import registry
 from .registry import DEREGISTER_GRACE, PASSWORD_ENV
 from .topology import Worker
 
@@ -134,18 +133,10 @@ def sync_files(plan: Plan) -> dict[str, str]:
     return {unit_path(S.SYNC_UNIT): unit}
 
 
-def agent_pyz() -> bytes:
-    """This package as one runnable zip for the registry units: the same
-    code the controller runs, one file to compare and upload. Fixed
-    timestamps, so the same source gives the same bytes (no restart)."""
-    package = Path(__file__).resolve().parent
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
-        for path in sorted(package.glob("*.py")):
-            z.writestr(zipfile.ZipInfo(f"disagg/{path.name}", (1980, 1, 1, 0, 0, 0)), path.read_bytes())
-        main = "import sys\nfrom disagg.registry import main\nsys.exit(main())\n"
-        z.writestr(zipfile.ZipInfo("__main__.py", (1980, 1, 1, 0, 0, 0)), main)
-    return buffer.getvalue()
+def agent_script() -> dict[str, str]:
+    """The registry module as the hosts run it: a plain script, so that
+    --diff shows a change to it like any other file."""
+    return {S.AGENT_SCRIPT: Path(registry.__file__).read_text()}
 
 
 def router_files(plan: Plan) -> dict[str, str]:

@@ -1,18 +1,16 @@
 """The NATS control plane's units (disagg/registry.py is what they run): a
 heartbeat companion beside every worker, the router sync on the head, and
-the readiness gate that ends a deploy. They share one small venv and a zip
-of our package, and read the NATS password from the root-only env file."""
+the readiness gate that ends a deploy. They share one small venv and our
+registry module, and read the NATS password from the root-only env file."""
 
 from __future__ import annotations
 
 import secrets
 import shlex
-from io import BytesIO
 
 from pyinfra import host, state
 from pyinfra.api import deploy, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files
 
 from disagg import settings as S
 from disagg import units
@@ -47,7 +45,7 @@ def nats_password(plan: Plan) -> str:
 
 @deploy("Registry runtime", data_defaults=DEFAULTS)
 def runtime(plan: Plan) -> list[OperationMeta]:
-    """NATS credentials, the venv and our package: what every registry unit
+    """NATS credentials, the venv and our registry module: what every registry unit
     on this host needs. Returns the operations whose change restarts them."""
     secret = secret_env(
         name="NATS credentials",
@@ -56,8 +54,7 @@ def runtime(plan: Plan) -> list[OperationMeta]:
         value=nats_password(plan),
     )
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
-    pyz = files.put(name=f"Write {S.AGENT_PYZ}", src=BytesIO(units.agent_pyz()), dest=S.AGENT_PYZ, mode="644")
-    return [secret, pyz]
+    return [secret, *put_files(units.agent_script())]
 
 
 @deploy("Registry heartbeats")

