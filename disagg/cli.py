@@ -229,9 +229,15 @@ def plan(model, system, inventory_path, gpus, gpus_per_host, isl, osl, sla_token
         click.echo(json.dumps(result, indent=2))
         return
     rows = [[i, c.label, f"{c.tokens_per_gpu:.1f}", f"{c.tokens_per_user:.1f}", f"{c.ttft_ms:.0f}", c.concurrency,
-             planner.placement_text(c)] for i, c in enumerate(planner.ranked(candidates), 1)]  # fmt: skip
-    click.echo(_table(["#", "label", "tokens/s/GPU", "tokens/s/user", "TTFT ms", "concurrency", "placeable"], rows))
+             "yes" if c.meets_sla else "no", planner.placement_text(c)]
+            for i, c in enumerate(planner.ranked(candidates), 1)]  # fmt: skip
+    click.echo(_table(["#", "label", "tokens/s/GPU", "tokens/s/user", "TTFT ms", "concurrency", "meets SLA",
+                       "placeable"], rows))  # fmt: skip
     pick = result["pick"]
+    if not any(c.meets_sla for c in candidates):
+        click.echo(f"no configuration meets {sla_tokens_per_user:g} tokens/s/user"
+                   f"{f' and TTFT {sla_ttft_ms:g} ms' if sla_ttft_ms else ''}: the list is AIConfigurator's "
+                   "best effort; relax the SLA or add GPUs")  # fmt: skip
     click.echo(f"pick: label={pick['label']} baseline_label={pick['baseline_label']} "
                f"(AIConfigurator {result['aiconfigurator']['version']}, {seconds:.0f} s; {out / 'plan.json'})")  # fmt: skip
     if inventory_path and pick["label"]:

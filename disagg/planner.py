@@ -42,6 +42,8 @@ class Candidate:
     concurrency: int  # over all replicas: what to run the benchmark at
     placement: list[dict] | None = None
     unplaceable: str | None = None  # why, when it cannot be placed
+    # AIConfigurator also returns its best effort when nothing meets the SLA
+    meets_sla: bool | None = None
     source: dict = field(default_factory=dict)  # AIConfigurator's row, as saved
 
     @property
@@ -197,7 +199,9 @@ def run(request: Request, save_dir: Path) -> tuple[list[Candidate], float]:
     if code:
         lines = [line for line in (save_dir / "aiconfigurator.log").read_text().splitlines() if "[E]" in line or "error" in line]
         raise TopologyError(f"aiconfigurator exited {code}: {(lines or ['see ' + str(save_dir / 'aiconfigurator.log')])[-1][:300]}")
-    return read_saved(save_dir), seconds
+    candidates = read_saved(save_dir)
+    check_sla(candidates, request)
+    return candidates, seconds
 
 
 # -- placement -------------------------------------------------------------------
@@ -221,13 +225,21 @@ def place_all(candidates: list[Candidate], cluster: Cluster) -> None:
             c.unplaceable = str(e).removeprefix(f"label {c.label!r}: ")
 
 
+def check_sla(candidates: list[Candidate], request: Request) -> None:
+    for c in candidates:
+        c.meets_sla = c.tokens_per_user >= request.sla_tokens_per_user and (
+            request.sla_ttft_ms is None or c.ttft_ms <= request.sla_ttft_ms)  # fmt: skip
+
+
 def ranked(candidates: list[Candidate]) -> list[Candidate]:
-    return sorted(candidates, key=lambda c: (-c.tokens_per_gpu, c.rank))
+    """Those that meet the SLA first, then by predicted tokens/s/GPU."""
+    return sorted(candidates, key=lambda c: (c.meets_sla is False, -c.tokens_per_gpu, c.rank))
 
 
 def pick(candidates: list[Candidate], mode: str) -> Candidate | None:
-    placeable = [c for c in candidates if c.mode == mode and not c.unplaceable]
-    return ranked(placeable)[0] if placeable else None
+    """The best placeable candidate of mode that meets the SLA."""
+    eligible = [c for c in candidates if c.mode == mode and not c.unplaceable and c.meets_sla is not False]
+    return ranked(eligible)[0] if eligible else None
 
 
 def placement_text(c: Candidate) -> str:

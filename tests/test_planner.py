@@ -127,3 +127,24 @@ def test_plan_for_the_reference_case_with_aiconfigurator(tmp_path, monkeypatch):
     assert plan["pick"]["label"] == "context_tp2dp4_generate_tp8dp1"
     assert json.loads((tmp_path / "plan.json").read_text()) == plan
     assert list((tmp_path / "aiconfigurator").rglob("disagg/best_config_topn.csv"))  # raw files kept
+
+
+SLA500 = Path(__file__).parent / "fixtures" / "aiconfigurator" / "sla500"
+
+
+def test_best_effort_answers_that_miss_the_sla_are_never_picked():
+    """Asked for 500 tokens/s/user, AIConfigurator 0.12.0 still returns
+    configurations (at 3-63 tokens/s/user): listed, marked, not picked."""
+    candidates = planner.read_saved(SLA500)
+    planner.place_all(candidates, planner.synthetic_cluster(16, 8))
+    planner.check_sla(candidates, planner.Request("m", "h100_sxm", 16, sla_tokens_per_user=500))
+    assert candidates and not any(c.meets_sla for c in candidates)
+    assert planner.pick(candidates, "disagg") is None and planner.pick(candidates, "agg") is None
+    # at a lower SLA the best tokens/s/GPU among those that meet it wins
+    planner.check_sla(candidates, planner.Request("m", "h100_sxm", 16, sla_tokens_per_user=25))
+    assert planner.pick(candidates, "disagg").label == "context_tp2dp6_generate_tp4dp1"
+    assert planner.pick(candidates, "agg").label == "baseline_tp2dp8"
+    order = planner.ranked(candidates)
+    assert [c.meets_sla for c in order] == sorted((c.meets_sla for c in order), reverse=True)
+    # a 3P5D replica and a 6P1D one, both in our labels
+    assert {"context_tp2dp3_generate_tp2dp5", "context_tp2dp6_generate_tp4dp1"} <= {c.label for c in candidates}
