@@ -156,13 +156,16 @@ def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, 
 @click.option("--password-file", type=click.File(), help=f"File holding the NATS password (with --nats; "
               f"default: ${registry.PASSWORD_ENV}).")  # fmt: skip
 @click.option("--router", "router_url", help="Router URL (with --nats).")
+@click.option("--router-metrics", help="Router's Prometheus URL, e.g. http://HEAD:29000/metrics (with --nats).")
 @click.option("--wait", is_flag=True, help="Block until every deployed worker is healthy and routed.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to --wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(inventory_path, label_key, label, nats_url, user, password_file, router_url, wait, timeout, as_json):
+def status(inventory_path, label_key, label, nats_url, user, password_file, router_url, router_metrics, wait, timeout,
+           as_json):  # fmt: skip
     """Workers in the registry (role, host, GPUs, URL, health, heartbeat age,
-    router membership, running requests), NATS and router health. Exit 0
-    when ready, 1 when not (naming what is missing)."""
+    router membership, requests the router sent each, requests running on
+    each), NATS and router health. Exit 0 when ready, 1 when not (naming what
+    is missing)."""
     import asyncio
 
     from . import control
@@ -175,7 +178,9 @@ def status(inventory_path, label_key, label, nats_url, user, password_file, rout
         elif nats_url:
             password = password_file.read().strip().rpartition("=")[2] if password_file else registry.password_from_env()
             args = (nats_url, user, password, router_url and router_url.rstrip("/"), [])
-            current = asyncio.run(registry.wait_ready(*args, timeout=timeout) if wait else registry.status(*args))
+            kw = {"router_metrics": router_metrics}
+            current = asyncio.run(registry.wait_ready(*args, timeout=timeout, **kw) if wait
+                                  else registry.status(*args, **kw))  # fmt: skip
         else:
             raise TopologyError("give -i INVENTORY, or --nats nats://HOST:PORT")
     except TopologyError as e:

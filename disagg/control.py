@@ -51,6 +51,7 @@ def status(inventory, plan: Plan, wait: float | None = None) -> registry.Status:
     wait, block up to that many seconds until it is ready."""
     password = head_password(inventory, plan)
     args = (plan.nats_url, plan.settings.nats_user, password, plan.router_url, expected(plan))
+    metrics = f"http://{plan.head.address}:{plan.settings.router_metrics_port}/metrics"
     if wait is not None:
-        return asyncio.run(registry.wait_ready(*args, timeout=wait))
-    return asyncio.run(registry.status(*args))
+        return asyncio.run(registry.wait_ready(*args, timeout=wait, router_metrics=metrics))
+    return asyncio.run(registry.status(*args, router_metrics=metrics))

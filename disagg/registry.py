@@ -347,9 +347,21 @@ def _running(url: str) -> float | None:
     return total
 
 
+def _routed(metrics_url: str) -> dict[str, float]:
+    """Requests the router has sent each worker (its Prometheus counter
+    vllm_router_processed_requests_total{worker=URL})."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=2) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    pattern = re.compile(r'^vllm_router_processed_requests_total\{worker="([^"]+)"\} ([0-9.eE+-]+)$', re.M)
+    return {url: float(value) for url, value in pattern.findall(text)}
+
+
 async def status(server: str, user: str, password: str | None, router: str | None,
-                 expected: list[Expected]) -> Status:  # fmt: skip
-    """One look at NATS, the registry, the router and each worker."""
+                 expected: list[Expected], router_metrics: str | None = None) -> Status:  # fmt: skip
+    """One look at NATS, the registry, the router (and its metrics) and each worker."""
     router_health = "unknown"
     if router:
         router_health = await asyncio.to_thread(probe, router)
@@ -368,6 +380,7 @@ async def status(server: str, user: str, password: str | None, router: str | Non
     if router_state is not None and now - float(router_state.get("heartbeat", 0)) <= TTL:
         members = router_state["members"]
     names = {w.url: w.name for w in expected}
+    routed = await asyncio.to_thread(_routed, router_metrics) if router_metrics else {}
     workers = []
     for key, e in sorted(entries.items(), key=lambda kv: (kv[1].get("role", ""), kv[1].get("index", 0))):
         if not key.startswith(WORKER_PREFIX):
@@ -378,6 +391,7 @@ async def status(server: str, user: str, password: str | None, router: str | Non
             "name": names.get(e["url"], f"{e.get('role')}-{e.get('index')}"),
             "heartbeat_age_s": round(now - float(e.get("heartbeat", 0)), 1),
             "in_router": None if members is None else e["url"] in members,
+            "routed": routed.get(e["url"]),
             "running": running,
         })  # fmt: skip
     problems = assess(expected, entries, members, now)
@@ -389,10 +403,10 @@ async def status(server: str, user: str, password: str | None, router: str | Non
 
 
 async def wait_ready(server: str, user: str, password: str | None, router: str | None,
-                     expected: list[Expected], timeout: float, interval: float = 2.0) -> Status:  # fmt: skip
+                     expected: list[Expected], timeout: float, interval: float = 2.0, **kw) -> Status:  # fmt: skip
     deadline = time.monotonic() + timeout
     while True:
-        current = await status(server, user, password, router, expected)
+        current = await status(server, user, password, router, expected, **kw)
         if current.ready or time.monotonic() >= deadline:
             return current
         await asyncio.sleep(interval)
@@ -400,7 +414,7 @@ async def wait_ready(server: str, user: str, password: str | None, router: str |
 
 def table(current: Status) -> str:
     """The status as an operator reads it."""
-    head = ("worker", "host", "GPUs", "url", "health", "heartbeat", "in router", "running")
+    head = ("worker", "host", "GPUs", "url", "health", "heartbeat", "in router", "routed", "running")
     rows = [head]
     for w in current.workers:
         rows.append((
@@ -411,6 +425,7 @@ def table(current: Status) -> str:
             w.get("health", ""),
             f"{w['heartbeat_age_s']:.0f} s ago",
             {None: "?", True: "yes", False: "no"}[w["in_router"]],
+            "" if w["routed"] is None else f"{w['routed']:g}",
             "" if w["running"] is None else f"{w['running']:g}",
         ))  # fmt: skip
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]

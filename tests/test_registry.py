@@ -50,7 +50,8 @@ def nats_url(tmp_path):
 
 
 class Worker:
-    """An HTTP endpoint with vLLM's /health and /metrics, healthy or not."""
+    """An HTTP endpoint with vLLM's /health and /metrics, healthy or not
+    (its /metrics also has the router's counter for it)."""
 
     def __init__(self):
         self.healthy = True
@@ -63,7 +64,8 @@ class Worker:
                     body = b""
                 else:
                     self.send_response(200)
-                    body = b'vllm:num_requests_running{model_name="m"} 3.0\n'
+                    body = (b'vllm:num_requests_running{model_name="m"} 3.0\n'
+                            b'vllm_router_processed_requests_total{worker="%s"} 7\n' % outer.url.encode())
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -102,7 +104,7 @@ def _heartbeat(script, nats_url, url):
 
 def _status(nats_url, url, password=PASSWORD):
     expected = [registry.Expected("context-0", url)]
-    return asyncio.run(registry.status(nats_url, "disagg", password, None, expected))
+    return asyncio.run(registry.status(nats_url, "disagg", password, None, expected, router_metrics=f"{url}/metrics"))
 
 
 def _until(predicate, timeout=15):
@@ -120,6 +122,7 @@ def test_a_worker_registers_while_it_runs_and_leaves_on_sigterm(nats_url, worker
         (entry,) = _status(nats_url, worker.url).workers
         assert entry["name"] == "context-0" and entry["host"] == "node1" and entry["gpus"] == [0, 1]
         assert entry["label"] == "context_tp2dp1_generate_tp2dp1" and entry["running"] == 3.0
+        assert entry["routed"] == 7.0
         assert entry["heartbeat_age_s"] < registry.HEARTBEAT + 1
         worker.healthy = False
         _until(lambda: "context-0 (%s) is unhealthy" % worker.url in _status(nats_url, worker.url).problems)

@@ -145,6 +145,8 @@ def test_h_registry_matches_the_deployed_topology(local_hosts, plan):
     assert registered == {(w.role, w.index, w.host, w.gpus, w.url, plan.label, "healthy") for w in plan.workers}
     assert sorted(current["router_members"]) == sorted(w.url for w in plan.workers)
     assert all(w["in_router"] and w["heartbeat_age_s"] < 5 for w in current["workers"])
+    # the benchmark above went through the router to every worker (its own count)
+    assert all(w["routed"] and w["routed"] > 0 for w in current["workers"])
     # the password reaches the registry units through the root-only file only
     password = ssh(H1, "sed -n 's/^DISAGG_NATS_PASSWORD=//p' /etc/disagg/nats.env").stdout.strip()
     for host in (H1, H2):
