@@ -127,6 +127,23 @@ class HttpStatus(FactBase):
         return int(text) if text.isdigit() else 0
 
 
+class UnitState(FactBase):
+    """Whether a systemd unit is active and whether it is enabled, in one
+    round trip (pyinfra's SystemdStatus and SystemdEnabled take one each)."""
+
+    def command(self, unit: str) -> str:
+        q = shlex.quote(unit)
+        return f"echo $(systemctl is-active {q} 2>/dev/null) $(systemctl is-enabled {q} 2>/dev/null)"
+
+    @staticmethod
+    def default():
+        return {"active": False, "enabled": False}
+
+    def process(self, output):
+        words = " ".join(output).split()
+        return {"active": "active" in words, "enabled": "enabled" in words}
+
+
 class EnvFileValue(FactBase):
     """The value in a `VARIABLE=value` line of an env file, or None. Used for
     a secret: pyinfra never prints fact output unless asked to debug facts."""

@@ -14,12 +14,11 @@ from pyinfra.api import HiddenValue, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 from pyinfra.facts.pip import PipPackages
-from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import files, pip, server
 
 from disagg import settings as S
 from disagg import units
-from disagg.facts import HttpStatus, ManagedUnits
+from disagg.facts import HttpStatus, ManagedUnits, UnitState
 from disagg.wheelhouse import ensure as wheelhouse_ensure
 
 WHEELHOUSE = f"{S.OPT_DIR}/wheelhouse"
@@ -97,13 +96,13 @@ def unit_running(unit: str, changed_by: Sequence[OperationMeta] = ()):
         unit_running(name="Run router", unit="disagg-router", changed_by=written)
     """
     service = f"{unit}.service"
-    active = host.get_fact(SystemdStatus, services=[service]).get(service)
+    state = host.get_fact(UnitState, unit=service)
     if changed(changed_by):
         yield "systemctl daemon-reload"
-        yield f"systemctl {'restart' if active else 'start'} {service}"
-    elif not active:
+        yield f"systemctl {'restart' if state['active'] else 'start'} {service}"
+    elif not state["active"]:
         yield f"systemctl start {service}"
-    if not host.get_fact(SystemdEnabled, services=[service]).get(service):
+    if not state["enabled"]:
         yield f"systemctl enable {service}"
 
 

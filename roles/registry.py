@@ -37,7 +37,12 @@ def nats_password(plan: Plan) -> str:
     if given is not None:
         return str(given)
     head = state.inventory.get_host(plan.cluster.head)
-    current = head.get_fact(EnvFileValue, path=units.NATS_SECRET_ENV, variable=units.NATS_PASSWORD_ENV)
+    # -vv prints fact output: never this one
+    printing, state.print_fact_output = state.print_fact_output, False
+    try:
+        current = head.get_fact(EnvFileValue, path=units.NATS_SECRET_ENV, variable=units.NATS_PASSWORD_ENV)
+    finally:
+        state.print_fact_output = printing
     if current:
         return current
     return _generated.setdefault(plan.cluster.head, secrets.token_hex(24))

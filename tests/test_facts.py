@@ -2,7 +2,7 @@
 
 from fakehosts import FIXTURES, fixture_output
 
-from disagg.facts import parse_driver_version, parse_pci, parse_query_gpu
+from disagg.facts import UnitState, parse_driver_version, parse_pci, parse_query_gpu
 from roles.nvidia_driver import skip_reason
 
 
@@ -43,3 +43,12 @@ def test_driver_role_skips_with_a_reason():
     assert skip_reason(gpus, {"name": "Ubuntu", "major": 22}) is None
     assert "no NVIDIA GPU" in skip_reason({"gpus": 0, "nvswitches": 0}, ubuntu)
     assert "Debian 12 is not Ubuntu" in skip_reason(gpus, {"name": "Debian", "major": 12})
+
+
+def test_unit_state_reads_active_and_enabled_in_one_line():
+    fact = UnitState()
+    assert fact.process(["active enabled"]) == {"active": True, "enabled": True}
+    assert fact.process(["activating enabled"]) == {"active": False, "enabled": True}
+    assert fact.process(["inactive disabled"]) == {"active": False, "enabled": False}
+    assert fact.process(["inactive"]) == {"active": False, "enabled": False}  # unit not found
+    assert "systemctl is-active disagg-router.service" in fact.command("disagg-router.service")

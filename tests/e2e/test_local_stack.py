@@ -154,6 +154,11 @@ def test_h_registry_matches_the_deployed_topology(local_hosts, plan):
         seen = ssh(host, "cat /etc/systemd/system/disagg-*.service; ps -eo args").stdout
         assert "registry.py heartbeat" in seen
         assert password not in seen
+    # not even pyinfra's debug output, which prints every fact's output
+    debug = subprocess.run([sys.executable, "-m", "pyinfra", INVENTORY, "deploys/disagg.py", "--dry", "-vvv"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert debug.returncode == 0 and "Loading: deploys/disagg.py" in debug.stderr + debug.stdout
+    assert password not in debug.stdout + debug.stderr
 
 
 def test_i_stopped_worker_leaves_rotation_while_requests_succeed(local_hosts, plan, timings):
