@@ -176,7 +176,9 @@ def status(inventory_path, label_key, label, nats_url, user, password_file, rout
             plan = make_plan(inventory, label, label_key=label_key)
             current = control.status(inventory, plan, wait=timeout if wait else None)
         elif nats_url:
-            password = password_file.read().strip().rpartition("=")[2] if password_file else registry.password_from_env()
+            # the file holds the password, or the head's VARIABLE=password line
+            password = (password_file.read().strip().removeprefix(f"{registry.PASSWORD_ENV}=") if password_file
+                        else registry.password_from_env())  # fmt: skip
             args = (nats_url, user, password, router_url and router_url.rstrip("/"), [])
             kw = {"router_metrics": router_metrics}
             current = asyncio.run(registry.wait_ready(*args, timeout=timeout, **kw) if wait
