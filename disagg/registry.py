@@ -47,8 +47,7 @@ DISCOVERY_TYPE = {"context": "P", "generate": "D"}
 def worker_key(url: str) -> str:
     """One key per worker endpoint, so that two layouts that both have a
     `context-0` (on different hosts) never share a key."""
-    netloc = urllib.parse.urlsplit(url).netloc
-    return WORKER_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", netloc)
+    return WORKER_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", hostport(url))
 
 
 def probe(url: str, timeout: float = 2.0) -> str:
@@ -333,30 +332,31 @@ def assess(expected: list[Expected], entries: dict[str, dict], members: list[str
     return problems
 
 
-def _running(url: str) -> float | None:
-    """vllm:num_requests_running from the worker's /metrics."""
+def metric_samples(text: str, name: str) -> list[tuple[str, float]]:
+    """(labels, value) of every sample of one metric in Prometheus text."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{([^}}]*)}})? ([0-9.eE+-]+)$", re.M)
+    return [(labels, float(value)) for labels, value in pattern.findall(text)]
+
+
+def _scrape(metrics_url: str) -> str | None:
     try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=2) as response:
-            text = response.read().decode()
+        with urllib.request.urlopen(metrics_url, timeout=2) as response:
+            return response.read().decode()
     except (urllib.error.URLError, OSError):
         return None
-    total = None
-    for line in text.splitlines():
-        if line.startswith("vllm:num_requests_running"):
-            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-    return total
+
+
+def _running(url: str) -> float | None:
+    """vllm:num_requests_running from the worker's /metrics."""
+    samples = metric_samples(_scrape(f"{url}/metrics") or "", "vllm:num_requests_running")
+    return sum(value for _, value in samples) if samples else None
 
 
 def _routed(metrics_url: str) -> dict[str, float]:
     """Requests the router has sent each worker (its Prometheus counter
     vllm_router_processed_requests_total{worker=URL})."""
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=2) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError):
-        return {}
-    pattern = re.compile(r'^vllm_router_processed_requests_total\{worker="([^"]+)"\} ([0-9.eE+-]+)$', re.M)
-    return {url: float(value) for url, value in pattern.findall(text)}
+    samples = metric_samples(_scrape(metrics_url) or "", "vllm_router_processed_requests_total")
+    return {m.group(1): value for labels, value in samples if (m := re.search(r'worker="([^"]+)"', labels))}
 
 
 async def status(server: str, user: str, password: str | None, router: str | None,

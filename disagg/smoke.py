@@ -4,8 +4,9 @@ the router, plain or streaming, and a worker's Prometheus counters."""
 from __future__ import annotations
 
 import json
-import re
 import urllib.request
+
+from .registry import metric_samples
 
 
 def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: float = 120,
@@ -52,5 +53,4 @@ def counter(url: str, name: str, timeout: float = 10) -> float:
     """Sum of a Prometheus counter's samples at url/metrics."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=timeout) as response:
         text = response.read().decode()
-    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.M)
-    return sum(float(v) for v in pattern.findall(text))
+    return sum(value for _, value in metric_samples(text, name))
