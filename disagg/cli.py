@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from . import registry, results
+from . import results
+from .agent import kv
 from .bench import DEFAULT_CONCURRENCY
 from .plan import load_inventory, make_plan
 from .topology import TopologyError
@@ -153,8 +154,8 @@ def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, 
 @click.option("--label", help="The deployed label, instead of the inventory's.")
 @click.option("--nats", "nats_url", help="nats://HOST:PORT, instead of an inventory.")
 @click.option("--user", default="disagg", show_default=True, help="NATS user (with --nats).")
-@click.option("--password-file", type=click.File(), help=f"File holding the NATS password (with --nats; "
-              f"default: ${registry.PASSWORD_ENV}).")  # fmt: skip
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False), help=f"File holding the NATS password (with --nats; "
+              f"default: ${kv.PASSWORD_ENV}).")  # fmt: skip
 @click.option("--router", "router_url", help="Router URL (with --nats).")
 @click.option("--router-metrics", help="Router's Prometheus URL, e.g. http://HEAD:29000/metrics (with --nats).")
 @click.option("--wait", is_flag=True, help="Block until every deployed worker is healthy and routed.")
@@ -163,12 +164,14 @@ def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, 
 def status(inventory_path, label_key, label, nats_url, user, password_file, router_url, router_metrics, wait, timeout,
            as_json):  # fmt: skip
     """Workers in the registry (role, host, GPUs, URL, health, heartbeat age,
-    router membership, requests the router sent each, requests running on
-    each), NATS and router health. Exit 0 when ready, 1 when not (naming what
-    is missing)."""
+    whether the router itself lists it, requests the router sent each,
+    requests running on each), NATS and router health. Exit 0 when ready, 1
+    when not (naming what is missing), 3 when it cannot tell (NATS or the
+    head unreachable)."""
     import asyncio
 
     from . import control
+    from .agent import status as agent_status
 
     try:
         if inventory_path:
@@ -177,18 +180,20 @@ def status(inventory_path, label_key, label, nats_url, user, password_file, rout
             current = control.status(inventory, plan, wait=timeout if wait else None)
         elif nats_url:
             # the file holds the password, or the head's VARIABLE=password line
-            password = (password_file.read().strip().removeprefix(f"{registry.PASSWORD_ENV}=") if password_file
-                        else registry.password_from_env())  # fmt: skip
+            password = kv.read_password(password_file)
             args = (nats_url, user, password, router_url and router_url.rstrip("/"), [])
             kw = {"router_metrics": router_metrics}
-            current = asyncio.run(registry.wait_ready(*args, timeout=timeout, **kw) if wait
-                                  else registry.status(*args, **kw))  # fmt: skip
+            current = asyncio.run(agent_status.wait_ready(*args, timeout=timeout, **kw) if wait
+                                  else agent_status.status(*args, **kw))  # fmt: skip
         else:
             raise TopologyError("give -i INVENTORY, or --nats nats://HOST:PORT")
-    except TopologyError as e:
+    except control.Unreachable as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(agent_status.UNKNOWN)
+    except (TopologyError, OSError) as e:
         _fail(e)
-    click.echo(json.dumps(current.as_dict(), indent=2) if as_json else registry.table(current))
-    sys.exit(0 if current.ready else 1)
+    click.echo(json.dumps(current.as_dict(), indent=2) if as_json else agent_status.table(current))
+    sys.exit(current.exit_code)
 
 
 @main.command()

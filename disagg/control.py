@@ -7,22 +7,28 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import registry
+from .agent import kv
+from .agent import status as agent_status
 from .plan import Plan
 from .topology import TopologyError
+
+
+class Unreachable(RuntimeError):
+    """The head could not be asked (SSH failed): the status is unknown."""
 
 
 def head_password(inventory, plan: Plan) -> str:
     """DISAGG_NATS_PASSWORD, else the head's password file, read with the
     inventory's own SSH settings; held in memory only, never printed."""
     from pyinfra.api import Config, State
+    from pyinfra.api.exceptions import PyinfraError
     from pyinfra.api.facts import get_fact
     from pyinfra.context import ctx_host, ctx_state
 
     from .facts import EnvFileValue
     from .units import NATS_PASSWORD_ENV, NATS_SECRET_ENV
 
-    given = registry.password_from_env()
+    given = kv.read_password()
     if given:
         return given
     state = State(inventory, Config())
@@ -32,6 +38,8 @@ def head_password(inventory, plan: Plan) -> str:
     with ctx_state.use(state), ctx_host.use(head):
         try:
             value = get_fact(state, head, EnvFileValue, kwargs={"path": NATS_SECRET_ENV, "variable": NATS_PASSWORD_ENV})
+        except PyinfraError as e:
+            raise Unreachable(f"cannot read the NATS password on the head {plan.cluster.head} over SSH: {e}") from None
         finally:
             head.disconnect()
     if not value:
@@ -42,16 +50,16 @@ def head_password(inventory, plan: Plan) -> str:
     return value
 
 
-def expected(plan: Plan) -> list[registry.Expected]:
-    return registry.parse_expected(plan.expected())
+def expected(plan: Plan) -> list[agent_status.Expected]:
+    return agent_status.parse_expected(plan.expected())
 
 
-def status(inventory, plan: Plan, wait: float | None = None) -> registry.Status:
+def status(inventory, plan: Plan, wait: float | None = None) -> agent_status.Status:
     """The registry, router and NATS health of plan's deployment; with
     wait, block up to that many seconds until it is ready."""
     password = head_password(inventory, plan)
     args = (plan.nats_url, plan.settings.nats_user, password, plan.router_url, expected(plan))
     metrics = f"http://{plan.head.address}:{plan.settings.router_metrics_port}/metrics"
     if wait is not None:
-        return asyncio.run(registry.wait_ready(*args, timeout=wait, router_metrics=metrics))
-    return asyncio.run(registry.status(*args, router_metrics=metrics))
+        return asyncio.run(agent_status.wait_ready(*args, timeout=wait, router_metrics=metrics))
+    return asyncio.run(agent_status.status(*args, router_metrics=metrics))

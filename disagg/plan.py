@@ -113,7 +113,7 @@ class Plan:
                 args += [flag, str(value)]
         if self.topology.disaggregated and s.kv_transfer_config:
             args += ["--kv-transfer-config", json.dumps(s.kv_transfer_config, separators=(",", ":"))]
-        args += ["--shutdown-timeout", str(s.shutdown_timeout), *s.extra_args]
+        args += ["--shutdown-timeout", str(s.shutdown_timeout), *s.role_args(w.role)]
         return args
 
     def worker_env(self, w: Worker) -> dict[str, str]:
@@ -124,7 +124,7 @@ class Plan:
         if self.topology.disaggregated:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = w.address
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(w.nixl_port)
-        env.update({k: str(v) for k, v in sorted(self.settings.engine_env.items())})
+        env.update({k: str(v) for k, v in sorted(self.settings.role_env(w.role).items())})
         return env
 
     def router_command(self) -> list[str]:
@@ -147,7 +147,15 @@ class Plan:
                 "--kv-connector", s.router_kv_connector,
             ]  # fmt: skip
         else:
-            args += ["--worker-urls", *(w.url for w in self.workers)]
+            args += [
+                "--worker-urls", *(w.url for w in self.workers),
+                "--retry-max-retries", str(s.router_retry_max_retries),
+                "--retry-initial-backoff-ms", str(s.router_retry_initial_backoff_ms),
+                "--retry-max-backoff-ms", str(s.router_retry_max_backoff_ms),
+                "--cb-failure-threshold", str(s.router_cb_failure_threshold),
+                "--cb-timeout-duration-secs", str(s.router_cb_timeout_duration_secs),
+                "--health-check-interval-secs", str(s.router_health_check_interval_secs),
+            ]  # fmt: skip
         return args
 
     @property
@@ -155,8 +163,19 @@ class Plan:
         return f"127.0.0.1:{self.settings.router_discovery_port}"
 
     def _agent(self, command: str, *args: str) -> list[str]:
-        return [f"{S.AGENT_VENV}/bin/python", S.AGENT_SCRIPT, command,
-                "--nats", self.nats_url, "--user", self.settings.nats_user, *args]  # fmt: skip
+        # env: the agent's files, and nothing else of ours, on its path
+        return ["/usr/bin/env", f"PYTHONPATH={S.AGENT_SRC}", f"{S.AGENT_VENV}/bin/python", "-m", "disagg.agent",
+                command, "--nats", self.nats_url, "--user", self.settings.nats_user, *args]  # fmt: skip
+
+    def leave_command(self, w: Worker) -> list[str]:
+        """The worker unit's ExecStop: out of the registry and the router, drained."""
+        return self._agent(
+            "leave",
+            "--password-file", S.NATS_SECRET_ENV,
+            "--url", w.url,
+            "--router-timeout", str(S.LEAVE_ROUTER_TIMEOUT),
+            "--drain-timeout", str(self.settings.drain_timeout),
+        )  # fmt: skip
 
     def agent_command(self, w: Worker) -> list[str]:
         """The companion that registers w while it runs."""
@@ -174,9 +193,10 @@ class Plan:
 
     def sync_command(self) -> list[str]:
         """The head's service that keeps the router's members = the registry's healthy workers."""
-        args = ["sync", "--router", f"http://127.0.0.1:{self.settings.router_port}"]
+        args = ["sync", "--router", f"http://127.0.0.1:{self.settings.router_port}", "--state-file", S.SYNC_STATE]
         if self.topology.disaggregated:
-            return self._agent(*args, "--mode", "pd", "--discovery", self.discovery_address)
+            return self._agent(*args, "--mode", "pd", "--discovery", self.discovery_address,
+                               "--router-log", f"journal:{S.ROUTER_UNIT}.service")  # fmt: skip
         return self._agent(*args, "--mode", "aggregated")
 
     def expected(self) -> list[str]:
@@ -184,12 +204,28 @@ class Plan:
         return [f"{w.name}={w.url}" for w in self.workers]
 
     def status_command(self, timeout: int | None = None) -> list[str]:
-        """`status` on the head; with a timeout, wait until ready."""
-        args = ["status", "--router", f"http://127.0.0.1:{self.settings.router_port}"]
+        """`status` on the head (as root: it reads the password file); with a
+        timeout, wait until ready."""
+        args = ["status", "--password-file", S.NATS_SECRET_ENV, "--router",
+                f"http://127.0.0.1:{self.settings.router_port}"]  # fmt: skip
         args += [a for e in self.expected() for a in ("--expect", e)]
         if timeout is not None:
             args += ["--wait", "--timeout", str(timeout)]
         return self._agent(*args)
+
+    def waves(self) -> list[list[Worker]]:
+        """Rolling restarts: wave k holds, of each role, the workers at
+        positions k*m .. k*m+m-1 (m = max_unavailable), so that no more than
+        m workers of a role are out of the router at a time."""
+        m = self.settings.max_unavailable
+        count = max((s.dp + m - 1) // m for s in self.topology.stages)
+        return [[w for w in self.workers if w.index // m == k] for k in range(count)]
+
+    def rejoin_command(self, w: Worker, timeout: int) -> list[str]:
+        """On w's host, as root: wait until w is registered, healthy and
+        listed by the router again."""
+        return self._agent("status", "--password-file", S.NATS_SECRET_ENV, "--expect", f"{w.name}={w.url}",
+                           "--wait", "--timeout", str(timeout))  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         return {"label": self.label, "workers": [w.as_dict() for w in self.workers]}

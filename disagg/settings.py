@@ -17,13 +17,17 @@ OPT_DIR = "/opt/disagg"
 VLLM_VENV = f"{OPT_DIR}/vllm"
 ROUTER_VENV = f"{OPT_DIR}/router"
 NATS_VENV = f"{OPT_DIR}/nats"
-# nats-py, pyzmq, msgpack and disagg/registry.py, for the registry units
+# the host agent (disagg/agent, shipped as files under AGENT_SRC) and its
+# venv: nats-py, pyzmq, msgpack, prometheus_client
 AGENT_VENV = f"{OPT_DIR}/agent"
-AGENT_SCRIPT = f"{AGENT_VENV}/registry.py"
+AGENT_SRC = f"{AGENT_VENV}/src"
 SYSTEMD_DIR = "/etc/systemd/system"
 SERVICE_USER = "disagg"
 NATS_USER = "disagg-nats"
 HF_TOKEN_ENV = f"{CONFIG_DIR}/hf-token.env"
+NATS_SECRET_ENV = f"{CONFIG_DIR}/nats.env"
+# the router sync's last members, for a restart while NATS is down
+SYNC_STATE = f"{STATE_DIR}/sync-members.json"
 MODELS_DIR = f"{STATE_DIR}/models"
 ROUTER_UNIT = "disagg-router"
 NATS_UNIT = "disagg-nats"
@@ -31,6 +35,8 @@ SYNC_UNIT = "disagg-registry-sync"
 # First line of every unit we write: teardown and prune remove only units
 # that carry it, never a foreign unit that happens to be named disagg-*.
 MANAGED_MARKER = "# Managed by disagg: removed by deploys/teardown.py"
+# how long a leaving worker waits for the router to drop it
+LEAVE_ROUTER_TIMEOUT = 15
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,29 @@ class Settings:
     kv_cache_dtype: str | None = None
     extra_args: tuple[str, ...] = ()
     engine_env: dict[str, str] = field(default_factory=dict)
+    # per role, after the shared ones: prefill and decode are tuned apart
+    context_args: tuple[str, ...] = ()
+    generate_args: tuple[str, ...] = ()
+    baseline_args: tuple[str, ...] = ()
+    context_env: dict[str, str] = field(default_factory=dict)
+    generate_env: dict[str, str] = field(default_factory=dict)
+    baseline_env: dict[str, str] = field(default_factory=dict)
     kv_transfer_config: dict[str, Any] | None = field(
         default_factory=lambda: {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     )
     router_kv_connector: str = "nixl"
     # vllm-router's --policy (None: its default, cache_aware)
     router_policy: str | None = None
+    # vllm-router's fault handling in regular (aggregated) mode: a worker
+    # that fails is retried around at once and skipped for a short while.
+    # vllm-router 0.1.17 does not retry in PD discovery mode (measured), so
+    # these are not passed there.
+    router_retry_max_retries: int = 3
+    router_retry_initial_backoff_ms: int = 50
+    router_retry_max_backoff_ms: int = 1000
+    router_cb_failure_threshold: int = 5
+    router_cb_timeout_duration_secs: int = 10
+    router_health_check_interval_secs: int = 10
     nats_user: str = "disagg"
     http_port_base: int = Ports.http_base
     nixl_port_base: int = Ports.nixl_base
@@ -62,6 +85,10 @@ class Settings:
     router_discovery_port: int = Ports.router_discovery
     # vLLM drains in-flight requests for this long on SIGTERM
     shutdown_timeout: int = 60
+    # rolling restarts: workers of one role restarted at a time, and how
+    # long a worker out of the router may take to finish its requests
+    max_unavailable: int = 1
+    drain_timeout: int = 60
     # a 70B model's first start downloads ~70 GB and loads it on every GPU
     health_timeout: int = 1800
 
@@ -77,6 +104,12 @@ class Settings:
         if not values.get("model"):
             raise TopologyError("inventory data 'model' is missing; set it to a model id or path")
         return cls(**values)
+
+    def role_args(self, role: str) -> tuple[str, ...]:
+        return (*self.extra_args, *getattr(self, f"{role}_args"))
+
+    def role_env(self, role: str) -> dict[str, str]:
+        return {**self.engine_env, **getattr(self, f"{role}_env")}
 
     @property
     def ports(self) -> Ports:
@@ -104,9 +137,10 @@ class Settings:
 
     @property
     def stop_timeout(self) -> int:
-        """systemd's TimeoutStopSec: longer than vLLM's drain, so that it
-        never SIGKILLs an engine that is still releasing its GPUs."""
-        return self.shutdown_timeout + 30
+        """systemd's TimeoutStopSec: longer than leaving the router, our
+        drain and vLLM's own, so that it never SIGKILLs an engine that is
+        still releasing its GPUs."""
+        return LEAVE_ROUTER_TIMEOUT + self.drain_timeout + self.shutdown_timeout + 30
 
 
 def _coerce(name: str, type_: str, raw: Any) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from .registry import metric_samples
+from .agent import metrics
 
 
 def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: float = 120,
@@ -53,4 +53,4 @@ def counter(url: str, name: str, timeout: float = 10) -> float:
     """Sum of a Prometheus counter's samples at url/metrics."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=timeout) as response:
         text = response.read().decode()
-    return sum(value for _, value in metric_samples(text, name))
+    return metrics.total(text, name) or 0.0

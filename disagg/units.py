@@ -13,14 +13,14 @@ from pathlib import Path
 import jinja2
 
 from . import settings as S
+from .agent.kv import PASSWORD_ENV
 from .plan import Plan
-from . import registry
-from .registry import DEREGISTER_GRACE, PASSWORD_ENV
 from .topology import Worker
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+AGENT_PACKAGE = Path(__file__).resolve().parent / "agent"
 NATS_CONF = f"{S.CONFIG_DIR}/nats-server.conf"
-NATS_SECRET_ENV = f"{S.CONFIG_DIR}/nats.env"
+NATS_SECRET_ENV = S.NATS_SECRET_ENV
 NATS_PASSWORD_ENV = PASSWORD_ENV
 NATS_STORE = f"{S.STATE_DIR}/nats"
 
@@ -78,8 +78,9 @@ def env_path(unit: str) -> str:
     return f"{S.CONFIG_DIR}/{unit}.env"
 
 
-def _service(description: str, user: str, args: list[str], stop_timeout: int,
-             env_files: list[str], binds_to: str | None = None, stop_post: str | None = None) -> str:  # fmt: skip
+def _service(description: str, user: str, args: list[str], stop_timeout: int, env_files: list[str],
+             binds_to: str | None = None, exec_stop: str | None = None, groups: tuple[str, ...] = (),
+             unlimited_log: bool = False) -> str:  # fmt: skip
     return render(
         "service.j2",
         description=description,
@@ -88,7 +89,9 @@ def _service(description: str, user: str, args: list[str], stop_timeout: int,
         stop_timeout=stop_timeout,
         env_files=env_files,
         binds_to=binds_to,
-        stop_post=stop_post,
+        exec_stop=exec_stop,
+        groups=groups,
+        unlimited_log=unlimited_log,
     )
 
 
@@ -102,22 +105,21 @@ def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
         plan.settings.stop_timeout,
         # '-': the HF token is optional (public or local models)
         [env_path(w.unit), f"-{S.HF_TOKEN_ENV}"],
+        # '+': as root, to read the root-only NATS password file
+        exec_stop="+" + exec_start(plan.leave_command(w)),
     )
     return {unit_path(w.unit): unit, env_path(w.unit): render("env.j2", env=env)}
 
 
 def agent_files(plan: Plan, w: Worker) -> dict[str, str]:
-    grace = int(DEREGISTER_GRACE)
     unit = _service(
         f"disagg registry heartbeat of {w.unit}",
         S.SERVICE_USER,
         plan.agent_command(w),
-        grace + 10,
+        10,
         # the NATS password, root-only: never on a command line or in a unit
         [NATS_SECRET_ENV],
         binds_to=w.unit,
-        # stopped before its worker (After=): the worker serves on until the router forgot it
-        stop_post=f"/bin/sleep {grace}",
     )
     return {unit_path(w.agent_unit): unit}
 
@@ -129,14 +131,18 @@ def sync_files(plan: Plan) -> dict[str, str]:
         plan.sync_command(),
         10,
         [NATS_SECRET_ENV],
+        # the router's own view of its members is in its journal
+        groups=("systemd-journal",),
     )
     return {unit_path(S.SYNC_UNIT): unit}
 
 
-def agent_script() -> dict[str, str]:
-    """The registry module as the hosts run it: a plain script, so that
-    --diff shows a change to it like any other file."""
-    return {S.AGENT_SCRIPT: Path(registry.__file__).read_text()}
+def agent_code() -> dict[str, str]:
+    """The host agent (disagg/agent) as the hosts run it: plain files, so
+    that --diff shows a change to it like any other file."""
+    files = {f"{S.AGENT_SRC}/disagg/__init__.py": '"""disagg\'s host agent only (disagg.agent)."""\n'}
+    files.update({f"{S.AGENT_SRC}/disagg/agent/{p.name}": p.read_text() for p in sorted(AGENT_PACKAGE.glob("*.py"))})
+    return files
 
 
 def router_files(plan: Plan) -> dict[str, str]:
@@ -146,6 +152,7 @@ def router_files(plan: Plan) -> dict[str, str]:
         plan.router_command(),
         30,
         [],
+        unlimited_log=plan.topology.disaggregated,
     )
     return {unit_path(S.ROUTER_UNIT): unit}
 

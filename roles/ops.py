@@ -7,9 +7,10 @@ from __future__ import annotations
 import hashlib
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from io import StringIO
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import HiddenValue, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
@@ -83,10 +84,11 @@ def _pep503(name: str) -> str:
 
 
 @operation()
-def unit_running(unit: str, changed_by: Sequence[OperationMeta] = ()):
+def unit_running(unit: str, changed_by: Sequence[OperationMeta] = (), restart: bool = True):
     """
     Start and enable a unit; restart it only when one of `changed_by` (its
-    unit, env or config file) changed.
+    unit, env or config file) changed. With restart=False a running unit is
+    left running on its old definition (a rolling restart follows).
 
     **Example:**
 
@@ -99,7 +101,8 @@ def unit_running(unit: str, changed_by: Sequence[OperationMeta] = ()):
     state = host.get_fact(UnitState, unit=service)
     if changed(changed_by):
         yield "systemctl daemon-reload"
-        yield f"systemctl {'restart' if state['active'] else 'start'} {service}"
+        if restart or not state["active"]:
+            yield f"systemctl {'restart' if state['active'] else 'start'} {service}"
     elif not state["active"]:
         yield f"systemctl start {service}"
     if not state["enabled"]:
@@ -138,8 +141,13 @@ def wait_healthy(unit: str, url: str, timeout: int, answers: Sequence[int] = (20
     """
     if host.get_fact(HttpStatus, url=url) in answers:
         return
+    yield health_loop(unit, url, timeout, answers)
+
+
+def health_loop(unit: str, url: str, timeout: int, answers: Sequence[int] = (200,)) -> str:
+    """Shell: poll url until it answers one of answers, else fail with the unit's journal."""
     q_url, q_unit = shlex.quote(url), shlex.quote(unit)
-    yield (
+    return (
         f"deadline=$(( $(date +%s) + {int(timeout)} )); "
         f"until case \"$(curl -s -o /dev/null -m 5 -w '%{{http_code}}' {q_url})\" in "
         f"{'|'.join(map(str, answers))}) true;; *) false;; esac; do "
@@ -150,6 +158,49 @@ def wait_healthy(unit: str, url: str, timeout: int, answers: Sequence[int] = (20
         f"(timeout {int(timeout)} s); last lines of its journal:\" >&2; "
         f"journalctl -u {q_unit} -n 40 --no-pager >&2; exit 1; fi; sleep 2; done"
     )
+
+
+@dataclass(frozen=True)
+class Rolling:
+    """One worker of a rolling-restart wave, as roll() needs it."""
+
+    unit: str
+    url: str
+    changed_by: Sequence[OperationMeta]
+    health_timeout: int
+    # shell: waits until it is registered, healthy and in the router again
+    rejoin: str
+    # said before restarting it when that stops its role serving
+    warning: str | None = None
+
+
+@operation()
+def roll(wave: Sequence[Rolling]):
+    """
+    Restart the running workers of one wave whose unit or env file changed,
+    together, and wait until each serves and is routed again. Stopping a
+    worker runs its ExecStop first (out of the registry and the router,
+    drained), so requests are not cut; the next wave starts after this one.
+
+    **Example:**
+
+    .. code:: python
+
+        roll(name="Rolling restart, wave 1/2", wave=[Rolling("disagg-context-0", url, written, 900, rejoin)])
+    """
+    jobs = []
+    for w in wave:
+        if not changed(w.changed_by) or not host.get_fact(UnitState, unit=f"{w.unit}.service")["active"]:
+            continue  # unchanged, or not running: unit_running starts it
+        if w.warning:
+            logger.warning(f"{host.print_prefix}{w.warning}")
+        jobs.append(f"systemctl restart {shlex.quote(w.unit)} && {health_loop(w.unit, w.url, w.health_timeout)} && "
+                    f"{w.rejoin}")  # fmt: skip
+    if jobs:
+        # together, each in its own subshell; fail if any fails
+        yield " ".join(f"( {job} ) & p{i}=$!;" for i, job in enumerate(jobs)) + " rc=0; " + " ".join(
+            f"wait $p{i} || rc=1;" for i in range(len(jobs))
+        ) + " exit $rc"
 
 
 @operation()

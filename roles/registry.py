@@ -1,7 +1,7 @@
-"""The NATS control plane's units (disagg/registry.py is what they run): a
-heartbeat companion beside every worker, the router sync on the head, and
-the readiness gate that ends a deploy. They share one small venv and our
-registry module, and read the NATS password from the root-only env file."""
+"""The NATS control plane's runtime (the host agent, disagg/agent, is what
+its units run): credentials and the agent's venv and files on every host of
+the layout; the router sync and the readiness gate on the head. The
+heartbeat companions are started with their workers (roles/workers.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from disagg.plan import Plan
 from roles.ops import put_files, python_packages, secret_env, unit_running
 
 DEFAULTS = {
-    "agent_packages": ["nats-py==2.16.0", "pyzmq==27.3.0", "msgpack==1.2.4"],
+    "agent_packages": ["nats-py==2.16.0", "pyzmq==26.4.0", "msgpack==1.2.4", "prometheus-client==0.23.1"],
     # None: the head's current password, else one generated for this deploy
     "nats_password": None,
     "ready_timeout": 300,
@@ -50,8 +50,9 @@ def nats_password(plan: Plan) -> str:
 
 @deploy("Registry runtime", data_defaults=DEFAULTS)
 def runtime(plan: Plan) -> list[OperationMeta]:
-    """NATS credentials, the venv and our registry module: what every registry unit
-    on this host needs. Returns the operations whose change restarts them."""
+    """NATS credentials, the venv and the host agent's files: what every
+    agent unit on this host needs. Returns the operations whose change
+    restarts them."""
     secret = secret_env(
         name="NATS credentials",
         path=units.NATS_SECRET_ENV,
@@ -59,14 +60,7 @@ def runtime(plan: Plan) -> list[OperationMeta]:
         value=nats_password(plan),
     )
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
-    return [secret, *put_files(units.agent_script())]
-
-
-@deploy("Registry heartbeats")
-def agents(plan: Plan, changed_by: list[OperationMeta]):
-    for w in plan.workers_on(host.name):
-        written = put_files(units.agent_files(plan, w))
-        unit_running(name=f"Run {w.agent_unit}", unit=w.agent_unit, changed_by=[*changed_by, *written])
+    return [secret, *put_files(units.agent_code())]
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
@@ -75,14 +69,10 @@ def router_sync(plan: Plan, changed_by: list[OperationMeta]):
     unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT, changed_by=[*changed_by, *written])
     registry_ready(
         name="Every worker registered, healthy and routed",
-        check=_on_head(plan.status_command()),
-        wait=_on_head(plan.status_command(timeout=int(host.data.get("ready_timeout")))),
+        # the agent reads the root-only password file itself: never a command line
+        check=shlex.join(plan.status_command()),
+        wait=shlex.join(plan.status_command(timeout=int(host.data.get("ready_timeout")))),
     )
-
-
-def _on_head(args: list[str]) -> str:
-    # the password comes from the root-only file inside the shell, never the command line
-    return f"set -a && . {units.NATS_SECRET_ENV} && set +a && {shlex.join(args)}"
 
 
 @operation()

@@ -27,8 +27,7 @@ def converge(plan: Plan) -> None:
     # before starting anything, so that the old layout frees its GPUs and ports
     prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
     if runs_workers:
-        workers(plan)
-        registry.agents(plan, changed_by=runtime)
+        workers(plan, runtime)
     if on_head:
         router(plan)
         registry.router_sync(plan, changed_by=runtime)

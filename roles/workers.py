@@ -1,25 +1,53 @@
-"""One systemd unit per vLLM worker placed on this host, from one template;
-only units whose unit or env file changed are restarted."""
+"""One systemd unit per vLLM worker placed on this host, from one template,
+with its registry heartbeat companion. New workers start together; workers
+whose unit or env file changed are restarted in rolling waves, never more
+than max_unavailable of a role out of the router at a time."""
+
+import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
 
 from disagg import units
 from disagg.plan import Plan
-from roles.ops import put_files, unit_running, wait_healthy
+from disagg.topology import Worker
+from roles.ops import Rolling, put_files, roll, unit_running, wait_healthy
+
+# after /health, a restarted worker is registered and routed within seconds
+REJOIN_TIMEOUT = 120
 
 
 @deploy("disagg workers")
-def workers(plan: Plan):
+def workers(plan: Plan, runtime: list[OperationMeta]):
+    """`runtime`: the operations whose change restarts the companions
+    (NATS credentials, the agent's files)."""
     mine = plan.workers_on(host.name)
     written = {w.unit: put_files(units.worker_files(plan, w)) for w in mine}
-    # start them all before waiting, so that workers on one host load together
+    companion = {w.unit: put_files(units.agent_files(plan, w)) for w in mine}
     for w in mine:
-        unit_running(name=f"Run {w.unit}", unit=w.unit, changed_by=written[w.unit])
+        unit_running(name=f"Run {w.unit}", unit=w.unit, changed_by=written[w.unit], restart=False)
     for w in mine:
-        wait_healthy(
-            name=f"{w.unit} healthy",
-            unit=w.unit,
-            url=f"{w.url}/health",
-            timeout=plan.settings.health_timeout,
+        # a companion alone restarting leaves its worker in the router
+        unit_running(name=f"Run {w.agent_unit}", unit=w.agent_unit, changed_by=[*runtime, *companion[w.unit]])
+    for w in mine:
+        wait_healthy(name=f"{w.unit} healthy", unit=w.unit, url=f"{w.url}/health", timeout=plan.settings.health_timeout)
+    waves = plan.waves()
+    for k, wave in enumerate(waves, 1):
+        roll(
+            name=f"Rolling restart {k}/{len(waves)}: {', '.join(w.name for w in wave)}",
+            wave=[_rolling(plan, w, written[w.unit]) for w in wave if w.host == host.name],
         )
+
+
+def _rolling(plan: Plan, w: Worker, changed_by: list[OperationMeta]) -> Rolling:
+    dp = plan.topology.stage(w.role).dp
+    warning = None
+    if dp == 1:
+        warning = (f"{w.unit} is the only {w.role} worker: restarting it stops serving until it is back; "
+                   f"add {w.role} workers (dp >= 2) to roll without loss")  # fmt: skip
+    elif plan.settings.max_unavailable >= dp:
+        warning = (f"{w.unit}: max_unavailable={plan.settings.max_unavailable} restarts all {dp} {w.role} workers "
+                   "at once: serving stops until they are back; lower max_unavailable")  # fmt: skip
+    rejoin = plan.rejoin_command(w, timeout=REJOIN_TIMEOUT)
+    return Rolling(w.unit, w.url, changed_by, plan.settings.health_timeout, shlex.join(rejoin), warning)

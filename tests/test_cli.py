@@ -89,7 +89,8 @@ def test_status_needs_an_inventory_or_a_nats_url():
     assert result.exit_code == 2 and "give -i INVENTORY, or --nats nats://HOST:PORT" in result.output
 
 
-def test_status_against_an_unreachable_nats_is_not_ready_and_says_so():
+def test_status_against_an_unreachable_nats_is_unknown_not_just_not_ready():
     result = CliRunner().invoke(main, ["status", "--nats", "nats://127.0.0.1:9", "--json"])
-    assert result.exit_code == 1
-    assert "NATS at nats://127.0.0.1:9 refused or unreachable" in result.output
+    assert result.exit_code == 3  # distinct from 1, "not ready"
+    current = json.loads(result.output)
+    assert not current["ready"] and "NATS at nats://127.0.0.1:9 refused or unreachable" in current["error"]

@@ -34,9 +34,9 @@ def test_disagg_deploy_order_on_the_head():
     names = [name for name, _ in planned.ops("h100-node1")]
     first = {key: next(i for i, n in enumerate(names) if key in n)
              for key in ("NVIDIA driver", "Run disagg-nats", "NATS JetStream healthy", "Install vllm==",
-                         "Remove units of other layouts", "Run disagg-context-0",
-                         "disagg-context-3 healthy", "Run disagg-context-0-agent", "Run disagg-router",
-                         "Run disagg-registry-sync", "Every worker registered")}  # fmt: skip
+                         "Remove units of other layouts", "Run disagg-context-0", "Run disagg-context-0-agent",
+                         "disagg-context-3 healthy", "Rolling restart 1/4", "Rolling restart 4/4",
+                         "Run disagg-router", "Run disagg-registry-sync", "Every worker registered")}  # fmt: skip
     assert list(first) == sorted(first, key=first.get)
     # all context workers start before the first health wait, so they load together
     starts = [i for i, n in enumerate(names) if "Run disagg-context-" in n and not n.endswith("-agent")]
@@ -44,6 +44,45 @@ def test_disagg_deploy_order_on_the_head():
     commands = planned.commands("h100-node1")
     assert "systemctl start disagg-context-0.service" in commands
     assert any("/healthz?js-enabled-only=true" in c for c in commands)
+    # a first deploy has nothing to roll
+    assert all(cmds == [] for n, cmds in planned.ops("h100-node1") if "Rolling restart" in n)
+
+
+RUNNING = {"systemctl is-active": ["active enabled"]}
+
+
+def _rolls(planned, host):
+    return [(n.split(" | ")[-1], cmds) for n, cmds in planned.ops(host) if "Rolling restart" in n]
+
+
+def test_changed_running_workers_roll_one_per_role_at_a_time(caplog):
+    # every unit runs, and every file differs from what the hosts have
+    planned = plan_deploy(H100, "deploys/disagg.py", responses={**gpu_host_responses(), **RUNNING})
+    node1, node2 = _rolls(planned, "h100-node1"), _rolls(planned, "h100-node2")
+    assert [n for n, _ in node1] == [f"Rolling restart {k}/4: context-{k - 1}" + (", generate-0" if k == 1 else "")
+                                     for k in range(1, 5)]  # fmt: skip
+    for k, (_, (command,)) in enumerate(node1):
+        assert f"systemctl restart disagg-context-{k}" in command and "disagg-context-" not in command.replace(
+            f"disagg-context-{k}", "")  # fmt: skip
+        assert f"--expect context-{k}=http://h100-node1:{8100 + k}" in command and "--wait" in command
+    (_, (generate,)), *rest = node2
+    assert "systemctl restart disagg-generate-0" in generate and all(cmds == [] for _, cmds in rest)
+    # not restarted outside the waves; the single generate worker is named before it goes
+    assert not any(re.search(r"restart disagg-context-\d\.service", c) for n, cmds in planned.ops("h100-node1")
+                   if "Rolling" not in n for c in cmds)  # fmt: skip
+    assert "disagg-generate-0 is the only generate worker: restarting it stops serving" in caplog.text
+    assert "disagg-context-0 is the only" not in caplog.text
+
+
+def test_max_unavailable_sizes_the_waves(caplog):
+    planned = plan_deploy(H100, "deploys/disagg.py", data={"max_unavailable": 2},
+                          responses={**gpu_host_responses(), **RUNNING})  # fmt: skip
+    rolls = _rolls(planned, "h100-node1")
+    assert [n for n, _ in rolls] == ["Rolling restart 1/2: context-0, context-1, generate-0",
+                                     "Rolling restart 2/2: context-2, context-3"]  # fmt: skip
+    (command,) = rolls[0][1]
+    # the two context workers of a wave restart together and both must come back
+    assert command.count("systemctl restart") == 2 and "wait $p0 || rc=1; wait $p1 || rc=1; exit $rc" in command
 
 
 def test_invalid_label_stops_before_any_host_is_touched():

@@ -55,8 +55,25 @@ def test_every_unit_stops_gracefully():
             for line in ("KillSignal=SIGTERM", "KillMode=mixed", "Restart=on-failure", "LimitNOFILE=65536"):
                 assert f"\n{line}\n" in text, (rel, line)
     worker = next(t for r, t in rendered("label").items() if r.name == "disagg-context-0.service")
-    # longer than vLLM's drain, so systemd never SIGKILLs an engine mid-drain
-    assert "--shutdown-timeout 60\n" in worker and "\nTimeoutStopSec=90\n" in worker
+    # before SIGTERM, as root (it reads the root-only NATS password): out of the router, then drained
+    assert "\nExecStop=+/usr/bin/env PYTHONPATH=/opt/disagg/agent/src /opt/disagg/agent/bin/python -m disagg.agent " \
+           "leave \\\n" in worker
+    assert "--url http://h100-node1:8100 \\\n    --router-timeout 15 \\\n    --drain-timeout 60\n" in worker
+    # longer than leaving the router, our drain and vLLM's, so systemd never SIGKILLs an engine mid-drain
+    assert "--shutdown-timeout 60\n" in worker and "\nTimeoutStopSec=165\n" in worker
+
+
+def test_role_args_and_env_reach_only_their_role():
+    plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data={
+        "context_args": ["--max-num-batched-tokens", "16384"], "generate_env": {"VLLM_X": "1"}}))  # fmt: skip
+    base = make_plan(load_inventory(str(ROOT / "inventories/h100.py")))
+    changed = {path for host in ("h100-node1", "h100-node2") for path, text in host_units(plan, host).items()
+               if host_units(base, host)[path] != text}  # fmt: skip
+    assert changed == {f"/etc/systemd/system/disagg-context-{i}.service" for i in range(4)} | {
+        "/etc/disagg/disagg-generate-0.env"}  # fmt: skip
+    unit = host_units(plan, "h100-node1")["/etc/systemd/system/disagg-context-0.service"]
+    assert "    --max-num-batched-tokens 16384\n" in unit
+    assert "VLLM_X=1\n" in host_units(plan, "h100-node2")["/etc/disagg/disagg-generate-0.env"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,87 @@
+"""The host agent's command line (see the package docstring):
+
+    python -m disagg.agent heartbeat --nats nats://10.0.0.1:4222 --role context ...
+    python -m disagg.agent sync --nats nats://10.0.0.1:4222 --router http://127.0.0.1:8000 --mode pd ...
+    python -m disagg.agent leave --nats nats://10.0.0.1:4222 --url http://10.0.0.1:8100 --drain-timeout 60
+    python -m disagg.agent status --nats nats://10.0.0.1:4222 --expect context-0=http://... --wait
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from . import kv
+from .status import parse_expected, status, table, wait_ready
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m disagg.agent", description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--nats", required=True, help="nats://HOST:PORT")
+    common.add_argument("--user", default="disagg")
+    common.add_argument("--password-file", help=f"file with the NATS password (default: ${kv.PASSWORD_ENV})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    hb = sub.add_parser("heartbeat", parents=[common], help="register one worker while it runs")
+    for name in ("role", "host", "url", "label", "model", "zmq"):
+        hb.add_argument(f"--{name}", required=True)
+    hb.add_argument("--index", type=int, required=True)
+    hb.add_argument("--gpus", required=True, help="comma-separated GPU indices")
+    sy = sub.add_parser("sync", parents=[common], help="keep the router's membership equal to the registry")
+    sy.add_argument("--router", required=True)
+    sy.add_argument("--mode", choices=("pd", "aggregated"), required=True)
+    sy.add_argument("--discovery", help="vllm-router's --vllm-discovery-address (pd mode)")
+    sy.add_argument("--router-log", help="where the router logs (pd mode): journal:UNIT or a file")
+    sy.add_argument("--state-file", help="keeps the last members across restarts")
+    lv = sub.add_parser("leave", parents=[common], help="out of the registry and the router, then drained")
+    lv.add_argument("--url", required=True)
+    lv.add_argument("--drain-timeout", type=float, default=60)
+    lv.add_argument("--router-timeout", type=float, default=15, help="seconds to wait for the router to drop it")
+    st = sub.add_parser("status", parents=[common], help="registry, router and NATS health (exit 0 ready, "
+                        "1 not ready, 3 unknown)")  # fmt: skip
+    st.add_argument("--router")
+    st.add_argument("--expect", action="append", default=[], metavar="NAME=URL")
+    st.add_argument("--wait", action="store_true")
+    st.add_argument("--timeout", type=float, default=300)
+    st.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        password = kv.read_password(args.password_file)
+    except OSError as e:
+        parser.error(f"--password-file: {e}")
+    if args.command == "heartbeat":
+        worker = {
+            "role": args.role, "index": args.index, "host": args.host, "url": args.url,
+            "gpus": [int(g) for g in args.gpus.split(",") if g], "label": args.label,
+            "model": args.model, "zmq": args.zmq,
+        }  # fmt: skip
+        from .heartbeat import heartbeat
+
+        asyncio.run(heartbeat(args.nats, args.user, password, worker))
+        return 0
+    if args.command == "sync":
+        if args.mode == "pd" and not args.discovery:
+            parser.error("--discovery is required in pd mode")
+        from .sync import sync
+
+        asyncio.run(sync(args.nats, args.user, password, args.router, args.mode, args.discovery,
+                         args.router_log, args.state_file))  # fmt: skip
+        return 0
+    if args.command == "leave":
+        from .leave import leave
+
+        asyncio.run(leave(args.nats, args.user, password, args.url, args.drain_timeout, args.router_timeout))
+        return 0
+    expected = parse_expected(args.expect)
+    if args.wait:
+        current = asyncio.run(wait_ready(args.nats, args.user, password, args.router, expected, args.timeout))
+    else:
+        current = asyncio.run(status(args.nats, args.user, password, args.router, expected))
+    print(json.dumps(current.as_dict(), indent=2) if args.json else table(current))
+    return current.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The registry in NATS: the bucket, its keys, connecting (loudly, with
+backoff, stoppable) and reading every entry with the server's timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+
+BUCKET = "disagg-workers"
+# The bucket's max age: an entry not refreshed for TTL (by the NATS server's
+# clock) is gone, so a worker whose host dies leaves the registry within TTL.
+# Liveness is presence in the bucket; no two hosts' clocks are compared.
+TTL = 10.0
+HEARTBEAT = 2.0
+# vllm-router drops a discovered instance 4-5 s after its last message
+# (expiry in whole seconds); the sync re-sends every SYNC_INTERVAL
+SYNC_INTERVAL = 1.0
+ROUTER_FORGETS_AFTER = 5.0
+PASSWORD_ENV = "DISAGG_NATS_PASSWORD"
+WORKER_PREFIX = "worker."
+ROUTER_KEY = "router"
+# what each role is to vllm-router's service discovery
+DISCOVERY_TYPE = {"context": "P", "generate": "D"}
+# a NATS operation that takes longer than this is treated as failed, so that
+# no loop waits on a control plane that is down
+NATS_TIMEOUT = 3.0
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGINT arrived while waiting."""
+
+
+def worker_key(url: str) -> str:
+    """One key per worker endpoint, so that two layouts that both have a
+    `context-0` (on different hosts) never share a key."""
+    return WORKER_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", hostport(url))
+
+
+def hostport(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc
+
+
+def probe(url: str, timeout: float = 2.0) -> str:
+    """healthy (GET /health is 200), refused (no process listens: the worker
+    is gone), down (no answer at all) or unhealthy."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return "healthy" if response.status == 200 else "unhealthy"
+    except urllib.error.HTTPError:
+        return "unhealthy"
+    except (urllib.error.URLError, OSError) as e:
+        return "refused" if isinstance(getattr(e, "reason", e), ConnectionRefusedError) else "down"
+
+
+def read_password(path: str | None = None) -> str | None:
+    """The NATS password: from a file (the password alone, or the head's
+    `DISAGG_NATS_PASSWORD=...` line, read literally: never shell-sourced),
+    else from the environment."""
+    if path:
+        with open(path) as f:
+            for line in f.read().splitlines():
+                if line.strip():
+                    return line.removeprefix(f"{PASSWORD_ENV}=")
+        return None
+    return os.environ.get(PASSWORD_ENV) or None
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Complaint:
+    """Logs a recurring error when it starts, changes or ends, not every second."""
+
+    def __init__(self):
+        self.last: str | None = None
+
+    def __call__(self, message: str | None, recovered: str | None = None) -> None:
+        if message and message != self.last:
+            log(message)
+        elif message is None and self.last and recovered:
+            log(recovered)
+        self.last = message
+
+
+def stop_event() -> asyncio.Event:
+    """Set on SIGTERM or SIGINT: every loop of the agent waits on it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def sleep(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, but wake at once when stopped."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+def describe(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{error.__class__.__name__}: {text}" if text else error.__class__.__name__
+
+
+async def connect(server: str, user: str | None, password: str | None, stop: asyncio.Event | None = None,
+                  reconnect: bool = True, max_backoff: float = 30.0):  # fmt: skip
+    """A connection that, once made, reconnects for ever. With stop, the
+    first connect is retried with backoff (units start before NATS is up),
+    each failure logged with its reason (never the password), until it
+    succeeds or stop is set (raises Stopped). Without stop, a failure raises
+    at once."""
+    import nats
+
+    last = {"at": 0.0}
+
+    async def reconnecting(error):  # nats-py's error callback: at most every 30 s
+        if time.monotonic() - last["at"] >= 30:
+            last["at"] = time.monotonic()
+            log(f"NATS at {server}: {describe(error)}; reconnecting")
+
+    failed: list[BaseException] = []
+
+    async def first_failed(error):
+        failed.append(error)
+
+    options = dict(user=user, password=password, connect_timeout=2, reconnect_time_wait=1)
+    backoff = 1.0
+    complain = Complaint()
+    while True:
+        try:
+            # nats-py retries a first connect silently for ever when reconnects
+            # are allowed: fail fast here, and retry (or not) ourselves
+            nc = await nats.connect(server, allow_reconnect=False, max_reconnect_attempts=1,
+                                    error_cb=first_failed, **options)  # fmt: skip
+            break
+        except Exception as e:
+            reason = describe(failed[-1] if failed else e)
+            failed.clear()
+            if stop is None:
+                raise ConnectionError(reason) from None
+            complain(f"cannot connect to NATS at {server} as {user!r}: {reason}; retrying (up to every "
+                     f"{max_backoff:.0f} s)")  # fmt: skip
+        await sleep(stop, backoff)
+        if stop.is_set():
+            raise Stopped
+        backoff = min(backoff * 2, max_backoff)
+    if complain.last:
+        log(f"connected to NATS at {server}")
+    if not reconnect:
+        return nc
+    await nc.close()
+    connecting = asyncio.ensure_future(
+        nats.connect(server, allow_reconnect=True, max_reconnect_attempts=-1, error_cb=reconnecting, **options)
+    )
+    if stop is None:
+        return await connecting
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        raise Stopped
+    return connecting.result()
+
+
+async def bucket(nc, ttl: float = TTL):
+    """The registry bucket; created on first use by whoever comes first (the
+    same config from every creator, so creating is idempotent)."""
+    from nats.js.api import KeyValueConfig
+    from nats.js.errors import BucketNotFoundError
+
+    js = nc.jetstream(timeout=NATS_TIMEOUT)
+    try:
+        return await js.key_value(BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl))
+
+
+@dataclass
+class Entry:
+    value: dict
+    # when the NATS server stored it (its clock)
+    created: datetime
+
+
+async def read_all(kv, timeout: float = NATS_TIMEOUT) -> dict[str, Entry]:
+    """Every live key of the bucket with its decoded value and the server's
+    time of its last put."""
+    watcher = await kv.watchall(ignore_deletes=True)
+    out: dict[str, Entry] = {}
+    try:
+        while True:
+            entry = await watcher.updates(timeout=timeout)
+            if entry is None:  # the end of the current values
+                break
+            if entry.value:
+                out[entry.key] = Entry(json.loads(entry.value), entry.created)
+    finally:
+        await watcher.stop()
+    return out
+
+
+async def put(kv, key: str, value: dict) -> None:
+    await asyncio.wait_for(kv.put(key, json.dumps(value).encode()), NATS_TIMEOUT)
+
+
+def ages(entries: dict[str, Entry]) -> dict[str, float]:
+    """Seconds since each entry's last put, against the newest put in the
+    bucket (the sync writes every second): the server's clock only."""
+    if not entries:
+        return {}
+    newest = max(e.created for e in entries.values())
+    return {k: (newest - e.created).total_seconds() for k, e in entries.items()}

@@ -1,0 +1,165 @@
+"""One look at the deployment: NATS, the registry, the router's own view of
+its members, and each worker's load. Used by `disagg status` on the
+controller and by the deploy's readiness gate on the head.
+
+Exit codes (`status` here and `disagg status`): 0 ready, 1 not ready,
+3 cannot tell (NATS unreachable, refused, or its JetStream failing)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from . import kv, metrics
+
+READY, NOT_READY, UNKNOWN = 0, 1, 3
+
+
+@dataclass
+class Expected:
+    name: str  # context-0
+    url: str
+
+
+def parse_expected(values: list[str]) -> list[Expected]:
+    return [Expected(*v.split("=", 1)) for v in values]
+
+
+@dataclass
+class Status:
+    nats: str
+    router: str
+    workers: list[dict] = field(default_factory=list)
+    # what the router itself reports routing to (None: unknown, see problems)
+    members: list[str] | None = None
+    problems: list[str] = field(default_factory=list)
+    # the registry could not be read: readiness is unknown, not false
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems and not self.error
+
+    @property
+    def exit_code(self) -> int:
+        return UNKNOWN if self.error else READY if self.ready else NOT_READY
+
+    def as_dict(self) -> dict:
+        return {
+            "ready": self.ready,
+            "error": self.error,
+            "nats": self.nats,
+            "router": self.router,
+            "router_members": self.members,
+            "workers": self.workers,
+            "problems": self.problems,
+        }
+
+
+def assess(expected: list[Expected], entries: dict[str, dict], members: list[str] | None) -> list[str]:
+    """What keeps the deployed topology from being ready, one phrase each.
+    `entries`: the live registry (an entry past its TTL is already gone)."""
+    by_url = {e.get("url"): e for k, e in entries.items() if k.startswith(kv.WORKER_PREFIX)}
+    problems = []
+    for w in expected:
+        entry = by_url.get(w.url)
+        if entry is None:
+            problems.append(f"{w.name} ({w.url}) is not registered")
+        elif entry.get("health") != "healthy":
+            problems.append(f"{w.name} ({w.url}) is {entry.get('health')}")
+        elif members is not None and w.url not in members:
+            problems.append(f"{w.name} ({w.url}) is not in the router (the router does not list it)")
+    return problems
+
+
+async def status(server: str, user: str, password: str | None, router: str | None, expected: list[Expected],
+                 router_metrics: str | None = None) -> Status:  # fmt: skip
+    router_health = "unknown"
+    if router:
+        router_health = await asyncio.to_thread(kv.probe, router)
+    try:
+        nc = await asyncio.wait_for(kv.connect(server, user, password, reconnect=False), 5)
+    except Exception as e:
+        error = f"NATS at {server} refused or unreachable: {kv.describe(e)}"
+        return Status(nats=error, router=router_health, error=error)
+    try:
+        entries = await kv.read_all(await kv.bucket(nc))
+    except Exception as e:
+        error = f"NATS at {server}: registry unreadable: {kv.describe(e)}"
+        return Status(nats=error, router=router_health, error=error)
+    finally:
+        await asyncio.wait_for(nc.close(), kv.NATS_TIMEOUT)
+    age = kv.ages(entries)
+    values = {k: e.value for k, e in entries.items()}
+    router_state = values.get(kv.ROUTER_KEY)
+    members = router_state.get("members") if router_state else None
+    names = {w.url: w.name for w in expected}
+    routed = metrics.per_worker(
+        await asyncio.to_thread(metrics.scrape, router_metrics) if router_metrics else None,
+        "vllm_router_processed_requests_total",
+    )
+    workers = []
+    for key, e in sorted(values.items(), key=lambda kv_: (kv_[1].get("role", ""), kv_[1].get("index", 0))):
+        if not key.startswith(kv.WORKER_PREFIX):
+            continue
+        running = None
+        if e.get("health") == "healthy":
+            text = await asyncio.to_thread(metrics.scrape, f"{e['url']}/metrics")
+            running = metrics.total(text, "vllm:num_requests_running")
+        workers.append({
+            **e,
+            "name": names.get(e["url"], f"{e.get('role')}-{e.get('index')}"),
+            "heartbeat_age_s": round(age[key], 1),
+            "in_router": None if members is None else e["url"] in members,
+            "routed": routed.get(e["url"]),
+            "running": running,
+        })  # fmt: skip
+    problems = assess(expected, values, members)
+    if router and router_health != "healthy":
+        problems.insert(0, f"router at {router} is {router_health}")
+    if expected and router_state is None:
+        problems.append("the router sync has not reported (disagg-registry-sync on the head)")
+    elif expected and members is None:
+        problems.append(f"the router's own view is unknown: {router_state.get('view_error')}")
+    return Status(nats="healthy", router=router_health, workers=workers, members=members, problems=problems)
+
+
+async def wait_ready(server: str, user: str, password: str | None, router: str | None, expected: list[Expected],
+                     timeout: float, interval: float = 2.0, **kw) -> Status:  # fmt: skip
+    """Poll until ready or timeout; an unreadable registry is retried too
+    (the gate may run while NATS restarts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = await status(server, user, password, router, expected, **kw)
+        if current.ready or time.monotonic() >= deadline:
+            return current
+        await asyncio.sleep(interval)
+
+
+def table(current: Status) -> str:
+    """The status as an operator reads it."""
+    head = ("worker", "host", "GPUs", "url", "health", "heartbeat", "in router", "routed", "running")
+    rows = [head]
+    for w in current.workers:
+        rows.append((
+            w["name"],
+            w.get("host", ""),
+            ",".join(map(str, w.get("gpus", []))),
+            w["url"],
+            w.get("health", ""),
+            f"{w['heartbeat_age_s']:.0f} s ago",
+            {None: "?", True: "yes", False: "no"}[w["in_router"]],
+            "" if w["routed"] is None else f"{w['routed']:g}",
+            "" if w["running"] is None else f"{w['running']:g}",
+        ))  # fmt: skip
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    lines = [f"NATS: {current.nats}    router: {current.router}"]
+    lines += ["  ".join(str(c).ljust(n) for c, n in zip(r, widths)).rstrip() for r in rows]
+    if not current.workers:
+        lines.append("(no worker registered)")
+    if current.error:
+        lines.append(f"unknown: {current.error}")
+    else:
+        lines.append("ready" if current.ready else "not ready: " + "; ".join(current.problems))
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Router membership on the head: the healthy workers of the registry go to
+vllm-router, and what the router itself reports routing to goes back into
+the registry (key `router`) for `status` and the readiness gate.
+
+Serving must not depend on the control plane: the discovery messages are
+sent every second from memory by their own task, whatever NATS does. While
+NATS is unreachable the last members stay (they survive a restart of the
+sync in its state file). Every second each member's /health is also asked
+from here: one whose port refuses connections (its process is gone, as
+after a crash) is no longer sent, without waiting for its heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from . import kv
+from .routerview import DiscoveryLog, aggregated_members
+
+
+def discovery_message(entry: dict) -> dict:
+    return {
+        "type": kv.DISCOVERY_TYPE[entry["role"]],
+        "http_address": kv.hostport(entry["url"]),
+        "zmq_address": entry["zmq"],
+    }
+
+
+class Members:
+    """The workers the router should have, by URL; kept in a state file so
+    that a sync restarted while NATS is down still knows them."""
+
+    def __init__(self, state_file: str | None):
+        self.path = Path(state_file) if state_file else None
+        self.entries: dict[str, dict] = {}
+        # URLs whose port refused the last direct probe
+        self.gone: set[str] = set()
+        if self.path and self.path.exists():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except ValueError:
+                self.entries = {}
+
+    def routable(self) -> list[dict]:
+        return [e for url, e in self.entries.items() if url not in self.gone]
+
+    def replace(self, entries: dict[str, dict]) -> None:
+        if entries == self.entries:
+            return
+        for url in sorted(set(entries) - set(self.entries)):
+            kv.log(f"member: + {entries[url]['role']} {url}")
+        for url in sorted(set(self.entries) - set(entries)):
+            kv.log(f"member: - {self.entries[url]['role']} {url}")
+        self.entries = entries
+        if self.path:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, self.path)
+
+
+async def sync(server: str, user: str, password: str | None, router: str, mode: str, discovery: str | None,
+               router_log: str | None = None, state_file: str | None = None,
+               interval: float = kv.SYNC_INTERVAL) -> None:  # fmt: skip
+    stop = kv.stop_event()
+    members = Members(state_file)
+    roles = set(kv.DISCOVERY_TYPE) if mode == "pd" else {"baseline"}
+    view = DiscoveryLog(router_log or "journal:disagg-router.service") if mode == "pd" else None
+    send = _send_discovery(discovery, members, stop, interval) if mode == "pd" else _reconcile(router, members, stop, interval)
+    tasks = [send, _watch_health(members, stop, interval),
+             _registry(server, user, password, router, mode, roles, members, view, stop, interval)]  # fmt: skip
+    if view:
+        tasks.append(view.follow(stop))
+    await asyncio.gather(*tasks)
+
+
+async def _send_discovery(address: str, members: Members, stop: asyncio.Event, interval: float) -> None:
+    """vllm-router forgets a discovered instance ~5 s after its last message:
+    re-send every member every interval, from memory only."""
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    # queue nothing for a router that is not connected: a send then fails
+    # instead of vanishing, and the log says so
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(f"tcp://{address}")
+    complain = kv.Complaint()
+    try:
+        while not stop.is_set():
+            try:
+                for entry in members.routable():
+                    sock.send(msgpack.packb(discovery_message(entry)), zmq.NOBLOCK)
+                complain(None, recovered=f"router discovery at {address} takes messages again")
+            except zmq.Again:
+                complain(f"router discovery at {address} is not connected: nothing sent")
+            await kv.sleep(stop, interval)
+    finally:
+        sock.close()
+
+
+async def _watch_health(members: Members, stop: asyncio.Event, interval: float) -> None:
+    """Ask every member's /health from here; a refused connection (the
+    worker's process is gone) stops sending it within a second."""
+    while not stop.is_set():
+        urls = list(members.entries)
+        health = await asyncio.gather(*(asyncio.to_thread(kv.probe, url, 1.0) for url in urls))
+        gone = {url for url, h in zip(urls, health) if h == "refused"}
+        for url in sorted(gone ^ members.gone):
+            kv.log(f"{url}: {'connection refused: no longer sent' if url in gone else 'answers again'}")
+        members.gone = gone
+        await kv.sleep(stop, interval)
+
+
+async def _reconcile(router: str, members: Members, stop: asyncio.Event, interval: float) -> None:
+    """Regular (aggregated) mode: /add_worker and /remove_worker until the
+    router's own list equals the members."""
+    complain = kv.Complaint()
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(_reconcile_once, router, {e["url"] for e in members.routable()})
+            complain(None, recovered=f"router at {router} reconciled again")
+        except Exception as e:  # the router restarting
+            complain(f"router sync failed: {kv.describe(e)}")
+        await kv.sleep(stop, interval)
+
+
+def _reconcile_once(router: str, wanted: set[str]) -> None:
+    have = set(aggregated_members(router))
+    for path, urls in (("add_worker", wanted - have), ("remove_worker", have - wanted)):
+        for url in sorted(urls):
+            query = urllib.parse.urlencode({"url": url})
+            with urllib.request.urlopen(urllib.request.Request(f"{router}/{path}?{query}", method="POST"), timeout=5):
+                pass
+            kv.log(f"{path} {url}")
+
+
+async def _registry(server: str, user: str, password: str | None, router: str, mode: str, roles: set[str],
+                    members: Members, view: DiscoveryLog | None, stop: asyncio.Event, interval: float) -> None:  # fmt: skip
+    """Read the registry into members; publish the router's own view."""
+    try:
+        nc = await kv.connect(server, user, password, stop=stop)
+    except kv.Stopped:
+        return
+    store = None
+    read_failed, publish_failed = kv.Complaint(), kv.Complaint()
+    try:
+        while not stop.is_set():
+            try:
+                store = store or await kv.bucket(nc)
+                entries = await kv.read_all(store)
+                members.replace({e.value["url"]: e.value for k, e in entries.items()
+                                 if k.startswith(kv.WORKER_PREFIX) and e.value.get("role") in roles
+                                 and e.value.get("health") == "healthy"})  # fmt: skip
+                read_failed(None, recovered="registry readable again")
+            except Exception as e:
+                read_failed(f"registry unreadable, keeping the last {len(members.entries)} members: "
+                            f"{kv.describe(e)}")  # fmt: skip
+            state = await asyncio.to_thread(_router_state, router, mode, view)
+            try:
+                if store is None:
+                    raise RuntimeError("no registry bucket")
+                await kv.put(store, kv.ROUTER_KEY, {**state, "sending": sorted(e["url"] for e in members.routable())})
+                publish_failed(None)
+            except Exception as e:
+                publish_failed(f"cannot publish the router's view: {kv.describe(e)}")
+            await kv.sleep(stop, interval)
+    finally:
+        await asyncio.wait_for(nc.close(), kv.NATS_TIMEOUT)
+
+
+def _router_state(router: str, mode: str, view: DiscoveryLog | None) -> dict:
+    """The router's own account of its members: None where it cannot be had
+    (and why); [] when the router does not answer at all."""
+    state = {"router": router, "mode": mode, "members": None, "view_error": None}
+    if kv.probe(router) in ("down", "refused"):
+        state.update(members=[], view_error=f"the router at {router} does not answer")
+    elif view is not None:
+        state.update(members=view.view(), view_error=view.error)
+    else:
+        try:
+            state["members"] = aggregated_members(router)
+        except Exception as e:
+            state["view_error"] = f"GET {router}/workers failed: {kv.describe(e)}"
+    return state

