@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import results
-from .extras import tool
+from .extras import run_logged, tool
 from .topology import Topology, TopologyError
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
@@ -32,6 +31,8 @@ class Traffic:
     requests_per_concurrency: int = 10
     warmup_requests: int = 2
     seed: int = 0
+    # seconds one aiperf run (one concurrency) may take before it is stopped
+    run_timeout: float = 3600
 
 
 @dataclass
@@ -185,21 +186,20 @@ def sweep(
         progress(f"[{i}/{len(concurrencies)}] {topology.label} concurrency {concurrency}: {requests} requests")
         start = time.monotonic()
         out.mkdir()
-        with open(out / "aiperf.log", "w") as log:
-            code = subprocess.run(
-                aiperf_command(binary, target, traffic, concurrency, out),
-                stdout=log, stderr=subprocess.STDOUT,
-            ).returncode  # fmt: skip
+        code = run_logged(aiperf_command(binary, target, traffic, concurrency, out), out / "aiperf.log",
+                          traffic.run_timeout)  # fmt: skip
         entry = {"concurrency": concurrency, "seconds": round(time.monotonic() - start, 1)}
         export = results.read_export(out)
-        if code or export is None:
+        if code is None:
+            entry["error"] = f"aiperf timed out after {traffic.run_timeout:.0f} s (see {out / 'aiperf.log'})"
+        elif code or export is None:
             tail = (out / "aiperf.log").read_text().strip().splitlines()[-1:] or ["no output"]
             entry["error"] = f"aiperf exited {code}: {tail[0][:300]}"
         elif results.error_count(export):
             entry["error"] = f"{results.error_count(export)} failed requests: {json.dumps(export.get('error_summary'))[:300]}"
         provenance["runs"].append(entry)
         provenance["finished"] = datetime.now(timezone.utc).isoformat()
-        (run_dir / results.PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        results.write_atomic(run_dir / results.PROVENANCE, json.dumps(provenance, indent=2) + "\n")
         r = results.row(topology.label, concurrency, export, run_id, entry.get("error"))
         progress(
             f"    {entry['seconds']:.0f} s, {r['status']}: "

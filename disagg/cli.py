@@ -91,7 +91,10 @@ def testhosts_down() -> None:
     """Stop the hosts and remove everything `up` created."""
     from . import testhosts as th
 
-    th.TestHosts().down()
+    try:
+        th.TestHosts().down()
+    except th.HarnessError as e:
+        _fail(e)
     click.echo("test hosts down")
 
 
@@ -236,7 +239,7 @@ def plan(model, system, inventory_path, gpus, gpus_per_host, isl, osl, sla_token
         _fail(e)
     result = planner.as_dict(request, candidates, seconds, out / "aiconfigurator")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
+    results.write_atomic(out / "plan.json", json.dumps(result, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -4,15 +4,21 @@ for the CLI's sweep, the local stack script and the end-to-end tests."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 # the deploy files beside the package (a source checkout, as pyinfra needs them)
 DEPLOYS = Path(__file__).resolve().parent.parent / "deploys"
+# longer than any deploy should take (a 70B model's first download and load
+# is bounded by the health timeout, 1800 s): a hung SSH session ends here
+DEPLOY_TIMEOUT = 7200
 
 
 class DeployError(RuntimeError):
@@ -27,10 +33,11 @@ class DeployRun:
 
 
 def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff: bool = False,
-               progress: bool = False, limit: str | None = None) -> DeployRun:  # fmt: skip
+               progress: bool = False, limit: str | None = None, timeout: float = DEPLOY_TIMEOUT) -> DeployRun:  # fmt: skip
     """Run `pyinfra INVENTORY DEPLOY` as a user would, with --data key=value
-    overrides (and --limit); raise with pyinfra's output if it fails. With
-    progress, each operation's name is echoed to stderr as it starts."""
+    overrides (and --limit); raise with pyinfra's output if it fails or
+    takes longer than timeout seconds. With progress, each operation's name
+    is echoed to stderr as it starts."""
     args = [sys.executable, "-m", "pyinfra", inventory, deploy, "--dry" if dry else "-y"]
     args += ["--diff"] if diff else ["--json"]
     for item in data:
@@ -40,17 +47,25 @@ def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff:
     start = time.monotonic()
     # stdout to a file: with --json it is one document; the log streams on stderr
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, text=True)
+        # its own process group: on timeout it goes with its SSH children
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        watchdog = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+        watchdog.start()
         log = []
-        for line in proc.stderr:
-            log.append(line)
-            if progress and line.startswith("--> Starting operation:"):
-                print(f"    {line[len('--> Starting operation:'):].strip()}", file=sys.stderr, flush=True)
-        proc.wait()
+        try:
+            for line in proc.stderr:
+                log.append(line)
+                if progress and line.startswith("--> Starting operation:"):
+                    print(f"    {line[len('--> Starting operation:'):].strip()}", file=sys.stderr, flush=True)
+            proc.wait()
+        finally:
+            watchdog.cancel()
         out.seek(0)
         stdout = out.read()
     seconds = time.monotonic() - start
     stderr = "".join(log)
+    if proc.returncode == -signal.SIGKILL and seconds >= timeout:
+        raise DeployError(f"{' '.join(args[2:])} timed out after {timeout:.0f} s:\n{stderr[-6000:]}")
     if proc.returncode:
         raise DeployError(f"{' '.join(args[2:])} failed:\n{stdout[-6000:]}\n{stderr[-6000:]}")
     changed: dict[str, list[str]] = {}

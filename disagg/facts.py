@@ -128,20 +128,28 @@ class HttpStatus(FactBase):
 
 
 class UnitState(FactBase):
-    """Whether a systemd unit is active and whether it is enabled, in one
+    """Whether a systemd unit is active, whether it is enabled, and whether
+    any of `paths` (its unit and env files) changed after it started, i.e.
+    it runs an old definition (a rolling restart that did not finish). One
     round trip (pyinfra's SystemdStatus and SystemdEnabled take one each)."""
 
-    def command(self, unit: str) -> str:
+    def command(self, unit: str, paths: tuple[str, ...] = ()) -> str:
         q = shlex.quote(unit)
-        return f"echo $(systemctl is-active {q} 2>/dev/null) $(systemctl is-enabled {q} 2>/dev/null)"
+        newer = ""
+        if paths:
+            files = " ".join(map(shlex.quote, paths))
+            newer = (f"; started=$(date -d \"$(systemctl show -p ActiveEnterTimestamp --value {q})\" +%s 2>/dev/null)"
+                     f"; for f in {files}; do [ -n \"$started\" ] && [ -e \"$f\" ] && "
+                     f"[ \"$(stat -c %Y \"$f\")\" -gt \"$started\" ] && echo outdated; done; true")  # fmt: skip
+        return f"echo $(systemctl is-active {q} 2>/dev/null) $(systemctl is-enabled {q} 2>/dev/null){newer}"
 
     @staticmethod
     def default():
-        return {"active": False, "enabled": False}
+        return {"active": False, "enabled": False, "outdated": False}
 
     def process(self, output):
         words = " ".join(output).split()
-        return {"active": "active" in words, "enabled": "enabled" in words}
+        return {"active": "active" in words, "enabled": "enabled" in words, "outdated": "outdated" in words}
 
 
 class EnvFileValue(FactBase):

@@ -42,7 +42,7 @@ class Load:
     stop(). Use as a context manager; `at()` is the load's own clock."""
 
     def __init__(self, url: str, model: str, concurrency: int = 6, max_tokens: int = 8,
-                 timeout: float = 120, prompt: str = "Tell me a story.") -> None:  # fmt: skip
+                 timeout: float = 120, prompt: str = "Tell me a story.", pause: float = 0.0) -> None:  # fmt: skip
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or 80
         self.body = json.dumps({
@@ -53,7 +53,8 @@ class Load:
             "ignore_eos": True,
             "stream": True,
         })  # fmt: skip
-        self.concurrency, self.timeout = concurrency, timeout
+        # seconds each client waits between its requests (0: back to back)
+        self.concurrency, self.timeout, self.pause = concurrency, timeout, pause
         self.result = LoadResult()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -89,8 +90,8 @@ class Load:
                     self.result.ok += 1
                 else:
                     self.result.failures.append((round(self.at(), 2), reason))
-            if reason is not None:
-                time.sleep(0.05)  # a refused request returns at once: do not spin
+            # a refused request returns at once: do not spin
+            self._stop.wait(self.pause if reason is None else max(self.pause, 0.05))
 
     def _one(self) -> str | None:
         """None when the request succeeded, else why not."""

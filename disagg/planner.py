@@ -13,14 +13,16 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
 
-from .extras import tool
+from .extras import run_logged, tool
 from .topology import Cluster, Host, Topology, TopologyError, place
+
+# it takes 17-40 s on a 2-core machine
+AICONFIGURATOR_TIMEOUT = 900
 
 AIC_VERSION = "0.12.0"
 MODES = ("disagg", "agg")
@@ -192,10 +194,12 @@ def run(request: Request, save_dir: Path) -> tuple[list[Candidate], float]:
     check_supported(request.model, request.system)
     save_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    with open(save_dir / "aiconfigurator.log", "w") as log:
-        command = aiconfigurator_command(binary, request, save_dir)
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    code = run_logged(aiconfigurator_command(binary, request, save_dir), save_dir / "aiconfigurator.log",
+                      AICONFIGURATOR_TIMEOUT)  # fmt: skip
     seconds = time.monotonic() - start
+    if code is None:
+        raise TopologyError(f"aiconfigurator ran past {AICONFIGURATOR_TIMEOUT} s and was stopped; see "
+                            f"{save_dir / 'aiconfigurator.log'}")  # fmt: skip
     if code:
         lines = [line for line in (save_dir / "aiconfigurator.log").read_text().splitlines() if "[E]" in line or "error" in line]
         raise TopologyError(f"aiconfigurator exited {code}: {(lines or ['see ' + str(save_dir / 'aiconfigurator.log')])[-1][:300]}")

@@ -4,6 +4,7 @@ the best layout per label at an SLA, from recorded runs only."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,9 +120,11 @@ def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    path.with_suffix(".json").write_text(json.dumps(shown, indent=2) + "\n")
+    os.replace(tmp, path)
+    results.write_atomic(path.with_suffix(".json"), json.dumps(shown, indent=2) + "\n")
     return shown
 
 

