@@ -194,7 +194,11 @@ def roll(wave: Sequence[Rolling]):
     jobs = []
     for w in wave:
         state = host.get_fact(UnitState, unit=f"{w.unit}.service", paths=w.paths)
-        if not state["active"] or not (state["outdated"] or changed(w.changed_by)):
+        # pyinfra runs this once to plan (files not written yet: will they
+        # change?) and again to execute, when a unit that unit_running just
+        # started is not outdated but one running since before is
+        planning = not all(op.is_complete() for op in w.changed_by)
+        if not state["active"] or not (state["outdated"] or (planning and changed(w.changed_by))):
             continue  # not running (unit_running starts it), or running as wanted
         if w.warning:
             logger.warning(f"{host.print_prefix}{w.warning}")
