@@ -19,7 +19,7 @@ from pyinfra.operations import files, pip, server
 
 from disagg import settings as S
 from disagg import units
-from disagg.facts import HttpStatus, ManagedUnits, UnitState
+from disagg.facts import FileStates, HttpStatus, ManagedUnits, UnitState
 from disagg.wheelhouse import ensure as wheelhouse_ensure
 
 WHEELHOUSE = f"{S.OPT_DIR}/wheelhouse"
@@ -32,12 +32,34 @@ def changed(ops: Sequence[OperationMeta]) -> bool:
 
 
 def put_files(rendered: dict[str, str], mode: str = "644") -> list[OperationMeta]:
-    """Upload rendered files ({path: content}); pyinfra compares sha1 sums,
-    so only changed files are written, and --diff shows their diff."""
-    return [
-        files.put(name=f"Write {path}", src=StringIO(text), dest=path, mode=mode)
-        for path, text in rendered.items()
-    ]
+    """Upload rendered files ({path: content}) as one operation: only
+    changed files are written, and --diff shows their diff."""
+    paths = list(rendered)
+    more = f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""
+    return [files_in_place(name=f"Write {paths[0]}{more}", rendered=rendered, mode=mode)]
+
+
+@operation()
+def files_in_place(rendered: dict[str, str], mode: str = "644"):
+    """
+    Write files whose content or mode differ from `rendered`. Their
+    checksums and modes are read in one round trip (files.put reads two
+    facts per file), and each file that differs is written by files.put,
+    which prints its diff with --diff.
+
+    **Example:**
+
+    .. code:: python
+
+        files_in_place(rendered={"/etc/disagg/x.env": "A=1\\n"}, mode="644")
+    """
+    have = host.get_fact(FileStates, paths=tuple(rendered))
+    for path, text in rendered.items():
+        current = have.get(path)
+        if current is None or current["sha1"] != hashlib.sha1(text.encode()).hexdigest():
+            yield from files.put._inner(src=StringIO(text), dest=path, mode=mode)
+        elif current["mode"] != mode:
+            yield f"chmod {mode} {shlex.quote(path)}"
 
 
 def service_user(user: str, home: str) -> OperationMeta:

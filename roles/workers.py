@@ -1,7 +1,7 @@
 """One systemd unit per vLLM worker placed on this host, from one template,
-with its registry heartbeat companion. New workers start together; workers
-whose unit or env file changed are restarted in rolling waves, never more
-than max_unavailable of a role out of the router at a time."""
+with its registry heartbeat companion. New workers start together; running
+workers whose unit or env file changed are restarted in rolling waves, never
+more than max_unavailable of a role out of the router at a time."""
 
 import shlex
 
@@ -30,14 +30,16 @@ def workers(plan: Plan, runtime: list[OperationMeta]):
     for w in mine:
         # a companion alone restarting leaves its worker in the router
         unit_running(name=f"Run {w.agent_unit}", unit=w.agent_unit, changed_by=[*runtime, *companion[w.unit]])
-    for w in mine:
-        wait_healthy(name=f"{w.unit} healthy", unit=w.unit, url=f"{w.url}/health", timeout=plan.settings.health_timeout)
+    # before the health gates: a running worker whose port moved (a
+    # relabel) answers at its new URL only once it is rolled
     waves = plan.waves()
     for k, wave in enumerate(waves, 1):
         roll(
             name=f"Rolling restart {k}/{len(waves)}: {', '.join(w.name for w in wave)}",
             wave=[_rolling(plan, w, written[w.unit]) for w in wave if w.host == host.name],
         )
+    for w in mine:
+        wait_healthy(name=f"{w.unit} healthy", unit=w.unit, url=f"{w.url}/health", timeout=plan.settings.health_timeout)
 
 
 def _rolling(plan: Plan, w: Worker, changed_by: list[OperationMeta]) -> Rolling:

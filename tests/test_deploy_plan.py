@@ -35,7 +35,7 @@ def test_disagg_deploy_order_on_the_head():
     first = {key: next(i for i, n in enumerate(names) if key in n)
              for key in ("NVIDIA driver", "Run disagg-nats", "NATS JetStream healthy", "Install vllm==",
                          "Remove units of other layouts", "Run disagg-context-0", "Run disagg-context-0-agent",
-                         "disagg-context-3 healthy", "Rolling restart 1/4", "Rolling restart 4/4",
+                         "Rolling restart 1/4", "Rolling restart 4/4", "disagg-context-3 healthy",
                          "Run disagg-router", "Run disagg-registry-sync", "Every worker registered")}  # fmt: skip
     assert list(first) == sorted(first, key=first.get)
     # all context workers start before the first health wait, so they load together

@@ -1,12 +1,13 @@
 """GPU facts parsed from output captured on a real NVIDIA host, and our unit
 facts run in a real shell."""
 
+import hashlib
 import os
 import subprocess
 
 from fakehosts import FIXTURES, fixture_output
 
-from disagg.facts import UnitState, parse_driver_version, parse_pci, parse_query_gpu
+from disagg.facts import FileStates, UnitState, parse_driver_version, parse_pci, parse_query_gpu
 from roles.nvidia_driver import skip_reason
 
 
@@ -81,3 +82,18 @@ def test_unit_state_sees_files_changed_after_the_unit_started(tmp_path):
     assert state() == {"active": True, "enabled": True, "outdated": False}
     os.utime(env, (started + 30, started + 30))  # rewritten after the start: its roll did not finish
     assert state() == {"active": True, "enabled": True, "outdated": True}
+
+
+def test_file_states_reads_checksums_and_modes_of_many_files_at_once(tmp_path):
+    present, missing, spaced = tmp_path / "a.service", tmp_path / "b.env", tmp_path / "with space.env"
+    present.write_text("x\n")
+    present.chmod(0o644)
+    spaced.write_text("y\n")
+    spaced.chmod(0o600)
+    fact = FileStates()
+    out = subprocess.run(["sh", "-c", fact.command((str(present), str(missing), str(spaced)))],
+                         capture_output=True, text=True)  # fmt: skip
+    assert fact.process(out.stdout.splitlines()) == {
+        str(present): {"sha1": hashlib.sha1(b"x\n").hexdigest(), "mode": "644"},
+        str(spaced): {"sha1": hashlib.sha1(b"y\n").hexdigest(), "mode": "600"},
+    }
