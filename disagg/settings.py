@@ -89,6 +89,12 @@ class Settings:
     # long a worker out of the router may take to finish its requests
     max_unavailable: int = 1
     drain_timeout: int = 60
+    # preflight before the first change; disk the deploy needs on a worker
+    # host (the CUDA build of vLLM with its venv is ~10 GB; a hub model's
+    # size is unknown here, so only checked when given)
+    preflight: bool = True
+    venv_disk_gb: float = 20
+    model_disk_gb: float | None = None
     # a 70B model's first start downloads ~70 GB and loads it on every GPU
     health_timeout: int = 1800
 
@@ -144,6 +150,12 @@ class Settings:
 
 
 def _coerce(name: str, type_: str, raw: Any) -> Any:
+    if type_ == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("true", "1", "yes", "false", "0", "no"):
+            return str(raw).lower() in ("true", "1", "yes")
+        raise TopologyError(f"inventory data {name!r} = {raw!r} is not true or false; fix it in the inventory or --data")
     try:
         if "int" in type_ and "float" not in type_:
             return int(raw)

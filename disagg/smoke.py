@@ -35,6 +35,7 @@ def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: f
             return {
                 "text": answer["choices"][0]["message"]["content"],
                 "completion_tokens": answer["usage"]["completion_tokens"],
+                "prompt_tokens": answer["usage"]["prompt_tokens"],
             }
         text, usage, chunks = "", None, 0
         for raw in response:
@@ -46,7 +47,8 @@ def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: f
                 text += choice.get("delta", {}).get("content") or ""
                 chunks += 1
             usage = event.get("usage") or usage
-        return {"text": text, "completion_tokens": usage["completion_tokens"], "chunks": chunks}
+        return {"text": text, "completion_tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"],
+                "chunks": chunks}  # fmt: skip
 
 
 def counter(url: str, name: str, timeout: float = 10) -> float:

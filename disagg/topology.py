@@ -98,6 +98,8 @@ class Host:
     name: str
     address: str
     gpus: int
+    # the interface(s) UCX moves KV cache over (UCX_NET_DEVICES), per host
+    ucx_net_devices: str | None = None
 
 
 @dataclass(frozen=True)

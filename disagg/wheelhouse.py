@@ -17,11 +17,13 @@ _lock = threading.Lock()
 DOWNLOAD_TIMEOUT = 3600
 
 
-def ensure(directory: str, requirements: list[str]) -> Path:
-    """Download requirements with their dependencies into directory, once
-    per set of requirements (a marker file records a complete download)."""
+def ensure(directory: str, requirements: list[str], no_deps: bool = False) -> Path:
+    """Download requirements (with their dependencies unless no_deps) into
+    directory, once per set of requirements (a marker file records a
+    complete download)."""
     path = Path(directory).expanduser()
-    digest = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:12]
+    flags = ["--no-deps"] if no_deps else []
+    digest = hashlib.sha256("\n".join(sorted(requirements) + flags).encode()).hexdigest()[:12]
     marker = path / f".complete-{digest}"
     with _lock:
         if not marker.exists():
@@ -34,7 +36,7 @@ def ensure(directory: str, requirements: list[str]) -> Path:
             )
             try:
                 result = subprocess.run(
-                    [sys.executable, "-m", "pip", "download", "-q", "-d", str(path), *requirements],
+                    [sys.executable, "-m", "pip", "download", "-q", *flags, "-d", str(path), *requirements],
                     capture_output=True,
                     text=True,
                     timeout=DOWNLOAD_TIMEOUT,

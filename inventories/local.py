@@ -6,15 +6,16 @@ roles as on GPUs; only this data differs:
     disagg testhosts up
     pyinfra inventories/local.py deploys/disagg.py -y
 
-`gpus` counts worker slots here (CPU hosts have no GPUs). NIXL does not run
-on CPU, so the KV connector is vLLM's ExampleConnector, which loads on CPU;
-with no storage shared between the hosts the generate worker recomputes the
-prefill.
+`gpus` counts worker slots here (CPU hosts have no GPUs). The KV cache
+moves from the context to the generate host through NIXL, as on GPUs: its
+UCX backend over TCP, the cache registered as host memory.
 """
 
 from disagg import testhosts
 
 _ssh = {
+    # the test hosts' one interface: UCX moves the KV cache over it
+    "ucx_net_devices": "eth0",
     "ssh_user": "root",
     "ssh_key": str(testhosts.KEY),
     "ssh_known_hosts_file": "/dev/null",
@@ -47,13 +48,13 @@ all = (
         # one OpenMP thread each, bound to no core: several engines share the
         # test machine's cores, and bound spinning threads starve the others
         "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                       "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        "kv_transfer_config": {
-            "kv_connector": "ExampleConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": "/var/lib/disagg/kv"},
-        },
+                       "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                       "UCX_TLS": "tcp,self"},
+        # NIXL on CPU: the KV cache registered as host memory, UCX over TCP
+        "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"},
         "health_timeout": 900,
+        # the venv of vllm-cpu with torch is ~3.5 GB
+        "venv_disk_gb": 5,
         # the tests' short prompts share most of their text (the chat
         # template), so the default cache_aware policy sends them all to one
         # context worker

@@ -69,29 +69,39 @@ def service_user(user: str, home: str) -> OperationMeta:
     )
 
 
-def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = ()) -> None:
-    """A venv at a fixed path with pinned packages. With data `wheelhouse` (a
-    directory on the controller) the packages are downloaded there once,
-    pushed to the host and installed from it alone (`--no-index`). The venv
-    is read once: when it is as wanted, nothing else runs (pip is slow to ask)."""
+def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = (),
+                    no_deps: Sequence[str] = ()) -> None:  # fmt: skip
+    """A venv at a fixed path with pinned packages, then `no_deps` pinned
+    packages installed without their dependencies (nixl's meta package would
+    pull a CUDA build of torch). With data `wheelhouse` (a directory on the
+    controller) the packages are downloaded there once, pushed to the host
+    and installed from it alone (`--no-index`). The venv is read once: when
+    it is as wanted, nothing else runs (pip is slow to ask)."""
     have = {_pep503(k): v for k, v in host.get_fact(PipPackages, pip=f"{venv}/bin/pip").items()}
-    missing = [p for p in packages if p.partition("==")[2] not in have.get(_pep503(p.partition("==")[0]), [])]
+
+    def missing(wanted: Sequence[str]) -> list[str]:
+        return [p for p in wanted if p.partition("==")[2] not in have.get(_pep503(p.partition("==")[0]), [])]
+
     unwanted = [p for p in remove if _pep503(p) in have]
-    if missing:
-        extra = None
-        wheelhouse = host.data.get("wheelhouse")
-        if wheelhouse:
-            local = wheelhouse_ensure(wheelhouse, list(packages))
-            files.sync(name=f"Push wheelhouse for {' '.join(packages)}", src=str(local), dest=WHEELHOUSE)
-            extra = f"--no-index --find-links {WHEELHOUSE}"
+    install = [(group, flags) for group, flags in ((list(packages), ""), (list(no_deps), "--no-deps"))
+               if group and missing(group)]  # fmt: skip
+    index = ""
+    wheelhouse = host.data.get("wheelhouse")
+    if install and wheelhouse:
+        for group, flags in install:
+            local = wheelhouse_ensure(wheelhouse, group, no_deps=bool(flags))
+        files.sync(name=f"Push wheelhouse for {' '.join(p for g, _ in install for p in g)}", src=str(local),
+                   dest=WHEELHOUSE)  # fmt: skip
+        index = f"--no-index --find-links {WHEELHOUSE}"
+    for group, flags in install:
         pip.packages(
-            name=f"Install {' '.join(packages)} into {venv}",
-            packages=list(packages),
+            name=f"Install {' '.join(group)} into {venv}{' without dependencies' if flags else ''}",
+            packages=group,
             virtualenv=venv,
             virtualenv_kwargs={"venv": True, "python": "python3"},
-            extra_install_args=extra,
+            extra_install_args=" ".join(a for a in (index, flags) if a) or None,
         )
-    if remove and (missing or unwanted):
+    if remove and (install or unwanted):
         pip.packages(
             name=f"Remove {' '.join(remove)} from {venv}",
             packages=list(remove),

@@ -17,6 +17,9 @@ DEFAULTS = {
     "vllm_system_packages": [],
     # packages the engine package pulls in but that break it (CPU build: torchvision & co)
     "vllm_remove_packages": [],
+    # NIXL for the NixlConnector, without dependencies: the `nixl` meta
+    # package alone pulls both CUDA 12 and 13 builds and an unpinned torch
+    "nixl_packages": ["nixl==1.5.1", "nixl-cu12==1.5.1"],
     "hf_token": None,
 }
 
@@ -30,6 +33,7 @@ def vllm(plan: Plan):
         S.VLLM_VENV,
         [host.data.get("vllm_package")],
         remove=host.data.get("vllm_remove_packages"),
+        no_deps=host.data.get("nixl_packages"),
     )
     for path in (f"{S.STATE_DIR}/hf", S.MODELS_DIR):
         files.directory(name=f"Directory {path}", path=path, user=S.SERVICE_USER, group=S.SERVICE_USER, mode="755")

@@ -7,13 +7,14 @@ import urllib.error
 import urllib.request
 
 
-def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+def samples(text: str, name: str, **match: str) -> list[tuple[dict[str, str], float]]:
     """(labels, value) of every sample named `name` (a counter's sample
-    carries its `_total` suffix)."""
+    carries its `_total` suffix) whose labels include `match`."""
     from prometheus_client.parser import text_string_to_metric_families
 
     return [(s.labels, s.value) for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == name]  # fmt: skip
+            for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in match.items())]  # fmt: skip
 
 
 def scrape(url: str, timeout: float = 2.0) -> str | None:
@@ -25,9 +26,10 @@ def scrape(url: str, timeout: float = 2.0) -> str | None:
         return None
 
 
-def total(text: str | None, name: str) -> float | None:
-    """Sum of a metric's samples; None when it has none (or no text)."""
-    found = samples(text, name) if text else []
+def total(text: str | None, name: str, **match: str) -> float | None:
+    """Sum of a metric's samples (those with `match` labels); None when it
+    has none (or no text)."""
+    found = samples(text, name, **match) if text else []
     return sum(value for _, value in found) if found else None
 
 

@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from disagg import results, smoke
+from disagg import kvtransfer, results, smoke
 from disagg.agent import kv
-from disagg.deploy import run_deploy
+from disagg.deploy import DeployError, run_deploy
 from disagg.load import Load
 from disagg.plan import load_inventory, make_plan
 from disagg.testhosts import ssh
@@ -80,6 +81,37 @@ def test_converge_serves_through_the_router(deployment):
                                 "disagg-nats.service", "disagg-registry-sync.service",
                                 "disagg-router.service"]  # fmt: skip
     assert listed_units(H2) == ["disagg-generate-0-agent.service", "disagg-generate-0.service"]
+
+
+def test_kv_cache_moves_from_context_to_generate_over_nixl(deployment, figures):
+    """Prefill on a context worker, decode on the generate worker of the
+    other host, the prompt's KV cache transferred between them by NIXL:
+    what the generate worker itself counts."""
+    plan = deployment.ensure()
+    (generate,) = [w for w in plan.workers if w.role == "generate"]
+    context = [w for w in plan.workers if w.role == "context"]
+    assert {w.host for w in context} != {generate.host}  # across hosts
+    block = kvtransfer.block_size(generate.url)
+    before = kvtransfer.read([generate.url])
+    served = {w.url: smoke.counter(w.url, "vllm:request_success_total") for w in context}
+    prompt_tokens = 0
+    for i in range(4):  # round robin: both context workers
+        words = " ".join(f"w{i}x{j}" for j in range(60))
+        answer = smoke.chat(plan.router_url, MODEL, 4, prompt=f"{i}: {words}", stream=bool(i % 2))
+        assert answer["completion_tokens"] == 4
+        prompt_tokens += answer["prompt_tokens"]
+    moved = kvtransfer.delta(before, kvtransfer.read([generate.url]))
+    figures.append(f"NIXL on CPU, 4 requests ({prompt_tokens} prompt tokens): {moved}")
+    assert moved["failed_transfers"] == 0 and moved["bytes"] > 0 and moved["transfers"] >= 4
+    # the prompt came over the wire (or from its own prefix cache: the chat
+    # template), not from computing it again, but for at most a partial block each
+    assert moved["prompt_tokens_external"] + moved["prompt_tokens_local_cache"] + \
+        moved["prompt_tokens_local_compute"] == prompt_tokens
+    assert moved["prompt_tokens_local_compute"] <= 4 * block
+    assert moved["prompt_tokens_external"] >= prompt_tokens - 4 * block - moved["prompt_tokens_local_cache"]
+    assert moved["prompt_tokens_external"] > 0
+    # each context worker prefilled
+    assert all(smoke.counter(u, "vllm:request_success_total") > n for u, n in served.items())
 
 
 def test_nats_jetstream_auth_and_loopback_monitoring(deployment):
@@ -262,6 +294,12 @@ def test_bench_both_layouts_and_report(deployment, tmp_path):
     assert summary["label"] == "context_tp1dp2_generate_tp1dp1"
     assert [r["concurrency"] for r in summary["rows"]] == [1, 2]
     assert all(r["status"] == "ok" and r["output_token_throughput_per_gpu"] > 0 for r in summary["rows"])
+    # every run records what the generate worker received over NIXL
+    provenance = json.loads((Path(summary["run_dir"]) / "provenance.json").read_text())
+    assert provenance["kv_connector"] == "NixlConnector"
+    for run in provenance["runs"]:
+        moved = run["kv_transfer"]
+        assert moved["bytes"] > 0 and moved["failed_transfers"] == 0 and moved["prompt_tokens_external"] > 0
     deployment.ensure("deploys/baseline.py")
     summary = bench("--label-key", "baseline_label", "-o", str(tmp_path))
     assert summary["label"] == "baseline_tp1dp2" and len(summary["rows"]) == 2
@@ -310,6 +348,48 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
         assert ssh(H1, f"kill -0 {pid}", check=False).returncode == 0, f"teardown killed user process {pid}"
     assert 4333 in {int(m) for m in re.findall(r":(\d+)\s", ssh(H1, "ss -ltnH").stdout)}
     ssh(H1, f"kill {' '.join(sentinels)}")
+
+
+def preflight(*args: str) -> tuple[int, dict, float]:
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "disagg", "preflight", "-i", INVENTORY, "--json", *args],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr[-3000:]
+    return out.returncode, json.loads(out.stdout), time.monotonic() - start
+
+
+def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, timings):
+    plan = deployment.ensure("deploys/teardown.py")
+    code, report, seconds = preflight()
+    timings["preflight on clean hosts"] = seconds
+    assert code == 0, report["problems"]
+    assert any("no NVIDIA GPU on the PCI bus" in s for s in report["skipped"])  # CPU hosts: gpus not checkable
+    (generate,) = [w for w in plan.workers if w.role == "generate"]
+    blocked = next(w for w in plan.workers if w.role == "context")
+    # a foreign process on the generate worker's port, and the side channel
+    # of a context worker firewalled in its host's network namespace
+    squatter = ssh(H2, f"setsid python3 -m http.server {generate.http_port} --bind {generate.address} "
+                       ">/dev/null 2>&1 < /dev/null & echo $!").stdout.strip()  # fmt: skip
+    rule = ["-p", "tcp", "--dport", str(blocked.nixl_port), "-j", "REJECT"]
+    subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-I", "INPUT", *rule], check=True)
+    try:
+        time.sleep(1)
+        code, report, _ = preflight()
+        lines = [p["line"] for p in report["problems"]]
+        assert code == 1 and len(lines) == 2, lines
+        assert lines[0].startswith(f"{generate.host}: port {generate.http_port}: python3 (pid {squatter}")
+        assert lines[1] == (f"{generate.host}: fabric: cannot open TCP to {blocked.name}'s NIXL side channel "
+                            f"{blocked.address}:{blocked.nixl_port} on {blocked.host}; check the address (the host's "
+                            "routable one), firewalls and routes between the hosts")  # fmt: skip
+        # the deploy runs the same checks first, and changes nothing
+        with pytest.raises(DeployError) as failed:
+            run_deploy(INVENTORY, "deploys/disagg.py", timeout=300)
+        assert "preflight found 2 problem(s); nothing was changed" in str(failed.value)
+        for host in (H1, H2):
+            assert listed_units(host) == [] and unit_files(host) == []
+    finally:
+        subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-D", "INPUT", *rule], check=False)
+        ssh(H2, f"kill {squatter}", check=False)
 
 
 def sweep(out, *args: str) -> subprocess.CompletedProcess:
