@@ -369,7 +369,7 @@ def test_leave_takes_a_worker_out_of_the_router_then_drains_it(nats, agents, wor
     took = time.monotonic() - start
     assert out.returncode == 0, out.stderr
     assert router.said(f"Remove Prefill [HTTP:{leaving.url.removeprefix('http://')}")
-    assert 8 <= took < 20 and "out of the router after" in out.stderr and "drained 2 requests" in out.stderr
+    assert 8 <= took < 30 and "out of the router after" in out.stderr and "drained 2 requests" in out.stderr
     current = look(nats.url, expect(workers), router.url)
     assert leaving.url not in current.members and f"context-0 ({leaving.url}) is not registered" in current.problems
 
