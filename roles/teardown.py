@@ -14,7 +14,8 @@ from roles.ops import prune_units
 @deploy("disagg teardown")
 def teardown(purge: bool = False):
     prune_units(name="Stop and remove disagg units", keep=[])
-    for path in (units.NATS_CONF, units.NATS_SECRET_ENV, S.HF_TOKEN_ENV):
+    # the sync's members belong to the layout that ends here
+    for path in (units.NATS_CONF, units.NATS_SECRET_ENV, S.HF_TOKEN_ENV, S.SYNC_STATE):
         files.file(name=f"Remove {path}", path=path, present=False)
     if not purge:
         return

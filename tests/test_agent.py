@@ -7,6 +7,7 @@ what is under test is membership, not inference."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -342,6 +343,37 @@ def test_a_sync_restarted_while_nats_is_down_keeps_the_members(nats, agents, wor
                "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"))  # fmt: skip
     time.sleep(kv.ROUTER_FORGETS_AFTER + 3)
     assert not router.said("Remove")
+
+
+def test_a_baseline_member_left_in_the_state_file_is_not_sent_to_a_pd_router(nats, agents, workers, router):
+    # what a relabel from the baseline leaves behind on the head
+    stale = {"http://127.0.0.1:1": {"role": "baseline", "index": 0, "host": "node1", "url": "http://127.0.0.1:1",
+                                    "gpus": [0], "label": "baseline_tp1dp1", "model": "m", "health": "healthy"}}  # fmt: skip
+    (agents.tmp / "members.json").write_text(json.dumps(stale))
+    sync = start_layout(agents, workers, router)
+    until(lambda: look(nats.url, expect(workers), router.url).ready, 20, "ready")
+    assert sync.poll() is None and "127.0.0.1:1" not in router.log.read_text()
+
+
+def test_a_failing_loop_ends_the_agent_instead_of_hanging_it():
+    async def main():
+        stop = asyncio.Event()
+
+        async def fails():
+            await asyncio.sleep(0.2)
+            raise KeyError("boom")
+
+        async def connecting():  # nats-py connecting to a port nobody listens on
+            with contextlib.suppress(kv.Stopped):
+                await kv.connect(f"nats://127.0.0.1:{free_port()}", "u", "p", stop=stop)
+
+        with pytest.raises(KeyError, match="boom"):
+            await kv.run_all(stop, [fails(), connecting(), kv.sleep(stop, 3600)])
+        assert stop.is_set()
+
+    start = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - start < 12
 
 
 def test_a_dead_worker_leaves_the_router_without_waiting_for_its_ttl(nats, agents, workers, router):

@@ -102,6 +102,23 @@ def stop_event() -> asyncio.Event:
     return stop
 
 
+async def run_all(stop: asyncio.Event, loops: list, grace: float = 10.0) -> None:
+    """Run the agent's loops until stopped. One that fails stops the others
+    (they all end on stop) and the agent exits with its error, for systemd
+    to restart it: left to asyncio.run's cancelling, a loop inside nats-py's
+    connect never ended and the agent hung silently."""
+    tasks = [asyncio.ensure_future(loop) for loop in loops]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    failed = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
+    if failed is None:
+        return
+    log(f"stopping: {describe(failed)}")
+    stop.set()
+    if pending:
+        await asyncio.wait(pending, timeout=grace)
+    raise failed
+
+
 async def sleep(stop: asyncio.Event, seconds: float) -> None:
     """Sleep, but wake at once when stopped."""
     try:

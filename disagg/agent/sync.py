@@ -34,7 +34,7 @@ class Members:
     """The workers the router should have, by URL; kept in a state file so
     that a sync restarted while NATS is down still knows them."""
 
-    def __init__(self, state_file: str | None):
+    def __init__(self, state_file: str | None, roles: set[str]):
         self.path = Path(state_file) if state_file else None
         self.entries: dict[str, dict] = {}
         # URLs whose port refused the last direct probe
@@ -43,9 +43,11 @@ class Members:
         self.missing: set[str] = set()
         if self.path and self.path.exists():
             try:
-                self.entries = json.loads(self.path.read_text())
+                saved = json.loads(self.path.read_text())
             except ValueError:
-                self.entries = {}
+                saved = {}
+            # the file outlives a relabel: a baseline member is no PD one
+            self.entries = {url: e for url, e in saved.items() if e.get("role") in roles}
 
     def routable(self) -> list[dict]:
         return [e for url, e in self.entries.items() if url not in self.gone]
@@ -73,15 +75,15 @@ async def sync(server: str, user: str, password: str | None, router: str, mode: 
                router_log: str | None = None, state_file: str | None = None,
                interval: float = kv.SYNC_INTERVAL) -> None:  # fmt: skip
     stop = kv.stop_event()
-    members = Members(state_file)
     roles = set(kv.DISCOVERY_TYPE) if mode == "pd" else {"baseline"}
+    members = Members(state_file, roles)
     view = DiscoveryLog(router_log or "journal:disagg-router.service") if mode == "pd" else None
     send = _send_discovery(discovery, members, stop, interval) if mode == "pd" else _reconcile(router, members, stop, interval)
     tasks = [send, _watch_health(members, stop, interval),
              _registry(server, user, password, router, mode, roles, members, view, stop, interval)]  # fmt: skip
     if view:
         tasks.append(view.follow(stop))
-    await asyncio.gather(*tasks)
+    await kv.run_all(stop, tasks)
 
 
 async def _send_discovery(address: str, members: Members, stop: asyncio.Event, interval: float) -> None:
