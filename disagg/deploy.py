@@ -58,6 +58,11 @@ def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff:
                 if progress and line.startswith("--> Starting operation:"):
                     print(f"    {line[len('--> Starting operation:'):].strip()}", file=sys.stderr, flush=True)
             proc.wait()
+        except BaseException:
+            # interrupted (Ctrl-C, a test's teardown): pyinfra and its SSH go too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         finally:
             watchdog.cancel()
         out.seek(0)
