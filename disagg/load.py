@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 class LoadResult:
     sent: int = 0
     ok: int = 0
-    # (seconds since the load started, reason) of every failed request
-    failures: list[tuple[float, str]] = field(default_factory=list)
+    # (sent, ended, reason) of every failed request, in seconds since the
+    # load started: a request can fail long after it was sent (a KV
+    # transfer from a dead context worker fails when NIXL gives up on it)
+    failures: list[tuple[float, float, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -27,10 +29,11 @@ class LoadResult:
         return len(self.failures)
 
     def reasons(self) -> dict[str, int]:
-        return dict(Counter(reason for _, reason in self.failures).most_common())
+        return dict(Counter(reason for *_, reason in self.failures).most_common())
 
     def failed_between(self, start: float, end: float) -> int:
-        return sum(1 for t, _ in self.failures if start <= t <= end)
+        """Failed requests sent between start and end."""
+        return sum(1 for sent, _, _ in self.failures if start <= sent <= end)
 
     def summary(self) -> str:
         reasons = "; ".join(f"{n} x {r}" for r, n in self.reasons().items()) or "none"
@@ -83,13 +86,14 @@ class Load:
 
     def _client(self) -> None:
         while not self._stop.is_set():
+            sent = self.at()
             reason = self._one()
             with self._lock:
                 self.result.sent += 1
                 if reason is None:
                     self.result.ok += 1
                 else:
-                    self.result.failures.append((round(self.at(), 2), reason))
+                    self.result.failures.append((round(sent, 2), round(self.at(), 2), reason))
             # a refused request returns at once: do not spin
             self._stop.wait(self.pause if reason is None else max(self.pause, 0.05))
 

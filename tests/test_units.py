@@ -3,12 +3,14 @@ Regenerate them after an intended change with DISAGG_UPDATE_EXPECTED=1 and
 review the diff."""
 
 import os
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
+from disagg import settings as S
 from disagg.plan import load_inventory, make_plan
-from disagg.units import env_value, exec_start, host_units, systemd_arg
+from disagg.units import env_value, exec_start, host_units, systemd_arg, vllm_plugin_files
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = Path(__file__).resolve().parent / "expected"
@@ -95,3 +97,24 @@ def test_exec_start_puts_each_flag_on_its_own_line():
 def test_env_value_quoting():
     assert env_value("0,1") == "0,1"
     assert env_value('a "b"') == '"a \\"b\\""'
+
+
+def test_vllm_plugin_only_where_data_turns_the_progress_thread_off(tmp_path, monkeypatch):
+    """The plugin's files are what importlib.metadata (vLLM's plugin loader)
+    finds on PYTHONPATH; only workers of a disaggregated layout with
+    nixl_progress_thread false get that PYTHONPATH."""
+    for path, text in vllm_plugin_files().items():
+        local = tmp_path / Path(path).relative_to(S.VLLM_PLUGIN_DIR)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "disagg"]
+    assert plugin.load().__module__ == "disagg_vllm_plugin"
+    inventory = str(ROOT / "inventories/h100.py")
+    for key, disaggregated in (("label", True), ("baseline_label", False)):
+        for off in (False, True):
+            plan = make_plan(load_inventory(inventory, override_data={"nixl_progress_thread": not off}), label_key=key)
+            env = plan.worker_env(plan.workers[0])
+            assert plan.engine_plugin == (off and disaggregated)
+            assert (env.get("PYTHONPATH"), env.get("DISAGG_NIXL_PROGRESS_THREAD")) == (
+                (S.VLLM_PLUGIN_DIR, "0") if plan.engine_plugin else (None, None))  # fmt: skip

@@ -127,15 +127,15 @@ def test_kill_9_of_a_context_worker_under_load(deployment, figures, timings):
         back_at = traffic.at()
         time.sleep(3)
     result = traffic.result
-    window = result.failed_between(killed, killed + 30)
     figures.append(f"kill -9 of context-0 under load: {result.summary()}; the router dropped it {gone:.1f} s "
                    f"after the kill, and listed it again {back_at - killed:.0f} s after")  # fmt: skip
     timings["kill -9 of a context worker -> routed again"] = back_at - killed
     # vllm-router 0.1.17 does not retry a failed prefill in PD discovery mode:
     # requests in flight on the worker and those sent to it before the router
-    # drops it fail; none after, none elsewhere
-    assert window == result.failed
-    assert all(t < killed + gone + 2 for t, _ in result.failures), result.failures[-3:]
+    # drops it fail (some late: a decode pulling KV from the dead worker fails
+    # when NIXL gives up); none failed before the kill, none sent after the drop
+    assert all(ended >= killed for _, ended, _ in result.failures), result.failures[:3]
+    assert result.failed_between(killed + gone + 2, result.seconds) == 0, result.failures[-3:]
     # the sync stops sending it within a second (its port refuses); the router forgets it 4-5 s later
     assert gone < kv.ROUTER_FORGETS_AFTER + 2
     assert result.ok > 50
@@ -186,7 +186,7 @@ def test_generate_host_vanishes_and_comes_back(deployment, figures, timings):
     timings["host back -> its worker routed again"] = back
     # the only generate worker: nothing can be served without it; requests
     # then fail (503: no decode worker) instead of hanging
-    assert failing > 0 and any(r == "HTTP 503" for _, r in result.failures)
+    assert failing > 0 and any(r == "HTTP 503" for *_, r in result.failures)
     # its entry expires by the server's clock, then the router forgets it
     assert gone <= kv.TTL + kv.ROUTER_FORGETS_AFTER + 5
     # serving again once it is back: no failure in the last seconds

@@ -114,6 +114,42 @@ def test_kv_cache_moves_from_context_to_generate_over_nixl(deployment, figures):
     assert all(smoke.counter(u, "vllm:request_success_total") > n for u, n in served.items())
 
 
+# a NIXL agent made as vLLM 0.32.0 makes it, after vLLM's own plugin loader;
+# prints its threads and the CPU it used idle for 2 s
+NIXL_AGENT = """
+import os, time
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from nixl._api import nixl_agent, nixl_agent_config
+agent = nixl_agent("probe", nixl_agent_config(num_threads=4, capture_telemetry=True))
+cpu = time.process_time(); time.sleep(2)
+print(len(os.listdir("/proc/self/task")), round(time.process_time() - cpu, 2))
+"""
+
+
+def test_nixl_progress_thread_is_off_where_data_says(deployment, figures):
+    """inventories/local.py turns NIXL's busy-polling progress thread off
+    (disagg/vllm_plugin.py): every worker's engine loaded the plugin, and a
+    NIXL agent made under vLLM's plugin loader has one thread fewer."""
+    plan = deployment.ensure()
+    assert plan.engine_plugin
+    for w in plan.workers:
+        host = H1 if w.host == plan.cluster.head else H2
+        # this run of the unit only
+        log = ssh(host, f"journalctl -o cat _SYSTEMD_INVOCATION_ID=$(systemctl show -P InvocationID {w.unit})").stdout
+        # the API server and its engine core process each load it
+        assert log.count("NIXL agent progress thread off") >= 2, w.unit
+    plugin = plan.worker_env(plan.workers[0])
+    probe = {}
+    for off in (False, True):
+        vars_ = "UCX_TLS=tcp,self " + (f"PYTHONPATH={plugin['PYTHONPATH']} DISAGG_NIXL_PROGRESS_THREAD=0" if off else "")
+        out = ssh(H2, f"cd /tmp && env {vars_} /opt/disagg/vllm/bin/python -c '{NIXL_AGENT}' 2>/dev/null")
+        threads, cpu = out.stdout.split()[-2:]
+        probe[off] = (int(threads), float(cpu))
+    figures.append(f"NIXL agent idle 2 s: progress thread on {probe[False]}, off {probe[True]} (threads, CPU s)")
+    assert probe[True][0] < probe[False][0] and probe[True][1] < probe[False][1]
+
+
 def test_nats_jetstream_auth_and_loopback_monitoring(deployment):
     plan = deployment.ensure()
     s = plan.settings
