@@ -11,13 +11,15 @@ import click
 from . import results
 from .agent import kv
 from .bench import DEFAULT_CONCURRENCY
-from .plan import load_inventory, make_plan
+from .plan import check_inventory, cluster_from_inventory, load_inventory, make_plan
+from .schema import SchemaError
 from .topology import TopologyError
 from .units import host_units
 
 
 def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
+    for line in str(e).splitlines():
+        click.echo(f"error: {line}", err=True)
     sys.exit(2)
 
 
@@ -26,6 +28,37 @@ def _fail(e: Exception) -> None:
 def main() -> None:
     """Disaggregated LLM serving (context/generate workers behind vllm-router)
     as infrastructure-as-code. Deploy with pyinfra: see README.md."""
+
+
+@main.command()
+@click.option("-i", "--inventory", "inventory_path", required=True,
+              help="pyinfra inventory file, e.g. inventories/h100.py")
+@click.option("--json", "as_json", is_flag=True, help="Print {ok, problems, layouts} as JSON.")
+def check(inventory_path: str, as_json: bool) -> None:
+    """Check INVENTORY's data (types, ranges, typos, shape) and place its
+    `label` and `baseline_label`, without connecting to any host. Exit 0
+    when all is well, 1 with one line per problem."""
+    problems, layouts = [], {}
+    try:
+        inventory = load_inventory(inventory_path)
+        problems = check_inventory(inventory)
+        if not problems:
+            head = inventory.get_host(cluster_from_inventory(inventory).head)
+            for key in ("label", "baseline_label"):
+                if head.data.get(key) is not None:
+                    layouts[key] = make_plan(inventory, label_key=key).label
+    except SchemaError as e:
+        problems = e.problems
+    except TopologyError as e:
+        problems = [str(e)]
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "problems": problems, "layouts": layouts}, indent=2))
+    else:
+        for line in problems:
+            click.echo(line)
+        if not problems:
+            click.echo(f"{inventory_path}: ok ({', '.join(f'{k} {v}' for k, v in layouts.items()) or 'no layout'})")
+    sys.exit(1 if problems else 0)
 
 
 @main.command()

@@ -154,22 +154,22 @@ class UnitState(FactBase):
 
 
 class FileStates(FactBase):
-    """{path: {"sha1", "mode"}} of files that exist, for many paths in one
-    round trip."""
+    """{path: {"sha1", "mode", "owner"}} of files that exist, for many paths
+    in one round trip."""
 
     default = dict
 
     def command(self, paths: tuple[str, ...]) -> str:
         quoted = " ".join(map(shlex.quote, paths))
         return (f"for f in {quoted}; do [ -f \"$f\" ] && "
-                f"echo \"$(sha1sum < \"$f\" | cut -d' ' -f1) $(stat -c %a \"$f\") $f\"; done; true")  # fmt: skip
+                f"echo \"$(sha1sum < \"$f\" | cut -d' ' -f1) $(stat -c '%a %U' \"$f\") $f\"; done; true")  # fmt: skip
 
     def process(self, output):
         out = {}
         for line in output:
-            parts = line.split(" ", 2)
-            if len(parts) == 3:
-                out[parts[2]] = {"sha1": parts[0], "mode": parts[1]}
+            parts = line.split(" ", 3)
+            if len(parts) == 4:
+                out[parts[3]] = {"sha1": parts[0], "mode": parts[1], "owner": parts[2]}
         return out
 
 

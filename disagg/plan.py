@@ -7,16 +7,17 @@ prints is what the deploy writes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import schema
 from . import settings as S
 from . import vllm_plugin
 from .settings import Settings
 from .topology import Cluster, Host, Topology, TopologyError, Worker, place
 
-ROLE_GROUPS = ("context", "generate", "baseline")
+ROLE_GROUPS = schema.ROLE_GROUPS
 
 
 def load_inventory(path: str, override_data: dict | None = None):
@@ -60,6 +61,48 @@ def cluster_from_inventory(inventory) -> Cluster:
             "the router and NATS to group 'head' (or 'context')"
         )
     return Cluster(tuple(hosts), groups, head_group[0])
+
+
+def check_inventory(inventory) -> list[str]:
+    """Every problem with the inventory's data and shape, one line each:
+    types and ranges per host, typos of our keys, layout settings set on a
+    host other than the head (they would be ignored), hosts in no group or
+    listed twice."""
+    hosts = list(inventory)
+    groups = {name: [h.name for h in inventory.get_group(name, [])] for name in (*ROLE_GROUPS, "head")}
+    head = (groups["head"] or groups["context"] or groups["baseline"] or [None])[0]
+    per_host = {**schema.HOST_DATA, **schema.ROLE_DATA}
+    known = {*per_host, *(f.name for f in fields(Settings))}
+    placed = {n for g in ROLE_GROUPS for n in groups[g]}
+    problems: list[schema.Problem] = []
+    if head is not None:
+        layout = {f.name: inventory.get_host(head).data.get(f.name) for f in fields(Settings)}
+    for h in hosts:
+        data = h.data.dict()
+        # on every host, so that a bad value of a group is one line for the group
+        problems += Settings.problems(h.name, h.data)
+        problems += schema.problems_of(h.name, per_host, data)
+        problems += schema.unknown_keys(h.name, data, known)
+        if h.name in placed and data.get("gpus") is None:
+            problems.append(schema.Problem(h.name, "gpus", None, "missing; set it to the number of GPUs on the host"))
+        mine = {g for g in (*ROLE_GROUPS, "head") if h.name in groups[g]}
+        if not mine:
+            problems.append(schema.Problem(h.name, "groups", [g for g in h.groups if g != "all"], (
+                "the host is in none of the groups context, generate, baseline or head, so nothing would run "
+                "there; add it to one or remove it from the inventory")))  # fmt: skip
+        for g in sorted(mine):
+            if h.groups.count(g) > 1:
+                problems.append(schema.Problem(h.name, "groups", g, (
+                    f"listed {h.groups.count(g)} times in group {g!r}; list it once (pyinfra keeps the data of "
+                    "its last listing only)")))  # fmt: skip
+        if head is not None and h.name != head:
+            for key, value in layout.items():
+                if data.get(key) != value and repr(data.get(key)) != repr(value):  # nan != nan
+                    problems.append(schema.Problem(h.name, key, data.get(key), (
+                        f"differs from the head's ({head}: {'<secret>' if key in schema.SECRETS else repr(value)}); "
+                        "layout settings are read from the head only: set it once for all hosts (group data) or "
+                        "drop it here")))  # fmt: skip
+    return schema.lines(problems, [h.name for h in hosts])
 
 
 @dataclass(frozen=True)
@@ -120,8 +163,9 @@ class Plan:
 
     @property
     def engine_plugin(self) -> bool:
-        """Whether the workers load disagg's vLLM plugin (disagg/vllm_plugin.py)."""
-        return self.topology.disaggregated and not self.settings.nixl_progress_thread
+        """Whether the workers load disagg's vLLM plugin (disagg/vllm_plugin.py):
+        those that move KV cache with NIXL."""
+        return self.topology.disaggregated
 
     def worker_env(self, w: Worker) -> dict[str, str]:
         env = {
@@ -134,9 +178,10 @@ class Plan:
             devices = self.cluster.host(w.host).ucx_net_devices
             if devices:
                 env["UCX_NET_DEVICES"] = devices
-        if self.engine_plugin:
+            # disagg's vLLM plugin (disagg/vllm_plugin.py)
             env["PYTHONPATH"] = S.VLLM_PLUGIN_DIR
-            env[vllm_plugin.ENV] = "0"
+            if not self.settings.nixl_progress_thread:
+                env[vllm_plugin.ENV] = "0"
         env.update({k: str(v) for k, v in sorted(self.settings.role_env(w.role).items())})
         return env
 
@@ -247,8 +292,11 @@ class Plan:
 def make_plan(inventory, label: str | None = None, label_key: str = "label") -> Plan:
     """Validate everything and place the workers; raises TopologyError with a
     one-line message before any host is touched."""
+    problems = check_inventory(inventory)
+    if problems:
+        raise schema.SchemaError(problems)
     cluster = cluster_from_inventory(inventory)
-    settings = Settings.from_data(inventory.get_host(cluster.head).data)
+    settings = Settings.from_data(inventory.get_host(cluster.head).data, cluster.head)
     label = label or getattr(settings, label_key)
     if not label:
         raise TopologyError(

@@ -4,11 +4,20 @@ top of each role."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
-from typing import Any
+from functools import lru_cache
+from typing import Annotated, Any, get_type_hints
 
-from .topology import Ports, TopologyError
+from pydantic import Field, StrictBool, StrictFloat, StrictInt
+
+from .schema import (Args, Count, Env, Gigabytes, Json, KvCacheDtype, Port, Problem, RouterPolicy, SchemaError,
+                     Seconds, Text, problems_of)  # fmt: skip
+from .topology import Ports
+
+Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]
+Whole = Annotated[StrictInt, Field(ge=0)]
+# a NATS user name goes into nats-server.conf
+User = Annotated[Text, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
 
 # Fixed paths on the hosts; teardown removes exactly these.
 CONFIG_DIR = "/etc/disagg"
@@ -43,77 +52,85 @@ LEAVE_ROUTER_TIMEOUT = 15
 
 @dataclass(frozen=True)
 class Settings:
-    model: str
+    model: Text
     # a model directory on the controller, pushed to every worker host
-    model_dir: str | None = None
-    label: str | None = None
-    baseline_label: str | None = None
-    served_model_name: str | None = None
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    kv_cache_dtype: str | None = None
-    extra_args: tuple[str, ...] = ()
-    engine_env: dict[str, str] = field(default_factory=dict)
+    model_dir: Text | None = None
+    label: Text | None = None
+    baseline_label: Text | None = None
+    served_model_name: Text | None = None
+    max_model_len: Count | None = None
+    gpu_memory_utilization: Fraction | None = None
+    kv_cache_dtype: KvCacheDtype | None = None
+    extra_args: Args = ()
+    engine_env: Env = field(default_factory=dict)
     # per role, after the shared ones: prefill and decode are tuned apart
-    context_args: tuple[str, ...] = ()
-    generate_args: tuple[str, ...] = ()
-    baseline_args: tuple[str, ...] = ()
-    context_env: dict[str, str] = field(default_factory=dict)
-    generate_env: dict[str, str] = field(default_factory=dict)
-    baseline_env: dict[str, str] = field(default_factory=dict)
-    kv_transfer_config: dict[str, Any] | None = field(
+    context_args: Args = ()
+    generate_args: Args = ()
+    baseline_args: Args = ()
+    context_env: Env = field(default_factory=dict)
+    generate_env: Env = field(default_factory=dict)
+    baseline_env: Env = field(default_factory=dict)
+    kv_transfer_config: Json | None = field(
         default_factory=lambda: {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     )
-    router_kv_connector: str = "nixl"
+    router_kv_connector: Text = "nixl"
     # false: NIXL without its busy-polling progress thread (disagg's vLLM
     # plugin), for hosts whose cores are the engines' (CPU hosts)
-    nixl_progress_thread: bool = True
+    nixl_progress_thread: StrictBool = True
     # vllm-router's --policy (None: its default, cache_aware)
-    router_policy: str | None = None
+    router_policy: RouterPolicy | None = None
     # vllm-router's fault handling in regular (aggregated) mode: a worker
     # that fails is retried around at once and skipped for a short while.
     # vllm-router 0.1.17 does not retry in PD discovery mode (measured), so
     # these are not passed there.
-    router_retry_max_retries: int = 3
-    router_retry_initial_backoff_ms: int = 50
-    router_retry_max_backoff_ms: int = 1000
-    router_cb_failure_threshold: int = 5
-    router_cb_timeout_duration_secs: int = 10
-    router_health_check_interval_secs: int = 10
-    nats_user: str = "disagg"
-    http_port_base: int = Ports.http_base
-    nixl_port_base: int = Ports.nixl_base
-    router_port: int = Ports.router
-    router_metrics_port: int = Ports.router_metrics
-    nats_port: int = Ports.nats
-    nats_monitor_port: int = Ports.nats_monitor
-    router_discovery_port: int = Ports.router_discovery
+    router_retry_max_retries: Whole = 3
+    router_retry_initial_backoff_ms: Count = 50
+    router_retry_max_backoff_ms: Count = 1000
+    router_cb_failure_threshold: Count = 5
+    router_cb_timeout_duration_secs: Seconds = 10
+    router_health_check_interval_secs: Seconds = 10
+    nats_user: User = "disagg"
+    http_port_base: Port = Ports.http_base
+    nixl_port_base: Port = Ports.nixl_base
+    router_port: Port = Ports.router
+    router_metrics_port: Port = Ports.router_metrics
+    nats_port: Port = Ports.nats
+    nats_monitor_port: Port = Ports.nats_monitor
+    router_discovery_port: Port = Ports.router_discovery
     # vLLM drains in-flight requests for this long on SIGTERM
-    shutdown_timeout: int = 60
+    shutdown_timeout: Seconds = 60
     # rolling restarts: workers of one role restarted at a time, and how
     # long a worker out of the router may take to finish its requests
-    max_unavailable: int = 1
-    drain_timeout: int = 60
+    max_unavailable: Count = 1
+    drain_timeout: Seconds = 60
     # preflight before the first change; disk the deploy needs on a worker
     # host (the CUDA build of vLLM with its venv is ~10 GB; a hub model's
     # size is unknown here, so only checked when given)
-    preflight: bool = True
-    venv_disk_gb: float = 20
-    model_disk_gb: float | None = None
+    preflight: StrictBool = True
+    venv_disk_gb: Gigabytes = 20
+    model_disk_gb: Gigabytes | None = None
     # a 70B model's first start downloads ~70 GB and loads it on every GPU
-    health_timeout: int = 1800
+    health_timeout: Seconds = 1800
 
     @classmethod
-    def from_data(cls, data: Any) -> Settings:
-        """Build from pyinfra host data (or any mapping with .get); values
-        given as strings with `--data key=value` are converted."""
-        values = {}
-        for f in fields(cls):
-            raw = data.get(f.name)
-            if raw is not None:
-                values[f.name] = _coerce(f.name, f.type, raw)
-        if not values.get("model"):
-            raise TopologyError("inventory data 'model' is missing; set it to a model id or path")
+    def problems(cls, host: str, data: Any) -> list[Problem]:
+        """What is wrong with these settings in a host's data (pyinfra host
+        data or any mapping with .get), one Problem each."""
+        given = {f.name: data.get(f.name) for f in fields(cls)}
+        found = problems_of(host, _types(), given)
+        if given["model"] is None:
+            found.append(Problem(host, "model", None, "missing; set it to a model id or path"))
+        return found
+
+    @classmethod
+    def from_data(cls, data: Any, host: str = "inventory") -> Settings:
+        problems = cls.problems(host, data)
+        if problems:
+            raise SchemaError([p.line for p in problems])
+        values = {f.name: data.get(f.name) for f in fields(cls) if data.get(f.name) is not None}
+        for name in ("extra_args", "context_args", "generate_args", "baseline_args"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def role_args(self, role: str) -> tuple[str, ...]:
@@ -154,27 +171,6 @@ class Settings:
         return LEAVE_ROUTER_TIMEOUT + self.drain_timeout + self.shutdown_timeout + 30
 
 
-def _coerce(name: str, type_: str, raw: Any) -> Any:
-    if type_ == "bool":
-        if isinstance(raw, bool):
-            return raw
-        if str(raw).lower() in ("true", "1", "yes", "false", "0", "no"):
-            return str(raw).lower() in ("true", "1", "yes")
-        raise TopologyError(f"inventory data {name!r} = {raw!r} is not true or false; fix it in the inventory or --data")
-    try:
-        if "int" in type_ and "float" not in type_:
-            return int(raw)
-        if "float" in type_:
-            return float(raw)
-        if type_.startswith("tuple"):
-            return tuple(json.loads(raw) if isinstance(raw, str) else raw)
-        if type_.startswith("dict"):
-            value = json.loads(raw) if isinstance(raw, str) else raw
-            if value is not None and not isinstance(value, dict):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        raise TopologyError(
-            f"inventory data {name!r} = {raw!r} is not a valid {type_}; fix it in the inventory or --data"
-        ) from None
-    return str(raw)
+@lru_cache(maxsize=1)
+def _types() -> dict[str, Any]:
+    return get_type_hints(Settings, include_extras=True)

@@ -1,16 +1,24 @@
 """A vLLM general plugin (entry point `vllm.general_plugins`), loaded by
 vLLM itself in the API server, the engine core and every worker process.
-Shipped to worker hosts as plain files under VLLM_PLUGIN_DIR, on the
-workers' PYTHONPATH only where inventory data asks for what it does.
+Shipped to the workers of a disaggregated layout as plain files under
+VLLM_PLUGIN_DIR, on their PYTHONPATH. It adjusts NIXL (nixl 1.5.1 under
+vLLM 0.32.0) in two ways:
 
-It turns off the NIXL agent's progress thread when
-DISAGG_NIXL_PROGRESS_THREAD=0. nixl 1.5.1 starts that thread with a poll
-delay of 0 (`pthrDelay = 0` in nixl/_api.py, not settable through vLLM
-0.32.0's kv_transfer_config): it busy-polls one core per engine for as long
-as the engine runs. On GPU hosts that core is spare; on CPU hosts it is
-taken from the engines (measured on the test hosts: one core per worker,
-deploys and tests twice as slow). Without it, NIXL progresses the transfers
-when vLLM polls them, every engine step."""
+- A peer NIXL has marked disconnected is re-handshaken. When UCX loses an
+  endpoint (a network cut longer than its keepalive), NIXL fails every
+  transfer to that agent with NIXL_ERR_REMOTE_DISCONNECT, but still reports
+  its metadata as present; vLLM re-handshakes a failed peer only when that
+  metadata is gone, so the generate worker failed every request of that
+  context worker until restarted (measured on the local stack after a
+  27 s link cut). Here a disconnected agent's metadata counts as gone, so
+  vLLM's own invalid-peer path releases it and handshakes again.
+- With DISAGG_NIXL_PROGRESS_THREAD=0, no NIXL progress thread. nixl 1.5.1
+  starts it with a poll delay of 0 (`pthrDelay = 0` in nixl/_api.py, not
+  settable through vLLM's kv_transfer_config): it busy-polls a core per
+  engine. On GPU hosts that core is spare; on CPU hosts it is the engines'
+  (measured on the test hosts: deploys and tests twice as slow). Without
+  it, NIXL progresses transfers when vLLM polls them, every engine step.
+"""
 
 import functools
 import logging
@@ -22,15 +30,20 @@ logger = logging.getLogger("disagg.vllm_plugin")
 
 
 def register() -> None:
-    if os.environ.get(ENV, "1") != "0":
-        return
     try:
-        from nixl._api import nixl_agent_config
+        from nixl._api import nixl_agent, nixl_agent_config
     except ImportError:
-        return  # no nixl in this venv: nothing to configure
-    init = nixl_agent_config.__init__
-    if getattr(init, "__disagg__", False):
+        return  # no nixl in this venv: nothing to adjust
+    if getattr(nixl_agent, "__disagg__", False):
         return  # vLLM loads plugins once per process, and again in workers
+    nixl_agent.__disagg__ = True
+    _rehandshake_disconnected(nixl_agent)
+    if os.environ.get(ENV, "1") == "0":
+        _no_progress_thread(nixl_agent_config)
+
+
+def _no_progress_thread(config) -> None:
+    init = config.__init__
 
     @functools.wraps(init)
     def without_progress_thread(self, *args, **kwargs):
@@ -40,6 +53,68 @@ def register() -> None:
             kwargs["enable_prog_thread"] = False
         init(self, *args, **kwargs)
 
-    without_progress_thread.__disagg__ = True
-    nixl_agent_config.__init__ = without_progress_thread
+    config.__init__ = without_progress_thread
     logger.warning("disagg: NIXL agent progress thread off (%s=0): transfers progress on vLLM's polls", ENV)
+
+
+def _disconnected(error: Exception) -> bool:
+    return type(error).__name__ == "nixlRemoteDisconnectError"
+
+
+def _rehandshake_disconnected(agent) -> None:
+    """Remember which remote agent each transfer goes to (handles have
+    __slots__: kept by their native value); one that fails as disconnected
+    has no metadata as far as vLLM asks, until it is removed or added again."""
+    prep, make, transfer = agent.prep_xfer_dlist, agent.make_prepped_xfer, agent.transfer
+    check, add, remove = agent.check_remote_metadata, agent.add_remote_agent, agent.remove_remote_agent
+
+    def books(self) -> tuple[dict, dict, set]:
+        if not hasattr(self, "_disagg_books"):
+            # remote dlist -> agent, transfer -> agent (until transfer()), disconnected agents
+            self._disagg_books = ({}, {}, set())
+        return self._disagg_books
+
+    @functools.wraps(prep)
+    def prep_xfer_dlist(self, agent_name, *args, **kwargs):
+        handle = prep(self, agent_name, *args, **kwargs)
+        books(self)[0][handle._handle] = agent_name
+        return handle
+
+    @functools.wraps(make)
+    def make_prepped_xfer(self, operation, local_side, local_ids, remote_side, *args, **kwargs):
+        handle = make(self, operation, local_side, local_ids, remote_side, *args, **kwargs)
+        dlists, xfers, _ = books(self)
+        if remote_side._handle in dlists:
+            xfers[handle._handle] = dlists[remote_side._handle]
+        return handle
+
+    @functools.wraps(transfer)
+    def transfer_watched(self, handle, *args, **kwargs):
+        _, xfers, gone = books(self)
+        peer = xfers.pop(handle._handle, None)
+        try:
+            return transfer(self, handle, *args, **kwargs)
+        except Exception as e:
+            if _disconnected(e) and peer is not None and peer not in gone:
+                gone.add(peer)
+                logger.warning("disagg: NIXL agent %s disconnected: handshaking again once its reads drain", peer)
+            raise
+
+    @functools.wraps(check)
+    def check_remote_metadata(self, agent_name, *args, **kwargs):
+        return agent_name not in books(self)[2] and check(self, agent_name, *args, **kwargs)
+
+    @functools.wraps(add)
+    def add_remote_agent(self, metadata):
+        name = add(self, metadata)
+        books(self)[2].discard(name.decode() if isinstance(name, bytes) else name)
+        return name
+
+    @functools.wraps(remove)
+    def remove_remote_agent(self, agent_name):
+        books(self)[2].discard(agent_name)
+        return remove(self, agent_name)
+
+    agent.prep_xfer_dlist, agent.make_prepped_xfer, agent.transfer = prep_xfer_dlist, make_prepped_xfer, transfer_watched
+    agent.check_remote_metadata = check_remote_metadata
+    agent.add_remote_agent, agent.remove_remote_agent = add_remote_agent, remove_remote_agent

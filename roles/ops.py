@@ -13,7 +13,6 @@ from io import StringIO
 from pyinfra import host, logger
 from pyinfra.api import HiddenValue, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import Sha256File
 from pyinfra.facts.pip import PipPackages
 from pyinfra.operations import files, pip, server
 
@@ -274,6 +273,7 @@ def secret_env(path: str, variable: str, value: str):
     """
     A root-only env file `variable=value`. The value never appears in
     pyinfra's output, its diffs or on a command line shown to the user.
+    Follow it with `root_only`: umask sets the mode of a new file only.
 
     **Example:**
 
@@ -282,10 +282,17 @@ def secret_env(path: str, variable: str, value: str):
         secret_env(path="/etc/disagg/hf-token.env", variable="HF_TOKEN", value=token)
     """
     line = f"{variable}={value}\n"
-    if host.get_fact(Sha256File, path=path) != hashlib.sha256(line.encode()).hexdigest():
+    current = host.get_fact(FileStates, paths=(path,)).get(path)
+    if current is None or current["sha1"] != hashlib.sha1(line.encode()).hexdigest():
         yield StringCommand(
             "umask 077 && printf '%s\\n'",
             HiddenValue(shlex.quote(line.rstrip("\n"))),
             ">",
             shlex.quote(path),
         )
+
+
+def root_only(path: str) -> OperationMeta:
+    """Mode 0600, owner root, on every run: a chmod by hand is undone
+    without a change to what reads the file (no restart)."""
+    return files.file(name=f"{path} root-only", path=path, user="root", group="root", mode="600")

@@ -16,7 +16,7 @@ from disagg import settings as S
 from disagg import units
 from disagg.facts import CommandSucceeds, EnvFileValue
 from disagg.plan import Plan
-from roles.ops import put_files, python_packages, secret_env, unit_running
+from roles.ops import put_files, python_packages, root_only, secret_env, unit_running
 
 DEFAULTS = {
     "agent_packages": ["nats-py==2.16.0", "pyzmq==26.4.0", "msgpack==1.2.4", "prometheus-client==0.23.1"],
@@ -59,6 +59,7 @@ def runtime(plan: Plan) -> list[OperationMeta]:
         variable=units.NATS_PASSWORD_ENV,
         value=nats_password(plan),
     )
+    root_only(units.NATS_SECRET_ENV)
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
     return [secret, *put_files(units.agent_code())]
 

@@ -67,12 +67,12 @@ def test_inventory_errors_name_the_field(tmp_path):
     # pyinfra caches inventory code by file name: one file per case
     cases = {
         'context = ["a"]\ngenerate = [("b", {"gpus": 8})]\nall = (["a", "b"], {"model": "m"})\n':
-            "host 'a': inventory data 'gpus' is None; set it to the number of GPUs",
+            "a: inventory data 'gpus' = None: missing; set it to the number of GPUs",
         'context = [("a", {"gpus": 8})]\ngenerate = [("b", {"gpus": 8})]\n':
-            "inventory data 'model' is missing; set it",
+            "all hosts: inventory data 'model' = None: missing; set it to a model id or path",
         'context = [("a", {"gpus": 8})]\ngenerate = [("b", {"gpus": 8})]\n'
         'all = (["a", "b"], {"model": "m", "max_model_len": "lots"})\n':
-            "inventory data 'max_model_len' = 'lots' is not a valid int",
+            "all hosts: inventory data 'max_model_len' = 'lots': input should be a valid integer",
         'generate = [("b", {"gpus": 8})]\nall = (["b"], {"model": "m"})\n':
             "inventory has no 'head' or 'context' group",
     }

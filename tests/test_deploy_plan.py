@@ -165,6 +165,13 @@ def test_nats_password_of_the_head_is_kept():
         assert "DISAGG_NATS_PASSWORD=k33p-me" in command
 
 
+def test_every_secret_file_is_made_root_only_on_every_run():
+    planned = plan_deploy(H100, "deploys/disagg.py", data={"hf_token": "t"}, responses=gpu_host_responses())
+    names = [n for n, _ in planned._raw_ops("h100-node1")]
+    for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env"):
+        assert any(n.endswith(f"{path} root-only") for n in names), names
+
+
 def _driver_commands(planned, host):
     return [c for n, cmds in planned.ops(host) if n.startswith("NVIDIA driver") for c in map(str, cmds)]
 

@@ -94,6 +94,6 @@ def test_file_states_reads_checksums_and_modes_of_many_files_at_once(tmp_path):
     out = subprocess.run(["sh", "-c", fact.command((str(present), str(missing), str(spaced)))],
                          capture_output=True, text=True)  # fmt: skip
     assert fact.process(out.stdout.splitlines()) == {
-        str(present): {"sha1": hashlib.sha1(b"x\n").hexdigest(), "mode": "644"},
-        str(spaced): {"sha1": hashlib.sha1(b"y\n").hexdigest(), "mode": "600"},
+        str(present): {"sha1": hashlib.sha1(b"x\n").hexdigest(), "mode": "644", "owner": "root"},
+        str(spaced): {"sha1": hashlib.sha1(b"y\n").hexdigest(), "mode": "600", "owner": "root"},
     }

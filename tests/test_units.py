@@ -99,10 +99,10 @@ def test_env_value_quoting():
     assert env_value('a "b"') == '"a \\"b\\""'
 
 
-def test_vllm_plugin_only_where_data_turns_the_progress_thread_off(tmp_path, monkeypatch):
+def test_vllm_plugin_in_disaggregated_workers_progress_thread_off_where_data_says(tmp_path, monkeypatch):
     """The plugin's files are what importlib.metadata (vLLM's plugin loader)
-    finds on PYTHONPATH; only workers of a disaggregated layout with
-    nixl_progress_thread false get that PYTHONPATH."""
+    finds on PYTHONPATH; workers of a disaggregated layout get that
+    PYTHONPATH, and the progress thread off only where data says."""
     for path, text in vllm_plugin_files().items():
         local = tmp_path / Path(path).relative_to(S.VLLM_PLUGIN_DIR)
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,6 @@ def test_vllm_plugin_only_where_data_turns_the_progress_thread_off(tmp_path, mon
         for off in (False, True):
             plan = make_plan(load_inventory(inventory, override_data={"nixl_progress_thread": not off}), label_key=key)
             env = plan.worker_env(plan.workers[0])
-            assert plan.engine_plugin == (off and disaggregated)
-            assert (env.get("PYTHONPATH"), env.get("DISAGG_NIXL_PROGRESS_THREAD")) == (
-                (S.VLLM_PLUGIN_DIR, "0") if plan.engine_plugin else (None, None))  # fmt: skip
+            assert plan.engine_plugin == disaggregated
+            assert env.get("PYTHONPATH") == (S.VLLM_PLUGIN_DIR if disaggregated else None)
+            assert env.get("DISAGG_NIXL_PROGRESS_THREAD") == ("0" if off and disaggregated else None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from pyinfra_cli.util import parse_cli_arg
 
 from disagg import testhosts, tinymodel
 from disagg.deploy import run_deploy
@@ -63,7 +64,8 @@ class Deployment:
 
     def plan(self):
         deploy, data = self.current
-        overrides = dict(d.split("=", 1) for d in data)
+        # values as pyinfra's --data reads them
+        overrides = {k: parse_cli_arg(v) for k, v in (d.split("=", 1) for d in data)}
         label_key = "baseline_label" if deploy.endswith("baseline.py") else "label"
         return make_plan(load_inventory(INVENTORY, override_data=overrides), label_key=label_key)
 

@@ -182,6 +182,21 @@ def test_rerun_changes_nothing(deployment, timings):
     assert active_since(H1, units) == since
 
 
+def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again(deployment):
+    plan = deployment.ensure()
+    for host in (H1, H2):
+        verify = ssh(host, "systemd-analyze verify /etc/systemd/system/disagg-*.service", check=False)
+        assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    secret = "/etc/disagg/nats.env"
+    ssh(H1, f"chmod 644 {secret} && chown disagg {secret}")
+    units = plan.units_on(plan.cluster.head)
+    since = active_since(H1, units)
+    run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
+    assert ssh(H1, f"stat -c '%U %a' {secret}").stdout.split() == ["root", "600"]
+    assert list(run.changed) == [f"Registry runtime | {secret} root-only"], run.changed
+    assert active_since(H1, units) == since  # nothing restarted for a mode
+
+
 def test_status_is_what_the_router_reports(deployment):
     plan = deployment.ensure()
     # its own traffic, so that the router has routed to every worker
