@@ -57,6 +57,11 @@ def _no_progress_thread(config) -> None:
     logger.warning("disagg: NIXL agent progress thread off (%s=0): transfers progress on vLLM's polls", ENV)
 
 
+def _name(agent) -> str:
+    # vLLM passes agent names as NIXL returned them: bytes
+    return agent.decode() if isinstance(agent, bytes) else agent
+
+
 def _disconnected(error: Exception) -> bool:
     return type(error).__name__ == "nixlRemoteDisconnectError"
 
@@ -77,7 +82,7 @@ def _rehandshake_disconnected(agent) -> None:
     @functools.wraps(prep)
     def prep_xfer_dlist(self, agent_name, *args, **kwargs):
         handle = prep(self, agent_name, *args, **kwargs)
-        books(self)[0][handle._handle] = agent_name
+        books(self)[0][handle._handle] = _name(agent_name)
         return handle
 
     @functools.wraps(make)
@@ -102,17 +107,17 @@ def _rehandshake_disconnected(agent) -> None:
 
     @functools.wraps(check)
     def check_remote_metadata(self, agent_name, *args, **kwargs):
-        return agent_name not in books(self)[2] and check(self, agent_name, *args, **kwargs)
+        return _name(agent_name) not in books(self)[2] and check(self, agent_name, *args, **kwargs)
 
     @functools.wraps(add)
     def add_remote_agent(self, metadata):
         name = add(self, metadata)
-        books(self)[2].discard(name.decode() if isinstance(name, bytes) else name)
+        books(self)[2].discard(_name(name))
         return name
 
     @functools.wraps(remove)
     def remove_remote_agent(self, agent_name):
-        books(self)[2].discard(agent_name)
+        books(self)[2].discard(_name(agent_name))
         return remove(self, agent_name)
 
     agent.prep_xfer_dlist, agent.make_prepped_xfer, agent.transfer = prep_xfer_dlist, make_prepped_xfer, transfer_watched

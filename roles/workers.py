@@ -54,4 +54,6 @@ def _rolling(plan: Plan, w: Worker, changed_by: list[OperationMeta]) -> Rolling:
                    "at once: serving stops until they are back; lower max_unavailable")  # fmt: skip
     rejoin = plan.rejoin_command(w, timeout=REJOIN_TIMEOUT)
     paths = (units.unit_path(w.unit), units.env_path(w.unit))
+    if plan.engine_plugin:  # code the worker loads: changed after it started = outdated
+        paths += tuple(units.vllm_plugin_files())
     return Rolling(w.unit, w.url, changed_by, paths, plan.settings.health_timeout, shlex.join(rejoin), warning)

@@ -172,16 +172,20 @@ def test_generate_host_vanishes_and_comes_back(deployment, figures, timings):
         subprocess.run([*link, "down"], check=True)
         try:
             gone = router_dropped(generate.url, cut, 60)
-            time.sleep(12)
+            # longer than UCX's keepalive: NIXL marks the context workers'
+            # agents disconnected (the vLLM plugin makes vLLM handshake again)
+            time.sleep(60)
             failing = traffic.result.failed
         finally:
             subprocess.run([*link, "up"], check=True)
         back = until(lambda: router_lists(generate.url), 60, "worker of the returned host routed again")
         restored = traffic.at()
-        time.sleep(5)
+        time.sleep(8)
     result = traffic.result
+    after = result.failed_between(restored, result.seconds)
     figures.append(f"generate host cut off under load: {result.summary()}; router dropped its worker after "
-                   f"{gone:.1f} s (TTL {kv.TTL:g} s + router expiry), routed again {back:.1f} s after the link came back")  # fmt: skip
+                   f"{gone:.1f} s (TTL {kv.TTL:g} s + router expiry), routed again {back:.1f} s after the link came back; "
+                   f"{after} failed after that")  # fmt: skip
     timings["host cut off -> its worker out of the router"] = gone
     timings["host back -> its worker routed again"] = back
     # the only generate worker: nothing can be served without it; requests
@@ -189,5 +193,8 @@ def test_generate_host_vanishes_and_comes_back(deployment, figures, timings):
     assert failing > 0 and any(r == "HTTP 503" for *_, r in result.failures)
     # its entry expires by the server's clock, then the router forgets it
     assert gone <= kv.TTL + kv.ROUTER_FORGETS_AFTER + 5
-    # serving again once it is back: no failure in the last seconds
-    assert result.failed_between(restored + 1, result.seconds) == 0
+    # serving again once it is back: at most the first transfer from each
+    # context worker fails (its NIXL peer disconnected), none after
+    context = [w for w in plan.workers if w.role == "context"]
+    assert after <= len(context), result.failures[-5:]
+    assert result.failed_between(restored + 3, result.seconds) == 0, result.failures[-5:]
