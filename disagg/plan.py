@@ -80,8 +80,8 @@ def check_inventory(inventory) -> list[str]:
     for h in hosts:
         data = h.data.dict()
         # on every host, so that a bad value of a group is one line for the group
-        problems += Settings.problems(h.name, h.data)
-        problems += schema.problems_of(h.name, per_host, data)
+        problems += Settings.checked(h.name, h.data)[1]
+        problems += schema.checked(h.name, per_host, data)[1]
         problems += schema.unknown_keys(h.name, data, known)
         if h.name in placed and data.get("gpus") is None:
             problems.append(schema.Problem(h.name, "gpus", None, "missing; set it to the number of GPUs on the host"))

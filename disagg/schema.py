@@ -131,19 +131,21 @@ def _message(error: dict) -> str:
     return msg[0].lower() + msg[1:]
 
 
-def problems_of(host: str, types: dict[str, Any], data: dict[str, Any]) -> list[Problem]:
-    """Each known key of data checked against its type; unknown keys ignored."""
-    found = []
+def checked(host: str, types: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """Each known key of data validated against its type (a list becomes
+    the tuple its type says): the valid values, and a Problem for each
+    other one; unknown keys and None ignored."""
+    values, found = {}, []
     for key, value in data.items():
         if key not in types or value is None:
             continue
         try:
-            TypeAdapter(types[key]).validate_python(value)
+            values[key] = TypeAdapter(types[key]).validate_python(value)
         except ValidationError as e:
             first = e.errors()[0]
             where, inner = _locate(value, first["loc"])
             found.append(Problem(host, key + where, inner, _fix(key, _message(first))))
-    return found
+    return values, found
 
 
 def _locate(value: Any, loc: tuple) -> tuple[str, Any]:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, get_type_hints
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
 from .schema import (Args, Count, Env, Gigabytes, Json, KvCacheDtype, Port, Problem, RouterPolicy, SchemaError,
-                     Seconds, Text, problems_of)  # fmt: skip
+                     Seconds, Text, checked)  # fmt: skip
 from .topology import Ports
 
 Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]
@@ -113,24 +113,19 @@ class Settings:
     health_timeout: Seconds = 1800
 
     @classmethod
-    def problems(cls, host: str, data: Any) -> list[Problem]:
-        """What is wrong with these settings in a host's data (pyinfra host
-        data or any mapping with .get), one Problem each."""
-        given = {f.name: data.get(f.name) for f in fields(cls)}
-        found = problems_of(host, _types(), given)
-        if given["model"] is None:
+    def checked(cls, host: str, data: Any) -> tuple[dict[str, Any], list[Problem]]:
+        """These settings in a host's data (pyinfra host data or any mapping
+        with .get): the valid values, and one Problem for each other one."""
+        values, found = checked(host, _types(), {f.name: data.get(f.name) for f in fields(cls)})
+        if data.get("model") is None:
             found.append(Problem(host, "model", None, "missing; set it to a model id or path"))
-        return found
+        return values, found
 
     @classmethod
     def from_data(cls, data: Any, host: str = "inventory") -> Settings:
-        problems = cls.problems(host, data)
+        values, problems = cls.checked(host, data)
         if problems:
             raise SchemaError([p.line for p in problems])
-        values = {f.name: data.get(f.name) for f in fields(cls) if data.get(f.name) is not None}
-        for name in ("extra_args", "context_args", "generate_args", "baseline_args"):
-            if name in values:
-                values[name] = tuple(values[name])
         return cls(**values)
 
     def role_args(self, role: str) -> tuple[str, ...]:
