@@ -59,7 +59,7 @@ def status(inventory, plan: Plan, wait: float | None = None) -> agent_status.Sta
     wait, block up to that many seconds until it is ready."""
     password = head_password(inventory, plan)
     args = (plan.nats_url, plan.settings.nats_user, password, plan.router_url, expected(plan))
-    metrics = f"http://{plan.head.address}:{plan.settings.router_metrics_port}/metrics"
+    metrics = plan.router_metrics_url
     if wait is not None:
         return asyncio.run(agent_status.wait_ready(*args, timeout=wait, router_metrics=metrics))
     return asyncio.run(agent_status.status(*args, router_metrics=metrics))

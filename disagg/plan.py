@@ -31,7 +31,22 @@ def load_inventory(path: str, override_data: dict | None = None):
             f"inventory {path!r} not found; pass an inventory file such as inventories/h100.py"
         )
     with ctx_state.use(State()):
-        return make_inventory(path, override_data=override_data)
+        inventory = make_inventory(path, override_data=override_data)
+        inventory.listings = _listings(path)
+    return inventory
+
+
+def _listings(path: str) -> dict[str, list[tuple[str, dict]]]:
+    """Each host's data as each of its groups lists it: pyinfra merges them,
+    the last listing winning, so a conflict is visible only here."""
+    from pyinfra_cli.inventory import _get_groups_from_filename
+
+    listings: dict[str, list[tuple[str, dict]]] = {}
+    for group, hosts in _get_groups_from_filename(path).items():
+        for host in hosts[0] if isinstance(hosts, tuple) else hosts:
+            name, data = host if isinstance(host, tuple) else (host, {})
+            listings.setdefault(name, []).append((group, data))
+    return listings
 
 
 def cluster_from_inventory(inventory) -> Cluster:
@@ -95,6 +110,13 @@ def check_inventory(inventory) -> list[str]:
                 problems.append(schema.Problem(h.name, "groups", g, (
                     f"listed {h.groups.count(g)} times in group {g!r}; list it once (pyinfra keeps the data of "
                     "its last listing only)")))  # fmt: skip
+        listed = getattr(inventory, "listings", {}).get(h.name, [])
+        for key in sorted({k for _, d in listed for k in d}):
+            values = {g: d[key] for g, d in listed if key in d}
+            if len({repr(v) for v in values.values()}) > 1:
+                problems.append(schema.Problem(h.name, key, values, (
+                    "differs between the groups that list the host; pyinfra keeps one silently: give it the "
+                    "same value in each listing, or in one only")))  # fmt: skip
         if head is not None and h.name != head:
             for key, value in layout.items():
                 if data.get(key) != value and repr(data.get(key)) != repr(value):  # nan != nan
@@ -121,8 +143,28 @@ class Plan:
         return self.cluster.host(self.cluster.head)
 
     @property
+    def router_address(self) -> str:
+        """Where the router's port and its metrics listen."""
+        return self.settings.router_address or self.head.address
+
+    def _router_host(self, if_unspecified: str) -> str:
+        host = self.router_address
+        if host in ("0.0.0.0", "::"):
+            host = if_unspecified
+        return f"[{host}]" if ":" in host else host
+
+    @property
     def router_url(self) -> str:
-        return f"http://{self.head.address}:{self.settings.router_port}"
+        return f"http://{self._router_host(self.head.address)}:{self.settings.router_port}"
+
+    @property
+    def router_url_on_head(self) -> str:
+        """The router as the head's own services reach it."""
+        return f"http://{self._router_host('127.0.0.1')}:{self.settings.router_port}"
+
+    @property
+    def router_metrics_url(self) -> str:
+        return f"http://{self._router_host(self.head.address)}:{self.settings.router_metrics_port}/metrics"
 
     @property
     def nats_url(self) -> str:
@@ -189,9 +231,9 @@ class Plan:
         s = self.settings
         args = [
             f"{S.ROUTER_VENV}/bin/vllm-router",
-            "--host", "0.0.0.0",
+            "--host", self.router_address,
             "--port", str(s.router_port),
-            "--prometheus-host", "0.0.0.0",
+            "--prometheus-host", self.router_address,
             "--prometheus-port", str(s.router_metrics_port),
         ]  # fmt: skip
         if s.router_policy:
@@ -251,7 +293,7 @@ class Plan:
 
     def sync_command(self) -> list[str]:
         """The head's service that keeps the router's members = the registry's healthy workers."""
-        args = ["sync", "--router", f"http://127.0.0.1:{self.settings.router_port}", "--state-file", S.SYNC_STATE]
+        args = ["sync", "--router", self.router_url_on_head, "--state-file", S.SYNC_STATE]
         if self.topology.disaggregated:
             return self._agent(*args, "--mode", "pd", "--discovery", self.discovery_address,
                                "--router-log", f"journal:{S.ROUTER_UNIT}.service")  # fmt: skip
@@ -264,8 +306,7 @@ class Plan:
     def status_command(self, timeout: int | None = None) -> list[str]:
         """`status` on the head (as root: it reads the password file); with a
         timeout, wait until ready."""
-        args = ["status", "--password-file", S.NATS_SECRET_ENV, "--router",
-                f"http://127.0.0.1:{self.settings.router_port}"]  # fmt: skip
+        args = ["status", "--password-file", S.NATS_SECRET_ENV, "--router", self.router_url_on_head]
         args += [a for e in self.expected() for a in ("--expect", e)]
         if timeout is not None:
             args += ["--wait", "--timeout", str(timeout)]

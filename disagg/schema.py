@@ -7,6 +7,7 @@ and the fix; `check` returns them all, `validate` raises them together."""
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -43,7 +44,15 @@ def _no_control_anywhere(value: Any) -> Any:
     return value
 
 
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("is not an IP address this host can bind") from None
+
+
 Text = Annotated[StrictStr, Field(min_length=1), AfterValidator(_printable)]
+BindAddress = Annotated[StrictStr, AfterValidator(_ip)]
 EnvKey = Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 # an env value from data may be a number; a bool would render as "True"
 EnvValue = Annotated[StrictStr, AfterValidator(_printable)] | StrictInt | StrictFloat
@@ -103,6 +112,7 @@ FIX = {
     "gpus": "set it to the number of GPUs on the host, a whole number >= 1",
     "gpu_memory_utilization": "set a fraction in (0, 1], e.g. 0.9",
     "kv_cache_dtype": "use one of vLLM 0.32.0's cache dtypes, e.g. auto or fp8",
+    "router_address": "use the head's cluster address (the default), or 0.0.0.0 to serve clients on every network",
     "router_policy": "use one of vllm-router's policies, e.g. round_robin or cache_aware",
 }
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, get_type_hints
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
-from .schema import (Args, Count, Env, Gigabytes, Json, KvCacheDtype, Port, Problem, RouterPolicy, SchemaError,
+from .schema import (Args, BindAddress, Count, Env, Gigabytes, Json, KvCacheDtype, Port, Problem, RouterPolicy, SchemaError,
                      Seconds, Text, checked)  # fmt: skip
 from .topology import Ports
 
@@ -79,6 +79,9 @@ class Settings:
     nixl_progress_thread: StrictBool = True
     # vllm-router's --policy (None: its default, cache_aware)
     router_policy: RouterPolicy | None = None
+    # where the router's port and its metrics listen (None: the head's
+    # address, the one the workers reach; 0.0.0.0 for clients elsewhere)
+    router_address: BindAddress | None = None
     # vllm-router's fault handling in regular (aggregated) mode: a worker
     # that fails is retried around at once and skipped for a short while.
     # vllm-router 0.1.17 does not retry in PD discovery mode (measured), so

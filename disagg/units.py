@@ -81,7 +81,8 @@ def env_path(unit: str) -> str:
 
 def _service(description: str, user: str, args: list[str], stop_timeout: int, env_files: list[str],
              binds_to: str | None = None, exec_stop: str | None = None, groups: tuple[str, ...] = (),
-             unlimited_log: bool = False) -> str:  # fmt: skip
+             unlimited_log: bool = False, write_paths: tuple[str, ...] = (), gpu: bool = False,
+             reads_journal: bool = False) -> str:  # fmt: skip
     return render(
         "service.j2",
         description=description,
@@ -93,6 +94,9 @@ def _service(description: str, user: str, args: list[str], stop_timeout: int, en
         exec_stop=exec_stop,
         groups=groups,
         unlimited_log=unlimited_log,
+        write_paths=write_paths,
+        gpu=gpu,
+        reads_journal=reads_journal,
     )
 
 
@@ -106,8 +110,11 @@ def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
         plan.settings.stop_timeout,
         # '-': the HF token is optional (public or local models)
         [env_path(w.unit), f"-{S.HF_TOKEN_ENV}"],
-        # '+': as root, to read the root-only NATS password file
+        # '+': as root (and unsandboxed), to read the root-only NATS password file
         exec_stop="+" + exec_start(plan.leave_command(w)),
+        # its home: the model, the HF and vLLM caches
+        write_paths=(S.STATE_DIR,),
+        gpu=True,
     )
     return {unit_path(w.unit): unit, env_path(w.unit): render("env.j2", env=env)}
 
@@ -134,6 +141,8 @@ def sync_files(plan: Plan) -> dict[str, str]:
         [NATS_SECRET_ENV],
         # the router's own view of its members is in its journal
         groups=("systemd-journal",),
+        reads_journal=True,
+        write_paths=(S.STATE_DIR,),  # its state file, replaced by rename
     )
     return {unit_path(S.SYNC_UNIT): unit}
 
@@ -187,6 +196,7 @@ def nats_files(plan: Plan) -> dict[str, str]:
         [f"{S.NATS_VENV}/bin/nats-server", "-c", NATS_CONF],
         30,
         [NATS_SECRET_ENV],
+        write_paths=(NATS_STORE,),
     )
     return {NATS_CONF: conf, unit_path(S.NATS_UNIT): unit}
 

@@ -21,7 +21,7 @@ def router(plan: Plan):
     wait_healthy(
         name="Router up",
         unit=S.ROUTER_UNIT,
-        url=f"http://127.0.0.1:{plan.settings.router_port}/health",
+        url=f"{plan.router_url_on_head}/health",
         timeout=120,
         # in PD mode it says 503 "Waiting for discovered workers" until the
         # registry sync has sent it some; the readiness gate waits for 200

@@ -36,6 +36,9 @@ BAD_DATA = [
     ({"kv_cache_dtype": "fp9"}, "'kv_cache_dtype' = 'fp9': input should be 'auto'"),
     ({"kv_cache_dtype": f"fp8{NL}ExecStartPre=/x"}, "'kv_cache_dtype' = 'fp8\\nExecStartPre=/x': input should be 'auto'"),
     ({"router_policy": "fastest"}, "'router_policy' = 'fastest': input should be 'random'"),
+    ({"router_address": "head.example.com"}, "'router_address' = 'head.example.com': is not an IP address this host can bind; use the head's"),
+    ({"router_address": f"0.0.0.0{NL}ExecStartPre=/bin/sh"}, "'router_address' = '0.0.0.0\\nExecStartPre=/bin/sh': is not an IP"),
+    ({"router_address": 0}, "'router_address' = 0: input should be a valid string"),
     ({"router_policy": f"round_robin{NL}x"}, "'router_policy' = 'round_robin\\nx': input should be 'random'"),
     ({"extra_args": [1, None]}, "'extra_args[0]' = 1: input should be a valid string"),
     ({"extra_args": "--enforce-eager"}, "'extra_args' = '--enforce-eager': input should be a valid tuple"),
@@ -111,6 +114,9 @@ SHAPES = {
     "listed twice": ('context = [("a", {"gpus": 8}), ("a", {"gpus": 4})]\ngenerate = [("b", {"gpus": 8})]\n'
                      'all = (["a", "b"], {"model": "m", "label": "context_tp1dp1_generate_tp1dp1"})\n',
                      ["a: inventory data 'groups' = 'context': listed 2 times in group 'context'"]),
+    "gpus differ by group": ('context = [("a", {"gpus": 8})]\ngenerate = [("a", {"gpus": 4})]\n'
+                             'all = (["a"], {"model": "m", "label": "context_tp1dp1_generate_tp1dp1"})\n',
+                             ["a: inventory data 'gpus' = {'context': 8, 'generate': 4}: differs between the groups"]),
     "per-host setting": ('context = [("a", {"gpus": 8})]\ngenerate = [("b", {"gpus": 8, "max_model_len": 4096})]\n'
                          'all = (["a", "b"], {"model": "m", "label": "context_tp1dp1_generate_tp1dp1"})\n',
                          ["b: inventory data 'max_model_len' = 4096: differs from the head's (a: None)"]),

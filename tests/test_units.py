@@ -65,6 +65,26 @@ def test_every_unit_stops_gracefully():
     assert "--shutdown-timeout 60\n" in worker and "\nTimeoutStopSec=165\n" in worker
 
 
+def test_every_unit_is_sandboxed_writing_only_where_it_must():
+    units = {r.name: t for r, t in rendered("label").items() if r.suffix == ".service"}
+    for name, text in units.items():
+        for line in ("NoNewPrivileges=yes", "CapabilityBoundingSet=", "ProtectSystem=strict", "ProtectHome=yes",
+                     "PrivateTmp=yes", "RestrictNamespaces=yes"):  # fmt: skip
+            assert f"\n{line}\n" in text, (name, line)
+    writes = {name: [line for line in text.splitlines() if line.startswith("ReadWritePaths=")]
+              for name, text in units.items()}  # fmt: skip
+    assert writes["disagg-context-0.service"] == writes["disagg-registry-sync.service"] == ["ReadWritePaths=/var/lib/disagg"]
+    assert writes["disagg-nats.service"] == ["ReadWritePaths=/var/lib/disagg/nats"]
+    assert writes["disagg-router.service"] == writes["disagg-context-0-agent.service"] == []
+    # GPU workers see /dev/nvidia* (no device allow-list) and may pin memory for RDMA; the rest see no devices
+    gpu = units["disagg-generate-0.service"]
+    assert not any(f"\n{key}=" in gpu for key in ("PrivateDevices", "DeviceAllow", "ProtectClock", "SystemCallFilter"))
+    assert "\nLimitMEMLOCK=infinity\n" in gpu
+    for name in ("disagg-router.service", "disagg-nats.service", "disagg-generate-0-agent.service"):
+        assert "\nPrivateDevices=yes\n" in units[name] and "\nSystemCallFilter=@system-service\n" in units[name]
+        assert "LimitMEMLOCK" not in units[name]
+
+
 def test_role_args_and_env_reach_only_their_role():
     plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data={
         "context_args": ["--max-num-batched-tokens", "16384"], "generate_env": {"VLLM_X": "1"}}))  # fmt: skip
@@ -76,6 +96,22 @@ def test_role_args_and_env_reach_only_their_role():
     unit = host_units(plan, "h100-node1")["/etc/systemd/system/disagg-context-0.service"]
     assert "    --max-num-batched-tokens 16384\n" in unit
     assert "VLLM_X=1\n" in host_units(plan, "h100-node2")["/etc/disagg/disagg-generate-0.env"]
+
+
+@pytest.mark.parametrize("address, listens, on_head, from_controller", [
+    (None, "h100-node1", "http://h100-node1:8000", "http://h100-node1:8000"),
+    ("0.0.0.0", "0.0.0.0", "http://127.0.0.1:8000", "http://h100-node1:8000"),
+    ("fd00::1", "fd00::1", "http://[fd00::1]:8000", "http://[fd00::1]:8000"),
+])  # fmt: skip
+def test_router_listens_where_data_says_and_its_clients_follow(address, listens, on_head, from_controller):
+    data = {"router_address": address} if address else {}
+    plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data=data))
+    files = host_units(plan, "h100-node1")
+    router = files["/etc/systemd/system/disagg-router.service"]
+    assert f"    --host {listens} \\\n" in router and f"    --prometheus-host {listens} \\\n" in router
+    assert f"    --router {systemd_arg(on_head)} \\\n" in files["/etc/systemd/system/disagg-registry-sync.service"]
+    assert plan.router_url == from_controller
+    assert plan.router_metrics_url == from_controller.replace(":8000", ":29000") + "/metrics"
 
 
 @pytest.mark.parametrize(

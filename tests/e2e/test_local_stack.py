@@ -164,6 +164,17 @@ def test_nats_jetstream_auth_and_loopback_monitoring(deployment):
     assert owner == ["root", "600"]
 
 
+def test_head_services_listen_only_where_they_must(deployment):
+    plan = deployment.ensure()
+    s = plan.settings
+    listening = ssh(H1, "ss -ltnH").stdout.split("\n")
+    where = {int(local.rsplit(":", 1)[1]): local.rsplit(":", 1)[0]
+             for local in (line.split()[3] for line in listening if line.strip())}  # fmt: skip
+    head = plan.head.address
+    assert where[s.router_port] == where[s.router_metrics_port] == where[s.nats_port] == head, where
+    assert where[s.router_discovery_port] == where[s.nats_monitor_port] == "127.0.0.1", where
+
+
 def nats_connect(plan, creds: dict) -> str:
     with socket.create_connection((plan.head.address, plan.settings.nats_port), timeout=5) as sock:
         info = sock.recv(4096).decode()
@@ -195,6 +206,29 @@ def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again
     assert ssh(H1, f"stat -c '%U %a' {secret}").stdout.split() == ["root", "600"]
     assert list(run.changed) == [f"Registry runtime | {secret} root-only"], run.changed
     assert active_since(H1, units) == since  # nothing restarted for a mode
+
+
+def test_running_services_are_sandboxed(deployment, figures):
+    plan = deployment.ensure()
+    exposure, units = {}, set()
+    for host in (H1, H2):
+        names = listed_units(host)
+        units |= {u.removesuffix(".service") for u in names}
+        report = ssh(host, f"systemd-analyze security --no-pager {' '.join(names)}").stdout
+        # its summary table: UNIT EXPOSURE PREDICATE HAPPY
+        exposure.update(re.findall(r"^(disagg-\S+)\.service\s+([\d.]+)", report, re.M))
+    figures.append("systemd-analyze security exposure: " + ", ".join(f"{u} {e}" for u, e in sorted(exposure.items())))
+    assert set(exposure) == units
+    assert all(float(e) <= 4 for e in exposure.values()), exposure  # 9.2 (UNSAFE) before
+    # as each main process sees the host: only its own state is writable
+    for unit, writable in (("disagg-context-0", "/var/lib/disagg"), ("disagg-nats", "/var/lib/disagg/nats"),
+                           ("disagg-router", None)):  # fmt: skip
+        pid = ssh(H1, f"systemctl show -p MainPID --value {unit}").stdout.strip()
+        inside = f"nsenter -t {pid} -m --"
+        refused = ssh(H1, f"{inside} touch /opt/disagg/probe /etc/disagg/probe", check=False)
+        assert refused.returncode != 0 and "Read-only file system" in refused.stderr, (unit, refused.stderr)
+        if writable:
+            ssh(H1, f"{inside} sh -c 'touch {writable}/probe && rm {writable}/probe'")
 
 
 def test_status_is_what_the_router_reports(deployment):
