@@ -131,6 +131,54 @@ def testhosts_down() -> None:
     click.echo("test hosts down")
 
 
+@main.group()
+def tls() -> None:
+    """The deployment's private CA and NATS certificate, kept on this
+    controller ($DISAGG_STATE_DIR, default ~/.local/state/disagg)."""
+
+
+def _deployment(inventory_path: str) -> str:
+    try:
+        return cluster_from_inventory(load_inventory(inventory_path)).head
+    except (SchemaError, TopologyError) as e:
+        _fail(e)
+
+
+@tls.command("show")
+@click.option("-i", "--inventory", "inventory_path", required=True, help="pyinfra inventory file.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def tls_show(inventory_path: str, as_json: bool) -> None:
+    """Where the CA is, and the fingerprints, names and expiry of the CA and
+    NATS certificates (never a key)."""
+    from . import pki
+
+    info = pki.describe(_deployment(inventory_path))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"directory: {info['directory']}")
+    for label in ("ca", "nats"):
+        cert = info.get(label)
+        if cert is None:
+            click.echo(f"{label}: none yet (the next deploy makes it)")
+            continue
+        names = f", for {' '.join(cert['names'])}" if cert["names"] else ""
+        click.echo(f"{label}: {cert['subject']}{names}, valid until {cert['not_after']}, sha256 {cert['sha256']}")
+
+
+@tls.command("rotate")
+@click.option("-i", "--inventory", "inventory_path", required=True, help="pyinfra inventory file.")
+def tls_rotate(inventory_path: str) -> None:
+    """Make a new CA (the NATS certificate follows). Nothing changes on the
+    hosts until the next deploy, which pushes both and restarts NATS and
+    the agents (serving goes on meanwhile)."""
+    from . import pki
+
+    deployment = _deployment(inventory_path)
+    d = pki.rotate(deployment)
+    click.echo(f"new CA in {d}; roll it out with: pyinfra {inventory_path} deploys/disagg.py (or baseline.py)")
+
+
 def _concurrencies(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -188,7 +236,9 @@ def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, 
 @click.option("--label-key", default="label", show_default=True,
               help="Inventory data key of the deployed label (baseline_label for the baseline).")  # fmt: skip
 @click.option("--label", help="The deployed label, instead of the inventory's.")
-@click.option("--nats", "nats_url", help="nats://HOST:PORT, instead of an inventory.")
+@click.option("--nats", "nats_url", help="tls://HOST:PORT (with --ca), instead of an inventory.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA certificate of the deployment's NATS "
+              "(with --nats; `disagg tls` says where it is).")
 @click.option("--user", default="disagg", show_default=True, help="NATS user (with --nats).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False), help=f"File holding the NATS password (with --nats; "
               f"default: ${kv.PASSWORD_ENV}).")  # fmt: skip
@@ -197,7 +247,7 @@ def bench(inventory_path, label_key, url, label, model, tokenizer, concurrency, 
 @click.option("--wait", is_flag=True, help="Block until every deployed worker is healthy and routed.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to --wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(inventory_path, label_key, label, nats_url, user, password_file, router_url, router_metrics, wait, timeout,
+def status(inventory_path, label_key, label, nats_url, ca, user, password_file, router_url, router_metrics, wait, timeout,
            as_json):  # fmt: skip
     """Workers in the registry (role, host, GPUs, URL, health, heartbeat age,
     whether the router itself lists it, requests the router sent each,
@@ -217,12 +267,12 @@ def status(inventory_path, label_key, label, nats_url, user, password_file, rout
         elif nats_url:
             # the file holds the password, or the head's VARIABLE=password line
             password = kv.read_password(password_file)
-            args = (nats_url, user, password, router_url and router_url.rstrip("/"), [])
+            args = (kv.Server(nats_url, user, password, ca), router_url and router_url.rstrip("/"), [])
             kw = {"router_metrics": router_metrics}
             current = asyncio.run(agent_status.wait_ready(*args, timeout=timeout, **kw) if wait
                                   else agent_status.status(*args, **kw))  # fmt: skip
         else:
-            raise TopologyError("give -i INVENTORY, or --nats nats://HOST:PORT")
+            raise TopologyError("give -i INVENTORY, or --nats tls://HOST:PORT --ca FILE")
     except control.Unreachable as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(agent_status.UNKNOWN)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from . import pki
+from . import settings as S
 from .agent import kv
 from .agent import status as agent_status
 from .plan import Plan
@@ -50,6 +52,18 @@ def head_password(inventory, plan: Plan) -> str:
     return value
 
 
+def nats_server(inventory, plan: Plan) -> kv.Server:
+    """The head's NATS as this controller reaches it: TLS, verified with
+    the CA this controller made (disagg/pki.py)."""
+    ca = pki.ca_file(plan.cluster.head)
+    if ca is None:
+        raise TopologyError(
+            f"no CA for the deployment on {plan.cluster.head} in {pki.directory(plan.cluster.head)}: deploy from "
+            f"this controller, or copy the head's {S.CA_CERT} and use --nats {plan.nats_url} --ca FILE"
+        )
+    return kv.Server(plan.nats_url, plan.settings.nats_user, head_password(inventory, plan), str(ca))
+
+
 def expected(plan: Plan) -> list[agent_status.Expected]:
     return agent_status.parse_expected(plan.expected())
 
@@ -57,8 +71,7 @@ def expected(plan: Plan) -> list[agent_status.Expected]:
 def status(inventory, plan: Plan, wait: float | None = None) -> agent_status.Status:
     """The registry, router and NATS health of plan's deployment; with
     wait, block up to that many seconds until it is ready."""
-    password = head_password(inventory, plan)
-    args = (plan.nats_url, plan.settings.nats_user, password, plan.router_url, expected(plan))
+    args = (nats_server(inventory, plan), plan.router_url, expected(plan))
     metrics = plan.router_metrics_url
     if wait is not None:
         return asyncio.run(agent_status.wait_ready(*args, timeout=wait, router_metrics=metrics))

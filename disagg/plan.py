@@ -168,7 +168,7 @@ class Plan:
 
     @property
     def nats_url(self) -> str:
-        return f"nats://{self.head.address}:{self.settings.nats_port}"
+        return f"tls://{self.head.address}:{self.settings.nats_port}"
 
     def workers_on(self, host: str) -> list[Worker]:
         return [w for w in self.workers if w.host == host]
@@ -176,6 +176,8 @@ class Plan:
     def units_on(self, host: str) -> list[str]:
         """Names of the units that belong on host under this plan."""
         names = [u for w in self.workers_on(host) for u in (w.unit, w.agent_unit)]
+        if self.settings.firewall and (names or host == self.cluster.head):
+            names.append(S.FIREWALL_UNIT)
         if host == self.cluster.head:
             names += [S.NATS_UNIT, S.ROUTER_UNIT, S.SYNC_UNIT]
         return names
@@ -265,7 +267,7 @@ class Plan:
     def _agent(self, command: str, *args: str) -> list[str]:
         # env: the agent's files, and nothing else of ours, on its path
         return ["/usr/bin/env", f"PYTHONPATH={S.AGENT_SRC}", f"{S.AGENT_VENV}/bin/python", "-m", "disagg.agent",
-                command, "--nats", self.nats_url, "--user", self.settings.nats_user, *args]  # fmt: skip
+                command, "--nats", self.nats_url, "--ca", S.CA_CERT, "--user", self.settings.nats_user, *args]  # fmt: skip
 
     def leave_command(self, w: Worker) -> list[str]:
         """The worker unit's ExecStop: out of the registry and the router, drained."""

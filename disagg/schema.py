@@ -18,7 +18,7 @@ from .topology import TopologyError
 
 ROLE_GROUPS = ("context", "generate", "baseline")
 # values never printed, in errors neither
-SECRETS = frozenset({"hf_token", "nats_password"})
+SECRETS = frozenset({"hf_token", "nats_password", "api_key"})
 
 
 def _printable(value: str) -> str:
@@ -51,7 +51,15 @@ def _ip(value: str) -> str:
         raise ValueError("is not an IP address this host can bind") from None
 
 
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError("is not an IP address or network (CIDR)") from None
+
+
 Text = Annotated[StrictStr, Field(min_length=1), AfterValidator(_printable)]
+Network = Annotated[StrictStr, AfterValidator(_network)]
 BindAddress = Annotated[StrictStr, AfterValidator(_ip)]
 EnvKey = Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 # an env value from data may be a number; a bool would render as "True"
@@ -89,6 +97,7 @@ ROLE_DATA: dict[str, Any] = {
     "nvidia_allow_reboot": StrictBool,
     "agent_packages": Packages,
     "nats_password": Text | None,
+    "api_key": Text | None,
     "ready_timeout": Seconds,
     "router_package": Text,
     "vllm_package": Text,
@@ -114,6 +123,7 @@ FIX = {
     "kv_cache_dtype": "use one of vLLM 0.32.0's cache dtypes, e.g. auto or fp8",
     "router_address": "use the head's cluster address (the default), or 0.0.0.0 to serve clients on every network",
     "router_policy": "use one of vllm-router's policies, e.g. round_robin or cache_aware",
+    "firewall_allow": "list the addresses or networks (CIDR) of admins' machines, e.g. ['10.0.0.5', '10.1.0.0/24']",
 }
 
 

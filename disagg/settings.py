@@ -10,8 +10,8 @@ from typing import Annotated, Any, get_type_hints
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
-from .schema import (Args, BindAddress, Count, Env, Gigabytes, Json, KvCacheDtype, Port, Problem, RouterPolicy, SchemaError,
-                     Seconds, Text, checked)  # fmt: skip
+from .schema import (Args, BindAddress, Count, Env, Gigabytes, Json, KvCacheDtype, Network, Port, Problem, RouterPolicy,
+                     SchemaError, Seconds, Text, checked)  # fmt: skip
 from .topology import Ports
 
 Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]
@@ -37,6 +37,16 @@ SERVICE_USER = "disagg"
 NATS_USER = "disagg-nats"
 HF_TOKEN_ENV = f"{CONFIG_DIR}/hf-token.env"
 NATS_SECRET_ENV = f"{CONFIG_DIR}/nats.env"
+# the deployment's CA certificate (every host) and NATS's certificate and key (the head)
+TLS_DIR = f"{CONFIG_DIR}/tls"
+CA_CERT = f"{TLS_DIR}/ca.crt"
+NATS_CERT = f"{TLS_DIR}/nats.crt"
+NATS_KEY = f"{TLS_DIR}/nats.key"
+# nftables rules (disagg/firewall.py) and the unit that loads them
+FIREWALL_RULES = f"{CONFIG_DIR}/firewall.nft"
+FIREWALL_UNIT = "disagg-firewall"
+# the workers' API key (VLLM_API_KEY) and the router's copy (OPENAI_API_KEY)
+API_KEY_ENV = f"{CONFIG_DIR}/api-key.env"
 # the router sync's last members, for a restart while NATS is down
 SYNC_STATE = f"{STATE_DIR}/sync-members.json"
 MODELS_DIR = f"{STATE_DIR}/models"
@@ -92,6 +102,12 @@ class Settings:
     router_cb_failure_threshold: Count = 5
     router_cb_timeout_duration_secs: Seconds = 10
     router_health_check_interval_secs: Seconds = 10
+    # nftables rules from the placement (disagg/firewall.py); false where
+    # the hosts' own firewall is managed by other means
+    firewall: StrictBool = True
+    # admins' machines, admitted to NATS, worker ports and router metrics
+    # besides the controller that deploys
+    firewall_allow: tuple[Network, ...] = ()
     nats_user: User = "disagg"
     http_port_base: Port = Ports.http_base
     nixl_port_base: Port = Ports.nixl_base

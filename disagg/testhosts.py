@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ BRIDGE = "disaggbr0"
 NET = "10.213.0"
 GATEWAY = f"{NET}.1"
 NSPAWN_RUN = Path("/run/systemd/nspawn")
+OUTSIDER, OUTSIDER_NETNS, OUTSIDER_VETH = f"{NET}.99", "disagg-x", "disaggvx"
 RECIPE = {
     "suite": "bookworm",
     "mirror": "http://deb.debian.org/debian",
@@ -98,6 +100,29 @@ def _ssh_key() -> Path:
         KEY.parent.mkdir(parents=True, exist_ok=True)
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "disagg-testhosts", "-f", str(KEY))
     return KEY
+
+
+@contextmanager
+def outsider():
+    """A machine on the hosts' network that is none of theirs and not the
+    controller: a bare network namespace on the bridge, at OUTSIDER. Yields
+    a function that runs a command in it (check=False)."""
+    _remove_outsider()
+    try:
+        _run("ip", "netns", "add", OUTSIDER_NETNS)
+        _run("ip", "link", "add", OUTSIDER_VETH, "type", "veth", "peer", "name", "eth0", "netns", OUTSIDER_NETNS)
+        _run("ip", "link", "set", OUTSIDER_VETH, "master", BRIDGE, "up")
+        _run("ip", "-n", OUTSIDER_NETNS, "addr", "add", f"{OUTSIDER}/24", "dev", "eth0")
+        _run("ip", "-n", OUTSIDER_NETNS, "link", "set", "eth0", "up")
+        yield lambda *command, timeout=60: _run("ip", "netns", "exec", OUTSIDER_NETNS, *command, check=False,
+                                                timeout=timeout)  # fmt: skip
+    finally:
+        _remove_outsider()
+
+
+def _remove_outsider() -> None:
+    _run("ip", "link", "del", OUTSIDER_VETH, check=False)
+    _run("ip", "netns", "del", OUTSIDER_NETNS, check=False)
 
 
 def ssh(i: int, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -178,7 +203,9 @@ class TestHosts:
         log = open(CACHE / "testhosts" / f"{name}.log", "w")
         proc = subprocess.Popen(
             ["systemd-nspawn", "-q", "-D", str(target), "--boot", "--register=no", "--keep-unit",
-             f"--network-namespace-path=/run/netns/{ns}", f"--machine={name}"],
+             f"--network-namespace-path=/run/netns/{ns}", f"--machine={name}",
+             # as root on a real host: nftables (our firewall), in its own namespace only
+             "--capability=CAP_NET_ADMIN"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         host["pid"] = proc.pid
@@ -205,6 +232,7 @@ class TestHosts:
             _run("ip", "link", "del", host["veth"], check=False)
             _run("ip", "netns", "del", host["netns"], check=False)
             shutil.rmtree(host["root"], ignore_errors=True)
+        _remove_outsider()
         if state.get("nat"):
             _run("iptables", "-t", "nat", "-D", "POSTROUTING", *self._nat_rule(), check=False)
         if state.get("bridge"):

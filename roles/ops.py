@@ -268,31 +268,34 @@ def prune_units(keep: Sequence[str] = ()):
     yield "systemctl reset-failed"
 
 
+def secret_file(name: str, path: str, content: str, owner: str = "root") -> OperationMeta:
+    """A file readable by owner alone (0600), its content never in
+    pyinfra's output, its diffs or a command line shown to the user. Owner
+    and mode are enforced on every run: a chmod by hand is undone without
+    a change to what reads the file (no restart). Returns the write."""
+    written = hidden_content(name=name, path=path, content=content)
+    files.file(name=f"{path} {owner}-only", path=path, user=owner, group=owner, mode="600")
+    return written
+
+
 @operation()
-def secret_env(path: str, variable: str, value: str):
+def hidden_content(path: str, content: str):
     """
-    A root-only env file `variable=value`. The value never appears in
-    pyinfra's output, its diffs or on a command line shown to the user.
-    Follow it with `root_only`: umask sets the mode of a new file only.
+    Write content to path (umask 077) when it differs, printing neither
+    the content nor a diff of it.
 
     **Example:**
 
     .. code:: python
 
-        secret_env(path="/etc/disagg/hf-token.env", variable="HF_TOKEN", value=token)
+        hidden_content(path="/etc/disagg/hf-token.env", content=env_text({"HF_TOKEN": token}))
     """
-    line = f"{variable}={value}\n"
     current = host.get_fact(FileStates, paths=(path,)).get(path)
-    if current is None or current["sha1"] != hashlib.sha1(line.encode()).hexdigest():
-        yield StringCommand(
-            "umask 077 && printf '%s\\n'",
-            HiddenValue(shlex.quote(line.rstrip("\n"))),
-            ">",
-            shlex.quote(path),
-        )
+    if current is None or current["sha1"] != hashlib.sha1(content.encode()).hexdigest():
+        yield StringCommand("umask 077 && printf '%s'", HiddenValue(shlex.quote(content)), ">", shlex.quote(path))
 
 
-def root_only(path: str) -> OperationMeta:
-    """Mode 0600, owner root, on every run: a chmod by hand is undone
-    without a change to what reads the file (no restart)."""
-    return files.file(name=f"{path} root-only", path=path, user="root", group="root", mode="600")
+def env_text(values: dict[str, str]) -> str:
+    """VARIABLE=value lines, read literally by systemd and by the agent
+    (nothing shell-sources them; the schema keeps control characters out)."""
+    return "".join(f"{k}={v}\n" for k, v in values.items())

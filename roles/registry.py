@@ -5,63 +5,33 @@ heartbeat companions are started with their workers (roles/workers.py)."""
 
 from __future__ import annotations
 
-import secrets
 import shlex
 
-from pyinfra import host, state
+from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.api.operation import OperationMeta
 
 from disagg import settings as S
 from disagg import units
-from disagg.facts import CommandSucceeds, EnvFileValue
+from disagg.facts import CommandSucceeds
 from disagg.plan import Plan
-from roles.ops import put_files, python_packages, root_only, secret_env, unit_running
+from roles.credentials import nats_credentials
+from roles.ops import put_files, python_packages, unit_running
 
 DEFAULTS = {
     "agent_packages": ["nats-py==2.16.0", "pyzmq==26.4.0", "msgpack==1.2.4", "prometheus-client==0.23.1"],
-    # None: the head's current password, else one generated for this deploy
-    "nats_password": None,
     "ready_timeout": 300,
 }
-
-# one generated password per head for this process: the deploy file runs
-# once per host, and every host must get the same one
-_generated: dict[str, str] = {}
-
-
-def nats_password(plan: Plan) -> str:
-    """The inventory's nats_password, else the one the head already has,
-    else a new random one."""
-    given = host.data.get("nats_password")
-    if given is not None:
-        return str(given)
-    head = state.inventory.get_host(plan.cluster.head)
-    # -vv prints fact output: never this one
-    printing, state.print_fact_output = state.print_fact_output, False
-    try:
-        current = head.get_fact(EnvFileValue, path=units.NATS_SECRET_ENV, variable=units.NATS_PASSWORD_ENV)
-    finally:
-        state.print_fact_output = printing
-    if current:
-        return current
-    return _generated.setdefault(plan.cluster.head, secrets.token_hex(24))
 
 
 @deploy("Registry runtime", data_defaults=DEFAULTS)
 def runtime(plan: Plan) -> list[OperationMeta]:
-    """NATS credentials, the venv and the host agent's files: what every
-    agent unit on this host needs. Returns the operations whose change
-    restarts them."""
-    secret = secret_env(
-        name="NATS credentials",
-        path=units.NATS_SECRET_ENV,
-        variable=units.NATS_PASSWORD_ENV,
-        value=nats_password(plan),
-    )
-    root_only(units.NATS_SECRET_ENV)
+    """NATS credentials (password, CA), the venv and the host agent's
+    files: what every agent unit on this host needs. Returns the operations
+    whose change restarts them."""
+    credentials = nats_credentials(plan)
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
-    return [secret, *put_files(units.agent_code())]
+    return [*credentials, *put_files(units.agent_code())]
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)

@@ -4,6 +4,7 @@ service discovery (fed from the registry by roles/registry.py), or
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
 
 from disagg import settings as S
 from disagg import units
@@ -14,10 +15,11 @@ DEFAULTS = {"router_package": "vllm-router==0.1.17"}
 
 
 @deploy("vllm-router", data_defaults=DEFAULTS)
-def router(plan: Plan):
+def router(plan: Plan, changed_by: list[OperationMeta]):
+    """`changed_by`: the API key's write, which restarts it."""
     python_packages(S.ROUTER_VENV, [host.data.get("router_package")])
     written = put_files(units.router_files(plan))
-    unit_running(name=f"Run {S.ROUTER_UNIT}", unit=S.ROUTER_UNIT, changed_by=written)
+    unit_running(name=f"Run {S.ROUTER_UNIT}", unit=S.ROUTER_UNIT, changed_by=[*changed_by, *written])
     wait_healthy(
         name="Router up",
         unit=S.ROUTER_UNIT,

@@ -5,6 +5,8 @@ from pyinfra import host
 
 from disagg.plan import Plan
 from roles.base import base
+from roles.credentials import api_key
+from roles.firewall import firewall
 from roles.nats import nats
 from roles.nvidia_driver import nvidia_driver
 from roles.ops import prune_units
@@ -19,14 +21,17 @@ def converge(plan: Plan) -> None:
     runs_workers = bool(plan.workers_on(host.name))
     nvidia_driver()
     base()
+    if plan.settings.firewall and (on_head or runs_workers):
+        firewall(plan)
     runtime = registry.runtime(plan) if on_head or runs_workers else []
     if on_head:
-        nats(plan, secret=runtime[0])
+        nats(plan, password=runtime[0])
+    key = api_key(plan) if on_head or runs_workers else []
     engine = vllm(plan) if runs_workers else []
     # before starting anything, so that the old layout frees its GPUs and ports
     prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
     if runs_workers:
-        workers(plan, runtime, engine)
+        workers(plan, runtime, [*engine, *key])
     if on_head:
-        router(plan)
+        router(plan, changed_by=key)
         registry.router_sync(plan, changed_by=runtime)

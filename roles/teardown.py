@@ -15,8 +15,9 @@ from roles.ops import prune_units
 def teardown(purge: bool = False):
     prune_units(name="Stop and remove disagg units", keep=[])
     # the sync's members belong to the layout that ends here
-    for path in (units.NATS_CONF, units.NATS_SECRET_ENV, S.HF_TOKEN_ENV, S.SYNC_STATE):
+    for path in (units.NATS_CONF, units.NATS_SECRET_ENV, S.HF_TOKEN_ENV, S.API_KEY_ENV, S.SYNC_STATE):
         files.file(name=f"Remove {path}", path=path, present=False)
+    files.directory(name=f"Remove {S.TLS_DIR}", path=S.TLS_DIR, present=False)
     if not purge:
         return
     for path in (S.OPT_DIR, S.STATE_DIR, S.CONFIG_DIR):

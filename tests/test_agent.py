@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from disagg import units
+from disagg import pki, units
 from disagg.agent import kv, metrics, status as agent_status
 from disagg.agent.routerview import DiscoveryLog
 from disagg.agent.sync import discovery_message
@@ -48,18 +48,26 @@ def until(predicate, timeout: float = 15, what: str = "condition") -> float:
 
 
 class Nats:
-    """nats-server with JetStream and a password, stoppable and restartable
-    on the same port and store."""
+    """nats-server with JetStream, a password and TLS from a CA of
+    disagg/pki.py, configured by our template; stoppable and restartable on
+    the same port and store."""
 
     def __init__(self, tmp: Path):
         self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
+        self.url = f"tls://127.0.0.1:{self.port}"
+        bundle = pki.ensure(f"test-{self.port}", ["127.0.0.1"])
+        self.ca, cert, key = tmp / "ca.crt", tmp / "nats.crt", tmp / "nats.key"
+        for path, text in ((self.ca, bundle.ca_cert), (cert, bundle.server_cert), (key, bundle.server_key)):
+            path.write_text(text)
         self.conf = tmp / "nats.conf"
-        self.conf.write_text(
-            f'listen: 127.0.0.1:{self.port}\njetstream {{ store_dir: "{tmp / "js"}" }}\n'
-            "authorization { user: disagg, password: $DISAGG_NATS_PASSWORD }\n"
-        )
+        self.conf.write_text(units.render(
+            "nats-server.conf.j2", server_name="test", listen=f"127.0.0.1:{self.port}", monitor_port=free_port(),
+            store_dir=tmp / "js", user="disagg", password_env=kv.PASSWORD_ENV, cert_file=cert, key_file=key,
+        ))  # fmt: skip
         self.proc = None
+
+    def server(self, password: str = PASSWORD, ca: Path | None = None) -> kv.Server:
+        return kv.Server(self.url, "disagg", password, str(ca or self.ca))
 
     def start(self):
         self.proc = subprocess.Popen([str(BIN / "nats-server"), "-c", str(self.conf)],
@@ -151,12 +159,13 @@ def agent_path(tmp_path):
 class Agents:
     """The agent's processes of one test, stopped (SIGTERM) at the end."""
 
-    def __init__(self, path: Path, nats_url: str, tmp: Path):
-        self.path, self.nats_url, self.tmp = path, nats_url, tmp
+    def __init__(self, path: Path, nats: Nats, tmp: Path):
+        self.path, self.nats, self.tmp = path, nats, tmp
         self.procs: list[subprocess.Popen] = []
 
     def run(self, *args: str, password: str = PASSWORD, wait: bool = False, timeout: float = 60):
-        command = [sys.executable, "-m", "disagg.agent", args[0], "--nats", self.nats_url, *args[1:]]
+        command = [sys.executable, "-m", "disagg.agent", args[0], "--nats", self.nats.url, "--ca", str(self.nats.ca),
+                   *args[1:]]
         env = {**os.environ, "PYTHONPATH": str(self.path), kv.PASSWORD_ENV: password}
         if wait:
             return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -181,7 +190,7 @@ class Agents:
 
 @pytest.fixture
 def agents(agent_path, nats, tmp_path):
-    made = Agents(agent_path, nats.url, tmp_path)
+    made = Agents(agent_path, nats, tmp_path)
     yield made
     made.stop_all()
 
@@ -214,8 +223,8 @@ def router(tmp_path):
     r.proc.wait(10)
 
 
-def look(nats_url, expected, router=None):
-    return asyncio.run(agent_status.status(nats_url, "disagg", PASSWORD, router, expected))
+def look(nats: Nats, expected, router=None):
+    return asyncio.run(agent_status.status(nats.server(), router, expected))
 
 
 def expect(workers):
@@ -240,19 +249,19 @@ def test_heartbeat_registers_and_stops_promptly_without_deleting(nats, agents, w
     w.running = 3
     proc = agents.heartbeat("context", 0, w)
     (ctx,) = expected = expect(workers)[:1]
-    until(lambda: look(nats.url, expected).workers, what="registered")
-    (entry,) = look(nats.url, expected).workers
+    until(lambda: look(nats, expected).workers, what="registered")
+    (entry,) = look(nats, expected).workers
     assert entry["name"] == "context-0" and entry["host"] == "node1" and entry["gpus"] == [0]
     assert entry["health"] == "healthy" and entry["running"] == 3.0
     # no router sync in this test: the router's view is unknown, so not ready, and it says why
-    assert "the router sync has not reported" in " ".join(look(nats.url, expected).problems)
+    assert "the router sync has not reported" in " ".join(look(nats, expected).problems)
     w.healthy = False
-    until(lambda: f"context-0 ({w.url}) is unhealthy" in look(nats.url, expected).problems, what="unhealthy seen")
+    until(lambda: f"context-0 ({w.url}) is unhealthy" in look(nats, expected).problems, what="unhealthy seen")
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0 and time.monotonic() - start < 3
     # a companion stopping alone leaves the entry: only the worker's ExecStop (leave) deletes it
-    assert look(nats.url, expected).workers
+    assert look(nats, expected).workers
 
 
 def test_wrong_password_is_logged_and_sigterm_still_ends_it(nats, agents, workers):
@@ -263,6 +272,30 @@ def test_wrong_password_is_logged_and_sigterm_still_ends_it(nats, agents, worker
     assert proc.wait(5) == 0 and time.monotonic() - start < 3
     log = Path(proc.log.name).read_text()
     assert "cannot connect to NATS" in log and "wrong-pw" not in log
+
+
+def test_nats_refuses_plaintext_and_a_certificate_our_ca_did_not_sign(nats, tmp_path):
+    async def connects(server: kv.Server) -> str:
+        try:
+            nc = await kv.connect(server, reconnect=False)
+        except ConnectionError as e:
+            return str(e)
+        await nc.close()
+        return "connected"
+
+    assert asyncio.run(connects(nats.server())) == "connected"
+    plain = asyncio.run(connects(kv.Server(nats.url.replace("tls://", "nats://"), "disagg", PASSWORD)))
+    assert plain != "connected"
+    other = tmp_path / "other-ca.crt"
+    other.write_text(pki.ensure("another-deployment", ["127.0.0.1"]).ca_cert)
+    assert "CERTIFICATE_VERIFY_FAILED" in asyncio.run(connects(nats.server(ca=other)))
+    # a client that does not even try TLS: the server asks for it and closes
+    with socket.create_connection(("127.0.0.1", nats.port), timeout=5) as raw:
+        info = json.loads(raw.recv(4096).decode().removeprefix("INFO "))
+        assert info["tls_required"] is True
+        raw.sendall(b'CONNECT {"user":"disagg","pass":"t3st-pw"}\r\nPING\r\n')
+        answer = raw.recv(4096)
+    assert b"PONG" not in answer
 
 
 def test_status_exit_codes_ready_not_ready_unknown(nats, agents, workers, router):
@@ -281,7 +314,7 @@ def test_status_password_from_a_file_read_literally(nats, agents, workers, tmp_p
     agents.heartbeat("context", 0, workers[0])
     secret = tmp_path / "nats.env"
     secret.write_text(f"{kv.PASSWORD_ENV}={PASSWORD}\n")
-    until(lambda: look(nats.url, expect(workers)[:1]).workers)
+    until(lambda: look(nats, expect(workers)[:1]).workers)
     out = agents.run("status", "--password-file", str(secret), "--json", password="", wait=True)
     assert out.returncode == 0 and json.loads(out.stdout)["nats"] == "healthy"
 
@@ -292,8 +325,8 @@ def test_status_password_from_a_file_read_literally(nats, agents, workers, tmp_p
 def test_in_router_comes_from_the_router_and_traffic_flows(nats, agents, workers, router):
     start_layout(agents, workers, router)
     expected = expect(workers)
-    until(lambda: look(nats.url, expected, router.url).ready, 20, "ready")
-    current = look(nats.url, expected, router.url)
+    until(lambda: look(nats, expected, router.url).ready, 20, "ready")
+    current = look(nats, expected, router.url)
     assert sorted(current.members) == sorted(w.url for w in workers)
     assert all(w["in_router"] for w in current.workers)
     assert all(router.said(f"Add {kind} [HTTP:{w.url.removeprefix('http://')}")
@@ -307,10 +340,10 @@ def test_in_router_is_false_when_the_sync_sends_to_a_closed_port(nats, agents, w
     # the router runs, but the sync's discovery address is a port where nothing listens
     start_layout(agents, workers, router, discovery=f"127.0.0.1:{free_port()}")
     expected = expect(workers)
-    until(lambda: look(nats.url, expected, router.url).workers and
-          look(nats.url, expected, router.url).members is not None, 15, "sync reported")  # fmt: skip
+    until(lambda: look(nats, expected, router.url).workers and
+          look(nats, expected, router.url).members is not None, 15, "sync reported")  # fmt: skip
     time.sleep(3)
-    current = look(nats.url, expected, router.url)
+    current = look(nats, expected, router.url)
     assert current.members == [] and not current.ready
     assert [w["in_router"] for w in current.workers] == [False, False, False]
     assert f"context-0 ({workers[0].url}) is not in the router (the router does not list it)" in current.problems
@@ -321,21 +354,21 @@ def test_in_router_is_false_when_the_sync_sends_to_a_closed_port(nats, agents, w
 def test_nats_outage_does_not_touch_the_routers_members(nats, agents, workers, router):
     start_layout(agents, workers, router)
     expected = expect(workers)
-    until(lambda: look(nats.url, expected, router.url).ready, 20, "ready")
+    until(lambda: look(nats, expected, router.url).ready, 20, "ready")
     with Load(router.url, "m", concurrency=2) as load:
         nats.stop()
         # longer than the bucket's TTL and the router's expiry together
         time.sleep(kv.TTL + kv.ROUTER_FORGETS_AFTER + 2)
         assert not router.said("Remove")
         nats.start()
-        took = until(lambda: look(nats.url, expected, router.url).ready, 20, "ready again")
+        took = until(lambda: look(nats, expected, router.url).ready, 20, "ready again")
     assert load.result.failed == 0 and load.result.ok > 20, load.result.summary()
     assert took < 15
 
 
 def test_a_sync_restarted_while_nats_is_down_keeps_the_members(nats, agents, workers, router):
     sync = start_layout(agents, workers, router)
-    until(lambda: look(nats.url, expect(workers), router.url).ready, 20, "ready")
+    until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
     nats.stop()
     sync.send_signal(signal.SIGTERM)
     assert sync.wait(5) == 0
@@ -351,7 +384,7 @@ def test_a_baseline_member_left_in_the_state_file_is_not_sent_to_a_pd_router(nat
                                     "gpus": [0], "label": "baseline_tp1dp1", "model": "m", "health": "healthy"}}  # fmt: skip
     (agents.tmp / "members.json").write_text(json.dumps(stale))
     sync = start_layout(agents, workers, router)
-    until(lambda: look(nats.url, expect(workers), router.url).ready, 20, "ready")
+    until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
     assert sync.poll() is None and "127.0.0.1:1" not in router.log.read_text()
 
 
@@ -365,7 +398,7 @@ def test_a_failing_loop_ends_the_agent_instead_of_hanging_it():
 
         async def connecting():  # nats-py connecting to a port nobody listens on
             with contextlib.suppress(kv.Stopped):
-                await kv.connect(f"nats://127.0.0.1:{free_port()}", "u", "p", stop=stop)
+                await kv.connect(kv.Server(f"nats://127.0.0.1:{free_port()}", "u", "p"), stop=stop)
 
         with pytest.raises(KeyError, match="boom"):
             await kv.run_all(stop, [fails(), connecting(), kv.sleep(stop, 3600)])
@@ -378,7 +411,7 @@ def test_a_failing_loop_ends_the_agent_instead_of_hanging_it():
 
 def test_a_dead_worker_leaves_the_router_without_waiting_for_its_ttl(nats, agents, workers, router):
     start_layout(agents, workers, router)
-    until(lambda: look(nats.url, expect(workers), router.url).ready, 20, "ready")
+    until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
     dead = workers[1]
     dead.kill()
     took = until(lambda: router.said(f"Remove Prefill [HTTP:{dead.url.removeprefix('http://')}"), 10,
@@ -391,7 +424,7 @@ def test_a_dead_worker_leaves_the_router_without_waiting_for_its_ttl(nats, agent
 
 def test_leave_takes_a_worker_out_of_the_router_then_drains_it(nats, agents, workers, router):
     start_layout(agents, workers, router)
-    until(lambda: look(nats.url, expect(workers), router.url).ready, 20, "ready")
+    until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
     leaving = workers[0]
     agents.procs[0].send_signal(signal.SIGTERM)  # its companion stops first (systemd ordering)
     leaving.running = 2
@@ -402,7 +435,7 @@ def test_leave_takes_a_worker_out_of_the_router_then_drains_it(nats, agents, wor
     assert out.returncode == 0, out.stderr
     assert router.said(f"Remove Prefill [HTTP:{leaving.url.removeprefix('http://')}")
     assert 8 <= took < 30 and "out of the router after" in out.stderr and "drained 2 requests" in out.stderr
-    current = look(nats.url, expect(workers), router.url)
+    current = look(nats, expect(workers), router.url)
     assert leaving.url not in current.members and f"context-0 ({leaving.url}) is not registered" in current.problems
 
 

@@ -86,7 +86,7 @@ def test_inventory_errors_name_the_field(tmp_path):
 
 def test_status_needs_an_inventory_or_a_nats_url():
     result = CliRunner().invoke(main, ["status"])
-    assert result.exit_code == 2 and "give -i INVENTORY, or --nats nats://HOST:PORT" in result.output
+    assert result.exit_code == 2 and "give -i INVENTORY, or --nats tls://HOST:PORT --ca FILE" in result.output
 
 
 def test_status_against_an_unreachable_nats_is_unknown_not_just_not_ready():

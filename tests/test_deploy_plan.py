@@ -7,6 +7,10 @@ import re
 import pytest
 from fakehosts import gpu_host_responses, plan_deploy
 
+from cryptography import x509
+
+from disagg import pki
+from disagg import settings as S
 from disagg.plan import load_inventory, make_plan
 from disagg.topology import TopologyError
 from disagg.units import host_units
@@ -25,8 +29,28 @@ def test_deploy_writes_exactly_the_rendered_units(deploy, label_key):
     planned = plan_deploy(H100, deploy, responses=gpu_host_responses())
     plan = make_plan(load_inventory(H100), label_key=label_key)
     for host in NODES:
-        ours = {p: t for p, t in planned.uploads(host).items() if p.startswith(("/etc/systemd", "/etc/disagg"))}
+        ours = {p: t for p, t in planned.uploads(host).items()
+                if p.startswith(("/etc/systemd", "/etc/disagg")) and not p.startswith(S.TLS_DIR)}
         assert ours == host_units(plan, host)
+
+
+def test_nats_tls_material_comes_from_the_controllers_ca_and_the_key_is_never_shown():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    plan = make_plan(load_inventory(H100))
+    bundle = pki.ensure(plan.cluster.head, [plan.head.address])
+    for host in NODES:
+        assert planned.uploads(host)[S.CA_CERT] == bundle.ca_cert
+        assert bundle.server_key not in "\n".join(planned.commands(host) + list(planned.uploads(host).values()))
+    head = planned.uploads("h100-node1")
+    assert head[S.NATS_CERT] == bundle.server_cert and S.NATS_CERT not in planned.uploads("h100-node2")
+    server = x509.load_pem_x509_certificate(bundle.server_cert.encode())
+    server.verify_directly_issued_by(x509.load_pem_x509_certificate(bundle.ca_cert.encode()))
+    assert pki.describe(plan.cluster.head)["nats"]["names"] == [plan.head.address]
+    assert f"umask 077 && printf '%s' *MASKED* > {S.NATS_KEY}" in planned.commands("h100-node1")
+    names = [n for n, _ in planned._raw_ops("h100-node1")]
+    assert any(n.endswith(f"{S.NATS_KEY} disagg-nats-only") for n in names)
+    # the same CA and certificate on a re-run: nothing to restart
+    assert pki.ensure(plan.cluster.head, [plan.head.address]) == bundle
 
 
 def test_disagg_deploy_order_on_the_head():
@@ -116,6 +140,21 @@ def test_nothing_to_prune_is_no_change():
         assert prune == []
 
 
+def test_firewall_false_installs_no_rules_and_prunes_an_earlier_firewall():
+    responses = {**stale_units("disagg-firewall"), **gpu_host_responses()}
+    planned = plan_deploy(H100, "deploys/disagg.py", data={"firewall": False}, responses=responses)
+    for host in NODES:
+        assert not any(n.startswith("Firewall |") for n, _ in planned.ops(host))
+        (prune,) = [c for n, c in planned.ops(host) if n == "Remove units of other layouts"]
+        # stopping the unit runs its ExecStop: our table goes, no other
+        assert prune[0] == "systemctl disable --now disagg-firewall.service"
+    on = plan_deploy(H100, "deploys/disagg.py", responses=responses)
+    for host in NODES:
+        (prune,) = [c for n, c in on.ops(host) if n == "Remove units of other layouts"]
+        assert prune == []
+        assert any(n == "Firewall | Run disagg-firewall" for n, _ in on.ops(host))
+
+
 @pytest.mark.parametrize("purge", [False, True])
 def test_teardown_removes_our_units_and_nothing_else(purge):
     units = ("disagg-context-1", "disagg-generate-0", "disagg-router")
@@ -125,7 +164,8 @@ def test_teardown_removes_our_units_and_nothing_else(purge):
     assert f"systemctl disable --now {' '.join(u + '.service' for u in units)}" in commands
     assert not any("kill" in c for c in commands)
     names = [n for n, _ in planned.ops("h100-node1")]
-    for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env", "/etc/disagg/nats-server.conf"):
+    for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env", "/etc/disagg/nats-server.conf", S.API_KEY_ENV,
+                 S.TLS_DIR):  # fmt: skip
         assert f"disagg teardown | Remove {path}" in names
     purged = [f"disagg teardown | Remove {what}" for what in
               ("/opt/disagg", "/var/lib/disagg", "/etc/disagg", "user disagg", "user disagg-nats")]
@@ -140,35 +180,53 @@ def test_secrets_never_appear_in_commands_or_files():
         for secret in secrets.values():
             assert secret not in text
     commands = planned.commands("h100-node1")
-    assert "umask 077 && printf '%s\\n' *MASKED* > /etc/disagg/hf-token.env" in commands
+    assert "umask 077 && printf '%s' *MASKED* > /etc/disagg/hf-token.env" in commands
 
 
-def _nats_secret_commands(planned, host) -> list[str]:
-    return [c.get_raw_value() for n, cmds in planned._raw_ops(host) if n.endswith("NATS credentials") for c in cmds]
+def _secret_commands(planned, host, name: str) -> list[str]:
+    return [c.get_raw_value() for n, cmds in planned._raw_ops(host) if n.endswith(name) for c in cmds]
 
 
-def test_nats_password_is_generated_once_and_shared_by_every_host():
+@pytest.mark.parametrize("name, variable", [("NATS password", "DISAGG_NATS_PASSWORD"), ("API key", "VLLM_API_KEY")])
+def test_a_secret_is_generated_once_and_shared_by_every_host(name, variable):
     planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
-    (head,) = _nats_secret_commands(planned, "h100-node1")
-    (other,) = _nats_secret_commands(planned, "h100-node2")
-    password = re.search(r"DISAGG_NATS_PASSWORD=(\w+)", head).group(1)
-    assert len(password) >= 32 and head == other
+    (head,) = _secret_commands(planned, "h100-node1", name)
+    (other,) = _secret_commands(planned, "h100-node2", name)
+    value = re.search(rf"{variable}=(\w+)", head).group(1)
+    assert len(value) >= 32 and head == other
     for host in NODES:  # masked wherever pyinfra prints it
-        assert not any(password in c for c in planned.commands(host))
+        assert not any(value in c for c in planned.commands(host))
 
 
-def test_nats_password_of_the_head_is_kept():
-    responses = {**gpu_host_responses(), "s/^DISAGG_NATS_PASSWORD=//p": ["k33p-me"]}
+@pytest.mark.parametrize("name, variable", [("NATS password", "DISAGG_NATS_PASSWORD"), ("API key", "VLLM_API_KEY")])
+def test_the_heads_secret_is_kept(name, variable):
+    responses = {**gpu_host_responses(), f"s/^{variable}=//p": ["k33p-me"]}
     planned = plan_deploy(H100, "deploys/disagg.py", responses=responses)
     for host in NODES:
-        (command,) = _nats_secret_commands(planned, host)
-        assert "DISAGG_NATS_PASSWORD=k33p-me" in command
+        (command,) = _secret_commands(planned, host, name)
+        assert f"{variable}=k33p-me" in command
+
+
+def test_the_router_sends_the_key_the_workers_demand_and_only_in_disaggregated_layouts():
+    planned = plan_deploy(H100, "deploys/disagg.py", data={"api_key": "k3y-from-data"}, responses=gpu_host_responses())
+    (command,) = _secret_commands(planned, "h100-node1", "API key")
+    assert "VLLM_API_KEY=k3y-from-data\nOPENAI_API_KEY=k3y-from-data\n" in command
+    plan = make_plan(load_inventory(H100))
+    for host in NODES:
+        for path, text in host_units(plan, host).items():
+            if path.endswith(".service") and ("vllm.entrypoints" in text or "vllm-router" in text):
+                assert f"EnvironmentFile={S.API_KEY_ENV}\n" in text, path
+    baseline = plan_deploy(H100, "deploys/baseline.py", responses=gpu_host_responses())
+    names = [n for n, _ in baseline.ops("h100-node1")]
+    assert f"Worker API key | No {S.API_KEY_ENV}" in names
+    assert not any(S.API_KEY_ENV in t for t in host_units(make_plan(load_inventory(H100), label_key="baseline_label"),
+                                                          "h100-node1").values())
 
 
 def test_every_secret_file_is_made_root_only_on_every_run():
     planned = plan_deploy(H100, "deploys/disagg.py", data={"hf_token": "t"}, responses=gpu_host_responses())
     names = [n for n, _ in planned._raw_ops("h100-node1")]
-    for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env"):
+    for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env", S.API_KEY_ENV):
         assert any(n.endswith(f"{path} root-only") for n in names), names
 
 

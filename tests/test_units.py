@@ -53,9 +53,14 @@ def test_reference_context_units_pin_gpu_pairs_and_distinct_ports():
 
 def test_every_unit_stops_gracefully():
     for rel, text in rendered("label").items():
-        if rel.suffix == ".service":
+        if rel.suffix == ".service" and rel.name != "disagg-firewall.service":
             for line in ("KillSignal=SIGTERM", "KillMode=mixed", "Restart=on-failure", "LimitNOFILE=65536"):
                 assert f"\n{line}\n" in text, (rel, line)
+    # the firewall is loaded once and stays; stopping it deletes our table, no other
+    loader = next(t for r, t in rendered("label").items() if r.name == "disagg-firewall.service")
+    for line in ("Type=oneshot", "RemainAfterExit=yes", "ExecStart=/usr/sbin/nft -f /etc/disagg/firewall.nft",
+                 "ExecStop=/usr/sbin/nft delete table inet disagg"):  # fmt: skip
+        assert f"\n{line}\n" in loader, line
     worker = next(t for r, t in rendered("label").items() if r.name == "disagg-context-0.service")
     # before SIGTERM, as root (it reads the root-only NATS password): out of the router, then drained
     assert "\nExecStop=+/usr/bin/env PYTHONPATH=/opt/disagg/agent/src /opt/disagg/agent/bin/python -m disagg.agent " \
@@ -68,7 +73,9 @@ def test_every_unit_stops_gracefully():
 def test_every_unit_is_sandboxed_writing_only_where_it_must():
     units = {r.name: t for r, t in rendered("label").items() if r.suffix == ".service"}
     for name, text in units.items():
-        for line in ("NoNewPrivileges=yes", "CapabilityBoundingSet=", "ProtectSystem=strict", "ProtectHome=yes",
+        # the firewall's loader alone may change the network (its own table)
+        caps = "CapabilityBoundingSet=CAP_NET_ADMIN" if name == "disagg-firewall.service" else "CapabilityBoundingSet="
+        for line in ("NoNewPrivileges=yes", caps, "ProtectSystem=strict", "ProtectHome=yes",
                      "PrivateTmp=yes", "RestrictNamespaces=yes"):  # fmt: skip
             assert f"\n{line}\n" in text, (name, line)
     writes = {name: [line for line in text.splitlines() if line.startswith("ReadWritePaths=")]

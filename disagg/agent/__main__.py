@@ -1,9 +1,9 @@
 """The host agent's command line (see the package docstring):
 
-    python -m disagg.agent heartbeat --nats nats://10.0.0.1:4222 --role context ...
-    python -m disagg.agent sync --nats nats://10.0.0.1:4222 --router http://127.0.0.1:8000 --mode pd ...
-    python -m disagg.agent leave --nats nats://10.0.0.1:4222 --url http://10.0.0.1:8100 --drain-timeout 60
-    python -m disagg.agent status --nats nats://10.0.0.1:4222 --expect context-0=http://... --wait
+    python -m disagg.agent heartbeat --nats tls://10.0.0.1:4222 --ca ca.crt --role context ...
+    python -m disagg.agent sync --nats tls://10.0.0.1:4222 --ca ca.crt --router http://127.0.0.1:8000 --mode pd ...
+    python -m disagg.agent leave --nats tls://10.0.0.1:4222 --ca ca.crt --url http://10.0.0.1:8100 --drain-timeout 60
+    python -m disagg.agent status --nats tls://10.0.0.1:4222 --ca ca.crt --expect context-0=http://... --wait
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from .status import parse_expected, status, table, wait_ready
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m disagg.agent", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--nats", required=True, help="nats://HOST:PORT")
+    common.add_argument("--nats", required=True, help="tls://HOST:PORT (with --ca) or nats://HOST:PORT")
     common.add_argument("--user", default="disagg")
     common.add_argument("--password-file", help=f"file with the NATS password (default: ${kv.PASSWORD_ENV})")
+    common.add_argument("--ca", help="CA certificate that signed the NATS server's: connect with TLS and verify it")
     sub = parser.add_subparsers(dest="command", required=True)
     hb = sub.add_parser("heartbeat", parents=[common], help="register one worker while it runs")
     for name in ("role", "host", "url", "label", "model", "zmq"):
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         password = kv.read_password(args.password_file)
     except OSError as e:
         parser.error(f"--password-file: {e}")
+    server = kv.Server(args.nats, args.user, password, args.ca)
     if args.command == "heartbeat":
         worker = {
             "role": args.role, "index": args.index, "host": args.host, "url": args.url,
@@ -59,26 +61,26 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         from .heartbeat import heartbeat
 
-        asyncio.run(heartbeat(args.nats, args.user, password, worker))
+        asyncio.run(heartbeat(server, worker))
         return 0
     if args.command == "sync":
         if args.mode == "pd" and not args.discovery:
             parser.error("--discovery is required in pd mode")
         from .sync import sync
 
-        asyncio.run(sync(args.nats, args.user, password, args.router, args.mode, args.discovery,
+        asyncio.run(sync(server, args.router, args.mode, args.discovery,
                          args.router_log, args.state_file))  # fmt: skip
         return 0
     if args.command == "leave":
         from .leave import leave
 
-        asyncio.run(leave(args.nats, args.user, password, args.url, args.drain_timeout, args.router_timeout))
+        asyncio.run(leave(server, args.url, args.drain_timeout, args.router_timeout))
         return 0
     expected = parse_expected(args.expect)
     if args.wait:
-        current = asyncio.run(wait_ready(args.nats, args.user, password, args.router, expected, args.timeout))
+        current = asyncio.run(wait_ready(server, args.router, expected, args.timeout))
     else:
-        current = asyncio.run(status(args.nats, args.user, password, args.router, expected))
+        current = asyncio.run(status(server, args.router, expected))
     print(json.dumps(current.as_dict(), indent=2) if args.json else table(current))
     return current.exit_code
 

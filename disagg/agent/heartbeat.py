@@ -8,7 +8,7 @@ import asyncio
 from . import kv
 
 
-async def heartbeat(server: str, user: str, password: str | None, worker: dict,
+async def heartbeat(server: kv.Server, worker: dict,
                     interval: float = kv.HEARTBEAT) -> None:  # fmt: skip
     """Keep the worker's entry fresh until SIGTERM. Stopping does not delete
     it: the worker's own ExecStop (`leave`) does that when the worker stops,
@@ -16,7 +16,7 @@ async def heartbeat(server: str, user: str, password: str | None, worker: dict,
     router."""
     stop = kv.stop_event()
     try:
-        nc = await kv.connect(server, user, password, stop=stop)
+        nc = await kv.connect(server, stop=stop)
     except kv.Stopped:
         return
     key = kv.worker_key(worker["url"])

@@ -36,6 +36,28 @@ DISCOVERY_TYPE = {"context": "P", "generate": "D"}
 NATS_TIMEOUT = 3.0
 
 
+@dataclass(frozen=True)
+class Server:
+    """A NATS server as the agent reaches it. `ca`: the CA file that signed
+    its certificate: with it the connection is TLS and verified."""
+
+    url: str
+    user: str | None = None
+    password: str | None = None
+    ca: str | None = None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def options(self) -> dict:
+        tls = None
+        if self.ca:
+            import ssl
+
+            tls = ssl.create_default_context(cafile=self.ca)
+        return dict(user=self.user, password=self.password, tls=tls)
+
+
 class Stopped(Exception):
     """SIGTERM/SIGINT arrived while waiting."""
 
@@ -132,8 +154,8 @@ def describe(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {text}" if text else error.__class__.__name__
 
 
-async def connect(server: str, user: str | None, password: str | None, stop: asyncio.Event | None = None,
-                  reconnect: bool = True, max_backoff: float = 30.0):  # fmt: skip
+async def connect(server: Server, stop: asyncio.Event | None = None, reconnect: bool = True,
+                  max_backoff: float = 30.0):  # fmt: skip
     """A connection that, once made, reconnects for ever. With stop, the
     first connect is retried with backoff (units start before NATS is up),
     each failure logged with its reason (never the password), until it
@@ -153,14 +175,14 @@ async def connect(server: str, user: str | None, password: str | None, stop: asy
     async def first_failed(error):
         failed.append(error)
 
-    options = dict(user=user, password=password, connect_timeout=2, reconnect_time_wait=1)
+    options = dict(server.options(), connect_timeout=2, reconnect_time_wait=1)
     backoff = 1.0
     complain = Complaint()
     while True:
         try:
             # nats-py retries a first connect silently for ever when reconnects
             # are allowed: fail fast here, and retry (or not) ourselves
-            nc = await nats.connect(server, allow_reconnect=False, max_reconnect_attempts=1,
+            nc = await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=1,
                                     error_cb=first_failed, **options)  # fmt: skip
             break
         except Exception as e:
@@ -168,7 +190,7 @@ async def connect(server: str, user: str | None, password: str | None, stop: asy
             failed.clear()
             if stop is None:
                 raise ConnectionError(reason) from None
-            complain(f"cannot connect to NATS at {server} as {user!r}: {reason}; retrying (up to every "
+            complain(f"cannot connect to NATS at {server} as {server.user!r}: {reason}; retrying (up to every "
                      f"{max_backoff:.0f} s)")  # fmt: skip
         await sleep(stop, backoff)
         if stop.is_set():
@@ -180,7 +202,7 @@ async def connect(server: str, user: str | None, password: str | None, stop: asy
         return nc
     await nc.close()
     connecting = asyncio.ensure_future(
-        nats.connect(server, allow_reconnect=True, max_reconnect_attempts=-1, error_cb=reconnecting, **options)
+        nats.connect(server.url, allow_reconnect=True, max_reconnect_attempts=-1, error_cb=reconnecting, **options)
     )
     if stop is None:
         return await connecting

@@ -11,11 +11,11 @@ import time
 from . import kv, metrics
 
 
-async def leave(server: str, user: str, password: str | None, url: str, drain_timeout: float,
+async def leave(server: kv.Server, url: str, drain_timeout: float,
                 forget_timeout: float) -> None:  # fmt: skip
     start = time.monotonic()
     try:
-        await _out_of_router(server, user, password, url, forget_timeout)
+        await _out_of_router(server, url, forget_timeout)
     except Exception as e:
         grace = kv.ROUTER_FORGETS_AFTER + 2 * kv.SYNC_INTERVAL
         kv.log(f"{url}: cannot confirm through NATS that the router dropped it ({kv.describe(e)}); "
@@ -26,8 +26,8 @@ async def leave(server: str, user: str, password: str | None, url: str, drain_ti
     kv.log(f"{url}: out of the router after {left:.1f} s; {drained}")
 
 
-async def _out_of_router(server: str, user: str, password: str | None, url: str, timeout: float) -> None:
-    nc = await asyncio.wait_for(kv.connect(server, user, password, reconnect=False), 5)
+async def _out_of_router(server: kv.Server, url: str, timeout: float) -> None:
+    nc = await asyncio.wait_for(kv.connect(server, reconnect=False), 5)
     try:
         store = await kv.bucket(nc)
         await asyncio.wait_for(store.delete(kv.worker_key(url)), kv.NATS_TIMEOUT)

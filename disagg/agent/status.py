@@ -73,13 +73,13 @@ def assess(expected: list[Expected], entries: dict[str, dict], members: list[str
     return problems
 
 
-async def status(server: str, user: str, password: str | None, router: str | None, expected: list[Expected],
+async def status(server: kv.Server, router: str | None, expected: list[Expected],
                  router_metrics: str | None = None) -> Status:  # fmt: skip
     router_health = "unknown"
     if router:
         router_health = await asyncio.to_thread(kv.probe, router)
     try:
-        nc = await asyncio.wait_for(kv.connect(server, user, password, reconnect=False), 5)
+        nc = await asyncio.wait_for(kv.connect(server, reconnect=False), 5)
     except Exception as e:
         error = f"NATS at {server} refused or unreachable: {kv.describe(e)}"
         return Status(nats=error, router=router_health, error=error)
@@ -125,13 +125,13 @@ async def status(server: str, user: str, password: str | None, router: str | Non
     return Status(nats="healthy", router=router_health, workers=workers, members=members, problems=problems)
 
 
-async def wait_ready(server: str, user: str, password: str | None, router: str | None, expected: list[Expected],
+async def wait_ready(server: kv.Server, router: str | None, expected: list[Expected],
                      timeout: float, interval: float = 2.0, **kw) -> Status:  # fmt: skip
     """Poll until ready or timeout; an unreadable registry is retried too
     (the gate may run while NATS restarts)."""
     deadline = time.monotonic() + timeout
     while True:
-        current = await status(server, user, password, router, expected, **kw)
+        current = await status(server, router, expected, **kw)
         if current.ready or time.monotonic() >= deadline:
             return current
         await asyncio.sleep(interval)

@@ -71,7 +71,7 @@ class Members:
             os.replace(tmp, self.path)
 
 
-async def sync(server: str, user: str, password: str | None, router: str, mode: str, discovery: str | None,
+async def sync(server: kv.Server, router: str, mode: str, discovery: str | None,
                router_log: str | None = None, state_file: str | None = None,
                interval: float = kv.SYNC_INTERVAL) -> None:  # fmt: skip
     stop = kv.stop_event()
@@ -80,7 +80,7 @@ async def sync(server: str, user: str, password: str | None, router: str, mode: 
     view = DiscoveryLog(router_log or "journal:disagg-router.service") if mode == "pd" else None
     send = _send_discovery(discovery, members, stop, interval) if mode == "pd" else _reconcile(router, members, stop, interval)
     tasks = [send, _watch_health(members, stop, interval),
-             _registry(server, user, password, router, mode, roles, members, view, stop, interval)]  # fmt: skip
+             _registry(server, router, mode, roles, members, view, stop, interval)]  # fmt: skip
     if view:
         tasks.append(view.follow(stop))
     await kv.run_all(stop, tasks)
@@ -148,11 +148,11 @@ def _reconcile_once(router: str, wanted: set[str]) -> None:
             kv.log(f"{path} {url}")
 
 
-async def _registry(server: str, user: str, password: str | None, router: str, mode: str, roles: set[str],
+async def _registry(server: kv.Server, router: str, mode: str, roles: set[str],
                     members: Members, view: DiscoveryLog | None, stop: asyncio.Event, interval: float) -> None:  # fmt: skip
     """Read the registry into members; publish the router's own view."""
     try:
-        nc = await kv.connect(server, user, password, stop=stop)
+        nc = await kv.connect(server, stop=stop)
     except kv.Stopped:
         return
     store = None

@@ -9,13 +9,17 @@ import re
 import socket
 import subprocess
 import sys
+import shlex
+import ssl
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from disagg import kvtransfer, results, smoke
+from disagg import kvtransfer, pki, results, smoke, testhosts
+from disagg import settings as S
 from disagg.agent import kv
 from disagg.deploy import DeployError, run_deploy
 from disagg.load import Load
@@ -78,9 +82,10 @@ def test_converge_serves_through_the_router(deployment):
     assert after[generate] - before[generate] >= 2, "the generate worker did not decode"
     assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service",
                                 "disagg-context-1-agent.service", "disagg-context-1.service",
-                                "disagg-nats.service", "disagg-registry-sync.service",
+                                "disagg-firewall.service", "disagg-nats.service", "disagg-registry-sync.service",
                                 "disagg-router.service"]  # fmt: skip
-    assert listed_units(H2) == ["disagg-generate-0-agent.service", "disagg-generate-0.service"]
+    assert listed_units(H2) == ["disagg-firewall.service", "disagg-generate-0-agent.service",
+                                "disagg-generate-0.service"]  # fmt: skip
 
 
 def test_kv_cache_moves_from_context_to_generate_over_nixl(deployment, figures):
@@ -150,18 +155,67 @@ def test_nixl_progress_thread_is_off_where_data_says(deployment, figures):
     assert probe[True][0] < probe[False][0] and probe[True][1] < probe[False][1]
 
 
-def test_nats_jetstream_auth_and_loopback_monitoring(deployment):
+def test_nats_speaks_only_tls_with_our_ca_asks_a_password_and_monitors_on_loopback(deployment):
     plan = deployment.ensure()
     s = plan.settings
     health = ssh(H1, f"curl -s 'http://127.0.0.1:{s.nats_monitor_port}/healthz?js-enabled-only=true'").stdout
     assert '"ok"' in health
     with pytest.raises(OSError):
         socket.create_connection((plan.head.address, s.nats_monitor_port), timeout=3)
-    assert "Authorization Violation" in nats_connect(plan, {})
     password = ssh(H1, "sed -n 's/^DISAGG_NATS_PASSWORD=//p' /etc/disagg/nats.env").stdout.strip()
-    assert password and nats_connect(plan, {"user": s.nats_user, "pass": password}).startswith("PONG")
-    owner = ssh(H1, "stat -c '%U %a' /etc/disagg/nats.env").stdout.split()
-    assert owner == ["root", "600"]
+    creds = {"user": s.nats_user, "pass": password}
+    ca = pki.ca_file(plan.cluster.head)
+    # the right password in plaintext: the server wanted a TLS handshake and hangs up
+    assert "PONG" not in nats_connect(plan, creds, ca=None)
+    assert "Authorization Violation" in nats_connect(plan, {}, ca=ca)
+    assert password and nats_connect(plan, creds, ca=ca).startswith("PONG")
+    other = Path(pki.directory("not-this-deployment")) / "ca.crt"
+    pki.ensure("not-this-deployment", [plan.head.address])
+    with pytest.raises(ssl.SSLCertVerificationError):
+        nats_connect(plan, creds, ca=other)
+    for path, mode in (("/etc/disagg/nats.env", "root 600"), ("/etc/disagg/tls/nats.key", "disagg-nats 600")):
+        assert ssh(H1, f"stat -c '%U %a' {path}").stdout.strip() == mode
+
+
+def nats_connect(plan, creds: dict, ca: Path | None) -> str:
+    """NATS's own protocol: INFO in the clear, then (with ca) TLS verified
+    against ca, CONNECT and PING; what the server answers."""
+    with socket.create_connection((plan.head.address, plan.settings.nats_port), timeout=5) as sock:
+        info = json.loads(sock.recv(4096).decode().removeprefix("INFO "))
+        assert info["jetstream"] and info["tls_required"]
+        conn = ssl.create_default_context(cafile=str(ca)).wrap_socket(sock, server_hostname=plan.head.address) \
+            if ca else sock
+        conn.sendall(f"CONNECT {json.dumps({'verbose': False, **creds})}\r\nPING\r\n".encode())
+        return conn.recv(4096).decode()
+
+
+def test_workers_refuse_a_request_without_the_key_and_the_router_sends_it(deployment):
+    plan = deployment.ensure()
+    key = ssh(H1, f"sed -n 's/^VLLM_API_KEY=//p' {S.API_KEY_ENV}").stdout.strip()
+    assert len(key) >= 32
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+
+    def direct(url: str, headers: dict) -> int:
+        request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json",
+                                                                               **headers})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    for w in plan.workers:
+        assert direct(w.url, {}) == 401, w.name
+        assert direct(w.url, {"Authorization": "Bearer not-the-key"}) == 401, w.name
+    # a context worker with the key: the prefill half of a request, served
+    context = next(w for w in plan.workers if w.role == "context")
+    assert direct(context.url, {"Authorization": f"Bearer {key}"}) == 200
+    # the client sends no key: the router adds it for both halves
+    assert smoke.chat(plan.router_url, MODEL, 4)["completion_tokens"] == 4
+    for host in (H1, H2):
+        assert ssh(host, f"stat -c '%U %a' {S.API_KEY_ENV}").stdout.split() == ["root", "600"]
+        seen = ssh(host, "cat /etc/systemd/system/disagg-*.service /etc/disagg/disagg-*.env; ps -eo args").stdout
+        assert key not in seen
 
 
 def test_head_services_listen_only_where_they_must(deployment):
@@ -175,12 +229,38 @@ def test_head_services_listen_only_where_they_must(deployment):
     assert where[s.router_discovery_port] == where[s.nats_monitor_port] == "127.0.0.1", where
 
 
-def nats_connect(plan, creds: dict) -> str:
-    with socket.create_connection((plan.head.address, plan.settings.nats_port), timeout=5) as sock:
-        info = sock.recv(4096).decode()
-        assert '"jetstream":true' in info
-        sock.sendall(f"CONNECT {json.dumps({'verbose': False, **creds})}\r\nPING\r\n".encode())
-        return sock.recv(4096).decode()
+# connect_ex's errno: 0 when something answered; a dropped SYN times out (3 s)
+PROBE = "import socket, sys; s = socket.socket(); s.settimeout(3); print(s.connect_ex((sys.argv[1], int(sys.argv[2]))))"
+
+
+def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figures):
+    plan = deployment.ensure()
+    s = plan.settings
+    context = next(w for w in plan.workers if w.role == "context")
+    ours = {"NATS": (plan.head.address, s.nats_port), "router metrics": (plan.head.address, s.router_metrics_port),
+            "context worker HTTP": (context.address, context.http_port),
+            "context NIXL side channel": (context.address, context.nixl_port)}  # fmt: skip
+    with testhosts.outsider() as outside:
+        def reaches(address: str, port: int) -> bool:
+            return outside(sys.executable, "-c", PROBE, address, str(port)).stdout.strip() == "0"
+
+        assert reaches(plan.head.address, s.router_port), "clients reach the router"
+        assert reaches(plan.head.address, 22), "ssh is not ours to filter"
+        blocked = [what for what, (address, port) in ours.items() if not reaches(address, port)]
+    assert blocked == list(ours), blocked
+    # the controller that deployed is admitted (disagg status reads NATS and the metrics)
+    for what, (address, port) in ours.items():
+        if "NIXL" not in what:
+            socket.create_connection((address, port), timeout=3).close()
+    # peers by role: the generate host reaches the context worker's NIXL side channel, not its HTTP port
+    probe = f"python3 -c {shlex.quote(PROBE)} {context.address}"
+    assert ssh(H2, f"{probe} {context.nixl_port}").stdout.strip() == "0"
+    assert ssh(H2, f"{probe} {context.http_port}").stdout.strip() != "0"
+    table = ssh(H1, "nft list table inet disagg").stdout
+    dropped = int(re.search(r"counter packets (\d+) bytes \d+ drop", table).group(1))
+    assert dropped > 0
+    figures.append(f"firewall: from an outside namespace {', '.join(blocked)} blocked, router and ssh open; "
+                   f"{dropped} packets dropped on the head")  # fmt: skip
 
 
 def test_rerun_changes_nothing(deployment, timings):
@@ -198,13 +278,18 @@ def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again
     for host in (H1, H2):
         verify = ssh(host, "systemd-analyze verify /etc/systemd/system/disagg-*.service", check=False)
         assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
-    secret = "/etc/disagg/nats.env"
-    ssh(H1, f"chmod 644 {secret} && chown disagg {secret}")
+    secrets = {"/etc/disagg/nats.env": "root", S.API_KEY_ENV: "root", S.NATS_KEY: "disagg-nats"}
+    ssh(H1, " && ".join(f"chmod 644 {path} && chown disagg {path}" for path in secrets))
     units = plan.units_on(plan.cluster.head)
     since = active_since(H1, units)
     run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
-    assert ssh(H1, f"stat -c '%U %a' {secret}").stdout.split() == ["root", "600"]
-    assert list(run.changed) == [f"Registry runtime | {secret} root-only"], run.changed
+    for path, owner in secrets.items():
+        assert ssh(H1, f"stat -c '%U %a' {path}").stdout.split() == [owner, "600"]
+    assert sorted(run.changed) == sorted([
+        f"Registry runtime | NATS credentials | /etc/disagg/nats.env root-only",
+        f"Worker API key | {S.API_KEY_ENV} root-only",
+        f"NATS server | NATS server certificate | {S.NATS_KEY} disagg-nats-only",
+    ]), run.changed  # fmt: skip
     assert active_since(H1, units) == since  # nothing restarted for a mode
 
 
@@ -418,6 +503,9 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
         "setsid python3 -c 'import time; time.sleep(900)' >/dev/null 2>&1 < /dev/null & echo $!; "
         "setsid /usr/local/bin/nats-server -p 4333 >/dev/null 2>&1 < /dev/null & echo $!",
     ).stdout.split()
+    # and a firewall table of theirs
+    ssh(H1, "nft add table inet theirs && nft add chain inet theirs input "
+            "'{ type filter hook input priority 0; policy accept; }'")
     time.sleep(1)
     deployment.changed()
     with Load(plan.router_url, MODEL, concurrency=2, pause=0.05, timeout=30) as traffic:
@@ -438,6 +526,10 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
         assert ssh(H1, f"kill -0 {pid}", check=False).returncode == 0, f"teardown killed user process {pid}"
     assert 4333 in {int(m) for m in re.findall(r":(\d+)\s", ssh(H1, "ss -ltnH").stdout)}
     ssh(H1, f"kill {' '.join(sentinels)}")
+    tables = ssh(H1, "nft list tables").stdout
+    ssh(H1, "nft delete table inet theirs")
+    assert "table inet theirs" in tables and "table inet disagg" not in tables, tables
+    assert "table inet disagg" not in ssh(H2, "nft list tables").stdout
 
 
 def preflight(*args: str) -> tuple[int, dict, float]:

@@ -1,0 +1,93 @@
+"""Each host's nftables rules, from the placement: every port of ours is
+admitted only from the peers that need it, and dropped from anyone else.
+The rules live in a table of our own (`inet disagg`) whose chain accepts by
+default, so nothing but our ports is touched (ssh, other services, other
+tables' rules all stay as they are); the router's public port is open.
+
+Who needs what:
+- NATS (head): every host of the layout (agents), admins;
+- a worker's HTTP port: the head (router, sync), admins (`disagg status`
+  reads its /metrics);
+- a worker's NIXL side channel: hosts of the other role (KV handshake);
+- the router's metrics (head): admins.
+Admins are the controller that deploys (its address as the host sees it)
+and data `firewall_allow`. Loopback is always admitted.
+
+UCX's own TCP ports are ephemeral and not ours to name: they are not
+filtered (on GPU fabrics the KV cache moves over RDMA, which netfilter
+does not see)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .plan import Plan
+
+TABLE = "disagg"
+
+
+@dataclass(frozen=True)
+class Rule:
+    what: str
+    ports: tuple[int, ...]
+    sources: tuple[str, ...]
+
+
+def rules(plan: Plan, host: str, admins: tuple[str, ...]) -> list[Rule]:
+    """What host admits to each of its ports of ours, and from whom; admins
+    besides data firewall_allow: the controller as the host sees it."""
+    admins = (*plan.settings.firewall_allow, *admins)
+    address = {h.name: h.address for h in plan.cluster.hosts}
+    layout = sorted({address[w.host] for w in plan.workers} | {plan.head.address})
+    head = (plan.head.address,)
+    out: list[Rule] = []
+    s = plan.settings
+    if host == plan.cluster.head:
+        out.append(Rule("NATS: the agents of every host", (s.nats_port,), _sources(layout, admins)))
+        out.append(Rule("router metrics", (s.router_metrics_port,), _sources((), admins)))
+    mine = plan.workers_on(host)
+    if mine:
+        ports = tuple(w.http_port for w in mine)
+        out.append(Rule("workers' HTTP: the router", ports, _sources(head, admins)))
+    if plan.topology.disaggregated:
+        for role in ("context", "generate"):
+            ports = tuple(p for w in mine if w.role == role for p in w.nixl_ports)
+            peers = sorted({address[w.host] for w in plan.workers if w.role != role})
+            if ports:
+                out.append(Rule(f"{role} NIXL side channel: the other role's hosts", ports, _sources(peers, ())))
+    return out
+
+
+def _sources(*groups) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(a for g in groups for a in g))
+
+
+def _family(source: str) -> str:
+    """nft's match for source: ip6 for IPv6, else ip (a DNS name is
+    resolved by nft when the rules load)."""
+    try:
+        return "ip6" if ipaddress.ip_network(source, strict=False).version == 6 else "ip"
+    except ValueError:
+        return "ip"
+
+
+def _set(items) -> str:
+    return "{ " + ", ".join(str(i) for i in items) + " }"
+
+
+def ruleset(plan: Plan, host: str, admins: tuple[str, ...]) -> list[str]:
+    """The chain's rules, in order: loopback, each admission, then a drop
+    of every port of ours from anyone else."""
+    lines = ['iif "lo" accept']
+    ours: list[int] = []
+    for rule in rules(plan, host, admins):
+        ours += rule.ports
+        lines.append(f"# {rule.what}" + ("" if rule.sources else ": none listed, so loopback only"))
+        for family in ("ip", "ip6"):
+            sources = [s for s in rule.sources if _family(s) == family]
+            if sources:
+                lines.append(f"tcp dport {_set(rule.ports)} {family} saddr {_set(sources)} accept")
+    if ours:
+        lines.append(f"tcp dport {_set(sorted(set(ours)))} counter drop")
+    return lines

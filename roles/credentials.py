@@ -1,0 +1,91 @@
+"""The deployment's secrets on its hosts: the NATS password, the workers'
+API key, and TLS for NATS (the CA certificate everywhere, the server's
+certificate and key on the head). Each secret is the inventory's, else the
+one the head already has, else a new one; its file is rewritten only when
+its content differs, and its owner and mode are enforced on every run."""
+
+from __future__ import annotations
+
+import secrets
+
+from pyinfra import host, state
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
+from pyinfra.operations import files
+
+from disagg import pki
+from disagg import settings as S
+from disagg import units
+from disagg.facts import EnvFileValue
+from disagg.plan import Plan
+from roles.ops import env_text, put_files, secret_file
+
+DEFAULTS = {
+    # None: the head's current password, else one generated for this deploy
+    "nats_password": None,
+    # None: the head's current key, else one generated for this deploy
+    "api_key": None,
+}
+API_KEY_VARIABLES = ("VLLM_API_KEY", "OPENAI_API_KEY")
+
+# one generated value per head and secret for this process: the deploy file
+# runs once per host, and every host must get the same one
+_generated: dict[tuple[str, str], str] = {}
+
+
+def shared_secret(plan: Plan, data_key: str, path: str, variable: str) -> str:
+    """Data `data_key`, else the head's current value in path, else new."""
+    given = host.data.get(data_key)
+    if given is not None:
+        return str(given)
+    head = state.inventory.get_host(plan.cluster.head)
+    # -vv prints fact output: never this one
+    printing, state.print_fact_output = state.print_fact_output, False
+    try:
+        current = head.get_fact(EnvFileValue, path=path, variable=variable)
+    finally:
+        state.print_fact_output = printing
+    if current:
+        return current
+    return _generated.setdefault((plan.cluster.head, data_key), secrets.token_hex(24))
+
+
+def tls_bundle(plan: Plan) -> pki.Bundle:
+    """The CA and NATS's certificate for the head's address, from the
+    controller's state directory (made there on first use)."""
+    return pki.ensure(plan.cluster.head, [plan.head.address])
+
+
+@deploy("NATS credentials", data_defaults=DEFAULTS)
+def nats_credentials(plan: Plan) -> list[OperationMeta]:
+    """The password and the CA certificate, on every host that runs an
+    agent. Returns the operations whose change restarts the agents."""
+    password = shared_secret(plan, "nats_password", units.NATS_SECRET_ENV, units.NATS_PASSWORD_ENV)
+    written = secret_file(
+        name="NATS password",
+        path=units.NATS_SECRET_ENV,
+        content=env_text({units.NATS_PASSWORD_ENV: password}),
+    )
+    files.directory(name=f"Directory {S.TLS_DIR}", path=S.TLS_DIR, user="root", group="root", mode="755")
+    return [written, *put_files({S.CA_CERT: tls_bundle(plan).ca_cert})]
+
+
+@deploy("NATS server certificate")
+def nats_certificate(plan: Plan) -> list[OperationMeta]:
+    """On the head: the server's certificate, and its key readable by the
+    NATS user alone. Returns the operations whose change restarts NATS."""
+    bundle = tls_bundle(plan)
+    key = secret_file(name="NATS server key", path=S.NATS_KEY, content=bundle.server_key, owner=S.NATS_USER)
+    return [key, *put_files({S.NATS_CERT: bundle.server_cert})]
+
+
+@deploy("Worker API key", data_defaults=DEFAULTS)
+def api_key(plan: Plan) -> list[OperationMeta]:
+    """The key the workers demand (VLLM_API_KEY) and the router sends
+    (OPENAI_API_KEY), on the hosts of a disaggregated layout; removed
+    elsewhere. Returns the operations whose change restarts workers and router."""
+    if not plan.topology.disaggregated:
+        files.file(name=f"No {S.API_KEY_ENV}", path=S.API_KEY_ENV, present=False)
+        return []
+    key = shared_secret(plan, "api_key", S.API_KEY_ENV, API_KEY_VARIABLES[0])
+    return [secret_file(name="API key", path=S.API_KEY_ENV, content=env_text(dict.fromkeys(API_KEY_VARIABLES, key)))]

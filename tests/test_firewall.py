@@ -1,0 +1,53 @@
+"""The firewall's rules from the placement (disagg/firewall.py): each port of
+ours admitted from exactly the peers that need it, on the reference layout
+of inventories/h100.py. The e2e tests load them on real hosts."""
+
+from disagg import firewall
+from disagg.plan import load_inventory, make_plan
+from disagg.units import firewall_files, host_units
+
+H100 = "inventories/h100.py"
+
+
+def admitted(plan, host, admins=()):
+    return {port: set(r.sources) for r in firewall.rules(plan, host, admins) for port in r.ports}
+
+
+def test_each_port_is_admitted_from_its_peers_only():
+    plan = make_plan(load_inventory(H100))
+    s = plan.settings
+    head, other = "h100-node1", "h100-node2"
+    on_head = admitted(plan, head, ("10.0.0.5",))
+    assert on_head[s.nats_port] == {head, other, "10.0.0.5"}
+    assert on_head[s.router_metrics_port] == {"10.0.0.5"}
+    assert s.router_port not in on_head  # clients: anyone
+    for w in plan.workers_on(head):  # context workers: HTTP from the router, NIXL from the generate host
+        assert on_head[w.http_port] == {head, "10.0.0.5"}
+        assert all(on_head[p] == {other} for p in w.nixl_ports)
+    (g,) = plan.workers_on(other)
+    on_other = admitted(plan, other)
+    assert on_other[g.http_port] == {head} and on_other[g.nixl_port] == {head}
+    assert s.nats_port not in on_other
+
+
+def test_the_chain_drops_only_our_ports_and_keeps_families_apart():
+    plan = make_plan(load_inventory(H100, override_data={"firewall_allow": ["fd00::/64", "10.9.0.0/16"]}))
+    lines = firewall.ruleset(plan, "h100-node1", ("10.0.0.5",))
+    assert lines[0] == 'iif "lo" accept'
+    s = plan.settings
+    ours = sorted({s.nats_port, s.router_metrics_port} | {p for w in plan.workers_on("h100-node1")
+                                                          for p in (w.http_port, *w.nixl_ports)})  # fmt: skip
+    assert lines[-1] == f"tcp dport {{ {', '.join(map(str, ours))} }} counter drop"
+    assert f"tcp dport {{ {s.router_metrics_port} }} ip6 saddr {{ fd00::/64 }} accept" in lines
+    assert f"tcp dport {{ {s.router_metrics_port} }} ip saddr {{ 10.9.0.0/16, 10.0.0.5 }} accept" in lines
+    assert not any(str(s.router_port) in line for line in lines if "dport" in line)
+
+
+def test_firewall_false_renders_no_rules_and_no_unit():
+    plan = make_plan(load_inventory(H100, override_data={"firewall": False}))
+    for host in ("h100-node1", "h100-node2"):
+        files = host_units(plan, host)
+        assert not any("firewall" in path for path in files)
+        assert "disagg-firewall" not in plan.units_on(host)
+    on = make_plan(load_inventory(H100))
+    assert set(firewall_files(on, "h100-node1")) <= set(host_units(on, "h100-node1"))
