@@ -269,3 +269,35 @@ class ControllerAddress(FactBase):
 
     def process(self, output):
         return output[0].strip() if output and output[0].strip() else None
+
+
+class PasswdEntry(FactBase):
+    """{"uid", "home", "shell"} of a user, or None."""
+
+    def command(self, user: str) -> str:
+        return f"getent passwd {shlex.quote(user)} || true"
+
+    def process(self, output):
+        fields = output[0].split(":") if output and output[0] else []
+        if len(fields) < 7:
+            return None
+        return {"uid": int(fields[2]), "home": fields[5], "shell": fields[6]}
+
+
+class DirectoryStates(FactBase):
+    """{path: {"owner", "group", "mode"}} of directories that exist, for many
+    paths in one round trip."""
+
+    default = dict
+
+    def command(self, paths: tuple[str, ...]) -> str:
+        quoted = " ".join(map(shlex.quote, paths))
+        return f"for d in {quoted}; do [ -d \"$d\" ] && stat -c '%U %G %a %n' \"$d\"; done; true"
+
+    def process(self, output):
+        out = {}
+        for line in output:
+            parts = line.split(" ", 3)
+            if len(parts) == 4:
+                out[parts[3]] = {"owner": parts[0], "group": parts[1], "mode": parts[2]}
+        return out

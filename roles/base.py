@@ -2,10 +2,10 @@
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt, files
+from pyinfra.operations import apt
 
 from disagg import settings as S
-from roles.ops import service_user
+from roles.ops import directories, service_user
 
 DEFAULTS = {
     # curl: health gates; python3-venv: our venvs
@@ -14,13 +14,14 @@ DEFAULTS = {
 
 
 @deploy("disagg base", data_defaults=DEFAULTS)
-def base():
+def base(also: tuple[str, ...] = ()):
+    """`also`: packages other roles need, in the same apt run."""
     apt.packages(
         name="Install base packages",
-        packages=host.data.get("base_packages"),
+        packages=[*host.data.get("base_packages"), *also],
         update=True,
         cache_time=3600,
     )
-    service_user(S.SERVICE_USER, S.STATE_DIR)
-    for path, owner in ((S.CONFIG_DIR, "root"), (S.OPT_DIR, "root"), (S.STATE_DIR, S.SERVICE_USER)):
-        files.directory(name=f"Directory {path}", path=path, user=owner, group=owner, mode="755")
+    service_user(name=f"Service user {S.SERVICE_USER}", user=S.SERVICE_USER, home=S.STATE_DIR)
+    wanted = {S.CONFIG_DIR: ("root", "755"), S.OPT_DIR: ("root", "755"), S.STATE_DIR: (S.SERVICE_USER, "755")}
+    directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)

@@ -1,6 +1,7 @@
 """The deployment's secrets on its hosts: the NATS password, the workers'
 API key, and TLS for NATS (the CA certificate everywhere, the server's
-certificate and key on the head). Each secret is the inventory's, else the
+certificate and key on the head), for the roles to write with their other
+files (one round trip each). Each secret is the inventory's, else the
 one the head already has, else a new one; its file is rewritten only when
 its content differs, and its owner and mode are enforced on every run."""
 
@@ -18,7 +19,7 @@ from disagg import settings as S
 from disagg import units
 from disagg.facts import EnvFileValue
 from disagg.plan import Plan
-from roles.ops import env_text, put_files, secret_file
+from roles.ops import env_text, secret_file
 
 DEFAULTS = {
     # None: the head's current password, else one generated for this deploy
@@ -56,27 +57,25 @@ def tls_bundle(plan: Plan) -> pki.Bundle:
     return pki.ensure(plan.cluster.head, [plan.head.address])
 
 
-@deploy("NATS credentials", data_defaults=DEFAULTS)
-def nats_credentials(plan: Plan) -> list[OperationMeta]:
-    """The password and the CA certificate, on every host that runs an
-    agent. Returns the operations whose change restarts the agents."""
+def nats_password(plan: Plan) -> OperationMeta:
+    """The password, on every host that runs an agent (and NATS)."""
     password = shared_secret(plan, "nats_password", units.NATS_SECRET_ENV, units.NATS_PASSWORD_ENV)
-    written = secret_file(
-        name="NATS password",
-        path=units.NATS_SECRET_ENV,
-        content=env_text({units.NATS_PASSWORD_ENV: password}),
-    )
-    files.directory(name=f"Directory {S.TLS_DIR}", path=S.TLS_DIR, user="root", group="root", mode="755")
-    return [written, *put_files({S.CA_CERT: tls_bundle(plan).ca_cert})]
+    return secret_file(name="NATS password", path=units.NATS_SECRET_ENV,
+                       content=env_text({units.NATS_PASSWORD_ENV: password}))  # fmt: skip
 
 
-@deploy("NATS server certificate")
-def nats_certificate(plan: Plan) -> list[OperationMeta]:
-    """On the head: the server's certificate, and its key readable by the
-    NATS user alone. Returns the operations whose change restarts NATS."""
-    bundle = tls_bundle(plan)
-    key = secret_file(name="NATS server key", path=S.NATS_KEY, content=bundle.server_key, owner=S.NATS_USER)
-    return [key, *put_files({S.NATS_CERT: bundle.server_cert})]
+def ca_files(plan: Plan) -> dict[str, str]:
+    """The CA certificate, which every NATS client verifies the server with."""
+    return {S.CA_CERT: tls_bundle(plan).ca_cert}
+
+
+def nats_certificate_files(plan: Plan) -> dict[str, str]:
+    return {S.NATS_CERT: tls_bundle(plan).server_cert}
+
+
+def nats_key(plan: Plan) -> OperationMeta:
+    """The server's key, readable by the NATS user alone (the head)."""
+    return secret_file(name="NATS server key", path=S.NATS_KEY, content=tls_bundle(plan).server_key, owner=S.NATS_USER)
 
 
 @deploy("Worker API key", data_defaults=DEFAULTS)

