@@ -165,12 +165,7 @@ class FileStates(FactBase):
                 f"echo \"$(sha1sum < \"$f\" | cut -d' ' -f1) $(stat -c '%a %U' \"$f\") $f\"; done; true")  # fmt: skip
 
     def process(self, output):
-        out = {}
-        for line in output:
-            parts = line.split(" ", 3)
-            if len(parts) == 4:
-                out[parts[3]] = {"sha1": parts[0], "mode": parts[1], "owner": parts[2]}
-        return out
+        return _by_path(output, ("sha1", "mode", "owner"))
 
 
 class EnvFileValue(FactBase):
@@ -295,9 +290,14 @@ class DirectoryStates(FactBase):
         return f"for d in {quoted}; do [ -d \"$d\" ] && stat -c '%U %G %a %n' \"$d\"; done; true"
 
     def process(self, output):
-        out = {}
-        for line in output:
-            parts = line.split(" ", 3)
-            if len(parts) == 4:
-                out[parts[3]] = {"owner": parts[0], "group": parts[1], "mode": parts[2]}
-        return out
+        return _by_path(output, ("owner", "group", "mode"))
+
+
+def _by_path(output, keys: tuple[str, ...]) -> dict:
+    """Lines `VALUE... PATH` (the path last: it may hold spaces) as {path: {key: value}}."""
+    out = {}
+    for line in output:
+        parts = line.split(" ", len(keys))
+        if len(parts) == len(keys) + 1:
+            out[parts[-1]] = dict(zip(keys, parts))
+    return out
