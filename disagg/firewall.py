@@ -9,7 +9,9 @@ Who needs what:
 - a worker's HTTP port: the head (router, sync), admins (`disagg status`
   reads its /metrics);
 - a worker's NIXL side channel: hosts of the other role (KV handshake);
-- the router's metrics (head): admins.
+- the router's metrics (head): admins;
+- the router's discovery socket (head, loopback): the registry sync's
+  user, in the output chain (any local user could register a worker).
 Admins are the controller that deploys (its address as the host sees it)
 and data `firewall_allow`. Loopback is always admitted.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from . import settings as S
 from .plan import Plan
 
 TABLE = "disagg"
@@ -57,6 +60,17 @@ def rules(plan: Plan, host: str, admins: tuple[str, ...]) -> list[Rule]:
             if ports:
                 out.append(Rule(f"{role} NIXL side channel: the other role's hosts", ports, _sources(peers, ())))
     return out
+
+
+def local_ruleset(plan: Plan, host: str) -> list[str]:
+    """The output chain's rules: the router's discovery socket (loopback,
+    PD layouts) takes registrations from the registry sync's user alone,
+    not from any local user."""
+    if host != plan.cluster.head or not plan.topology.disaggregated:
+        return []
+    port = plan.settings.router_discovery_port
+    return ["# the router's discovery socket: the registry sync's user only",
+            f'oif "lo" tcp dport {port} meta skuid != "{S.SERVICE_USER}" counter reject with tcp reset']  # fmt: skip
 
 
 def _sources(*groups) -> tuple[str, ...]:

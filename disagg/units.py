@@ -218,7 +218,8 @@ def firewall_files(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[
     controller as the host sees it."""
     rules = firewall.ruleset(plan, host, admins)
     return {
-        S.FIREWALL_RULES: render("firewall.nft.j2", table=firewall.TABLE, rules=rules),
+        S.FIREWALL_RULES: render("firewall.nft.j2", table=firewall.TABLE, rules=rules,
+                                 local_rules=firewall.local_ruleset(plan, host)),
         unit_path(S.FIREWALL_UNIT): render("firewall.service.j2", table=firewall.TABLE, rules=S.FIREWALL_RULES),
     }
 

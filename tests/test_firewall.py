@@ -51,3 +51,15 @@ def test_firewall_false_renders_no_rules_and_no_unit():
         assert "disagg-firewall" not in plan.units_on(host)
     on = make_plan(load_inventory(H100))
     assert set(firewall_files(on, "h100-node1")) <= set(host_units(on, "h100-node1"))
+
+
+def test_the_discovery_socket_takes_registrations_from_the_sync_user_only():
+    plan = make_plan(load_inventory(H100))
+    port = plan.settings.router_discovery_port
+    assert firewall.local_ruleset(plan, "h100-node1")[-1] == \
+        f'oif "lo" tcp dport {port} meta skuid != "disagg" counter reject with tcp reset'
+    assert firewall.local_ruleset(plan, "h100-node2") == []
+    baseline = make_plan(load_inventory(H100), label_key="baseline_label")
+    assert firewall.local_ruleset(baseline, "h100-node1") == []  # no discovery socket
+    assert "chain output" in firewall_files(plan, "h100-node1")["/etc/disagg/firewall.nft"]
+    assert "chain output" not in firewall_files(plan, "h100-node2")["/etc/disagg/firewall.nft"]

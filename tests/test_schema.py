@@ -86,6 +86,13 @@ BAD_DATA = [
     ({"max_model_length": 4096}, "'max_model_length' = 4096: unknown key; did you mean 'max_model_len'?"),
     ({"router_polcy": "round_robin"}, "'router_polcy' = 'round_robin': unknown key; did you mean 'router_policy'?"),
     ({"label": f"context_tp2dp4_generate_tp8dp1{NL}"}, "'label' = 'context_tp2dp4_generate_tp8dp1\\n': contains control"),
+    ({"api_key": f"k{NL}LD_PRELOAD=/x.so"}, "'api_key' = <secret>: contains control character(s) '\\n'"),
+    ({"api_key": 42}, "'api_key' = <secret>: input should be a valid string"),
+    ({"firewall": "off"}, "'firewall' = 'off': input should be a valid boolean"),
+    ({"firewall_allow": ["10.0.0.0/8", "admin-laptop"]}, "'firewall_allow[1]' = 'admin-laptop': is not an IP address or "
+                                                         "network (CIDR); list the addresses"),
+    ({"firewall_allow": "10.0.0.5"}, "'firewall_allow' = '10.0.0.5': input should be a valid tuple"),
+    ({"firewal": False}, "'firewal' = False: unknown key; did you mean 'firewall'?"),
 ]  # fmt: skip
 
 

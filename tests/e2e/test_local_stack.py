@@ -3,6 +3,7 @@ real vllm-router, real NATS; converge, re-run, status, scale out, relabel,
 baseline, bench and report, teardown, sweep. Each test asks the shared
 `deployment` for the layout it needs (tests/e2e/conftest.py)."""
 
+import errno
 import itertools
 import json
 import re
@@ -256,6 +257,10 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
     probe = f"python3 -c {shlex.quote(PROBE)} {context.address}"
     assert ssh(H2, f"{probe} {context.nixl_port}").stdout.strip() == "0"
     assert ssh(H2, f"{probe} {context.http_port}").stdout.strip() != "0"
+    # the router's discovery socket: the sync's user registers workers, root (any other user) cannot
+    discovery = f"python3 -c {shlex.quote(PROBE)} 127.0.0.1 {s.router_discovery_port}"
+    assert ssh(H1, f"runuser -u disagg -- {discovery}").stdout.strip() == "0"
+    assert ssh(H1, discovery).stdout.strip() == str(errno.ECONNREFUSED)
     table = ssh(H1, "nft list table inet disagg").stdout
     dropped = int(re.search(r"counter packets (\d+) bytes \d+ drop", table).group(1))
     assert dropped > 0
