@@ -236,6 +236,7 @@ _LISTEN = ("import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SO
 def run(state, plan: Plan) -> Report:
     """All checks against the hosts of plan, with pyinfra's connections in
     state (the deploy's own, or one made by `disagg preflight`)."""
+    import gevent
     from pyinfra.api.facts import get_fact
     from pyinfra.context import ctx_host, ctx_state
 
@@ -247,15 +248,19 @@ def run(state, plan: Plan) -> Report:
     need = needed_disk(plan)
     head = plan.cluster.head
     names = sorted({w.host for w in plan.workers} | {head})
-    facts = {}
-    with ctx_state.use(state):
-        for name in names:
-            host = state.inventory.get_host(name)
-            worker_host = bool(plan.workers_on(name))
-            kwargs = {"paths": tuple(need) if worker_host else (), "config_globs": globs if worker_host else (),
-                      "venv": "/opt/disagg/vllm"}  # fmt: skip
-            with ctx_host.use(host):
-                facts[name] = get_fact(state, host, PreflightFacts, kwargs=kwargs)
+
+    def read(name: str) -> dict:
+        host = state.inventory.get_host(name)
+        worker_host = bool(plan.workers_on(name))
+        kwargs = {"paths": tuple(need) if worker_host else (), "config_globs": globs if worker_host else (),
+                  "venv": "/opt/disagg/vllm"}  # fmt: skip
+        with ctx_state.use(state), ctx_host.use(host):
+            return get_fact(state, host, PreflightFacts, kwargs=kwargs)
+
+    # every host at once, as pyinfra reads facts (its contexts are greenlet-local)
+    reads = {name: gevent.spawn(read, name) for name in names}
+    gevent.joinall(list(reads.values()), raise_error=True)
+    facts = {name: g.value for name, g in reads.items()}
     for name in names:
         f = facts[name]
         report.problems += check_ports(plan, name, parse_listeners(f["listeners"]))
@@ -280,6 +285,8 @@ def check_fabric(state, plan: Plan, listeners: dict[str, list[dict]]) -> list[Pr
     """From each generate host, a TCP connect to each context worker's
     side-channel address and port: a wrong address, a firewall or a routing
     problem shows here instead of at the first request."""
+    import gevent
+
     problems = []
     pairs = side_channels(plan)
     started: dict[tuple[str, int], str] = {}
@@ -295,9 +302,13 @@ def check_fabric(state, plan: Plan, listeners: dict[str, list[dict]]) -> list[Pr
                 started[(w.host, port)] = out.strip()
         if started:
             time.sleep(0.5)
-        for generate_host, w in pairs:
-            ok, _ = _shell(state, generate_host,
-                           f"timeout 3 bash -c {shlex.quote(f'</dev/tcp/{w.address}/{w.nixl_port}')}")  # fmt: skip
+        # every pair at once (greenlets, like pyinfra's own host work)
+        probes = [gevent.spawn(_shell, state, generate_host,
+                               f"timeout 3 bash -c {shlex.quote(f'</dev/tcp/{w.address}/{w.nixl_port}')}")
+                  for generate_host, w in pairs]  # fmt: skip
+        gevent.joinall(probes, raise_error=True)
+        for (generate_host, w), probe in zip(pairs, probes):
+            ok, _ = probe.value
             if not ok:
                 problems.append(Problem(generate_host, "fabric", f"cannot open TCP to {w.name}'s NIXL side channel "
                                         f"{w.address}:{w.nixl_port} on {w.host}",

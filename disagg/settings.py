@@ -47,8 +47,6 @@ FIREWALL_RULES = f"{CONFIG_DIR}/firewall.nft"
 FIREWALL_UNIT = "disagg-firewall"
 # the workers' API key (VLLM_API_KEY) and the router's copy (OPENAI_API_KEY)
 API_KEY_ENV = f"{CONFIG_DIR}/api-key.env"
-# every secret of ours on a host: read in one round trip (roles/ops.py)
-SECRET_FILES = (NATS_SECRET_ENV, NATS_KEY, API_KEY_ENV, HF_TOKEN_ENV)
 # the router sync's last members, for a restart while NATS is down
 SYNC_STATE = f"{STATE_DIR}/sync-members.json"
 MODELS_DIR = f"{STATE_DIR}/models"

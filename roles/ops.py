@@ -310,7 +310,7 @@ def secret_file(name: str, path: str, content: str, owner: str = "root") -> Oper
     pyinfra's output, its diffs or a command line shown to the user. Owner
     and mode are enforced on every run, apart: a chmod by hand is undone
     without a change to what reads the file (no restart). Returns the
-    write. Every secret file of ours is read in one round trip."""
+    write."""
     written = hidden_content(name=name, path=path, content=content)
     owner_only(name=f"{path} {owner}-only", path=path, owner=owner)
     return written
@@ -320,7 +320,7 @@ def secret_file(name: str, path: str, content: str, owner: str = "root") -> Oper
 def hidden_content(path: str, content: str):
     """
     Write content to path (umask 077) when it differs, printing neither
-    the content nor a diff of it. `path`: one of settings.SECRET_FILES.
+    the content nor a diff of it.
 
     **Example:**
 
@@ -328,7 +328,7 @@ def hidden_content(path: str, content: str):
 
         hidden_content(path="/etc/disagg/hf-token.env", content=env_text({"HF_TOKEN": token}))
     """
-    current = host.get_fact(FileStates, paths=S.SECRET_FILES).get(path)
+    current = host.get_fact(FileStates, paths=(path,)).get(path)
     if current is None or current["sha1"] != hashlib.sha1(content.encode()).hexdigest():
         yield StringCommand("umask 077 && printf '%s'", HiddenValue(shlex.quote(content)), ">", shlex.quote(path))
 
@@ -336,7 +336,7 @@ def hidden_content(path: str, content: str):
 @operation()
 def owner_only(path: str, owner: str):
     """
-    Mode 0600 and owner:owner for path, one of settings.SECRET_FILES.
+    Mode 0600 and owner:owner for path.
 
     **Example:**
 
@@ -344,7 +344,7 @@ def owner_only(path: str, owner: str):
 
         owner_only(path="/etc/disagg/tls/nats.key", owner="disagg-nats")
     """
-    current = host.get_fact(FileStates, paths=S.SECRET_FILES).get(path)
+    current = host.get_fact(FileStates, paths=(path,)).get(path)
     if current is None or current["owner"] != owner:
         yield f"chown {owner}:{owner} {shlex.quote(path)}"
     if current is None or current["mode"] != "600":

@@ -291,9 +291,9 @@ def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again
     for path, owner in secrets.items():
         assert ssh(H1, f"stat -c '%U %a' {path}").stdout.split() == [owner, "600"]
     assert sorted(run.changed) == sorted([
-        f"Registry runtime | NATS credentials | /etc/disagg/nats.env root-only",
+        "Registry runtime | /etc/disagg/nats.env root-only",
         f"Worker API key | {S.API_KEY_ENV} root-only",
-        f"NATS server | NATS server certificate | {S.NATS_KEY} disagg-nats-only",
+        f"NATS server | {S.NATS_KEY} disagg-nats-only",
     ]), run.changed  # fmt: skip
     assert active_since(H1, units) == since  # nothing restarted for a mode
 
