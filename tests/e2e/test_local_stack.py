@@ -418,8 +418,8 @@ def test_relabel_prunes_the_stale_context_unit(deployment):
     run_deploy(INVENTORY, "deploys/disagg.py", *relabel)
     deployment.changed("deploys/disagg.py", relabel)
     assert "disagg-context-1.service" not in unit_files(H1)
-    assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service", "disagg-nats.service",
-                                "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
+    assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service", "disagg-firewall.service",
+                                "disagg-nats.service", "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
     assert ssh(H1, "test -e /etc/disagg/disagg-context-1.env", check=False).returncode != 0
     # unchanged workers keep running through a relabel
     assert {**active_since(H1, kept[:1]), **active_since(H2, kept[1:])} == since
@@ -430,9 +430,11 @@ def test_relabel_prunes_the_stale_context_unit(deployment):
 def test_baseline_answers_and_survives_a_killed_worker(deployment, figures):
     baseline = deployment.ensure("deploys/baseline.py")
     assert listed_units(H1) == ["disagg-baseline-0-agent.service", "disagg-baseline-0.service",
-                                "disagg-baseline-1-agent.service", "disagg-baseline-1.service", "disagg-nats.service",
-                                "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
+                                "disagg-baseline-1-agent.service", "disagg-baseline-1.service", "disagg-firewall.service",
+                                "disagg-nats.service", "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
+    # a host the layout no longer uses keeps nothing of ours, the firewall's table neither
     assert listed_units(H2) == []
+    assert "table inet disagg" not in ssh(H2, "nft list tables").stdout
     before = [smoke.counter(w.url, "vllm:request_success_total") for w in baseline.workers]
     for _ in range(4):
         assert smoke.chat(baseline.router_url, MODEL, 6)["completion_tokens"] == 6
