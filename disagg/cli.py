@@ -171,7 +171,7 @@ def tls_show(inventory_path: str, as_json: bool) -> None:
 def tls_rotate(inventory_path: str) -> None:
     """Make a new CA (the NATS certificate follows). Nothing changes on the
     hosts until the next deploy, which pushes both and restarts NATS and
-    the agents (serving goes on meanwhile)."""
+    the agents (to serving, a NATS outage)."""
     from . import pki
 
     deployment = _deployment(inventory_path)

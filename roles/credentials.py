@@ -1,9 +1,10 @@
 """The deployment's secrets on its hosts: the NATS password, the workers'
 API key, and TLS for NATS (the CA certificate everywhere, the server's
 certificate and key on the head); the certificates are written by the
-roles with the files beside them, in the same operation. Each secret is the inventory's, else the
-one the head already has, else a new one; its file is rewritten only when
-its content differs, and its owner and mode are enforced on every run."""
+roles with the files beside them, in the same operation. Each secret is
+the inventory's, else the one the head already has, else a new one; its
+file is rewritten only when its content differs, and its owner and mode
+are enforced on every run."""
 
 from __future__ import annotations
 
