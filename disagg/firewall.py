@@ -9,7 +9,8 @@ Who needs what:
 - a worker's HTTP port: the head (router, sync), admins (`disagg status`
   reads its /metrics);
 - a worker's NIXL side channel: hosts of the other role (KV handshake);
-- the router's metrics (head): admins;
+- the router's metrics and Prometheus (head): admins;
+- a GPU host's DCGM exporter: the head (Prometheus), admins;
 - the router's discovery socket (head, loopback): the registry sync's
   user, in the output chain (any local user could register a worker).
 Admins are the controller that deploys (its address as the host sees it)
@@ -49,10 +50,14 @@ def rules(plan: Plan, host: str, admins: tuple[str, ...]) -> list[Rule]:
     if host == plan.cluster.head:
         out.append(Rule("NATS: the agents of every host", (s.nats_port,), _sources(layout, admins)))
         out.append(Rule("router metrics", (s.router_metrics_port,), _sources((), admins)))
+        if s.prometheus and s.prometheus_listen == "cluster":
+            out.append(Rule("Prometheus", (s.prometheus_port,), _sources((), admins)))
     mine = plan.workers_on(host)
     if mine:
         ports = tuple(w.http_port for w in mine)
         out.append(Rule("workers' HTTP: the router", ports, _sources(head, admins)))
+        if s.prometheus and s.dcgm:
+            out.append(Rule("DCGM exporter: Prometheus", (s.dcgm_exporter_port,), _sources(head, admins)))
     if plan.topology.disaggregated:
         for role in ("context", "generate"):
             ports = tuple(p for w in mine if w.role == role for p in w.nixl_ports)

@@ -164,7 +164,30 @@ class Plan:
 
     @property
     def router_metrics_url(self) -> str:
-        return f"http://{self._router_host(self.head.address)}:{self.settings.router_metrics_port}/metrics"
+        return f"http://{self.router_metrics_hostport}/metrics"
+
+    @property
+    def router_metrics_hostport(self) -> str:
+        return f"{self._router_host(self.head.address)}:{self.settings.router_metrics_port}"
+
+    @property
+    def prometheus_address(self) -> str:
+        return self.head.address if self.settings.prometheus_listen == "cluster" else "127.0.0.1"
+
+    @property
+    def prometheus_hostport(self) -> str:
+        host = self.prometheus_address
+        return f"{f'[{host}]' if ':' in host else host}:{self.settings.prometheus_port}"
+
+    @property
+    def prometheus_url(self) -> str:
+        """Prometheus as the controller (cluster) or the head (loopback) reaches it."""
+        return f"http://{self.prometheus_hostport}"
+
+    @property
+    def registry_metrics_address(self) -> str:
+        """The registry sync's /metrics (its own and NATS's), on loopback."""
+        return f"127.0.0.1:{self.settings.registry_metrics_port}"
 
     @property
     def nats_url(self) -> str:
@@ -180,6 +203,8 @@ class Plan:
             names.append(S.FIREWALL_UNIT)
         if host == self.cluster.head:
             names += [S.NATS_UNIT, S.ROUTER_UNIT, S.SYNC_UNIT]
+            if self.settings.prometheus:
+                names.append(S.PROMETHEUS_UNIT)
         return names
 
     def worker_command(self, w: Worker) -> list[str]:
@@ -296,10 +321,24 @@ class Plan:
     def sync_command(self) -> list[str]:
         """The head's service that keeps the router's members = the registry's healthy workers."""
         args = ["sync", "--router", self.router_url_on_head, "--state-file", S.SYNC_STATE]
+        if self.settings.prometheus:
+            args += ["--targets-dir", S.SCRAPE_TARGETS_DIR, "--metrics-address", self.registry_metrics_address,
+                     "--nats-monitor", f"http://127.0.0.1:{self.settings.nats_monitor_port}",
+                     "--dcgm-port", str(self.settings.dcgm_exporter_port)]  # fmt: skip
         if self.topology.disaggregated:
             return self._agent(*args, "--mode", "pd", "--discovery", self.discovery_address,
                                "--router-log", f"journal:{S.ROUTER_UNIT}.service")  # fmt: skip
         return self._agent(*args, "--mode", "aggregated")
+
+    def prometheus_command(self) -> list[str]:
+        s = self.settings
+        return [
+            "/usr/bin/prometheus",
+            f"--config.file={S.PROMETHEUS_CONFIG_DIR}/prometheus.yml",
+            f"--storage.tsdb.path={S.PROMETHEUS_DATA}",
+            f"--storage.tsdb.retention.time={s.prometheus_retention}",
+            f"--web.listen-address={self.prometheus_hostport}",
+        ]
 
     def expected(self) -> list[str]:
         """NAME=URL of every worker, as `status --expect` takes them."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
@@ -18,6 +18,8 @@ Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]
 Whole = Annotated[StrictInt, Field(ge=0)]
 # a NATS user name goes into nats-server.conf
 User = Annotated[Text, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+# Prometheus's --storage.tsdb.retention.time, e.g. 15d or 12h
+Retention = Annotated[Text, Field(pattern=r"^[1-9][0-9]*(ms|s|m|h|d|w|y)$")]
 
 # Fixed paths on the hosts; teardown removes exactly these.
 CONFIG_DIR = "/etc/disagg"
@@ -51,6 +53,15 @@ API_KEY_ENV = f"{CONFIG_DIR}/api-key.env"
 SYNC_STATE = f"{STATE_DIR}/sync-members.json"
 MODELS_DIR = f"{STATE_DIR}/models"
 ROUTER_UNIT = "disagg-router"
+# Prometheus on the head: config and rules, its TSDB (kept by teardown
+# unless purge), and the file_sd targets the registry sync writes
+PROMETHEUS_UNIT = "disagg-prometheus"
+PROMETHEUS_USER = "disagg-prometheus"
+PROMETHEUS_CONFIG_DIR = f"{CONFIG_DIR}/prometheus"
+PROMETHEUS_DATA = f"{STATE_DIR}/prometheus"
+SCRAPE_TARGETS_DIR = f"{STATE_DIR}/targets"
+# short enough for `disagg top`'s one-minute windows on a short run
+SCRAPE_INTERVAL = "5s"
 NATS_UNIT = "disagg-nats"
 SYNC_UNIT = "disagg-registry-sync"
 # First line of every unit we write: teardown and prune remove only units
@@ -116,6 +127,17 @@ class Settings:
     nats_port: Port = Ports.nats
     nats_monitor_port: Port = Ports.nats_monitor
     router_discovery_port: Port = Ports.router_discovery
+    prometheus_port: Port = Ports.prometheus
+    registry_metrics_port: Port = Ports.registry_metrics
+    dcgm_exporter_port: Port = Ports.dcgm_exporter
+    # Prometheus on the head (roles/prometheus.py): scraping every worker,
+    # the router and NATS; where it listens (the head's cluster address,
+    # admins only through the firewall, or loopback) and how long it keeps
+    prometheus: StrictBool = True
+    prometheus_listen: Literal["cluster", "loopback"] = "cluster"
+    prometheus_retention: Retention = "15d"
+    # NVIDIA's DCGM and its exporter on the workers' GPU hosts (roles/dcgm.py)
+    dcgm: StrictBool = True
     # vLLM drains in-flight requests for this long on SIGTERM
     shutdown_timeout: Seconds = 60
     # rolling restarts: workers of one role restarted at a time, and how
@@ -163,6 +185,9 @@ class Settings:
             nats=self.nats_port,
             nats_monitor=self.nats_monitor_port,
             router_discovery=self.router_discovery_port,
+            prometheus=self.prometheus_port,
+            registry_metrics=self.registry_metrics_port,
+            dcgm_exporter=self.dcgm_exporter_port,
         )
 
     @property

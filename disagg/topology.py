@@ -136,6 +136,11 @@ class Ports:
     nats_monitor: int = 8222
     # vllm-router's ZMQ service discovery (PD mode), on loopback
     router_discovery: int = 30001
+    prometheus: int = 9090
+    # the registry sync's own metrics and NATS's (loopback), for Prometheus
+    registry_metrics: int = 9091
+    # NVIDIA's DCGM exporter on each GPU host (its own default port)
+    dcgm_exporter: int = 9400
 
     def head_services(self) -> dict[str, int]:
         return {
@@ -144,6 +149,8 @@ class Ports:
             "router_discovery_port": self.router_discovery,
             "nats_port": self.nats,
             "nats_monitor_port": self.nats_monitor,
+            "prometheus_port": self.prometheus,
+            "registry_metrics_port": self.registry_metrics,
         }
 
 

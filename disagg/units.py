@@ -213,6 +213,32 @@ def nats_files(plan: Plan) -> dict[str, str]:
     return {NATS_CONF: conf, unit_path(S.NATS_UNIT): unit}
 
 
+PROMETHEUS_CONF = f"{S.PROMETHEUS_CONFIG_DIR}/prometheus.yml"
+PROMETHEUS_RULES = f"{S.PROMETHEUS_CONFIG_DIR}/rules.yml"
+
+
+def prometheus_files(plan: Plan) -> dict[str, str]:
+    conf = render(
+        "prometheus.yml.j2",
+        interval=S.SCRAPE_INTERVAL,
+        rules=PROMETHEUS_RULES,
+        prometheus=plan.prometheus_hostport,
+        router=plan.router_metrics_hostport,
+        registry=plan.registry_metrics_address,
+        layout=plan.label,
+        targets=S.SCRAPE_TARGETS_DIR,
+    )
+    unit = _service(
+        f"disagg Prometheus ({plan.label})",
+        S.PROMETHEUS_USER,
+        plan.prometheus_command(),
+        30,
+        [],
+        write_paths=(S.PROMETHEUS_DATA,),
+    )
+    return {PROMETHEUS_CONF: conf, PROMETHEUS_RULES: render("prometheus-rules.yml.j2"), unit_path(S.PROMETHEUS_UNIT): unit}
+
+
 def firewall_files(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str, str]:
     """The host's nftables rules and the unit that loads them; admins: the
     controller as the host sees it."""
@@ -236,4 +262,6 @@ def host_units(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str,
         files.update(nats_files(plan))
         files.update(router_files(plan))
         files.update(sync_files(plan))
+        if plan.settings.prometheus:
+            files.update(prometheus_files(plan))
     return files

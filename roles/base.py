@@ -21,6 +21,8 @@ def base(also: tuple[str, ...] = ()):
         packages=[*host.data.get("base_packages"), *also],
         update=True,
         cache_time=3600,
+        # e.g. prometheus recommends prometheus-node-exporter, a service on *:9100
+        no_recommends=True,
     )
     service_user(name=f"Service user {S.SERVICE_USER}", user=S.SERVICE_USER, home=S.STATE_DIR)
     wanted = {S.CONFIG_DIR: ("root", "755"), S.OPT_DIR: ("root", "755"), S.STATE_DIR: (S.SERVICE_USER, "755")}

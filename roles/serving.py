@@ -6,9 +6,11 @@ from pyinfra import host
 from disagg.plan import Plan
 from roles.base import base
 from roles.credentials import api_key
+from roles.dcgm import dcgm
 from roles.firewall import PACKAGES as FIREWALL_PACKAGES, firewall
 from roles.nats import nats
 from roles.nvidia_driver import nvidia_driver
+from roles.prometheus import PACKAGES as PROMETHEUS_PACKAGES, distro_unit_masked, prometheus
 from roles.ops import prune_units
 from roles import registry
 from roles.router import router
@@ -25,9 +27,15 @@ def converge(plan: Plan) -> None:
     system = list(FIREWALL_PACKAGES) if fenced else []
     if runs_workers:
         system += host.data.get("vllm_system_packages") or []
+    watched = on_head and plan.settings.prometheus
+    if watched:
+        distro_unit_masked(name="Keep the package's own Prometheus from starting")
+        system += PROMETHEUS_PACKAGES
     base(also=tuple(system))
     if fenced:
         firewall(plan)
+    if runs_workers and plan.settings.prometheus:
+        dcgm(plan)
     runtime = registry.runtime(plan) if on_head or runs_workers else []
     if on_head:
         nats(plan, password=runtime[0])
@@ -37,6 +45,8 @@ def converge(plan: Plan) -> None:
     prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
     if runs_workers:
         workers(plan, runtime, [*engine, *key])
+    if watched:
+        prometheus(plan)
     if on_head:
         router(plan, changed_by=key)
         registry.router_sync(plan, changed_by=runtime)

@@ -1,6 +1,7 @@
 """Stop and remove exactly what disagg installed: units found by our marker
 (whatever label deployed them), their env files and our config files; with
-purge also the venvs, the model cache, the NATS store and the service users.
+purge also the venvs, the model cache, the NATS store, Prometheus's data
+and the service users.
 Nothing else on the host is stopped."""
 
 from pyinfra.api import deploy
@@ -17,11 +18,13 @@ def teardown(purge: bool = False):
     # the sync's members belong to the layout that ends here
     for path in (units.NATS_CONF, units.NATS_SECRET_ENV, S.HF_TOKEN_ENV, S.API_KEY_ENV, S.SYNC_STATE):
         files.file(name=f"Remove {path}", path=path, present=False)
-    files.directory(name=f"Remove {S.TLS_DIR}", path=S.TLS_DIR, present=False)
+    # Prometheus's TSDB (S.PROMETHEUS_DATA) is kept: the history of what ran
+    for path in (S.TLS_DIR, S.PROMETHEUS_CONFIG_DIR, S.SCRAPE_TARGETS_DIR):
+        files.directory(name=f"Remove {path}", path=path, present=False)
     if not purge:
         return
     for path in (S.OPT_DIR, S.STATE_DIR, S.CONFIG_DIR):
         files.directory(name=f"Remove {path}", path=path, present=False)
-    for user in (S.SERVICE_USER, S.NATS_USER):
+    for user in (S.SERVICE_USER, S.NATS_USER, S.PROMETHEUS_USER):
         server.user(name=f"Remove user {user}", user=user, present=False)
         server.group(name=f"Remove group {user}", group=user, present=False)

@@ -16,9 +16,10 @@ import json
 import os
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import kv
+from . import exporter, kv, targets
 from .routerview import DiscoveryLog, aggregated_members
 
 
@@ -28,6 +29,17 @@ def discovery_message(entry: dict) -> dict:
         "http_address": kv.hostport(entry["url"]),
         "zmq_address": entry["zmq"],
     }
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """What the sync does for Prometheus: file_sd targets in targets_dir,
+    /metrics (NATS's and its own) at metrics_address."""
+
+    targets_dir: str
+    metrics_address: str
+    nats_monitor: str
+    dcgm_port: int
 
 
 class Members:
@@ -73,14 +85,19 @@ class Members:
 
 async def sync(server: kv.Server, router: str, mode: str, discovery: str | None,
                router_log: str | None = None, state_file: str | None = None,
-               interval: float = kv.SYNC_INTERVAL) -> None:  # fmt: skip
+               interval: float = kv.SYNC_INTERVAL, scrape: Scrape | None = None) -> None:  # fmt: skip
     stop = kv.stop_event()
     roles = set(kv.DISCOVERY_TYPE) if mode == "pd" else {"baseline"}
     members = Members(state_file, roles)
     view = DiscoveryLog(router_log or "journal:disagg-router.service") if mode == "pd" else None
     send = _send_discovery(discovery, members, stop, interval) if mode == "pd" else _reconcile(router, members, stop, interval)
     tasks = [send, _watch_health(members, stop, interval),
-             _registry(server, router, mode, roles, members, view, stop, interval)]  # fmt: skip
+             _registry(server, router, mode, roles, members, view, stop, interval, scrape)]  # fmt: skip
+    if scrape:
+        entries = lambda: list(members.entries.values())  # noqa: E731
+        routable = lambda: [e["url"] for e in members.routable()]  # noqa: E731
+        exporter.serve(scrape.metrics_address, exporter.Collector(scrape.nats_monitor, entries, routable))
+        tasks.append(targets.watch_dcgm(scrape.targets_dir, scrape.dcgm_port, entries, stop))
     if view:
         tasks.append(view.follow(stop))
     await kv.run_all(stop, tasks)
@@ -148,8 +165,8 @@ def _reconcile_once(router: str, wanted: set[str]) -> None:
             kv.log(f"{path} {url}")
 
 
-async def _registry(server: kv.Server, router: str, mode: str, roles: set[str],
-                    members: Members, view: DiscoveryLog | None, stop: asyncio.Event, interval: float) -> None:  # fmt: skip
+async def _registry(server: kv.Server, router: str, mode: str, roles: set[str], members: Members,
+                    view: DiscoveryLog | None, stop: asyncio.Event, interval: float, scrape: Scrape | None) -> None:  # fmt: skip
     """Read the registry into members; publish the router's own view."""
     try:
         nc = await kv.connect(server, stop=stop)
@@ -169,6 +186,8 @@ async def _registry(server: kv.Server, router: str, mode: str, roles: set[str],
             except Exception as e:
                 read_failed(f"registry unreadable, keeping the last {len(members.entries)} members: "
                             f"{kv.describe(e)}")  # fmt: skip
+            if scrape:
+                targets.write(scrape.targets_dir, targets.WORKERS, targets.worker_groups(list(members.entries.values())))
             state = await asyncio.to_thread(_router_state, router, mode, view)
             try:
                 if store is None:

@@ -1,0 +1,54 @@
+"""Prometheus on the head: Debian/Ubuntu's own `prometheus` package (bookworm
+2.42, noble 2.45, jammy 2.31: each has file_sd, recording rules and
+`promtool`; a distro package gets the distro's security updates and needs no
+download from GitHub, which air-gapped clusters cannot reach), run by a unit
+of ours under its own user with our config, rules and TSDB. The package's
+own unit is masked before its first install so that apt starts no second
+Prometheus with the package defaults; a Prometheus installed before us is
+left alone."""
+
+from pyinfra import host
+from pyinfra.api import deploy, operation
+
+from disagg import settings as S
+from disagg import units
+from disagg.facts import CommandSucceeds
+from disagg.plan import Plan
+from roles.ops import commands_if_changed, directories, put_files, service_user, unit_running, wait_healthy
+
+PACKAGES = ("prometheus",)
+DISTRO_UNIT = "/etc/systemd/system/prometheus.service"
+
+
+@operation()
+def distro_unit_masked():
+    """
+    Mask the distro package's prometheus.service before the package is
+    first installed (its postinst starts it otherwise); nothing to do once
+    the package is there, whoever installed it.
+
+    **Example:**
+
+    .. code:: python
+
+        distro_unit_masked(name="Keep the package's own Prometheus from starting")
+    """
+    if host.get_fact(CommandSucceeds, command=f"test -e /usr/bin/prometheus || test -L {DISTRO_UNIT}"):
+        return
+    yield f"ln -s /dev/null {DISTRO_UNIT}"
+
+
+@deploy("Prometheus")
+def prometheus(plan: Plan):
+    """After the base packages (which include PACKAGES on the head) and
+    before the registry sync, whose target files it reads."""
+    service_user(name=f"Service user {S.PROMETHEUS_USER}", user=S.PROMETHEUS_USER, home=S.PROMETHEUS_DATA)
+    wanted = {S.PROMETHEUS_CONFIG_DIR: ("root", "755"), S.PROMETHEUS_DATA: (S.PROMETHEUS_USER, "750"),
+              S.SCRAPE_TARGETS_DIR: (S.SERVICE_USER, "755")}  # fmt: skip
+    directories(name="Prometheus directories", wanted=wanted)
+    written = put_files(units.prometheus_files(plan))
+    # a config or rule Prometheus would refuse stops the deploy before the restart
+    commands_if_changed(name="promtool check config", commands=[f"promtool check config {units.PROMETHEUS_CONF}"],
+                        changed_by=written)  # fmt: skip
+    unit_running(name=f"Run {S.PROMETHEUS_UNIT}", unit=S.PROMETHEUS_UNIT, changed_by=written)
+    wait_healthy(name="Prometheus ready", unit=S.PROMETHEUS_UNIT, url=f"{plan.prometheus_url}/-/ready", timeout=60)
