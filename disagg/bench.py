@@ -49,6 +49,8 @@ class Target:
     # the generate workers, whose KV-transfer counters each run records
     kv_urls: list[str] = field(default_factory=list)
     kv_connector: str | None = None
+    # what the hosts run (disagg/fingerprint.py): files' hashes, versions
+    deployment: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -60,7 +62,7 @@ def target_for(inventory, plan, url: str | None = None, model: str | None = None
                tokenizer: str | None = None) -> Target:  # fmt: skip
     """What to benchmark for a deployed plan: its router, model, tokenizer,
     placement and engine settings, and the members the router has."""
-    from . import control
+    from . import control, fingerprint
 
     s = plan.settings
     routed = None
@@ -71,6 +73,12 @@ def target_for(inventory, plan, url: str | None = None, model: str | None = None
                 f"the router sync on {plan.cluster.head} has not reported its members; "
                 f"see `disagg status -i INVENTORY` and `journalctl -u disagg-registry-sync`"
             )
+    deployment = fingerprint.of_inventory(inventory, plan)
+    missing = {h: d["missing"] for h, d in deployment["hosts"].items() if d["missing"]}
+    if missing:
+        host, paths = next(iter(missing.items()))
+        raise TopologyError(f"{host} lacks {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}: the hosts do not "
+                            f"run {plan.label} as the inventory renders it; deploy it first")  # fmt: skip
     return Target(
         url=url or plan.router_url,
         label=plan.label,
@@ -82,6 +90,7 @@ def target_for(inventory, plan, url: str | None = None, model: str | None = None
         engine=dataclasses.asdict(s),
         kv_urls=[w.url for w in plan.workers if w.role == "generate"],
         kv_connector=(s.kv_transfer_config or {}).get("kv_connector") if plan.topology.disaggregated else None,
+        deployment=deployment,
     )
 
 
@@ -181,11 +190,14 @@ def sweep(
         "placement": target.placement,
         "engine": target.engine,
         "kv_connector": target.kv_connector,
+        "deployment": target.deployment,
         "versions": _versions(),
         "started": datetime.now(timezone.utc).isoformat(),
         "runs": [],
         **target.extra,
     }
+    if target.deployment:
+        progress(f"{topology.label}: deployment {target.deployment['hash']} (file hashes and versions in {results.PROVENANCE})")
     for i, concurrency in enumerate(concurrencies, 1):
         out = run_dir / f"c{concurrency}"
         requests = traffic.requests_per_concurrency * concurrency

@@ -430,16 +430,20 @@ def sweep(inventory_path, labels, concurrency, isl, osl, from_plan, sla_tokens_p
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Where to write the plot and tables (default: first DIR).")
 @click.option("--from-plan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="plan.json of `disagg plan`: predicted against measured, in a table and on the plot.")  # fmt: skip
+@click.option("--split-deployments", is_flag=True,
+              help="Draw a label measured on several deployments as one series per deployment (else refused).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def report(dirs, sla_tokens_per_user, sla_ttft_ms, out, from_plan, as_json):
+def report(dirs, sla_tokens_per_user, sla_ttft_ms, out, from_plan, split_deployments, as_json):
     """Table, Pareto plot and SLA pick over recorded runs (DIRS: results
-    roots, label directories or run directories)."""
+    roots, label directories or run directories). Each run names the
+    deployment it measured (a hash of the hosts' units and versions)."""
     from .planner import predictions
     from .report import report as make_report
 
     try:
         predicted = predictions(from_plan) if from_plan else None
-        summary = make_report(list(dirs), out or dirs[0], sla_tokens_per_user, sla_ttft_ms, predicted)
+        summary = make_report(list(dirs), out or dirs[0], sla_tokens_per_user, sla_ttft_ms, predicted,
+                              split_deployments)  # fmt: skip
     except TopologyError as e:
         _fail(e)
     _print_report(summary, sla_tokens_per_user, as_json)
@@ -451,6 +455,8 @@ def _print_report(summary: dict, sla_tokens_per_user: float | None, as_json: boo
         return
     click.echo(results.markdown(summary["rows"]), nl=False)
     click.echo(f"plot: {summary['plot']} (series: {', '.join(summary['series'])})")
+    for label, hashes in sorted(summary.get("deployments", {}).items()):
+        click.echo(f"{label}: deployment {', '.join(hashes)}")
     for label, p in summary["picks"].items():
         if p is None:
             click.echo(f"SLA {sla_tokens_per_user:g} tokens/s/user: {label}: no point meets it")
@@ -465,3 +471,80 @@ def _print_report(summary: dict, sla_tokens_per_user: float | None, as_json: boo
 
         click.echo("predicted (AIConfigurator) against measured:")
         click.echo(results.markdown(summary["predicted"], COMPARE_COLUMNS), nl=False)
+
+
+@main.command()
+@click.option("-i", "--inventory", "inventory_path", help="Inventory of the deployment (Prometheus address, label, SLA).")
+@click.option("--label-key", default="label", show_default=True,
+              help="Inventory data naming the label: label or baseline_label.")  # fmt: skip
+@click.option("--prometheus", "prometheus_url", help="Prometheus URL, e.g. http://HEAD:9090, instead of an inventory.")
+@click.option("--layout", help="The layout's label (default: the inventory's).")
+@click.option("--sla-tokens-per-user", type=float, help="Tokens/s each user must see (default: data sla_tokens_per_user).")
+@click.option("--sla-ttft-ms", type=float, help="Time to first token p90 limit (default: data sla_ttft_ms).")
+@click.option("--interval", default=5.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print the snapshot as JSON.")
+def top(inventory_path, label_key, prometheus_url, layout, sla_tokens_per_user, sla_ttft_ms, interval, once, as_json):
+    """The layout live from Prometheus on the head: per worker its role,
+    host, GPUs, requests running and waiting, tokens/s, TTFT and ITL p90
+    over the last minute, KV cache use and KV transfer rate; the layout's
+    tokens/s per GPU and per user against the SLA. Reads Prometheus only
+    (never the NATS password)."""
+    import time
+
+    from . import top as live
+
+    try:
+        sla = live.Sla(sla_tokens_per_user or 50.0, sla_ttft_ms)
+        if inventory_path:
+            plan = make_plan(load_inventory(inventory_path), layout, label_key=label_key)
+            s = plan.settings
+            if not s.prometheus:
+                raise TopologyError("prometheus is False in the inventory: nothing to read; deploy with it on")
+            if s.prometheus_listen == "loopback" and not prometheus_url:
+                raise TopologyError(f"Prometheus listens on the head's loopback (prometheus_listen=loopback): run "
+                                    f"ssh -L {s.prometheus_port}:127.0.0.1:{s.prometheus_port} {plan.cluster.head} and "
+                                    f"give --prometheus http://127.0.0.1:{s.prometheus_port}")  # fmt: skip
+            prometheus_url = prometheus_url or plan.prometheus_url
+            layout = plan.label
+            sla = live.Sla(sla_tokens_per_user or s.sla_tokens_per_user, sla_ttft_ms or s.sla_ttft_ms)
+        elif not (prometheus_url and layout):
+            raise TopologyError("give -i INVENTORY, or --prometheus URL --layout LABEL")
+        if as_json and not once:
+            raise TopologyError("--json goes with --once")
+        if once:
+            snap = live.snapshot(prometheus_url, layout, sla)
+            if as_json:
+                click.echo(json.dumps(snap.as_dict(), indent=2))
+            else:
+                from rich.console import Console
+
+                console = Console()
+                # piped: as wide as the table needs, not 80 columns
+                (console if console.is_terminal else Console(width=160)).print(live.render(snap, prometheus_url))
+            return
+        from rich.live import Live
+
+        with Live(live.render(live.snapshot(prometheus_url, layout, sla), prometheus_url), auto_refresh=False) as view:
+            while True:
+                time.sleep(interval)
+                view.update(live.render(live.snapshot(prometheus_url, layout, sla), prometheus_url), refresh=True)
+    except (TopologyError, live.PrometheusError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write the dashboards' JSON into.")  # fmt: skip
+def dashboards(out: Path) -> None:
+    """Write the Grafana dashboards (layout, worker) built on disagg's
+    recording rules; import them in Grafana (Dashboards > New > Import)
+    with a Prometheus data source pointing at the head's Prometheus."""
+    from . import dashboards as boards
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, board in boards.dashboards().items():
+        (out / name).write_text(boards.text(board))
+        click.echo(out / name)

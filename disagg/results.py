@@ -23,7 +23,7 @@ COLUMNS = [
     "time_to_first_token", "inter_token_latency",
     "time_to_first_token_p90", "time_to_first_token_p99",
     "inter_token_latency_p90", "inter_token_latency_p99",
-    "request_throughput", "requests", "errors", "status", "run",
+    "request_throughput", "requests", "errors", "status", "run", "deployment",
 ]  # fmt: skip
 
 
@@ -60,13 +60,16 @@ def error_count(export: dict) -> int:
     return int(sum(item.get("count", 1) if isinstance(item, dict) else 1 for item in summary))
 
 
-def row(label: str, concurrency: int, export: dict | None, run: str, error: str | None = None) -> dict:
+def row(label: str, concurrency: int, export: dict | None, run: str, error: str | None = None,
+        deployment: str | None = None) -> dict:  # fmt: skip
     """One table row. tokens/s/GPU = output_token_throughput / the topology's
     GPUs; tokens/s/user is the client's own per-user figure (genai-perf
     called it output_token_throughput_per_request)."""
     topology = Topology.parse(label)
     out = {c: None for c in COLUMNS}
-    out.update(label=label, configuration=topology.configuration, concurrency=concurrency, run=run)
+    # deployment: the hash of what the hosts ran (disagg/fingerprint.py)
+    out.update(label=label, configuration=topology.configuration, concurrency=concurrency, run=run,
+               deployment=deployment)  # fmt: skip
     if export is None:
         out.update(status=f"error: {error or 'no export'}")
         return out
@@ -116,9 +119,10 @@ def load_run(directory: Path) -> list[dict]:
             "move it under its own label's directory"
         )
     rows = []
+    deployment = (provenance.get("deployment") or {}).get("hash")
     for entry in provenance.get("runs", []):
         c = int(entry["concurrency"])
-        rows.append(row(label, c, read_export(directory / f"c{c}"), directory.name, entry.get("error")))
+        rows.append(row(label, c, read_export(directory / f"c{c}"), directory.name, entry.get("error"), deployment))
     return rows
 
 

@@ -71,6 +71,7 @@ Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Seconds = Annotated[StrictInt, Field(ge=1)]
 Count = Annotated[StrictInt, Field(ge=1)]
 Gigabytes = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] | Annotated[StrictInt, Field(gt=0)]
 Packages = tuple[Text, ...]
 # vLLM 0.32.0's CacheDType (vllm/config/cache.py)
 KvCacheDtype = Literal[
@@ -107,6 +108,8 @@ ROLE_DATA: dict[str, Any] = {
     "hf_token": Text | None,
     "wheelhouse": Text | None,
     "purge": StrictBool,
+    "dcgm_packages": Packages,
+    "cuda_keyring": Text,
 }
 # Data of one host: where it is and what it has.
 HOST_DATA: dict[str, Any] = {
@@ -123,6 +126,8 @@ FIX = {
     "kv_cache_dtype": "use one of vLLM 0.32.0's cache dtypes, e.g. auto or fp8",
     "router_address": "use the head's cluster address (the default), or 0.0.0.0 to serve clients on every network",
     "router_policy": "use one of vllm-router's policies, e.g. round_robin or cache_aware",
+    "prometheus_retention": "give a duration Prometheus takes, e.g. 15d or 12h",
+    "prometheus_listen": "use cluster (the head's address, admins only through the firewall) or loopback",
     "firewall_allow": "list the addresses or networks (CIDR) of admins' machines, e.g. ['10.0.0.5', '10.1.0.0/24']",
 }
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
-from .schema import (Args, BindAddress, Count, Env, Gigabytes, Json, KvCacheDtype, Network, Port, Problem, RouterPolicy,
+from .schema import (Args, BindAddress, Count, Env, Gigabytes, Json, KvCacheDtype, Network, Port, Positive, Problem, RouterPolicy,
                      SchemaError, Seconds, Text, checked)  # fmt: skip
 from .topology import Ports
 
@@ -138,6 +138,10 @@ class Settings:
     prometheus_retention: Retention = "15d"
     # NVIDIA's DCGM and its exporter on the workers' GPU hosts (roles/dcgm.py)
     dcgm: StrictBool = True
+    # the service level `disagg top` holds the layout to (the study's: 50
+    # tokens/s for each user), and a time to first token limit if any
+    sla_tokens_per_user: Positive = 50
+    sla_ttft_ms: Positive | None = None
     # vLLM drains in-flight requests for this long on SIGTERM
     shutdown_timeout: Seconds = 60
     # rolling restarts: workers of one role restarted at a time, and how

@@ -60,8 +60,9 @@ class Nats:
         for path, text in ((self.ca, bundle.ca_cert), (cert, bundle.server_cert), (key, bundle.server_key)):
             path.write_text(text)
         self.conf = tmp / "nats.conf"
+        self.monitor = free_port()
         self.conf.write_text(units.render(
-            "nats-server.conf.j2", server_name="test", listen=f"127.0.0.1:{self.port}", monitor_port=free_port(),
+            "nats-server.conf.j2", server_name="test", listen=f"127.0.0.1:{self.port}", monitor_port=self.monitor,
             store_dir=tmp / "js", user="disagg", password_env=kv.PASSWORD_ENV, cert_file=cert, key_file=key,
         ))  # fmt: skip
         self.proc = None
@@ -232,13 +233,16 @@ def expect(workers):
     return [agent_status.Expected(n, w.url) for n, w in zip(names, workers)]
 
 
-def start_layout(agents, workers, router, discovery=None):
+def start_layout(agents, workers, router, discovery=None, *sync_args: str):
     """Heartbeats of two context and one generate worker, and the sync."""
-    for i, (role, index) in enumerate((("context", 0), ("context", 1), ("generate", 0))):
-        agents.heartbeat(role, index, workers[i])
-    return agents.run("sync", "--router", router.url, "--mode", "pd",
+    beats = [agents.heartbeat(role, index, workers[i])
+             for i, (role, index) in enumerate((("context", 0), ("context", 1), ("generate", 0)))]  # fmt: skip
+    sync = agents.run("sync", "--router", router.url, "--mode", "pd",
                       "--discovery", discovery or f"127.0.0.1:{router.discovery}",
-                      "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"))  # fmt: skip
+                      "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"),
+                      *sync_args)  # fmt: skip
+    sync.beats = beats
+    return sync
 
 
 # -- heartbeat, status ---------------------------------------------------------
@@ -334,6 +338,56 @@ def test_in_router_comes_from_the_router_and_traffic_flows(nats, agents, workers
     with Load(router.url, "m", concurrency=2) as load:
         time.sleep(2)
     assert load.result.ok > 10 and load.result.failed == 0, load.result.summary()
+
+
+def test_the_sync_writes_scrape_targets_from_the_registry_and_serves_nats_metrics(nats, agents, workers, router,
+                                                                                  tmp_path):  # fmt: skip
+    targets, metrics_port = tmp_path / "targets", free_port()
+    targets.mkdir()
+    exporter = socket.create_server(("127.0.0.1", 0))  # a DCGM exporter's port on the workers' host
+    with exporter:
+        sync = start_layout(agents, workers, router, None, "--targets-dir", str(targets), "--metrics-address",
+                            f"127.0.0.1:{metrics_port}", "--nats-monitor", f"http://127.0.0.1:{nats.monitor}",
+                            "--dcgm-port", str(exporter.getsockname()[1]))  # fmt: skip
+
+        def listed(name: str) -> list[dict]:
+            try:
+                return json.loads((targets / name).read_text())
+            except (OSError, ValueError):
+                return []
+
+        until(lambda: len(listed("workers.json")) == 3, 20, "three worker targets")
+        by_url = {g["targets"][0]: g["labels"] for g in listed("workers.json")}
+        assert by_url[workers[2].url.removeprefix("http://")] == {
+            "layout": "context_tp1dp2_generate_tp1dp1", "role": "generate", "index": "0", "host": "node1",
+            "worker": "generate-0", "gpus": "1"}  # fmt: skip
+        assert [g["labels"]["worker"] for g in listed("workers.json")] == ["context-0", "context-1", "generate-0"]
+        until(lambda: listed("dcgm.json"), 30, "the DCGM exporter listed")
+        assert listed("dcgm.json") == [{"targets": [f"127.0.0.1:{exporter.getsockname()[1]}"],
+                                        "labels": {"host": "node1"}}]  # fmt: skip
+    text = metrics.scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    # NATS's own figures under prometheus-nats-exporter's names: 3 heartbeats and the sync are connected
+    assert metrics.total(text, "gnatsd_up") == 1
+    assert metrics.total(text, "gnatsd_varz_connections") >= 4
+    assert metrics.total(text, "gnatsd_jsz_streams") >= 1
+    gpus = {labels["worker"]: value for labels, value in metrics.samples(text, "disagg_worker_gpus")}
+    assert gpus == {"context-0": 1.0, "context-1": 1.0, "generate-0": 1.0}  # --gpus 0, 1, 0: one GPU each
+    until(lambda: metrics.total(metrics.scrape(f"http://127.0.0.1:{metrics_port}/metrics"),
+                                "disagg_worker_routed") == 3, 20, "all three routed")  # fmt: skip
+    # a worker that leaves the registry leaves the targets; its host's exporter, now closed, too
+    sync.beats[2].send_signal(signal.SIGTERM)
+    sync.beats[2].wait(10)
+    asyncio.run(_delete_entry(nats, workers[2].url))
+    until(lambda: len(listed("workers.json")) == 2, 30, "the stopped worker's target gone")
+    until(lambda: listed("dcgm.json") == [], 30, "the closed exporter unlisted")
+
+
+async def _delete_entry(nats: Nats, url: str) -> None:
+    nc = await kv.connect(nats.server(), reconnect=False)
+    try:
+        await (await kv.bucket(nc)).delete(kv.worker_key(url))
+    finally:
+        await nc.close()
 
 
 def test_in_router_is_false_when_the_sync_sends_to_a_closed_port(nats, agents, workers, router):

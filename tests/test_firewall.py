@@ -19,15 +19,23 @@ def test_each_port_is_admitted_from_its_peers_only():
     head, other = "h100-node1", "h100-node2"
     on_head = admitted(plan, head, ("10.0.0.5",))
     assert on_head[s.nats_port] == {head, other, "10.0.0.5"}
-    assert on_head[s.router_metrics_port] == {"10.0.0.5"}
+    assert on_head[s.router_metrics_port] == on_head[s.prometheus_port] == {"10.0.0.5"}
     assert s.router_port not in on_head  # clients: anyone
+    # Prometheus (on the head) scrapes each worker host's DCGM exporter
+    assert on_head[s.dcgm_exporter_port] == {head, "10.0.0.5"}
     for w in plan.workers_on(head):  # context workers: HTTP from the router, NIXL from the generate host
         assert on_head[w.http_port] == {head, "10.0.0.5"}
         assert all(on_head[p] == {other} for p in w.nixl_ports)
     (g,) = plan.workers_on(other)
     on_other = admitted(plan, other)
     assert on_other[g.http_port] == {head} and on_other[g.nixl_port] == {head}
-    assert s.nats_port not in on_other
+    assert on_other[s.dcgm_exporter_port] == {head}
+    assert s.nats_port not in on_other and s.prometheus_port not in on_other
+    # on loopback, or without Prometheus, there is nothing of it to admit
+    loopback = make_plan(load_inventory(H100, override_data={"prometheus_listen": "loopback"}))
+    assert s.prometheus_port not in admitted(loopback, head)
+    off = make_plan(load_inventory(H100, override_data={"prometheus": False}))
+    assert s.prometheus_port not in admitted(off, head) and s.dcgm_exporter_port not in admitted(off, other)
 
 
 def test_the_chain_drops_only_our_ports_and_keeps_families_apart():
@@ -35,8 +43,8 @@ def test_the_chain_drops_only_our_ports_and_keeps_families_apart():
     lines = firewall.ruleset(plan, "h100-node1", ("10.0.0.5",))
     assert lines[0] == 'iif "lo" accept'
     s = plan.settings
-    ours = sorted({s.nats_port, s.router_metrics_port} | {p for w in plan.workers_on("h100-node1")
-                                                          for p in (w.http_port, *w.nixl_ports)})  # fmt: skip
+    ours = sorted({s.nats_port, s.router_metrics_port, s.prometheus_port, s.dcgm_exporter_port} |
+                  {p for w in plan.workers_on("h100-node1") for p in (w.http_port, *w.nixl_ports)})  # fmt: skip
     assert lines[-1] == f"tcp dport {{ {', '.join(map(str, ours))} }} counter drop"
     assert f"tcp dport {{ {s.router_metrics_port} }} ip6 saddr {{ fd00::/64 }} accept" in lines
     assert f"tcp dport {{ {s.router_metrics_port} }} ip saddr {{ 10.9.0.0/16, 10.0.0.5 }} accept" in lines
