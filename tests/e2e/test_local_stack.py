@@ -14,6 +14,7 @@ import shlex
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -83,8 +84,8 @@ def test_converge_serves_through_the_router(deployment):
     assert after[generate] - before[generate] >= 2, "the generate worker did not decode"
     assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service",
                                 "disagg-context-1-agent.service", "disagg-context-1.service",
-                                "disagg-firewall.service", "disagg-nats.service", "disagg-registry-sync.service",
-                                "disagg-router.service"]  # fmt: skip
+                                "disagg-firewall.service", "disagg-nats.service", "disagg-prometheus.service",
+                                "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
     assert listed_units(H2) == ["disagg-firewall.service", "disagg-generate-0-agent.service",
                                 "disagg-generate-0.service"]  # fmt: skip
 
@@ -226,8 +227,11 @@ def test_head_services_listen_only_where_they_must(deployment):
     where = {int(local.rsplit(":", 1)[1]): local.rsplit(":", 1)[0]
              for local in (line.split()[3] for line in listening if line.strip())}  # fmt: skip
     head = plan.head.address
-    assert where[s.router_port] == where[s.router_metrics_port] == where[s.nats_port] == head, where
-    assert where[s.router_discovery_port] == where[s.nats_monitor_port] == "127.0.0.1", where
+    assert where[s.router_port] == where[s.router_metrics_port] == where[s.nats_port] == where[s.prometheus_port] == head
+    assert where[s.router_discovery_port] == where[s.nats_monitor_port] == where[s.registry_metrics_port] == "127.0.0.1"
+    # the distro package's own Prometheus never started, nor what it recommends (node exporter on :9100)
+    assert 9100 not in where, where
+    assert ssh(H1, "systemctl is-enabled prometheus.service", check=False).stdout.strip() == "masked"
 
 
 # connect_ex's errno: 0 when something answered; a dropped SYN times out (3 s)
@@ -239,6 +243,7 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
     s = plan.settings
     context = next(w for w in plan.workers if w.role == "context")
     ours = {"NATS": (plan.head.address, s.nats_port), "router metrics": (plan.head.address, s.router_metrics_port),
+            "Prometheus": (plan.head.address, s.prometheus_port),
             "context worker HTTP": (context.address, context.http_port),
             "context NIXL side channel": (context.address, context.nixl_port)}  # fmt: skip
     with testhosts.outsider() as outside:
@@ -321,6 +326,81 @@ def test_running_services_are_sandboxed(deployment, figures):
             ssh(H1, f"{inside} sh -c 'touch {writable}/probe && rm {writable}/probe'")
 
 
+def prometheus(plan, path: str, **params) -> dict:
+    url = f"{plan.prometheus_url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def scraped(plan, job: str = "workers") -> dict[str, dict]:
+    """Prometheus's active targets of a job, by instance (HOST:PORT)."""
+    return {t["labels"]["instance"]: t for t in prometheus(plan, "targets", state="active")["activeTargets"]
+            if t["labels"]["job"] == job}  # fmt: skip
+
+
+def series(plan, promql: str) -> list[tuple[dict, float]]:
+    return [(r["metric"], float(r["value"][1])) for r in prometheus(plan, "query", query=promql)["result"]]
+
+
+def test_prometheus_scrapes_every_worker_the_router_and_nats(deployment):
+    plan = deployment.ensure()
+    until(lambda: len(scraped(plan)) == len(plan.workers) and
+          all(t["health"] == "up" for t in scraped(plan).values()), 60, "every worker scraped")  # fmt: skip
+    for w in plan.workers:
+        labels = scraped(plan)[w.url.removeprefix("http://")]["labels"]
+        assert labels == {"instance": w.url.removeprefix("http://"), "job": "workers", "layout": plan.label,
+                          "role": w.role, "index": str(w.index), "host": w.host, "worker": w.name,
+                          "gpus": str(len(w.gpus))}  # fmt: skip
+    assert [t["health"] for t in scraped(plan, "router").values()] == ["up"]
+    assert [t["health"] for t in scraped(plan, "registry").values()] == ["up"]
+    assert scraped(plan, "dcgm") == {}  # CPU hosts: no exporter answers, none is listed
+    # NATS's own count of connections: every worker's heartbeat and the sync
+    ((_, connections),) = series(plan, "gnatsd_varz_connections")
+    assert connections >= len(plan.workers) + 1
+    gpus = {labels["worker"]: value for labels, value in series(plan, f'disagg_worker_gpus{{layout="{plan.label}"}}')}
+    assert gpus == {w.name: float(len(w.gpus)) for w in plan.workers}
+    # the rules loaded are the ones promtool accepts on the head
+    assert ssh(H1, f"promtool check rules {S.PROMETHEUS_CONFIG_DIR}/rules.yml").returncode == 0
+    assert all(r["health"] == "ok" for g in prometheus(plan, "rules")["groups"] for r in g["rules"])
+
+
+def test_every_dashboard_panel_and_top_show_the_layout_under_load(deployment, figures):
+    from disagg import dashboards
+
+    plan = deployment.ensure()
+    empty, skipped = [], []
+    with Load(plan.router_url, MODEL, concurrency=3, max_tokens=16) as load:
+        # rates over one minute need two scrapes of traffic (5 s apart) and a rule evaluation
+        until(lambda: any(v > 0 for _, v in series(plan, "layout:vllm_output_tokens_per_gpu:rate1m")) and
+              any(v > 0 for _, v in series(plan, "role:vllm_nixl_bytes:rate1m")), 90, "rules with traffic")  # fmt: skip
+        out = subprocess.run([sys.executable, "-m", "disagg", "top", "-i", INVENTORY, "--once", "--json"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        values = {"$layout": plan.label, "$worker": "generate-0", "$host": plan.workers[-1].host}
+        for board in dashboards.dashboards().values():
+            for title, expr in dashboards.queries(board):
+                if title in dashboards.GPU_ONLY:
+                    skipped.append(title)
+                    continue
+                for name, value in values.items():
+                    expr = expr.replace(name, value)
+                if not series(plan, expr):
+                    empty.append(f"{board['uid']}: {title}: {expr}")
+    assert load.result.failed == 0, load.result.summary()
+    assert empty == [], empty
+    assert out.returncode == 0, out.stderr
+    top = json.loads(out.stdout)
+    assert [w["worker"] for w in top["workers"]] == [w.name for w in plan.workers]
+    assert all(w["output_tokens_per_s"] > 0 and w["gpus"] == 1 for w in top["workers"]), top["workers"]
+    assert top["workers"][-1]["kv_transfer_bytes_per_s"] > 0  # the generate worker pulls the prompts' KV
+    assert top["totals"]["tokens_per_s_per_gpu"] > 0 and top["totals"]["gpus"] == 3
+    assert top["sla"]["tokens_per_user"] == plan.settings.sla_tokens_per_user
+    figures.append(f"dashboards: every panel returned data under load ({load.result.summary()}) but the GPU-only "
+                   f"{sorted(set(skipped))}; top: {top['totals']['tokens_per_s_per_gpu']:.1f} tokens/s/GPU, "
+                   f"{top['totals']['tokens_per_s_per_user']:.1f} tokens/s/user")  # fmt: skip
+
+
 def test_status_is_what_the_router_reports(deployment):
     plan = deployment.ensure()
     # its own traffic, so that the router has routed to every worker
@@ -399,6 +479,12 @@ def test_add_a_context_worker_with_limit_no_router_restart(deployment, tmp_path,
     code, current = status("--label", label, "--wait", "--timeout", "120", inventory=str(scaled))
     timings["deploy --limit of a context worker -> routed"] = time.monotonic() - start
     assert code == 0, current["problems"]
+    # Prometheus scrapes it with no reload: the sync's target file changed
+    prometheus_since = active_since(H1, ["disagg-prometheus"])
+    timings["routed -> scraped by Prometheus (file_sd)"] = until(
+        lambda: scraped(plan).get(added.url.removeprefix("http://"), {}).get("health") == "up", 30,
+        "the added worker scraped")  # fmt: skip
+    assert active_since(H1, ["disagg-prometheus"]) == prometheus_since
     before = smoke.counter(added.url, "vllm:request_success_total")
     prompts = (f"Request {i}: say something." for i in itertools.count())
     until(lambda: smoke.chat(grown.router_url, MODEL, 3, prompt=next(prompts)) and
@@ -407,6 +493,7 @@ def test_add_a_context_worker_with_limit_no_router_restart(deployment, tmp_path,
     # back to the inventory's layout: the added worker is pruned and leaves the router
     deployment.ensure(data=data)
     assert status()[0] == 0
+    until(lambda: added.url.removeprefix("http://") not in scraped(plan), 30, "the removed worker's target gone")
 
 
 def test_relabel_prunes_the_stale_context_unit(deployment):
@@ -419,7 +506,8 @@ def test_relabel_prunes_the_stale_context_unit(deployment):
     deployment.changed("deploys/disagg.py", relabel)
     assert "disagg-context-1.service" not in unit_files(H1)
     assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service", "disagg-firewall.service",
-                                "disagg-nats.service", "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
+                                "disagg-nats.service", "disagg-prometheus.service", "disagg-registry-sync.service",
+                                "disagg-router.service"]  # fmt: skip
     assert ssh(H1, "test -e /etc/disagg/disagg-context-1.env", check=False).returncode != 0
     # unchanged workers keep running through a relabel
     assert {**active_since(H1, kept[:1]), **active_since(H2, kept[1:])} == since
@@ -431,7 +519,8 @@ def test_baseline_answers_and_survives_a_killed_worker(deployment, figures):
     baseline = deployment.ensure("deploys/baseline.py")
     assert listed_units(H1) == ["disagg-baseline-0-agent.service", "disagg-baseline-0.service",
                                 "disagg-baseline-1-agent.service", "disagg-baseline-1.service", "disagg-firewall.service",
-                                "disagg-nats.service", "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
+                                "disagg-nats.service", "disagg-prometheus.service", "disagg-registry-sync.service",
+                                "disagg-router.service"]  # fmt: skip
     # a host the layout no longer uses keeps nothing of ours, the firewall's table neither
     assert listed_units(H2) == []
     assert "table inet disagg" not in ssh(H2, "nft list tables").stdout
@@ -479,6 +568,11 @@ def test_bench_both_layouts_and_report(deployment, tmp_path):
     # every run records what the generate worker received over NIXL
     provenance = json.loads((Path(summary["run_dir"]) / "provenance.json").read_text())
     assert provenance["kv_connector"] == "NixlConnector"
+    # tied to what the hosts ran: every unit and config file of ours hashed, versions read there
+    deployed = provenance["deployment"]
+    assert re.fullmatch(r"[0-9a-f]{16}", deployed["hash"])
+    assert all(not h["missing"] and h["versions"]["vllm"] == "0.32.0" for h in deployed["hosts"].values())
+    assert "/etc/systemd/system/disagg-generate-0.service" in deployed["hosts"][testhosts.address(2)]["files"]
     for run in provenance["runs"]:
         moved = run["kv_transfer"]
         assert moved["bytes"] > 0 and moved["failed_transfers"] == 0 and moved["prompt_tokens_external"] > 0
@@ -498,6 +592,7 @@ def test_bench_both_layouts_and_report(deployment, tmp_path):
     assert report["series"] == ["baseline_tp1dp2", "context_tp1dp2_generate_tp1dp1"]
     assert (tmp_path / "pareto.png").is_file()
     assert all(report["picks"].values()) and report["ratio"] > 0
+    assert all(len(hashes) == 1 and hashes != ["unknown"] for hashes in report["deployments"].values())
 
 
 def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, figures):
@@ -522,13 +617,18 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
     timings["teardown under load (deploys/teardown.py)"] = run.seconds
     figures.append(f"teardown under load: {traffic.result.summary()} (the layout ends: failures expected)")
     s = plan.settings
-    ours = {s.router_port, s.router_metrics_port, s.nats_port, s.nats_monitor_port, 8100, 8101}
-    for host in (H1, H2):
+    ours = {s.router_port, s.router_metrics_port, s.nats_port, s.nats_monitor_port, s.prometheus_port,
+            s.registry_metrics_port, 8100, 8101}
+    for host, users in ((H1, "disagg,disagg-nats,disagg-prometheus"), (H2, "disagg")):
         assert listed_units(host) == [] and unit_files(host) == []
-        assert ssh(host, "pgrep -u disagg,disagg-nats", check=False).stdout == ""
+        # (pgrep refuses a user that does not exist: each host's own)
+        assert ssh(host, f"pgrep -u {users}", check=False).returncode == 1
         listening = ssh(host, "ss -ltnH").stdout
         ports = {int(m) for m in re.findall(r":(\d+)\s", listening)}
         assert not ports & ours, listening
+    # Prometheus's history is kept (purge removes it), its config and targets are not
+    assert ssh(H1, f"test -d {S.PROMETHEUS_DATA}/wal && ! test -e {S.PROMETHEUS_CONFIG_DIR} && "
+                   f"! test -e {S.SCRAPE_TARGETS_DIR}", check=False).returncode == 0
     for pid in sentinels:
         assert ssh(H1, f"kill -0 {pid}", check=False).returncode == 0, f"teardown killed user process {pid}"
     assert 4333 in {int(m) for m in re.findall(r":(\d+)\s", ssh(H1, "ss -ltnH").stdout)}
