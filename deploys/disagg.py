@@ -10,10 +10,12 @@ input or a failed preflight stops here, before any host is changed."""
 
 from pyinfra import inventory
 
+from disagg import profile
 from disagg.plan import make_plan
 from roles.preflight import gate
 from roles.serving import converge
 
+profile.attach()
 plan = make_plan(inventory, label_key="label")
 gate(plan)
 converge(plan)

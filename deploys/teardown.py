@@ -7,6 +7,8 @@ in their unit file), so other processes on the hosts keep running."""
 
 from pyinfra import host
 
+from disagg import profile
 from roles.teardown import teardown
 
+profile.attach()
 teardown(purge=str(host.data.get("purge", False)).lower() in ("1", "true", "yes"))

@@ -548,3 +548,20 @@ def dashboards(out: Path) -> None:
     for name, board in boards.dashboards().items():
         (out / name).write_text(boards.text(board))
         click.echo(out / name)
+
+
+@main.command("deploy-profile")
+@click.argument("profile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--top", default=10, show_default=True, help="Operations to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def deploy_profile(profile: Path, top: int, as_json: bool) -> None:
+    """Where a deploy's time went, from the file a deploy run with
+    DISAGG_PROFILE=FILE wrote: planning, execution, the critical path, the
+    slowest operations overall and on each host."""
+    from . import profile as profiling
+
+    try:
+        summary = profiling.summary(json.loads(profile.read_text()), top)
+    except (ValueError, KeyError) as e:
+        _fail(TopologyError(f"{profile}: not a deploy profile ({e})"))
+    click.echo(json.dumps(summary, indent=2) if as_json else profiling.text(summary, top))

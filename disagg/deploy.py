@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .profile import ENV as PROFILE_ENV
+
 # the deploy files beside the package (a source checkout, as pyinfra needs them)
 DEPLOYS = Path(__file__).resolve().parent.parent / "deploys"
 # longer than any deploy should take (a 70B model's first download and load
@@ -33,11 +35,13 @@ class DeployRun:
 
 
 def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff: bool = False,
-               progress: bool = False, limit: str | None = None, timeout: float = DEPLOY_TIMEOUT) -> DeployRun:  # fmt: skip
+               progress: bool = False, limit: str | None = None, timeout: float = DEPLOY_TIMEOUT,
+               profile: Path | None = None) -> DeployRun:  # fmt: skip
     """Run `pyinfra INVENTORY DEPLOY` as a user would, with --data key=value
     overrides (and --limit); raise with pyinfra's output if it fails or
     takes longer than timeout seconds. With progress, each operation's name
-    is echoed to stderr as it starts."""
+    is echoed to stderr as it starts; with profile, each operation's time
+    per host is written there (disagg/profile.py)."""
     args = [sys.executable, "-m", "pyinfra", inventory, deploy, "--dry" if dry else "-y"]
     args += ["--diff"] if diff else ["--json"]
     for item in data:
@@ -48,7 +52,8 @@ def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff:
     # stdout to a file: with --json it is one document; the log streams on stderr
     with tempfile.TemporaryFile("w+") as out:
         # its own process group: on timeout it goes with its SSH children
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        env = {**os.environ, PROFILE_ENV: str(profile)} if profile else None
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
         watchdog = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
         watchdog.start()
         log = []

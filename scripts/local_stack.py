@@ -8,16 +8,20 @@ running.
 """
 
 import argparse
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from disagg import smoke, testhosts, tinymodel
+from disagg import profile, smoke, testhosts, tinymodel
 from disagg.deploy import DeployError, run_deploy
 from disagg.plan import load_inventory, make_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 INVENTORY = "inventories/local.py"
+# each deploy's profile (disagg/profile.py), kept
+PROFILES = ROOT / "results" / "profiles" / time.strftime("%Y%m%dT%H%M%S")
 
 
 def main() -> int:
@@ -33,16 +37,20 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "disagg", "render", "-i", INVENTORY], check=True)
         plan = make_plan(load_inventory(INVENTORY))
         print("--> deploying (the first run installs everything: several minutes)", flush=True)
-        run = run_deploy(INVENTORY, "deploys/disagg.py", progress=True)
+        PROFILES.mkdir(parents=True, exist_ok=True)
+        run = run_deploy(INVENTORY, "deploys/disagg.py", progress=True, profile=PROFILES / "first-deploy.json")
         timings["bare hosts to serving"] = run.seconds
         answer = smoke.chat(plan.router_url, plan.settings.model, 16)
         print(f"--> {plan.router_url}/v1/chat/completions answered {answer['completion_tokens']} tokens: "
               f"{answer['text']!r} (random weights: gibberish)")
         print("--> the control plane's view (disagg status)", flush=True)
         subprocess.run([sys.executable, "-m", "disagg", "status", "-i", INVENTORY], check=True)
-        rerun = run_deploy(INVENTORY, "deploys/disagg.py")
+        rerun = run_deploy(INVENTORY, "deploys/disagg.py", profile=PROFILES / "no-op-rerun.json")
         timings["no-op re-run"] = rerun.seconds
         print(f"--> re-run changed {len(rerun.changed)} operations")
+        for name in ("first-deploy", "no-op-rerun"):
+            print(f"--> deploy profile, {name} ({PROFILES / name}.json):")
+            print(profile.text(profile.summary(json.loads((PROFILES / f"{name}.json").read_text())), top=10))
         if not keep:
             run = run_deploy(INVENTORY, "deploys/teardown.py", progress=True)
             timings["teardown"] = run.seconds

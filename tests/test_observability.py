@@ -131,3 +131,21 @@ def test_deployed_files_are_read_as_hashes_and_versions():
     assert found["versions"] == {"vllm": "0.32.0", "nixl": "1.5.1", "vllm-router": "0.1.17", "nvidia-driver": "580.95.05"}
     command = DeployedFiles().command(("/etc/a b",), S.VLLM_VENV, S.ROUTER_VENV)
     assert "'/etc/a b'" in command and "/sys/module/nvidia/version" in command
+
+
+def test_a_deploy_profile_sums_the_slowest_host_of_each_operation(tmp_path):
+    from disagg import profile
+
+    record = {"loaded": 100.0, "ended": 110.0, "operations": [
+        {"name": "base | Install", "host": "h1", "start": 102.0, "seconds": 3.0, "ok": True},
+        {"name": "base | Install", "host": "h2", "start": 102.0, "seconds": 1.0, "ok": True},
+        {"name": "workers | Run", "host": "h2", "start": 105.5, "seconds": 4.0, "ok": True},
+    ]}  # fmt: skip
+    s = profile.summary(record)
+    assert (s["planning_s"], s["execution_s"], s["critical_path_s"]) == (2.0, 8.0, 7.0)
+    assert [e["name"] for e in s["top"]] == ["workers | Run", "base | Install"]
+    assert s["per_host"]["h1"] == [{"name": "base | Install", "seconds": 3.0}]
+    (tmp_path / "p.json").write_text(json.dumps(record))
+    out = subprocess.run([sys.executable, "-m", "disagg", "deploy-profile", str(tmp_path / "p.json"), "--top", "1"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0 and "critical path" in out.stdout and "4.0 s  workers | Run" in out.stdout

@@ -273,14 +273,23 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
                    f"{dropped} packets dropped on the head")  # fmt: skip
 
 
-def test_rerun_changes_nothing(deployment, timings):
+def test_rerun_changes_nothing(deployment, timings, figures, tmp_path):
+    from disagg import profile
+
     plan = deployment.ensure()
     units = plan.units_on(plan.cluster.head)
     since = active_since(H1, units)
-    run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
+    run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1], profile=tmp_path / "profile.json")
     timings["no-op re-run (deploys/disagg.py)"] = run.seconds
     assert run.changed == {}
     assert active_since(H1, units) == since
+    # where its time went, per operation and host, from pyinfra's own callbacks
+    summary = profile.summary(json.loads((tmp_path / "profile.json").read_text()))
+    assert set(summary["per_host"]) == {h.name for h in plan.cluster.hosts}
+    assert summary["planning_s"] + summary["execution_s"] < run.seconds
+    assert summary["critical_path_s"] <= summary["execution_s"] + 0.5
+    assert any(e["name"].endswith("Every worker registered, healthy and routed") for e in summary["order"])
+    figures.append(f"no-op re-run profile: {run.seconds:.1f} s in all, " + profile.text(summary, top=5))
 
 
 def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again(deployment):
