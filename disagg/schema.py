@@ -109,6 +109,7 @@ ROLE_DATA: dict[str, Any] = {
     "wheelhouse": Text | None,
     "purge": StrictBool,
     "dcgm_packages": Packages,
+    "uv_package": Text,
     "cuda_keyring": Text,
 }
 # Data of one host: where it is and what it has.

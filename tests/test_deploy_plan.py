@@ -301,3 +301,23 @@ def test_dcgm_exporter_on_gpu_hosts_from_nvidias_packages_and_skipped_without_gp
         planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=responses)
         assert _dcgm_commands(planned, "h100-node2") == []
         assert f"skip DCGM exporter: {reason}" in caplog.text
+
+
+def test_venvs_are_made_and_filled_by_uv_and_read_from_their_dist_info():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    commands = planned.commands("h100-node2")
+    uv = "UV_CACHE_DIR=/opt/disagg/uv/cache /opt/disagg/uv/bin/uv"
+    assert "test -x /opt/disagg/uv/bin/pip || python3 -m venv /opt/disagg/uv" in commands
+    assert "/opt/disagg/uv/bin/pip install -q uv==0.13.9" in commands
+    assert f"{uv} venv --python /usr/bin/python3 /opt/disagg/vllm" in commands
+    assert f"{uv} pip install --python /opt/disagg/vllm/bin/python vllm==0.32.0" in commands
+    assert f"{uv} pip install --python /opt/disagg/vllm/bin/python --no-deps nixl==1.5.1 nixl-cu12==1.5.1" in commands
+    assert not any(" pip freeze" in c or "/bin/pip install" in c.replace("/opt/disagg/uv/bin/pip", "") for c in commands)
+    # a venv that has its pins (as its dist-info directories say) is left alone, and uv is not even asked
+    installed = {"/opt/disagg/vllm/lib/python3*": ["vllm 0.32.0", "nixl 1.5.1", "nixl_cu12 1.5.1"],
+                 "/opt/disagg/agent/lib/python3*": ["nats_py 2.16.0", "pyzmq 26.4.0", "msgpack 1.2.4",
+                                                    "prometheus_client 0.23.1"]}  # fmt: skip
+    planned = plan_deploy(H100, "deploys/disagg.py", responses={**gpu_host_responses(), **installed})
+    commands = planned.commands("h100-node2")
+    assert not any("/opt/disagg/vllm" in c or "/opt/disagg/agent" in c for c in commands if "uv" in c), commands
+    assert not any("/opt/disagg/uv/bin/pip" in c for c in commands)
