@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -15,6 +16,11 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
+
+# nats-py closing a TLS connection makes asyncio's sslproto say this (at
+# WARNING, on every `disagg status`); it means nothing for us
+logging.getLogger("asyncio").addFilter(
+    lambda record: "eof_received() has no effect when using ssl" not in record.getMessage())
 
 BUCKET = "disagg-workers"
 # The bucket's max age: an entry not refreshed for TTL (by the NATS server's
