@@ -15,9 +15,8 @@ from pyinfra.api import deploy
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt
 
-from disagg.facts import NvidiaPciDevices
 from disagg.plan import Plan
-from roles.nvidia_driver import driver_services, skip_reason
+from roles.nvidia_driver import driver_services, gpu_host_skip_reason
 
 DEFAULTS = {
     "dcgm_packages": ["datacenter-gpu-manager-4-cuda12", "datacenter-gpu-manager-exporter"],
@@ -27,14 +26,15 @@ SERVICES = ["nvidia-dcgm.service", "nvidia-dcgm-exporter.service"]
 
 
 @deploy("NVIDIA DCGM exporter", data_defaults=DEFAULTS)
-def dcgm(plan: Plan):
-    distro = host.get_fact(LinuxDistribution)
+def dcgm(plan: Plan, pci: dict):
+    """pci: the host's NvidiaPciDevices fact."""
     reason = None if plan.settings.dcgm else "dcgm is False in the inventory"
-    reason = reason or skip_reason(host.get_fact(NvidiaPciDevices), distro)
+    reason = reason or gpu_host_skip_reason(pci)
     if reason:
         logger.info(f"{host.print_prefix}skip DCGM exporter: {reason}")
         return
-    apt.deb(name="NVIDIA CUDA repository key", src=host.data.get("cuda_keyring").format(major=distro["major"]))
+    major = host.get_fact(LinuxDistribution)["major"]
+    apt.deb(name="NVIDIA CUDA repository key", src=host.data.get("cuda_keyring").format(major=major))
     apt.packages(name="DCGM and its exporter", packages=host.data.get("dcgm_packages"), update=True,
                  cache_time=3600, no_recommends=True)  # fmt: skip
     driver_services(name="DCGM services", services=SERVICES)

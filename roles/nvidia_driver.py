@@ -12,7 +12,7 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import apt, files, server
 
-from disagg.facts import NvidiaDriverLoaded, NvidiaPciDevices
+from disagg.facts import NvidiaDriverLoaded
 from roles.ops import commands_if_changed
 
 DEFAULTS = {
@@ -36,6 +36,11 @@ def skip_reason(pci: dict, distro: dict) -> str | None:
     if (distro.get("name"), distro.get("major")) not in SUPPORTED:
         return f"{distro.get('name')} {distro.get('major')} is not Ubuntu 22.04 or 24.04"
     return None
+
+
+def gpu_host_skip_reason(pci: dict) -> str | None:
+    """skip_reason, asking the host for its distro only where it has GPUs."""
+    return skip_reason(pci, {}) if not pci["gpus"] else skip_reason(pci, host.get_fact(LinuxDistribution))
 
 
 @operation()
@@ -87,12 +92,12 @@ def driver_services(services: list[str]):
 
 
 @deploy("NVIDIA driver", data_defaults=DEFAULTS)
-def nvidia_driver():
-    pci = host.get_fact(NvidiaPciDevices)
+def nvidia_driver(pci: dict):
+    """pci: the host's NvidiaPciDevices fact (read once for every role that needs it)."""
     if not host.data.get("install_nvidia_driver"):
         reason = "install_nvidia_driver is False in the inventory"
     else:
-        reason = skip_reason(pci, host.get_fact(LinuxDistribution))
+        reason = gpu_host_skip_reason(pci)
     if reason:
         logger.info(f"{host.print_prefix}skip NVIDIA driver: {reason}")
         return

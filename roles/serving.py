@@ -3,6 +3,7 @@ for the disaggregated and the baseline layout both follow it."""
 
 from pyinfra import host
 
+from disagg.facts import NvidiaPciDevices
 from disagg.plan import Plan
 from roles.base import base
 from roles.credentials import api_key
@@ -21,7 +22,8 @@ from roles.workers import workers
 def converge(plan: Plan) -> None:
     on_head = host.name == plan.cluster.head
     runs_workers = bool(plan.workers_on(host.name))
-    nvidia_driver()
+    pci = host.get_fact(NvidiaPciDevices)
+    nvidia_driver(pci)
     fenced = plan.settings.firewall and (on_head or runs_workers)
     # one apt run for every role's system packages
     system = list(FIREWALL_PACKAGES) if fenced else []
@@ -35,7 +37,7 @@ def converge(plan: Plan) -> None:
     if fenced:
         firewall(plan)
     if runs_workers and plan.settings.prometheus:
-        dcgm(plan)
+        dcgm(plan, pci)
     runtime = registry.runtime(plan) if on_head or runs_workers else []
     if on_head:
         nats(plan, password=runtime[0])
