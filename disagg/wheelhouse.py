@@ -18,13 +18,15 @@ DOWNLOAD_TIMEOUT = 3600
 
 
 def ensure(directory: str, requirements: list[str], no_deps: bool = False) -> Path:
-    """Download requirements (with their dependencies unless no_deps) into
-    directory, once per set of requirements (a marker file records a
-    complete download)."""
-    path = Path(directory).expanduser()
+    """Download requirements (with their dependencies unless no_deps) into a
+    subdirectory of directory of their own, once per set of requirements (a
+    marker file records a complete download); returns it. Its own: a host
+    gets the wheels of what it installs, not every wheel ever downloaded
+    (pushing a set's files is one round trip per file)."""
     flags = ["--no-deps"] if no_deps else []
     digest = hashlib.sha256("\n".join(sorted(requirements) + flags).encode()).hexdigest()[:12]
-    marker = path / f".complete-{digest}"
+    path = Path(directory).expanduser() / digest
+    marker = path / ".complete"
     with _lock:
         if not marker.exists():
             path.mkdir(parents=True, exist_ok=True)

@@ -131,22 +131,27 @@ def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = 
     if not (install or unwanted):
         return
     uv_package = host.data.get("uv_package") or DEFAULTS["uv_package"]
-    index = ""
-    wheelhouse = host.data.get("wheelhouse")
-    if install and wheelhouse:
-        local = wheelhouse_ensure(wheelhouse, [uv_package])
-        for group, flags in install:
-            local = wheelhouse_ensure(wheelhouse, group, no_deps=bool(flags))
-        files.sync(name=f"Push wheelhouse for {' '.join(p for g, _ in install for p in g)}", src=str(local),
-                   dest=WHEELHOUSE)  # fmt: skip
-        index = f"--no-index --find-links {WHEELHOUSE}"
-    uv_installed(name=f"uv ({uv_package})", package=uv_package, index=index)
+    uv_installed(name=f"uv ({uv_package})", package=uv_package, index=_wheels([uv_package]))
     for group, flags in install:
+        index = _wheels(group, no_deps=bool(flags))
         uv_install(name=f"Install {' '.join(group)} into {venv}{' without dependencies' if flags else ''}",
                    venv=venv, packages=group, flags=" ".join(a for a in (index, flags) if a))  # fmt: skip
     # what an install pulls in is only known after it: the whole list then
     if remove and (install or unwanted):
         uv_remove(name=f"Remove {' '.join(remove)} from {venv}", venv=venv, packages=list(remove))
+
+
+def _wheels(requirements: list[str], no_deps: bool = False) -> str:
+    """With data `wheelhouse`: the requirements' wheels downloaded on the
+    controller (once) and pushed to the host; the install flags that use
+    them alone. Without it: no flags (the package index)."""
+    wheelhouse = host.data.get("wheelhouse")
+    if not wheelhouse:
+        return ""
+    local = wheelhouse_ensure(wheelhouse, requirements, no_deps=no_deps)
+    remote = f"{WHEELHOUSE}/{local.name}"
+    files.sync(name=f"Push wheels of {' '.join(requirements)}", src=str(local), dest=remote)
+    return f"--no-index --find-links {remote}"
 
 
 @operation()
