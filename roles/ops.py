@@ -187,7 +187,11 @@ def uv_install(venv: str, packages: Sequence[str], flags: str = ""):
     if not host.get_fact(CommandSucceeds, command=f"test -x {venv}/bin/python"):
         yield f"{UV} venv --python /usr/bin/python3 {shlex.quote(venv)}"
     pins = " ".join(shlex.quote(p) for p in packages)
-    yield f"{UV} pip install --python {shlex.quote(venv)}/bin/python {flags} {pins}".replace("  ", " ")
+    # bytecode now, as root (uv does not by default, pip does): the services
+    # cannot write .pyc into /opt, and would compile vLLM's imports anew at
+    # every start (measured: worker restart -> routed 30 s became 49 s)
+    python = f"{shlex.quote(venv)}/bin/python"
+    yield f"{UV} pip install --compile-bytecode --python {python} {flags} {pins}".replace("  ", " ")
 
 
 @operation()
