@@ -9,6 +9,7 @@ import shlex
 
 from pyinfra.api import FactBase
 
+from . import manifest
 from .settings import MANAGED_MARKER, SYSTEMD_DIR
 
 QUERY_GPU_FIELDS = (
@@ -199,6 +200,25 @@ def _sections(output) -> dict[str, list[str]]:
         elif current is not None:
             current.append(line)
     return sections
+
+
+class StagedTree(FactBase):
+    """What a host has of a pushed or downloaded tree (disagg/manifest.py):
+    its stamp, each file's size, and the sha256 of the files written after
+    the stamp (all of them without one), in one round trip. With
+    hashes=False the changed files are only named (a hub download verifies
+    itself), not hashed."""
+
+    def command(self, path: str, hashes: bool = True) -> str:
+        skip = " ".join(f"! -path './{s}*'" for s in manifest.SKIPPED)
+        rehash = "-exec sha256sum {} +" if hashes else "-printf '0  %p\\n'"
+        return (f"s={shlex.quote(manifest.stamp_path(path))}; echo '### stamp'; cat \"$s\" 2>/dev/null; echo; "
+                f"echo '### files'; cd {shlex.quote(path)} 2>/dev/null || exit 0; "
+                f"find . -type f {skip} -printf '%P\\t%s\\n'; echo '### rehashed'; "
+                f"if [ -f \"$s\" ]; then set -- -newer \"$s\"; else set --; fi; find . -type f {skip} \"$@\" {rehash}")  # fmt: skip
+
+    def process(self, output):
+        return manifest.parse_staged(_sections(output))
 
 
 def dist_versions(venv: str, names: tuple[str, ...] = ()) -> str:

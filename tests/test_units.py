@@ -63,7 +63,7 @@ def test_every_unit_stops_gracefully():
         assert f"\n{line}\n" in loader, line
     worker = next(t for r, t in rendered("label").items() if r.name == "disagg-context-0.service")
     # before SIGTERM, as root (it reads the root-only NATS password): out of the router, then drained
-    assert "\nExecStop=+/usr/bin/env PYTHONPATH=/opt/disagg/agent/src /opt/disagg/agent/bin/python -m disagg.agent " \
+    assert "\nExecStop=+/usr/bin/env -u PYTHONPYCACHEPREFIX PYTHONPATH=/opt/disagg/agent/src /opt/disagg/agent/bin/python -m disagg.agent " \
            "leave \\\n" in worker
     assert "--url http://h100-node1:8100 \\\n    --router-timeout 15 \\\n    --drain-timeout 60\n" in worker
     # longer than leaving the router, our drain and vLLM's, so systemd never SIGKILLs an engine mid-drain

@@ -1,0 +1,78 @@
+"""Pushing a directory from the controller: only the files a host lacks
+(by the manifest, disagg/manifest.py), as one tar stream over the host's
+SSH connection, verified by sha256 on the host and stamped."""
+
+from __future__ import annotations
+
+import shlex
+import tarfile
+from io import StringIO
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, FunctionCommand, OperationError, operation
+
+from disagg import manifest
+from disagg.facts import StagedTree
+
+
+@operation()
+def tree_pushed(src: str, dest: str, owner: str = "root"):
+    """
+    dest on the host = src on the controller: missing, partial or
+    corrupted files pushed, others removed, all of them verified by sha256
+    and a stamp written last. A no-op reads sizes and the stamp only.
+
+    **Example:**
+
+    .. code:: python
+
+        tree_pushed(name="Push model", src="/models/tiny-llama", dest="/var/lib/disagg/models/tiny-llama", owner="disagg")
+    """
+    wanted = manifest.of(src)
+    todo = manifest.changes(wanted, host.get_fact(StagedTree, path=dest))
+    if todo.none:
+        return
+    q, stamp = shlex.quote(dest), shlex.quote(manifest.stamp_path(dest))
+    # without a stamp, an interrupted push is checked file by file next time
+    yield f"rm -f {stamp} && mkdir -p {q}"
+    if todo.push:
+        yield FunctionCommand(_stream, (src, todo.push, dest), {})
+        sums = "".join(f"{wanted[p][1]}  {p}\n" for p in todo.push)
+        yield f"cd {q} && sha256sum --quiet -c - <<'EOF'\n{sums}EOF"
+    if todo.remove:
+        yield f"cd {q} && rm -f -- {' '.join(map(shlex.quote, todo.remove))}"
+    yield f"chown -R {owner}:{owner} {q}"
+    yield FileUploadCommand(StringIO(manifest.text(wanted)), manifest.stamp_path(dest))
+
+
+class _Channel:
+    """A paramiko channel as the file object tarfile writes to."""
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def write(self, data: bytes) -> int:
+        self.channel.sendall(data)
+        return len(data)
+
+
+def _stream(state, host, src: str, names: list[str], dest: str) -> bool:
+    """Send src's `names` as one tar stream into dest over the host's SSH
+    connection: 2.6x faster than pyinfra's SFTP here (166 against 64 MB/s
+    for one 192 MB wheel), and one round trip instead of one per file."""
+    client = getattr(host.connector, "client", None)
+    if client is None:
+        raise OperationError(f"pushing {src} needs an SSH connection to {host.name}")
+    channel = client.get_transport().open_session()
+    channel.exec_command(f"tar -x --no-same-owner -C {shlex.quote(dest)}")
+    with tarfile.open(fileobj=_Channel(channel), mode="w|") as tar:
+        for name in names:
+            tar.add(Path(src) / name, arcname=name)
+    channel.shutdown_write()
+    rc = channel.recv_exit_status()
+    if rc != 0:
+        error = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
+        host.log_styled(f"tar -x into {dest} failed ({rc}): {error}", fg="red")
+        return False
+    return True
