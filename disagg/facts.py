@@ -217,6 +217,9 @@ class StagedTree(FactBase):
                 f"find . -type f {skip} -printf '%P\\t%s\\n'; echo '### rehashed'; "
                 f"if [ -f \"$s\" ]; then set -- -newer \"$s\"; else set --; fi; find . -type f {skip} \"$@\" {rehash}")  # fmt: skip
 
+    def default(self):
+        return manifest.parse_staged({})
+
     def process(self, output):
         return manifest.parse_staged(_sections(output))
 

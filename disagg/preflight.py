@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import settings as S
 from .plan import Plan
 from .topology import Worker
 
@@ -207,8 +208,8 @@ def needed_disk(plan: Plan) -> dict[str, int]:
     need = {"/opt/disagg": int(s.venv_disk_gb * GiB)}
     if s.model_dir and Path(s.model_dir).is_dir():
         need[s.model_path] = sum(p.stat().st_size for p in Path(s.model_dir).rglob("*") if p.is_file())
-    elif s.model_disk_gb:
-        need["/var/lib/disagg/hf"] = int(s.model_disk_gb * GiB)
+    elif s.model_disk_gb and s.model_source in ("hub", "engine"):
+        need[S.MODELS_DIR if s.model_source == "hub" else f"{S.STATE_DIR}/hf"] = int(s.model_disk_gb * GiB)
     return need
 
 
@@ -222,8 +223,8 @@ def model_config(plan: Plan) -> tuple[dict | None, tuple[str, ...], str]:
             return json.loads(path.read_text()), (), str(path)
         except (OSError, ValueError):
             return None, (), str(path)
-    if s.model.startswith("/"):
-        return None, (f"{s.model}/config.json",), f"{s.model}/config.json"
+    if s.model_source in ("host", "hub"):
+        return None, (f"{s.model_path}/config.json",), f"{s.model_path}/config.json"
     cache = f"/var/lib/disagg/hf/hub/models--{s.model.replace('/', '--')}/snapshots/*/config.json"
     return None, (cache,), f"HF cache of {s.model} on the worker hosts"
 

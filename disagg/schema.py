@@ -44,6 +44,12 @@ def _no_control_anywhere(value: Any) -> Any:
     return value
 
 
+def _no_parent(value: str) -> str:
+    if ".." in value:
+        raise ValueError("must not contain '..'")
+    return value
+
+
 def _ip(value: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
@@ -68,6 +74,11 @@ Env = dict[EnvKey, EnvValue]
 Args = tuple[Text, ...]
 Json = Annotated[dict[Text, Any], AfterValidator(_no_control_anywhere)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+# a hub repository (org/name) and a revision (branch, tag or commit): they
+# become a directory name on the hosts
+HUB_ID = r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?"
+Revision = Annotated[StrictStr, Field(pattern=r"^[\w.][\w./-]*$"), AfterValidator(_no_parent)]
+Url = Annotated[StrictStr, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")]
 Seconds = Annotated[StrictInt, Field(ge=1)]
 Count = Annotated[StrictInt, Field(ge=1)]
 Gigabytes = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]

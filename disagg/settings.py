@@ -5,13 +5,14 @@ top of each role."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+import re
 from functools import lru_cache
 from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
-from .schema import (Args, BindAddress, Count, Env, Gigabytes, Json, KvCacheDtype, Network, Port, Positive, Problem, RouterPolicy,
-                     SchemaError, Seconds, Text, checked)  # fmt: skip
+from .schema import (HUB_ID, Args, BindAddress, Count, Env, Gigabytes, Json, KvCacheDtype, Network, Port, Positive, Problem,
+                     Revision, RouterPolicy, SchemaError, Seconds, Text, Url, checked)  # fmt: skip
 from .topology import Ports
 
 Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]
@@ -80,6 +81,12 @@ class Settings:
     model: Text
     # a model directory on the controller, pushed to every worker host
     model_dir: Text | None = None
+    # a hub model (`model` = org/name) is staged on every worker host before
+    # the workers start (roles/model.py): this revision, from this endpoint
+    # (a mirror; default the hub). false: each engine downloads it itself
+    model_stage: StrictBool = True
+    model_revision: Revision = "main"
+    hf_endpoint: Url | None = None
     label: Text | None = None
     baseline_label: Text | None = None
     served_model_name: Text | None = None
@@ -166,8 +173,12 @@ class Settings:
         """These settings in a host's data (pyinfra host data or any mapping
         with .get): the valid values, and one Problem for each other one."""
         values, found = checked(host, _types(), {f.name: data.get(f.name) for f in fields(cls)})
-        if data.get("model") is None:
+        model = data.get("model")
+        if model is None:
             found.append(Problem(host, "model", None, "missing; set it to a model id or path"))
+        elif (values.get("model_stage", True) and not data.get("model_dir") and "model" in values
+              and not model.startswith("/") and not re.fullmatch(HUB_ID, model)):  # fmt: skip
+            found.append(Problem(host, "model", model, "not a hub id (org/name) or an absolute path on the hosts"))
         return values, found
 
     @classmethod
@@ -199,16 +210,28 @@ class Settings:
         )
 
     @property
-    def model_path(self) -> str:
-        """What vLLM loads: the pushed copy of model_dir, else the model id."""
+    def model_source(self) -> Literal["controller", "hub", "host", "engine"]:
+        """Where the workers' model comes from: model_dir pushed, the hub
+        staged, a path already on the hosts, or the engine's own download."""
         if self.model_dir:
+            return "controller"
+        if self.model.startswith("/"):
+            return "host"
+        return "hub" if self.model_stage else "engine"
+
+    @property
+    def model_path(self) -> str:
+        """What vLLM loads: the staged copy (pushed or from the hub), else `model`."""
+        if self.model_source == "controller":
             return f"{MODELS_DIR}/{self.model_dir.rstrip('/').rsplit('/', 1)[-1]}"
+        if self.model_source == "hub":
+            return f"{MODELS_DIR}/hub/{self.model.replace('/', '--')}/{self.model_revision.replace('/', '--')}"
         return self.model
 
     @property
     def served_name(self) -> str | None:
-        """The name clients ask for; a pushed model is served as `model`."""
-        return self.served_model_name or (self.model if self.model_dir else None)
+        """The name clients ask for; a staged model is served as `model`."""
+        return self.served_model_name or (self.model if self.model_path != self.model else None)
 
     @property
     def stop_timeout(self) -> int:

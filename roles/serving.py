@@ -12,6 +12,7 @@ from roles.firewall import PACKAGES as FIREWALL_PACKAGES, firewall
 from roles.nats import nats
 from roles.nvidia_driver import nvidia_driver
 from roles.prometheus import PACKAGES as PROMETHEUS_PACKAGES, distro_unit_masked, prometheus
+from roles.model import model
 from roles.ops import prune_units
 from roles import registry
 from roles.router import router
@@ -43,6 +44,8 @@ def converge(plan: Plan) -> None:
         nats(plan, password=runtime[0])
     key = api_key(plan) if on_head or runs_workers else []
     engine = vllm(plan) if runs_workers else []
+    if runs_workers:
+        model(plan)
     # before starting anything, so that the old layout frees its GPUs and ports
     prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
     if runs_workers:

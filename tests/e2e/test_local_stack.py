@@ -6,11 +6,13 @@ baseline, bench and report, teardown, sweep. Each test asks the shared
 import errno
 import itertools
 import json
+import os
 import re
 import socket
 import subprocess
 import sys
 import shlex
+import shutil
 import ssl
 import time
 import urllib.error
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from disagg import kvtransfer, pki, results, smoke, testhosts
+from disagg import kvtransfer, manifest, pki, results, smoke, testhosts
 from disagg import settings as S
 from disagg.agent import kv
 from disagg.deploy import DeployError, run_deploy
@@ -290,6 +292,46 @@ def test_rerun_changes_nothing(deployment, timings, figures, tmp_path):
     assert summary["critical_path_s"] <= summary["execution_s"] + 0.5
     assert any(e["name"].endswith("Every worker registered, healthy and routed") for e in summary["order"])
     figures.append(f"no-op re-run profile: {run.seconds:.1f} s in all, " + profile.text(summary, top=5))
+
+
+def test_a_hub_model_is_staged_verified_and_damage_fetched_again(deployment, tmp_path, timings):
+    """deploys/model.py against a local server in the hub's layout (HF_ENDPOINT),
+    which asks for the token as a gated repo does."""
+    from hubserver import Hub
+
+    deployment.ensure()
+    repo = tmp_path / "repo"
+    shutil.copytree(testhosts.CACHE / "tiny-llama", repo)
+    (repo / "model.safetensors").write_bytes(os.urandom(3 << 20))  # an LFS file, checked by sha256
+    token = "hf_e2e_" + os.urandom(8).hex()
+    dest = "/var/lib/disagg/models/hub/disagg-e2e--tiny/main"
+    try:
+        with Hub("disagg-e2e/tiny", repo, address=testhosts.GATEWAY, token=token) as hub:
+            data = ("model=disagg-e2e/tiny", "model_dir=null", f"hf_endpoint={hub.url}", f"hf_token={token}")
+            run = run_deploy(INVENTORY, "deploys/model.py", *data)
+            timings["hub model staged on both worker hosts"] = run.seconds
+            assert token not in run.output
+            assert sorted(hub.downloads()) == sorted([*hub.files] * 2)  # each file once per host
+            for i in (1, 2):
+                sums = ssh(i, f"cd {dest} && sha256sum {' '.join(hub.files)} && stat -c %U .").stdout.split()
+                assert dict(zip(sums[1::2], sums[0::2])) == {n: manifest.sha256(p) for n, p in hub.files.items()}
+                assert sums[-1] == "disagg"
+            # a re-run reads the stamp and sizes: nothing runs, the hub is not asked
+            asked = len(hub.requests)
+            assert run_deploy(INVENTORY, "deploys/model.py", *data).changed == {}
+            assert len(hub.requests) == asked
+            # a corrupted shard (same size, bytes changed) and a partial file: found and fetched again
+            ssh(2, f"cd {dest} && printf 'XXXX' | dd of=model.safetensors bs=1 seek=4096 conv=notrunc 2>/dev/null "
+                   f"&& truncate -s 100 tokenizer.json")  # fmt: skip
+            fetched = len(hub.downloads())
+            again = run_deploy(INVENTORY, "deploys/model.py", *data)
+            assert {h for hosts in again.changed.values() for h in hosts} == {testhosts.address(H2)}
+            assert sorted(hub.downloads()[fetched:]) == ["model.safetensors", "tokenizer.json"]
+            sums = ssh(2, f"cd {dest} && sha256sum model.safetensors tokenizer.json").stdout.split()
+            assert sums[0::2] == [manifest.sha256(repo / "model.safetensors"), manifest.sha256(repo / "tokenizer.json")]
+    finally:
+        for i in (1, 2):
+            ssh(i, f"rm -rf /var/lib/disagg/models/hub {S.HF_TOKEN_ENV}", check=False)
 
 
 def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again(deployment):
