@@ -210,7 +210,7 @@ class Plan:
     def worker_command(self, w: Worker) -> list[str]:
         s = self.settings
         args = [
-            f"{S.VLLM_VENV}/bin/python", "-m", "vllm.entrypoints.openai.api_server",
+            f"{S.VLLM_VENV}/bin/python", "-m", S.VLLM_ENTRY,
             "--model", s.model_path,
             "--host", w.address,
             "--port", str(w.http_port),

@@ -57,6 +57,8 @@ MODELS_DIR = f"{STATE_DIR}/models"
 # engine's venv at install took 103 s of a bare deploy here (2 cores), its
 # imports at the first start ~9 s, and later starts reuse it
 PYCACHE_DIR = f"{STATE_DIR}/pycache"
+# what a worker runs (python -m)
+VLLM_ENTRY = "vllm.entrypoints.openai.api_server"
 ROUTER_UNIT = "disagg-router"
 # Prometheus on the head: config and rules, its TSDB (kept by teardown
 # unless purge), and the file_sd targets the registry sync writes

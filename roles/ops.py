@@ -113,7 +113,7 @@ def directories(wanted: dict[str, tuple[str, str]]):
 
 
 def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = (),
-                    no_deps: Sequence[str] = (), bytecode: bool = True) -> None:  # fmt: skip
+                    no_deps: Sequence[str] = (), bytecode: bool = True) -> list[OperationMeta]:  # fmt: skip
     """A venv at a fixed path with pinned packages, then `no_deps` pinned
     packages installed without their dependencies (nixl's meta package would
     pull a CUDA build of torch), installed by uv. With data `wheelhouse` (a
@@ -121,7 +121,8 @@ def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = 
     pushed to the host and installed from it alone (`--no-index`). The venv
     is read once, from its dist-info directories: when it is as wanted,
     nothing else runs. bytecode=False leaves compiling to the first import
-    (the engine's venv: its services keep their own bytecode cache)."""
+    (the engine's venv: its services keep their own bytecode cache).
+    Returns the install operations."""
     have = {_pep503(k): v for k, v in host.get_fact(VenvPackages, venv=venv).items()}
 
     def missing(wanted: Sequence[str]) -> list[str]:
@@ -131,17 +132,19 @@ def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = 
     install = [(group, flags) for group, flags in ((list(packages), ""), (list(no_deps), "--no-deps"))
                if group and missing(group)]  # fmt: skip
     if not (install or unwanted):
-        return
+        return []
     uv_package = host.data.get("uv_package") or DEFAULTS["uv_package"]
     uv_installed(name=f"uv ({uv_package})", package=uv_package, index=_wheels([uv_package]))
+    installs = []
     for group, flags in install:
         index = _wheels(group, no_deps=bool(flags))
-        uv_install(name=f"Install {' '.join(group)} into {venv}{' without dependencies' if flags else ''}",
+        installs += [uv_install(name=f"Install {' '.join(group)} into {venv}{' without dependencies' if flags else ''}",
                    venv=venv, packages=group, flags=" ".join(a for a in (index, flags) if a),
-                   bytecode=bytecode)  # fmt: skip
+                   bytecode=bytecode)]  # fmt: skip
     # what an install pulls in is only known after it: the whole list then
     if remove and (install or unwanted):
         uv_remove(name=f"Remove {' '.join(remove)} from {venv}", venv=venv, packages=list(remove))
+    return installs
 
 
 def _wheels(requirements: list[str], no_deps: bool = False) -> str:

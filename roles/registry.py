@@ -38,6 +38,10 @@ def runtime(plan: Plan) -> list[OperationMeta]:
 def router_sync(plan: Plan, changed_by: list[OperationMeta]):
     written = put_files(units.sync_files(plan))
     unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT, changed_by=[*changed_by, *written])
+
+
+@deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
+def readiness(plan: Plan):
     registry_ready(
         name="Every worker registered, healthy and routed",
         # the agent reads the root-only password file itself: never a command line

@@ -17,7 +17,7 @@ from roles.ops import prune_units
 from roles import registry
 from roles.router import router
 from roles.vllm import vllm
-from roles.workers import workers
+from roles.workers import workers, workers_healthy
 
 
 def converge(plan: Plan) -> None:
@@ -55,3 +55,8 @@ def converge(plan: Plan) -> None:
     if on_head:
         router(plan, changed_by=key)
         registry.router_sync(plan, changed_by=runtime)
+    # after the head's services: they install while the engines load
+    if runs_workers:
+        workers_healthy(plan)
+    if on_head:
+        registry.readiness(plan)

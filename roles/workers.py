@@ -1,7 +1,9 @@
 """One systemd unit per vLLM worker placed on this host, from one template,
 with its registry heartbeat companion. New workers start together; running
 workers whose unit or env file changed are restarted in rolling waves, never
-more than max_unavailable of a role out of the router at a time."""
+more than max_unavailable of a role out of the router at a time. New
+workers' health is gated apart (workers_healthy), so that the head's
+services install while the engines load."""
 
 import shlex
 
@@ -39,7 +41,13 @@ def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta
             name=f"Rolling restart {k}/{len(waves)}: {', '.join(w.name for w in wave)}",
             wave=[_rolling(plan, w, [*written[w.unit], *engine]) for w in wave if w.host == host.name],
         )
-    for w in mine:
+
+
+@deploy("disagg workers")
+def workers_healthy(plan: Plan):
+    """The health gate of every worker on this host, after the head's
+    services were set up while the engines loaded."""
+    for w in plan.workers_on(host.name):
         wait_healthy(name=f"{w.unit} healthy", unit=w.unit, url=f"{w.url}/health", timeout=plan.settings.health_timeout)
 
 

@@ -61,11 +61,12 @@ def test_disagg_deploy_order_on_the_head():
     first = {key: next(i for i, n in enumerate(names) if key in n)
              for key in ("NVIDIA driver", "Run disagg-nats", "NATS JetStream healthy", "Install vllm==",
                          "Remove units of other layouts", "Run disagg-context-0", "Run disagg-context-0-agent",
-                         "Rolling restart 1/4", "Rolling restart 4/4", "disagg-context-3 healthy",
-                         "Run disagg-prometheus", "Prometheus ready", "Run disagg-router", "Run disagg-registry-sync",
+                         "Rolling restart 1/4", "Rolling restart 4/4", "Run disagg-prometheus", "Prometheus ready",
+                         "Run disagg-router", "Run disagg-registry-sync", "disagg-context-3 healthy",
                          "Every worker registered")}  # fmt: skip
     assert list(first) == sorted(first, key=first.get)
-    # all context workers start before the first health wait, so they load together
+    # all context workers start before the first health wait, so they load together (and the
+    # head's Prometheus, router and sync install meanwhile)
     starts = [i for i, n in enumerate(names) if "Run disagg-context-" in n and not n.endswith("-agent")]
     assert first["disagg-context-3 healthy"] > max(starts)
     commands = planned.commands("h100-node1")
@@ -315,6 +316,10 @@ def test_venvs_are_made_and_filled_by_uv_and_read_from_their_dist_info():
     assert f"{uv} pip install --python /opt/disagg/vllm/bin/python vllm==0.32.0" in commands
     assert f"{uv} pip install --python /opt/disagg/vllm/bin/python --no-deps nixl==1.5.1 nixl-cu12==1.5.1" in commands
     assert any(c.startswith(f"{uv} pip install --compile-bytecode --python /opt/disagg/agent/bin/python") for c in commands)
+    # ...filled once after an install by importing what the workers run, as their user
+    prewarm = ("runuser -u disagg -- env PYTHONPYCACHEPREFIX=/var/lib/disagg/pycache /opt/disagg/vllm/bin/python "
+               "-c 'import vllm.entrypoints.openai.api_server'")  # fmt: skip
+    assert commands.index(prewarm) > commands.index(f"{uv} pip install --python /opt/disagg/vllm/bin/python vllm==0.32.0")
     assert not any(" pip freeze" in c or "/bin/pip install" in c.replace("/opt/disagg/uv/bin/pip", "") for c in commands)
     # a venv that has its pins (as its dist-info directories say) is left alone, and uv is not even asked
     installed = {"/opt/disagg/vllm/lib/python3*": ["vllm 0.32.0", "nixl 1.5.1", "nixl_cu12 1.5.1"],
@@ -323,6 +328,7 @@ def test_venvs_are_made_and_filled_by_uv_and_read_from_their_dist_info():
     planned = plan_deploy(H100, "deploys/disagg.py", responses={**gpu_host_responses(), **installed})
     commands = planned.commands("h100-node2")
     assert not any("/opt/disagg/vllm" in c or "/opt/disagg/agent" in c for c in commands if "uv" in c), commands
+    assert prewarm not in commands
     assert not any("/opt/disagg/uv/bin/pip" in c for c in commands)
 
 
