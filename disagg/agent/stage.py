@@ -50,7 +50,7 @@ def _check(dest: Path, tree: dict) -> tuple[dict[str, list], list[str]]:
 
 
 def _progress(dest: Path, total: int, done: threading.Event) -> None:
-    """A line every 10 s: what is on disk of total (the deploy shows it with -v)."""
+    """A line every 10 s: what is on disk of total (pyinfra -vvv prints it as it comes)."""
     while not done.wait(10):
         have = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
         print(f"stage: {have / 1e9:.2f} of {total / 1e9:.2f} GB", flush=True)
