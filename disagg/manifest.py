@@ -94,7 +94,7 @@ def parse_staged(sections: dict[str, list[str]]) -> Staged:
         raw = json.loads(stamp_lines[0]) if stamp_lines else None
         stamp = {p: (int(e[0]), str(e[1])) for p, e in raw.items()} if isinstance(raw, dict) else None
     except (ValueError, TypeError, IndexError):
-        stamp = None  # a damaged stamp: every file is hashed again
+        stamp = None  # a damaged stamp vouches for no file: all are pushed again
     sizes = {}
     for line in sections.get("files", []):
         path, _, size = line.rpartition("\t")
