@@ -8,10 +8,12 @@ Units of the disaggregated layout are removed first."""
 from pyinfra import inventory
 
 from disagg import profile
+from roles import connection
 from disagg.plan import make_plan
 from roles.preflight import gate
 from roles.serving import converge
 
+connection.no_delay()
 profile.attach()
 plan = make_plan(inventory, label_key="baseline_label")
 gate(plan)

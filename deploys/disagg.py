@@ -11,10 +11,12 @@ input or a failed preflight stops here, before any host is changed."""
 from pyinfra import inventory
 
 from disagg import profile
+from roles import connection
 from disagg.plan import make_plan
 from roles.preflight import gate
 from roles.serving import converge
 
+connection.no_delay()
 profile.attach()
 plan = make_plan(inventory, label_key="label")
 gate(plan)

@@ -9,11 +9,13 @@ deploys/disagg.py does before its workers start. Nothing is started.
 from pyinfra import host, inventory
 
 from disagg import profile
+from roles import connection
 from disagg.plan import make_plan
 from roles.base import base
 from roles.model import model
 from roles.vllm import vllm
 
+connection.no_delay()
 profile.attach()
 plan = make_plan(inventory, label_key="label")
 if plan.workers_on(host.name):

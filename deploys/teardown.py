@@ -8,7 +8,9 @@ in their unit file), so other processes on the hosts keep running."""
 from pyinfra import host
 
 from disagg import profile
+from roles import connection
 from roles.teardown import teardown
 
+connection.no_delay()
 profile.attach()
 teardown(purge=str(host.data.get("purge", False)).lower() in ("1", "true", "yes"))
