@@ -1,5 +1,6 @@
-"""Run a deploy the way a user does (`python -m pyinfra INVENTORY DEPLOY`),
-for the CLI's sweep, the local stack script and the end-to-end tests."""
+"""Run a deploy the way a user does (`pyinfra INVENTORY DEPLOY`: pyinfra's
+own CLI, started faster by disagg/pyinfra_cli.py), for the CLI's sweep, the
+local stack script and the end-to-end tests."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff:
     takes longer than timeout seconds. With progress, each operation's name
     is echoed to stderr as it starts; with profile, each operation's time
     per host is written there (disagg/profile.py)."""
-    args = [sys.executable, "-m", "pyinfra", inventory, deploy, "--dry" if dry else "-y"]
+    args = [sys.executable, "-m", "disagg.pyinfra_cli", inventory, deploy, "--dry" if dry else "-y"]
     args += ["--diff"] if diff else ["--json"]
     for item in data:
         args += ["--data", item]

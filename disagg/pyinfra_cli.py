@@ -1,0 +1,40 @@
+"""pyinfra's own CLI, started without two costs of its dependencies:
+
+    python -m disagg.pyinfra_cli INVENTORY DEPLOY ...   # = pyinfra INVENTORY DEPLOY ...
+
+- gevent's monkey-patching asks `importlib.metadata.entry_points()` 26
+  times, and each call reads the metadata of every installed distribution
+  (0.5-0.7 s with the controller's 154): answered once per process here, as
+  nothing is installed into the controller's venv during a deploy;
+- pyinfra orders operations by the line numbers of the deploy code's call
+  stack, taken with `inspect.stack()`, which also reads each frame's source
+  line: about 0.3 s of a no-op's planning. It uses only file names and line
+  numbers, so the stack is taken without source context.
+
+Same arguments, same output, same exit status; `disagg.deploy.run_deploy`
+(the CLI, scripts/local_stack.py, the tests) starts deploys with it."""
+
+import functools
+import importlib.metadata
+import inspect
+import runpy
+import sys
+
+
+def speedups() -> None:
+    importlib.metadata.entry_points = functools.lru_cache(maxsize=None)(importlib.metadata.entry_points)
+    import pyinfra_cli  # noqa: F401  gevent's monkey-patching, first, as pyinfra's CLI does it
+    import pyinfra.api.util as util
+
+    util.stack = functools.partial(inspect.stack, 0)
+    util.getframeinfo = functools.partial(inspect.getframeinfo, context=0)
+
+
+def main() -> None:
+    speedups()
+    sys.argv[0] = "pyinfra"
+    runpy.run_module("pyinfra", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
