@@ -8,8 +8,8 @@ Units of the disaggregated layout are removed first."""
 from pyinfra import inventory
 
 from disagg import profile
-from roles import connection
 from disagg.plan import make_plan
+from roles import connection
 from roles.preflight import gate
 from roles.serving import converge
 

@@ -11,8 +11,8 @@ input or a failed preflight stops here, before any host is changed."""
 from pyinfra import inventory
 
 from disagg import profile
-from roles import connection
 from disagg.plan import make_plan
+from roles import connection
 from roles.preflight import gate
 from roles.serving import converge
 

@@ -9,8 +9,8 @@ deploys/disagg.py does before its workers start. Nothing is started.
 from pyinfra import host, inventory
 
 from disagg import profile
-from roles import connection
 from disagg.plan import make_plan
+from roles import connection
 from roles.base import base
 from roles.model import model
 from roles.vllm import vllm

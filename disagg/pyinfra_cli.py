@@ -18,7 +18,6 @@ import functools
 import importlib.metadata
 import inspect
 import runpy
-import sys
 
 
 def speedups() -> None:
@@ -32,7 +31,6 @@ def speedups() -> None:
 
 def main() -> None:
     speedups()
-    sys.argv[0] = "pyinfra"
     runpy.run_module("pyinfra", run_name="__main__", alter_sys=True)
 
 

@@ -27,8 +27,8 @@ SECTIONS = (":env:", "install", "global")
 LISTS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
          "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
 SWITCHES = {"no-index": "--no-index", "pre": "--prerelease=allow", "no-cache-dir": "--no-cache"}
-ENV = {"cert": "SSL_CERT_FILE", "timeout": "UV_HTTP_TIMEOUT", "default-timeout": "UV_HTTP_TIMEOUT",
-       "proxy": "HTTPS_PROXY"}
+ENV = {"cert": ("SSL_CERT_FILE",), "timeout": ("UV_HTTP_TIMEOUT",), "default-timeout": ("UV_HTTP_TIMEOUT",),
+       "proxy": ("HTTPS_PROXY", "HTTP_PROXY")}
 # change how pip talks or what it prints, not what it installs
 IGNORED = {"disable-pip-version-check", "quiet", "verbose", "progress-bar", "no-input", "retries",
            "root-user-action", "no-color", "log", "cache-dir", "break-system-packages", "exists-action",
@@ -68,9 +68,7 @@ def uv_options(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         elif key in SWITCHES:
             flags += [SWITCHES[key]] if _true(value) else []
         elif key in ENV:
-            env[ENV[key]] = value
-            if key == "proxy":
-                env["HTTP_PROXY"] = value
+            env.update(dict.fromkeys(ENV[key], value))
         elif key not in IGNORED:
             raise Untranslatable(key)
     return flags, env

@@ -3,6 +3,7 @@ to uv (the real `pip config list` of this venv, fed by a config file and PIP_*
 variables)."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ spec.loader.exec_module(uv_install)
 @pytest.fixture
 def pip_env(monkeypatch, tmp_path):
     """A pip configured only by what a test writes: a config file and PIP_* variables."""
-    for name in [n for n in __import__("os").environ if n.startswith("PIP_")]:
+    for name in [n for n in os.environ if n.startswith("PIP_")]:
         monkeypatch.delenv(name)
     conf = tmp_path / "pip.conf"
     monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
@@ -53,6 +54,10 @@ def test_indexes_wheels_constraints_and_cert_reach_uv_with_pips_precedence(pip_e
     monkeypatch.setenv("PIP_FIND_LINKS", "/from/env")
     flags, _ = uv_install.uv_options(uv_install.settings(_listing()))
     assert _pairs(flags, "--find-links") == ["/from/env"]             # PIP_* over any file
+
+    monkeypatch.setenv("PIP_PROXY", "http://proxy.example:3128")
+    _, env = uv_install.uv_options(uv_install.settings(_listing()))
+    assert env["HTTPS_PROXY"] == env["HTTP_PROXY"] == "http://proxy.example:3128"
 
 
 def test_a_setting_uv_cannot_take_falls_back_to_pip_before_anything_is_installed(pip_env, monkeypatch, capsys):
