@@ -343,8 +343,8 @@ class PreflightFacts(FactBase):
 
 class ControllerAddress(FactBase):
     """The address this SSH connection comes from, as the host sees it (the
-    controller's), or None (local connector, or sudo, which drops the
-    environment)."""
+    controller's), or None (local connector, or under sudo, which drops the
+    environment: ask it with `_sudo=False`)."""
 
     def command(self) -> str:
         return 'echo "${SSH_CLIENT%% *}"'

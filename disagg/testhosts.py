@@ -30,11 +30,15 @@ NET = "10.213.0"
 GATEWAY = f"{NET}.1"
 NSPAWN_RUN = Path("/run/systemd/nspawn")
 OUTSIDER, OUTSIDER_NETNS, OUTSIDER_VETH = f"{NET}.99", "disagg-x", "disaggvx"
+# the login deploys use, as cloud images give one: passwordless sudo, not root
+LOGIN = "deployer"
 RECIPE = {
     "suite": "bookworm",
     "mirror": "http://deb.debian.org/debian",
+    # sudo for LOGIN; rsyslog: /var/log/auth.log, where sudo logs every command line
     "include": ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv",
-                "iproute2", "ca-certificates", "procps"],
+                "iproute2", "ca-certificates", "procps", "sudo", "rsyslog"],
+    "login": LOGIN,
 }  # fmt: skip
 TOOLS = {
     "debootstrap": "debootstrap",
@@ -91,6 +95,10 @@ def rootfs() -> Path:
     if result.returncode:
         shutil.rmtree(tmp, ignore_errors=True)
         raise HarnessError(f"debootstrap failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+    _run("chroot", str(tmp), "useradd", "--create-home", "--shell", "/bin/bash", RECIPE["login"])
+    sudoers = tmp / "etc" / "sudoers.d" / RECIPE["login"]
+    sudoers.write_text(f"{RECIPE['login']} ALL=(ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
     tmp.rename(root)
     return root
 
@@ -195,11 +203,18 @@ class TestHosts:
         target = Path(host["root"])
         shutil.rmtree(target, ignore_errors=True)
         _run("cp", "-a", str(root), str(target))
-        ssh_dir = target / "root" / ".ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        (ssh_dir / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+        # root for the harness (ssh()), LOGIN for the deploys
+        for home in (target / "root", target / "home" / LOGIN):
+            ssh_dir = home / ".ssh"
+            ssh_dir.mkdir(mode=0o700, exist_ok=True)
+            (ssh_dir / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+            owner = home.stat()
+            for path in (ssh_dir, ssh_dir / "authorized_keys"):
+                os.chown(path, owner.st_uid, owner.st_gid)
         shutil.copy("/etc/resolv.conf", target / "etc" / "resolv.conf")
         (target / "etc" / "hostname").write_text(f"{name}\n")
+        # as Debian's installer does: sudo looks its host's name up, and waited 5 s for DNS on every command
+        (target / "etc" / "hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost\n")
         log = open(CACHE / "testhosts" / f"{name}.log", "w")
         proc = subprocess.Popen(
             ["systemd-nspawn", "-q", "-D", str(target), "--boot", "--register=no", "--keep-unit",

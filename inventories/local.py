@@ -16,7 +16,9 @@ from disagg import testhosts
 _ssh = {
     # the test hosts' one interface: UCX moves the KV cache over it
     "ucx_net_devices": "eth0",
-    "ssh_user": "root",
+    # a login with passwordless sudo, as cloud images give one (pyinfra's _sudo)
+    "ssh_user": testhosts.LOGIN,
+    "_sudo": True,
     "ssh_key": str(testhosts.KEY),
     "ssh_known_hosts_file": "/dev/null",
     "ssh_strict_host_key_checking": "no",

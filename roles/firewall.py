@@ -19,6 +19,7 @@ PACKAGES = ("nftables",)
 
 @deploy("Firewall")
 def firewall(plan: Plan):
-    controller = host.get_fact(ControllerAddress)
+    # as the login user: sudo drops SSH_CLIENT from the environment
+    controller = host.get_fact(ControllerAddress, _sudo=False)
     written = put_files(units.firewall_files(plan, host.name, (controller,) if controller else ()))
     unit_running(name=f"Run {S.FIREWALL_UNIT}", unit=S.FIREWALL_UNIT, changed_by=written)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from io import StringIO
 
 from pyinfra import host, logger
-from pyinfra.api import HiddenValue, StringCommand, operation
+from pyinfra.api import StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
@@ -386,8 +386,10 @@ def secret_file(name: str, path: str, content: str, owner: str = "root") -> Oper
 @operation()
 def hidden_content(path: str, content: str):
     """
-    Write content to path (umask 077) when it differs, printing neither
-    the content nor a diff of it.
+    Write content to path (mode 0600, replaced atomically) when it
+    differs, printing neither the content nor a diff of it. The content
+    goes on the command's stdin: never on a command line, which sudo logs
+    and `ps` shows, nor in a temp file of the login user.
 
     **Example:**
 
@@ -397,7 +399,10 @@ def hidden_content(path: str, content: str):
     """
     current = host.get_fact(FileStates, paths=(path,)).get(path)
     if current is None or current["sha1"] != hashlib.sha1(content.encode()).hexdigest():
-        yield StringCommand("umask 077 && printf '%s'", HiddenValue(shlex.quote(content)), ">", shlex.quote(path))
+        q, size = shlex.quote(path), len(content.encode())
+        # head -c: pyinfra ends what it writes to stdin with a newline
+        yield StringCommand(f"t=$(mktemp {q}.XXXXXX) && {{ head -c {size} > \"$t\" && mv -f \"$t\" {q} "
+                            f"|| {{ rm -f \"$t\"; false; }}; }}", _stdin=content)  # fmt: skip
 
 
 @operation()

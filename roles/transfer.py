@@ -1,6 +1,8 @@
 """Pushing a directory from the controller: only the files a host lacks
 (by the manifest, disagg/manifest.py), as one tar stream over the host's
-SSH connection, verified by sha256 on the host and stamped."""
+SSH connection, verified by sha256 on the host and stamped. The stream's
+`tar -x` runs as every command of the operation does (pyinfra's `_sudo`,
+`_sudo_user`, `_su_user`, ... applied by pyinfra itself)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, FunctionCommand, OperationError, operation
+from pyinfra.api import FileUploadCommand, OperationError, QuoteString, StringCommand, operation
+from pyinfra.api.command import PyinfraCommand
+from pyinfra.connectors.util import extract_control_arguments, make_unix_command_for_host
 
 from disagg import manifest
 from disagg.facts import StagedTree
@@ -37,13 +41,48 @@ def tree_pushed(src: str, dest: str, owner: str = "root"):
     # without a stamp, an interrupted push is checked file by file next time
     yield f"rm -f {stamp} && mkdir -p {q}"
     if todo.push:
-        yield FunctionCommand(_stream, (src, todo.push, dest), {})
+        yield TarStream(src, todo.push, dest)
         sums = "".join(f"{wanted[p][1]}  {p}\n" for p in todo.push)
         yield f"cd {q} && sha256sum --quiet -c - <<'EOF'\n{sums}EOF"
     if todo.remove:
         yield f"cd {q} && rm -f -- {' '.join(map(shlex.quote, todo.remove))}"
     yield f"chown -R {owner}:{owner} {q}"
     yield FileUploadCommand(StringIO(manifest.text(wanted)), manifest.stamp_path(dest))
+
+
+class TarStream(PyinfraCommand):
+    """src's `names` sent as one tar stream into dest over the host's SSH
+    connection: 2.6x faster than pyinfra's SFTP here (166 against 64 MB/s
+    for one 192 MB wheel), and one round trip instead of one per file.
+    Under sudo pyinfra's own upload goes through a temp file and `cp`;
+    here sudo (or su, doas) wraps `tar -x` as it wraps any command."""
+
+    def __init__(self, src: str, names: list[str], dest: str):
+        super().__init__()
+        self.src, self.names, self.dest = src, names, dest
+
+    def __repr__(self) -> str:
+        return f"TarStream({self.src} -> {self.dest}: {len(self.names)} files)"
+
+    def execute(self, state, host, connector_arguments) -> bool:
+        client = getattr(host.connector, "client", None)
+        if client is None:
+            raise OperationError(f"pushing {self.src} needs an SSH connection to {host.name}")
+        arguments = dict(connector_arguments)
+        extract_control_arguments(arguments)  # timeout, stdin, pty: this stream's own
+        tar = StringCommand("tar", "-x", "--no-same-owner", "-C", QuoteString(self.dest))
+        channel = client.get_transport().open_session()
+        channel.exec_command(make_unix_command_for_host(state, host, tar, **arguments).get_raw_value())
+        with tarfile.open(fileobj=_Channel(channel), mode="w|") as stream:
+            for name in self.names:
+                stream.add(Path(self.src) / name, arcname=name)
+        channel.shutdown_write()
+        rc = channel.recv_exit_status()
+        if rc != 0:
+            error = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
+            host.log_styled(f"tar -x into {self.dest} failed ({rc}): {error}", fg="red")
+            return False
+        return True
 
 
 class _Channel:
@@ -55,24 +94,3 @@ class _Channel:
     def write(self, data: bytes) -> int:
         self.channel.sendall(data)
         return len(data)
-
-
-def _stream(state, host, src: str, names: list[str], dest: str) -> bool:
-    """Send src's `names` as one tar stream into dest over the host's SSH
-    connection: 2.6x faster than pyinfra's SFTP here (166 against 64 MB/s
-    for one 192 MB wheel), and one round trip instead of one per file."""
-    client = getattr(host.connector, "client", None)
-    if client is None:
-        raise OperationError(f"pushing {src} needs an SSH connection to {host.name}")
-    channel = client.get_transport().open_session()
-    channel.exec_command(f"tar -x --no-same-owner -C {shlex.quote(dest)}")
-    with tarfile.open(fileobj=_Channel(channel), mode="w|") as tar:
-        for name in names:
-            tar.add(Path(src) / name, arcname=name)
-    channel.shutdown_write()
-    rc = channel.recv_exit_status()
-    if rc != 0:
-        error = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
-        host.log_styled(f"tar -x into {dest} failed ({rc}): {error}", fg="red")
-        return False
-    return True
