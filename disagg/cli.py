@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,6 +98,46 @@ def _table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("label", required=False)
+@click.option("-i", "--inventory", "inventory_path", required=True,
+              help="pyinfra inventory file, e.g. inventories/h100.py")
+@click.option("--baseline", is_flag=True, help="The aggregated baseline (LABEL or data baseline_label).")
+@click.option("--teardown", is_flag=True, help="Stop and remove what disagg deployed, nothing else.")
+@click.option("--purge", is_flag=True, help="With --teardown: also venvs, caches, the NATS store and our users.")
+@click.option("--model", "stage_model", is_flag=True, help="Only stage the model on the worker hosts.")
+@click.option("--dry", is_flag=True, help="Show what would change; change nothing.")
+@click.option("--limit", help="Only these hosts or groups (pyinfra's --limit).")
+@click.option("--data", multiple=True, metavar="KEY=VALUE", help="Override inventory data (repeatable).")
+@click.argument("pyinfra_args", nargs=-1, type=click.UNPROCESSED)
+def deploy(label, inventory_path, baseline, teardown, purge, stage_model, dry, limit, data, pyinfra_args):
+    """Run a deploy shipped with disagg on INVENTORY's hosts, from any
+    directory: the disaggregated LABEL (default: data `label`), the
+    baseline, the model staging or the teardown. Other options go to
+    pyinfra as they are (e.g. -y, --diff, -v, --serial)."""
+    from . import deploys
+
+    if label and label.startswith("-"):  # an option of pyinfra's, not a label
+        label, pyinfra_args = None, (label, *pyinfra_args)
+    kinds = [k for k, on in (("baseline", baseline), ("teardown", teardown), ("model", stage_model)) if on]
+    if len(kinds) > 1:
+        _fail(TopologyError(f"--{kinds[0]} and --{kinds[1]} are two deploys: run one at a time"))
+    kind = kinds[0] if kinds else "disagg"
+    if purge and kind != "teardown":
+        _fail(TopologyError("--purge goes with --teardown"))
+    if label and kind in ("teardown", "model"):
+        _fail(TopologyError(f"--{kind} takes no LABEL: it acts on what the inventory deploys"))
+    args = [inventory_path, str(deploys.path(kind))]
+    if label:
+        args += ["--data", f"{'baseline_label' if baseline else 'label'}={label}"]
+    args += [a for d in data for a in ("--data", d)]
+    args += ["--data", "purge=true"] if purge else []
+    args += ["--limit", limit] if limit else []
+    args += ["--dry"] if dry else []
+    # pyinfra's own CLI in this process's place: its prompts, output and exit status are the user's
+    os.execv(sys.executable, [sys.executable, "-m", "disagg.pyinfra_cli", *args, *pyinfra_args])
 
 
 @main.group()

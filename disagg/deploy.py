@@ -17,8 +17,6 @@ from pathlib import Path
 
 from .profile import ENV as PROFILE_ENV
 
-# the deploy files beside the package (a source checkout, as pyinfra needs them)
-DEPLOYS = Path(__file__).resolve().parent.parent / "deploys"
 # longer than any deploy should take (a 70B model's first download and load
 # is bounded by the health timeout, 1800 s): a hung SSH session ends here
 DEPLOY_TIMEOUT = 7200

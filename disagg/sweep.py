@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bench, results
-from .deploy import DEPLOYS, run_deploy
+from . import bench, deploys, results
+from .deploy import run_deploy
 from .plan import Plan, load_inventory, make_plan
 from .report import report
 from .topology import Topology
@@ -51,7 +51,7 @@ def sweep(inventory_path: str, labels: list[str], concurrencies: list[int], traf
         progress(f"[{i}/{len(plans)}] {label}: deploying (deploys/{kind}.py)")
         start = time.monotonic()
         # the deploy ends with its readiness gate (`disagg status --wait` on the head)
-        run_deploy(inventory_path, str(DEPLOYS / f"{kind}.py"), f"{label_key(label)}={label}",
+        run_deploy(inventory_path, str(deploys.path(kind)), f"{label_key(label)}={label}",
                    f"ready_timeout={int(ready_timeout)}")  # fmt: skip
         deployed = time.monotonic() - start
         progress(f"[{i}/{len(plans)}] {label}: ready after {deployed:.0f} s, benchmarking")
@@ -61,7 +61,7 @@ def sweep(inventory_path: str, labels: list[str], concurrencies: list[int], traf
     # a failure above leaves the hosts as they are, to look at
     if teardown:
         progress("teardown (deploys/teardown.py)")
-        run_deploy(inventory_path, str(DEPLOYS / "teardown.py"))
+        run_deploy(inventory_path, str(deploys.path("teardown")))
     summary = report([out_root / label for label in labels], out_root, sla_per_user, None, predicted)
     summary["sweep"] = timings
     return summary

@@ -18,7 +18,7 @@ from .agent.kv import PASSWORD_ENV
 from .plan import Plan
 from .topology import Worker
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 AGENT_PACKAGE = Path(__file__).resolve().parent / "agent"
 VLLM_PLUGIN = Path(__file__).resolve().parent / "vllm_plugin.py"
 NATS_CONF = f"{S.CONFIG_DIR}/nats-server.conf"

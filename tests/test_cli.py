@@ -94,3 +94,39 @@ def test_status_against_an_unreachable_nats_is_unknown_not_just_not_ready():
     assert result.exit_code == 3  # distinct from 1, "not ready"
     current = json.loads(result.output)
     assert not current["ready"] and "NATS at nats://127.0.0.1:9 refused or unreachable" in current["error"]
+
+
+def _deploy_argv(monkeypatch, *args):
+    """What `disagg deploy ARGS` starts in its place (pyinfra's CLI)."""
+    started = []
+    monkeypatch.setattr("os.execv", lambda path, argv: started.append(argv))
+    result = run("deploy", *args)
+    return result, (started[0][3:] if started else None)
+
+
+def test_deploy_runs_the_packaged_deploy_files_with_pyinfras_options_passed_through(monkeypatch):
+    from disagg import deploys
+
+    result, argv = _deploy_argv(monkeypatch, "-i", H100, "context_tp2dp2_generate_tp4dp1", "--dry", "--diff", "-v")
+    assert result.exit_code == 0, result.output
+    assert argv == [H100, str(deploys.path("disagg")), "--data", "label=context_tp2dp2_generate_tp4dp1", "--dry",
+                    "--diff", "-v"]  # fmt: skip
+    assert deploys.path("disagg").is_file()
+    _, argv = _deploy_argv(monkeypatch, "-i", H100, "--baseline", "baseline_tp8dp1", "--limit", "h100-node1", "-y")
+    assert argv == [H100, str(deploys.path("baseline")), "--data", "baseline_label=baseline_tp8dp1",
+                    "--limit", "h100-node1", "-y"]  # fmt: skip
+    # an option of pyinfra's first is not taken for a label
+    _, argv = _deploy_argv(monkeypatch, "-i", H100, "--teardown", "--purge", "--serial")
+    assert argv == [H100, str(deploys.path("teardown")), "--data", "purge=true", "--serial"]
+    _, argv = _deploy_argv(monkeypatch, "-i", H100, "--model", "--data", "model_revision=abc")
+    assert argv == [H100, str(deploys.path("model")), "--data", "model_revision=abc"]
+
+
+def test_deploy_refuses_what_it_cannot_mean_in_one_line(monkeypatch):
+    for args, message in ((("--teardown", "--baseline"), "--baseline and --teardown are two deploys"),
+                          (("--purge",), "--purge goes with --teardown"),
+                          (("--teardown", "baseline_tp4dp2"), "--teardown takes no LABEL")):  # fmt: skip
+        result, argv = _deploy_argv(monkeypatch, "-i", H100, *args)
+        assert result.exit_code == 2 and argv is None
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith(f"error: {message}")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import paramiko
 import pytest
 
-from roles import connection
+from disagg.roles import connection
 
 
 @pytest.fixture

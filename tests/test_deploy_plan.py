@@ -10,6 +10,7 @@ import pytest
 from fakehosts import gpu_host_responses, plan_deploy
 
 from cryptography import x509
+from pyinfra.api import StringCommand
 
 from disagg import pki
 from disagg import settings as S
@@ -48,7 +49,11 @@ def test_nats_tls_material_comes_from_the_controllers_ca_and_the_key_is_never_sh
     server = x509.load_pem_x509_certificate(bundle.server_cert.encode())
     server.verify_directly_issued_by(x509.load_pem_x509_certificate(bundle.ca_cert.encode()))
     assert pki.describe(plan.cluster.head)["nats"]["names"] == [plan.head.address]
-    assert f"umask 077 && printf '%s' *MASKED* > {S.NATS_KEY}" in planned.commands("h100-node1")
+    # the key goes on the stdin of the command that writes it, never on its command line (sudo logs that)
+    writes = [c for _, cmds in planned._raw_ops("h100-node1") for c in cmds
+              if isinstance(c, StringCommand) and f"mv -f \"$t\" {S.NATS_KEY} " in c.get_raw_value()]  # fmt: skip
+    assert [c.connector_arguments.get("_stdin") for c in writes] == [bundle.server_key]
+    assert bundle.server_key not in writes[0].get_raw_value()
     names = [n for n, _ in planned._raw_ops("h100-node1")]
     assert any(n.endswith(f"{S.NATS_KEY} disagg-nats-only") for n in names)
     # the same CA and certificate on a re-run: nothing to restart
@@ -186,19 +191,23 @@ def test_secrets_never_appear_in_commands_or_files():
         text = "\n".join(planned.commands(host) + list(planned.uploads(host).values()))
         for secret in secrets.values():
             assert secret not in text
-    commands = planned.commands("h100-node1")
-    assert "umask 077 && printf '%s' *MASKED* > /etc/disagg/hf-token.env" in commands
+    for host in NODES:  # nor on a command line pyinfra runs (sudo logs each one): on stdin
+        assert not any(secret in c.get_raw_value() for _, cmds in planned._raw_ops(host) for c in cmds
+                       if isinstance(c, StringCommand) for secret in secrets.values())  # fmt: skip
+    assert _secret_writes(planned, "h100-node1", "HF token") == ["HF_TOKEN=hf_TOPSECRET123\n"]
 
 
-def _secret_commands(planned, host, name: str) -> list[str]:
-    return [c.get_raw_value() for n, cmds in planned._raw_ops(host) if n.endswith(name) for c in cmds]
+def _secret_writes(planned, host, name: str) -> list[str]:
+    """What the operation `name` sends on stdin (a secret's content)."""
+    return [c.connector_arguments["_stdin"] for n, cmds in planned._raw_ops(host) if n.endswith(name) for c in cmds
+            if "_stdin" in c.connector_arguments]  # fmt: skip
 
 
 @pytest.mark.parametrize("name, variable", [("NATS password", "DISAGG_NATS_PASSWORD"), ("API key", "VLLM_API_KEY")])
 def test_a_secret_is_generated_once_and_shared_by_every_host(name, variable):
     planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
-    (head,) = _secret_commands(planned, "h100-node1", name)
-    (other,) = _secret_commands(planned, "h100-node2", name)
+    (head,) = _secret_writes(planned, "h100-node1", name)
+    (other,) = _secret_writes(planned, "h100-node2", name)
     value = re.search(rf"{variable}=(\w+)", head).group(1)
     assert len(value) >= 32 and head == other
     for host in NODES:  # masked wherever pyinfra prints it
@@ -210,14 +219,13 @@ def test_the_heads_secret_is_kept(name, variable):
     responses = {**gpu_host_responses(), f"s/^{variable}=//p": ["k33p-me"]}
     planned = plan_deploy(H100, "deploys/disagg.py", responses=responses)
     for host in NODES:
-        (command,) = _secret_commands(planned, host, name)
-        assert f"{variable}=k33p-me" in command
+        (content,) = _secret_writes(planned, host, name)
+        assert f"{variable}=k33p-me" in content
 
 
 def test_the_router_sends_the_key_the_workers_demand_and_only_in_disaggregated_layouts():
     planned = plan_deploy(H100, "deploys/disagg.py", data={"api_key": "k3y-from-data"}, responses=gpu_host_responses())
-    (command,) = _secret_commands(planned, "h100-node1", "API key")
-    assert "VLLM_API_KEY=k3y-from-data\nOPENAI_API_KEY=k3y-from-data\n" in command
+    assert _secret_writes(planned, "h100-node1", "API key") == ["VLLM_API_KEY=k3y-from-data\nOPENAI_API_KEY=k3y-from-data\n"]
     plan = make_plan(load_inventory(H100))
     for host in NODES:
         for path, text in host_units(plan, host).items():

@@ -8,7 +8,7 @@ import subprocess
 from fakehosts import FIXTURES, fixture_output
 
 from disagg.facts import FileStates, UnitState, parse_driver_version, parse_pci, parse_query_gpu
-from roles.nvidia_driver import skip_reason
+from disagg.roles.nvidia_driver import skip_reason
 
 
 def test_query_gpu_on_real_h200_output():

@@ -11,7 +11,7 @@ from disagg import settings as S
 from disagg import units
 from disagg.facts import ControllerAddress
 from disagg.plan import Plan
-from roles.ops import put_files, unit_running
+from disagg.roles.ops import put_files, unit_running
 
 # installed with the base packages (one apt run)
 PACKAGES = ("nftables",)

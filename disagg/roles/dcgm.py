@@ -16,7 +16,7 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt
 
 from disagg.plan import Plan
-from roles.nvidia_driver import driver_services, gpu_host_skip_reason
+from disagg.roles.nvidia_driver import driver_services, gpu_host_skip_reason
 
 DEFAULTS = {
     "dcgm_packages": ["datacenter-gpu-manager-4-cuda12", "datacenter-gpu-manager-exporter"],

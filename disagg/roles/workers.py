@@ -14,7 +14,7 @@ from pyinfra.api.operation import OperationMeta
 from disagg import units
 from disagg.plan import Plan
 from disagg.topology import Worker
-from roles.ops import Rolling, put_files, roll, unit_running, wait_healthy
+from disagg.roles.ops import Rolling, put_files, roll, unit_running, wait_healthy
 
 # after /health, a restarted worker is registered and routed within seconds
 REJOIN_TIMEOUT = 120

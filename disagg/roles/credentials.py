@@ -20,7 +20,7 @@ from disagg import settings as S
 from disagg import units
 from disagg.facts import EnvFileValue
 from disagg.plan import Plan
-from roles.ops import env_text, secret_file
+from disagg.roles.ops import env_text, secret_file
 
 DEFAULTS = {
     # None: the head's current password, else one generated for this deploy

@@ -14,7 +14,7 @@ from disagg import settings as S
 from disagg import units
 from disagg.facts import CommandSucceeds
 from disagg.plan import Plan
-from roles.ops import commands_if_changed, directories, put_files, service_user, unit_running, wait_healthy
+from disagg.roles.ops import commands_if_changed, directories, put_files, service_user, unit_running, wait_healthy
 
 PACKAGES = ("prometheus",)
 DISTRO_UNIT = "/etc/systemd/system/prometheus.service"

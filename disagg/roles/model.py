@@ -12,8 +12,8 @@ from pyinfra.api.deploy import deploy
 from disagg import settings as S
 from disagg.facts import StagedTree
 from disagg.plan import Plan
-from roles.ops import directories
-from roles.transfer import tree_pushed
+from disagg.roles.ops import directories
+from disagg.roles.transfer import tree_pushed
 
 
 @deploy("Model")

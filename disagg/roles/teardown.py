@@ -9,7 +9,7 @@ from pyinfra.operations import files, server
 
 from disagg import settings as S
 from disagg import units
-from roles.ops import prune_units
+from disagg.roles.ops import prune_units
 
 
 @deploy("disagg teardown")

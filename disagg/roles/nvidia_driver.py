@@ -13,7 +13,7 @@ from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import apt, files, server
 
 from disagg.facts import NvidiaDriverLoaded
-from roles.ops import commands_if_changed
+from disagg.roles.ops import commands_if_changed
 
 DEFAULTS = {
     "install_nvidia_driver": True,

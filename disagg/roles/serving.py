@@ -5,19 +5,19 @@ from pyinfra import host
 
 from disagg.facts import NvidiaPciDevices
 from disagg.plan import Plan
-from roles.base import base
-from roles.credentials import api_key
-from roles.dcgm import dcgm
-from roles.firewall import PACKAGES as FIREWALL_PACKAGES, firewall
-from roles.nats import nats
-from roles.nvidia_driver import nvidia_driver
-from roles.prometheus import PACKAGES as PROMETHEUS_PACKAGES, distro_unit_masked, prometheus
-from roles.model import model
-from roles.ops import prune_units
-from roles import registry
-from roles.router import router
-from roles.vllm import vllm
-from roles.workers import workers, workers_healthy
+from disagg.roles.base import base
+from disagg.roles.credentials import api_key
+from disagg.roles.dcgm import dcgm
+from disagg.roles.firewall import PACKAGES as FIREWALL_PACKAGES, firewall
+from disagg.roles.nats import nats
+from disagg.roles.nvidia_driver import nvidia_driver
+from disagg.roles.prometheus import PACKAGES as PROMETHEUS_PACKAGES, distro_unit_masked, prometheus
+from disagg.roles.model import model
+from disagg.roles.ops import prune_units
+from disagg.roles import registry
+from disagg.roles.router import router
+from disagg.roles.vllm import vllm
+from disagg.roles.workers import workers, workers_healthy
 
 
 def converge(plan: Plan) -> None:

