@@ -79,7 +79,16 @@ def local_ruleset(plan: Plan, host: str) -> list[str]:
 
 
 def _sources(*groups) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(a for g in groups for a in g))
+    """Each source once: an address and the same address as a /32 or /128
+    (data firewall_allow is normalised to networks) are one."""
+    unique: dict[str, str] = {}
+    for source in (a for g in groups for a in g):
+        try:
+            key = str(ipaddress.ip_network(source, strict=False))
+        except ValueError:  # a host name
+            key = source
+        unique.setdefault(key, source)
+    return tuple(unique.values())
 
 
 def _family(source: str) -> str:

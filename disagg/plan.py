@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from . import schema
+from . import net, schema
 from . import settings as S
 from . import vllm_plugin
 from .settings import Settings
@@ -147,20 +147,20 @@ class Plan:
         """Where the router's port and its metrics listen."""
         return self.settings.router_address or self.head.address
 
-    def _router_host(self, if_unspecified: str) -> str:
+    @property
+    def _router_host(self) -> str:
+        """The router as clients reach it: the head's address where it listens on every one."""
         host = self.router_address
-        if host in ("0.0.0.0", "::"):
-            host = if_unspecified
-        return f"[{host}]" if ":" in host else host
+        return self.head.address if net.loopback_for(host) != host else host
 
     @property
     def router_url(self) -> str:
-        return f"http://{self._router_host(self.head.address)}:{self.settings.router_port}"
+        return net.url("http", self._router_host, self.settings.router_port)
 
     @property
     def router_url_on_head(self) -> str:
         """The router as the head's own services reach it."""
-        return f"http://{self._router_host('127.0.0.1')}:{self.settings.router_port}"
+        return net.url("http", net.loopback_for(self.router_address), self.settings.router_port)
 
     @property
     def router_metrics_url(self) -> str:
@@ -168,7 +168,7 @@ class Plan:
 
     @property
     def router_metrics_hostport(self) -> str:
-        return f"{self._router_host(self.head.address)}:{self.settings.router_metrics_port}"
+        return net.hostport(self._router_host, self.settings.router_metrics_port)
 
     @property
     def prometheus_address(self) -> str:
@@ -176,8 +176,7 @@ class Plan:
 
     @property
     def prometheus_hostport(self) -> str:
-        host = self.prometheus_address
-        return f"{f'[{host}]' if ':' in host else host}:{self.settings.prometheus_port}"
+        return net.hostport(self.prometheus_address, self.settings.prometheus_port)
 
     @property
     def prometheus_url(self) -> str:
@@ -187,11 +186,11 @@ class Plan:
     @property
     def registry_metrics_address(self) -> str:
         """The registry sync's /metrics (its own and NATS's), on loopback."""
-        return f"127.0.0.1:{self.settings.registry_metrics_port}"
+        return net.hostport("127.0.0.1", self.settings.registry_metrics_port)
 
     @property
     def nats_url(self) -> str:
-        return f"tls://{self.head.address}:{self.settings.nats_port}"
+        return net.url("tls", self.head.address, self.settings.nats_port)
 
     def workers_on(self, host: str) -> list[Worker]:
         return [w for w in self.workers if w.host == host]
@@ -288,7 +287,9 @@ class Plan:
 
     @property
     def discovery_address(self) -> str:
-        return f"127.0.0.1:{self.settings.router_discovery_port}"
+        # IPv4 loopback on IPv6 hosts too: vllm-router 0.1.17 cannot bind its
+        # ZMQ discovery socket to an IPv6 address (it does not enable ZMQ_IPV6)
+        return net.hostport("127.0.0.1", self.settings.router_discovery_port)
 
     def _agent(self, command: str, *args: str) -> list[str]:
         # env: the agent's files, and nothing else of ours, on its path; not
@@ -317,7 +318,7 @@ class Plan:
             "--gpus", ",".join(map(str, w.gpus)),
             "--label", self.label,
             "--model", self.settings.served_name or self.settings.model,
-            "--zmq", f"{w.address}:{w.nixl_port}",
+            "--zmq", net.hostport(w.address, w.nixl_port),
         )  # fmt: skip
 
     def sync_command(self) -> list[str]:
@@ -325,7 +326,7 @@ class Plan:
         args = ["sync", "--router", self.router_url_on_head, "--state-file", S.SYNC_STATE]
         if self.settings.prometheus:
             args += ["--targets-dir", S.SCRAPE_TARGETS_DIR, "--metrics-address", self.registry_metrics_address,
-                     "--nats-monitor", f"http://127.0.0.1:{self.settings.nats_monitor_port}",
+                     "--nats-monitor", net.url("http", "127.0.0.1", self.settings.nats_monitor_port),
                      "--dcgm-port", str(self.settings.dcgm_exporter_port)]  # fmt: skip
         if self.topology.disaggregated:
             return self._agent(*args, "--mode", "pd", "--discovery", self.discovery_address,

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import packages, wheelhouse
+from . import net, packages, wheelhouse
 from . import settings as S
 from .plan import Plan
 from .topology import Worker
@@ -231,7 +231,8 @@ def model_config(plan: Plan) -> tuple[dict | None, tuple[str, ...], str]:
     return None, (cache,), f"HF cache of {s.model} on the worker hosts"
 
 
-_LISTEN = ("import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+_LISTEN = ("import socket, time; s = socket.socket(socket.AF_INET6 if ':' in {address!r} else socket.AF_INET); "
+           "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
            "s.bind(({address!r}, {port})); s.listen(8); s.settimeout(1); end = time.time() + {seconds}\n"
            "while time.time() < end:\n    try: s.accept()[0].close()\n    except OSError: pass")  # fmt: skip
 
@@ -352,7 +353,7 @@ def check_fabric(state, plan: Plan, listeners: dict[str, list[dict]]) -> list[Pr
             ok, _ = probe.value
             if not ok:
                 problems.append(Problem(generate_host, "fabric", f"cannot open TCP to {w.name}'s NIXL side channel "
-                                        f"{w.address}:{w.nixl_port} on {w.host}",
+                                        f"{net.hostport(w.address, w.nixl_port)} on {w.host}",
                                         "check the address (the host's routable one), firewalls and routes "
                                         "between the hosts"))  # fmt: skip
     finally:

@@ -28,6 +28,8 @@ KEY = CACHE / "testhosts" / "id_ed25519"
 BRIDGE = "disaggbr0"
 NET = "10.213.0"
 GATEWAY = f"{NET}.1"
+# each host also has an address from this ULA prefix (IPv6 deployments)
+NET6 = "fd00:213::"
 NSPAWN_RUN = Path("/run/systemd/nspawn")
 OUTSIDER, OUTSIDER_NETNS, OUTSIDER_VETH = f"{NET}.99", "disagg-x", "disaggvx"
 # the login deploys use, as cloud images give one: passwordless sudo, not root
@@ -57,6 +59,11 @@ class HarnessError(RuntimeError):
 def address(i: int) -> str:
     """Address of test host i (1-based)."""
     return f"{NET}.{10 + i}"
+
+
+def address6(i: int) -> str:
+    """IPv6 address of test host i (1-based)."""
+    return f"{NET6}{10 + i}"
 
 
 def check_prerequisites() -> None:
@@ -170,6 +177,7 @@ class TestHosts:
         state["bridge"] = True
         self._record(state)
         _run("ip", "addr", "add", f"{GATEWAY}/24", "dev", BRIDGE)
+        _run("ip", "addr", "add", f"{NET6}1/64", "dev", BRIDGE, "nodad")
         _run("ip", "link", "set", BRIDGE, "up")
         _run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         _run("iptables", "-t", "nat", "-A", "POSTROUTING", *self._nat_rule())
@@ -197,6 +205,7 @@ class TestHosts:
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _run("ip", "link", "set", veth, "master", BRIDGE, "up")
         _run("ip", "-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
+        _run("ip", "-n", ns, "addr", "add", f"{address6(i)}/64", "dev", "eth0", "nodad")
         _run("ip", "-n", ns, "link", "set", "eth0", "up")
         _run("ip", "-n", ns, "link", "set", "lo", "up")
         _run("ip", "-n", ns, "route", "add", "default", "via", GATEWAY)

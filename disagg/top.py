@@ -100,9 +100,11 @@ def _num(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 def render(snap: Snapshot, prometheus: str):
     """A rich renderable of the snapshot."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{snap.layout}  ({prometheus}; last minute; times in ms)", title_justify="left")
+    # escaped: rich reads an IPv6 URL's [address] as markup and drops it
+    table = Table(title=f"{snap.layout}  ({escape(prometheus)}; last minute; times in ms)", title_justify="left")
     for name in ("worker", "host", "GPUs", "run", "wait", "out tok/s", "in tok/s", "TTFT p90", "ITL p90",
                  "KV use %", "KV in MB/s"):  # fmt: skip
         table.add_column(name, justify="left" if name in ("worker", "host") else "right", no_wrap=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from pyinfra.api.exceptions import PyinfraError
 
+from . import net
+
 LABEL_FORMS = "context_tp<T>dp<D>_generate_tp<T>dp<D> or baseline_tp<T>dp<D>"
 _N = r"(0|[1-9][0-9]*)"  # no leading zeros, so that labels round-trip
 _DISAGG_RE = re.compile(rf"context_tp{_N}dp{_N}_generate_tp{_N}dp{_N}")
@@ -174,7 +176,7 @@ class Worker:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.http_port}"
+        return net.url("http", self.address, self.http_port)
 
     @property
     def agent_unit(self) -> str:

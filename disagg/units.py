@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import firewall
+from . import firewall, net
 from . import settings as S
 from .agent.kv import PASSWORD_ENV
 from .plan import Plan
@@ -20,6 +20,8 @@ from .topology import Worker
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 AGENT_PACKAGE = Path(__file__).resolve().parent / "agent"
+# host:port and URLs, which the agent formats too
+NET_MODULE = Path(__file__).resolve().parent / "net.py"
 VLLM_PLUGIN = Path(__file__).resolve().parent / "vllm_plugin.py"
 NATS_CONF = f"{S.CONFIG_DIR}/nats-server.conf"
 NATS_SECRET_ENV = S.NATS_SECRET_ENV
@@ -160,7 +162,8 @@ def sync_files(plan: Plan) -> dict[str, str]:
 def agent_code() -> dict[str, str]:
     """The host agent (disagg/agent) as the hosts run it: plain files, so
     that --diff shows a change to it like any other file."""
-    files = {f"{S.AGENT_SRC}/disagg/__init__.py": '"""disagg\'s host agent only (disagg.agent)."""\n'}
+    files = {f"{S.AGENT_SRC}/disagg/__init__.py": '"""disagg\'s host agent only (disagg.agent)."""\n',
+             f"{S.AGENT_SRC}/disagg/net.py": NET_MODULE.read_text()}
     files.update({f"{S.AGENT_SRC}/disagg/agent/{p.name}": p.read_text() for p in sorted(AGENT_PACKAGE.glob("*.py"))})
     return files
 
@@ -194,7 +197,7 @@ def nats_files(plan: Plan) -> dict[str, str]:
     conf = render(
         "nats-server.conf.j2",
         server_name=f"disagg-{plan.head.name}",
-        listen=f"{plan.head.address}:{s.nats_port}",
+        listen=net.hostport(plan.head.address, s.nats_port),
         monitor_port=s.nats_monitor_port,
         store_dir=NATS_STORE,
         user=s.nats_user,

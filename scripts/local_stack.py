@@ -4,7 +4,7 @@ NATS, vllm-router), send one request through the router, show `disagg
 status`, re-run the deploy (a no-op), tear down. --keep leaves everything
 running.
 
-    .venv/bin/python scripts/local_stack.py [--keep]
+    .venv/bin/python scripts/local_stack.py [--keep] [--inventory inventories/local-ipv6.py]
 """
 
 import argparse
@@ -19,7 +19,6 @@ from disagg.deploy import DeployError, run_deploy
 from disagg.plan import load_inventory, make_plan
 
 ROOT = Path(__file__).resolve().parent.parent
-INVENTORY = "inventories/local.py"
 # each deploy's profile (disagg/profile.py), kept
 PROFILES = ROOT / "results" / "profiles" / time.strftime("%Y%m%dT%H%M%S")
 
@@ -27,32 +26,35 @@ PROFILES = ROOT / "results" / "profiles" / time.strftime("%Y%m%dT%H%M%S")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="leave the hosts and the deployment running")
-    keep = parser.parse_args().keep
+    parser.add_argument("--inventory", default="inventories/local.py",
+                        help="the test hosts' inventory: local.py, or local-ipv6.py (the same over IPv6)")
+    args = parser.parse_args()
+    keep, inventory = args.keep, args.inventory
     hosts = testhosts.TestHosts(2)
     timings = {}
     try:
         print("--> booting two test hosts", flush=True)
         hosts.up()
         tinymodel.write(testhosts.CACHE / "tiny-llama")
-        subprocess.run([sys.executable, "-m", "disagg", "render", "-i", INVENTORY], check=True)
-        plan = make_plan(load_inventory(INVENTORY))
+        subprocess.run([sys.executable, "-m", "disagg", "render", "-i", inventory], check=True)
+        plan = make_plan(load_inventory(inventory))
         print("--> deploying (the first run installs everything: several minutes)", flush=True)
         PROFILES.mkdir(parents=True, exist_ok=True)
-        run = run_deploy(INVENTORY, "deploys/disagg.py", progress=True, profile=PROFILES / "first-deploy.json")
+        run = run_deploy(inventory, "deploys/disagg.py", progress=True, profile=PROFILES / "first-deploy.json")
         timings["bare hosts to serving"] = run.seconds
         answer = smoke.chat(plan.router_url, plan.settings.model, 16)
         print(f"--> {plan.router_url}/v1/chat/completions answered {answer['completion_tokens']} tokens: "
               f"{answer['text']!r} (random weights: gibberish)")
         print("--> the control plane's view (disagg status)", flush=True)
-        subprocess.run([sys.executable, "-m", "disagg", "status", "-i", INVENTORY], check=True)
-        rerun = run_deploy(INVENTORY, "deploys/disagg.py", profile=PROFILES / "no-op-rerun.json")
+        subprocess.run([sys.executable, "-m", "disagg", "status", "-i", inventory], check=True)
+        rerun = run_deploy(inventory, "deploys/disagg.py", profile=PROFILES / "no-op-rerun.json")
         timings["no-op re-run"] = rerun.seconds
         print(f"--> re-run changed {len(rerun.changed)} operations")
         for name in ("first-deploy", "no-op-rerun"):
             print(f"--> deploy profile, {name} ({PROFILES / name}.json):")
             print(profile.text(profile.summary(json.loads((PROFILES / f"{name}.json").read_text())), top=10))
         if not keep:
-            run = run_deploy(INVENTORY, "deploys/teardown.py", progress=True)
+            run = run_deploy(inventory, "deploys/teardown.py", progress=True)
             timings["teardown"] = run.seconds
     except (testhosts.HarnessError, DeployError, subprocess.CalledProcessError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

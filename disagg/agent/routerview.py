@@ -17,7 +17,8 @@ import urllib.request
 
 from . import kv
 
-_EVENT = re.compile(r"(Add|Remove) (Prefill|Decode) \[HTTP:([^,\]\s]+)")
+# an IPv6 instance as vllm-router logs it: `Add Prefill [HTTP:[fd00::11]:8100, ZMQ:...]`
+_EVENT = re.compile(r"(Add|Remove) (Prefill|Decode) \[HTTP:(\[[0-9A-Fa-f:.]+\]:\d+|[^,\]\s]+)")
 # the router (re)starting its discovery listener: it knows no instance yet
 _STARTED = "Starting vLLM service discovery listener"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .. import net
 from . import kv
 
 WORKERS = "workers.json"
@@ -36,7 +37,7 @@ def hosts(entries: list[dict]) -> dict[str, str]:
 
 
 def dcgm_groups(answering: dict[str, str], port: int) -> list[dict]:
-    return [{"targets": [f"{f'[{a}]' if ':' in a else a}:{port}"], "labels": {"host": name}}
+    return [{"targets": [net.hostport(a, port)], "labels": {"host": name}}
             for name, a in sorted(answering.items())]  # fmt: skip
 
 
