@@ -222,6 +222,38 @@ def test_workers_refuse_a_request_without_the_key_and_the_router_sends_it(deploy
         assert key not in seen
 
 
+def test_no_secret_reaches_the_hosts_logs_after_a_deploy_and_a_key_rotation_as_the_sudo_login(deployment, timings):
+    """inventories/local.py logs in as a user with passwordless sudo, and
+    sudo logs every command line it runs (`COMMAND=...`) to the journal and
+    to /var/log/auth.log: the NATS password, the rotated API key and the HF
+    token must reach neither."""
+    plan = deployment.ensure()
+    assert load_inventory(INVENTORY).get_host(plan.cluster.head).data.get("ssh_user") == testhosts.LOGIN
+    old = ssh(H1, f"sed -n 's/^VLLM_API_KEY=//p' {S.API_KEY_ENV}").stdout.strip()
+    key, token = "rotated-" + os.urandom(16).hex(), "hf_e2e_" + os.urandom(16).hex()
+    data = (*deployment.current[1], f"api_key={key}", f"hf_token={token}")
+    run = run_deploy(INVENTORY, "deploys/disagg.py", *data)
+    deployment.changed("deploys/disagg.py", data)
+    timings["API key rotated and HF token written, workers rolled (as the sudo login)"] = run.seconds
+    # the rotation took: workers demand the new key and the router sends it
+    assert smoke.chat(plan.router_url, MODEL, 4)["completion_tokens"] == 4
+    for host in (H1, H2):
+        assert ssh(host, f"sed -n 's/^VLLM_API_KEY=//p' {S.API_KEY_ENV}; sed -n 's/^HF_TOKEN=//p' "
+                         f"{S.HF_TOKEN_ENV}").stdout.split() == [key, token]  # fmt: skip
+    password = ssh(H1, "sed -n 's/^DISAGG_NATS_PASSWORD=//p' /etc/disagg/nats.env").stdout.strip()
+    secrets = {"NATS password": password, "old API key": old, "API key": key, "HF token": token}
+    assert all(len(v) >= 32 for v in secrets.values()) and not any(v in run.output for v in secrets.values())
+    for host in (H1, H2):
+        # sudo's own lines are there (the logs are live), the secrets are not
+        assert int(ssh(host, f"grep -c 'sudo: *{testhosts.LOGIN} : .*COMMAND=' /var/log/auth.log").stdout) > 50
+        assert int(ssh(host, f"journalctl --no-pager -o cat -t sudo | grep -c '{testhosts.LOGIN} : .*COMMAND='"
+                             ).stdout) > 50  # fmt: skip
+        for what, value in secrets.items():
+            found = ssh(host, f"journalctl --no-pager -o cat | grep -cF -- {shlex.quote(value)}; "
+                              f"grep -cF -- {shlex.quote(value)} /var/log/auth.log", check=False).stdout.split()  # fmt: skip
+            assert found == ["0", "0"], f"{what} in the logs of host {host} (journal, auth.log): {found}"
+
+
 def test_head_services_listen_only_where_they_must(deployment):
     plan = deployment.ensure()
     s = plan.settings
