@@ -4,8 +4,8 @@ Node 1 (head) runs NATS, the router and the context workers; node 2 runs the
 generate worker. Addresses come from the environment, so the file needs no
 edit per cluster:
 
-    DISAGG_CONTEXT_HOST=10.0.0.11 DISAGG_GENERATE_HOST=10.0.0.12 \\
-        pyinfra inventories/h100.py deploys/disagg.py
+    DISAGG_CONTEXT_HOST=10.0.0.11 DISAGG_GENERATE_HOST=10.0.0.12 DISAGG_SSH_USER=ubuntu \\
+        disagg deploy -i inventories/h100.py
 
 Any data below can be overridden per run with --data key=value.
 """
@@ -14,7 +14,9 @@ import os
 
 _context = os.environ.get("DISAGG_CONTEXT_HOST", "h100-node1")
 _generate = os.environ.get("DISAGG_GENERATE_HOST", "h100-node2")
-_node = {"gpus": 8, "ssh_user": os.environ.get("DISAGG_SSH_USER", "root")}
+# a cloud image's login (ubuntu, ...) deploys through passwordless sudo
+_user = os.environ.get("DISAGG_SSH_USER", "root")
+_node = {"gpus": 8, "ssh_user": _user, "_sudo": _user != "root"}
 
 context = [(_context, dict(_node))]
 generate = [(_generate, dict(_node))]
