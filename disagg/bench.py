@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import kvtransfer, results
 from .extras import run_logged, tool
+from .schema import SECRETS
 from .topology import Topology, TopologyError
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
@@ -41,6 +42,10 @@ class Target:
     label: str
     model: str
     tokenizer: str
+    # the router itself (its /workers), where the front door before it (url) passes inference only
+    router_url: str | None = None
+    # a client key the front door asks (never recorded in the provenance)
+    api_key: str | None = field(default=None, repr=False)
     placement: list[dict] | None = None
     worker_urls: list[str] | None = None  # what the router should route to
     # what it routes to, when its own /workers cannot tell (PD service discovery)
@@ -81,13 +86,15 @@ def target_for(inventory, plan, url: str | None = None, model: str | None = None
                             f"run {plan.label} as the inventory renders it; deploy it first")  # fmt: skip
     return Target(
         url=url or plan.router_url,
+        router_url=plan.router_internal_url,
+        api_key=next(iter(s.client_api_keys), None),
         label=plan.label,
         model=model or s.served_name or s.model,
         tokenizer=tokenizer or s.model_dir or s.model,
         placement=plan.as_dict()["workers"],
         worker_urls=[w.url for w in plan.workers],
         routed=routed,
-        engine=dataclasses.asdict(s),
+        engine={k: v for k, v in dataclasses.asdict(s).items() if k not in SECRETS},
         kv_urls=[w.url for w in plan.workers if w.role == "generate"],
         kv_connector=(s.kv_transfer_config or {}).get("kv_connector") if plan.topology.disaggregated else None,
         deployment=deployment,
@@ -148,6 +155,7 @@ def aiperf_command(binary: str, target: Target, traffic: Traffic, concurrency: i
         "--artifact-dir", str(out),
         "--ui", "none",
         "--no-gpu-telemetry",
+        *(["--api-key", target.api_key] if target.api_key else []),
     ]  # fmt: skip
 
 
@@ -174,7 +182,7 @@ def sweep(
     topology = Topology.parse(target.label)
     check_reachable(target.url)
     if target.worker_urls:
-        check_deployed(target.url, topology.label, target.worker_urls, target.routed)
+        check_deployed(target.router_url or target.url, topology.label, target.worker_urls, target.routed)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = out_root / topology.label / run_id
     run_dir.mkdir(parents=True, exist_ok=False)  # never overwrite a run

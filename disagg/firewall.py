@@ -2,14 +2,15 @@
 admitted only from the peers that need it, and dropped from anyone else.
 The rules live in a table of our own (`inet disagg`) whose chain accepts by
 default, so nothing but our ports is touched (ssh, other services, other
-tables' rules all stay as they are); the router's public port is open.
+tables' rules all stay as they are); the front door's port is open.
 
 Who needs what:
 - NATS (head): every host of the layout (agents), admins;
 - a worker's HTTP port: the head (router, sync), admins (`disagg status`
   reads its /metrics);
 - a worker's NIXL side channel: hosts of the other role (KV handshake);
-- the router's metrics and Prometheus (head): admins;
+- the router's own port, its metrics, the front door's metrics and
+  Prometheus (head): admins (the head's own services come over loopback);
 - a GPU host's DCGM exporter: the head (Prometheus), admins;
 - the router's discovery socket (head, loopback): the registry sync's
   user, in the output chain (any local user could register a worker).
@@ -49,7 +50,9 @@ def rules(plan: Plan, host: str, admins: tuple[str, ...]) -> list[Rule]:
     s = plan.settings
     if host == plan.cluster.head:
         out.append(Rule("NATS: the agents of every host", (s.nats_port,), _sources(layout, admins)))
-        out.append(Rule("router metrics", (s.router_metrics_port,), _sources((), admins)))
+        # clients reach the front door (router_port) alone; the router itself is the admins'
+        out.append(Rule("the router behind the front door, its metrics, the front door's metrics",
+                        (s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port), _sources((), admins)))  # fmt: skip
         if s.prometheus and s.prometheus_listen == "cluster":
             out.append(Rule("Prometheus", (s.prometheus_port,), _sources((), admins)))
     mine = plan.workers_on(host)

@@ -45,7 +45,8 @@ class Load:
     stop(). Use as a context manager; `at()` is the load's own clock."""
 
     def __init__(self, url: str, model: str, concurrency: int = 6, max_tokens: int = 8,
-                 timeout: float = 120, prompt: str = "Tell me a story.", pause: float = 0.0) -> None:  # fmt: skip
+                 timeout: float = 120, prompt: str = "Tell me a story.", pause: float = 0.0,
+                 api_key: str | None = None) -> None:  # fmt: skip
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or 80
         self.body = json.dumps({
@@ -56,6 +57,7 @@ class Load:
             "ignore_eos": True,
             "stream": True,
         })  # fmt: skip
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         # seconds each client waits between its requests (0: back to back)
         self.concurrency, self.timeout, self.pause = concurrency, timeout, pause
         self.result = LoadResult()
@@ -101,7 +103,7 @@ class Load:
         """None when the request succeeded, else why not."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
-            conn.request("POST", "/v1/chat/completions", self.body, {"Content-Type": "application/json"})
+            conn.request("POST", "/v1/chat/completions", self.body, self.headers)
             response = conn.getresponse()
             if response.status != 200:
                 return f"HTTP {response.status}"

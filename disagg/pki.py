@@ -1,6 +1,7 @@
-"""The deployment's private CA and the NATS server's certificate, made and
-kept on the controller (never on a host: only the CA certificate, the
-server certificate and its key are pushed). One directory per deployment,
+"""The deployment's private CA and its servers' certificates (NATS, and the
+front door's for clients when data asks), made and kept on the controller
+(never on a host: only the CA certificate, a server's certificate and its
+key are pushed). One directory per deployment,
 named by its head, under the state directory ($DISAGG_STATE_DIR, default
 ~/.local/state/disagg), mode 0700, every file 0600.
 
@@ -26,7 +27,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_DAYS = 3650
 SERVER_DAYS = 365
 RENEW_BEFORE = datetime.timedelta(days=30)
-CA_KEY, CA_CERT, SERVER_KEY, SERVER_CERT = "ca.key", "ca.crt", "nats.key", "nats.crt"
+CA_KEY, CA_CERT = "ca.key", "ca.crt"
+# the servers it issues for, by file name and as their certificates name them
+SERVERS = {"nats": "NATS", "frontdoor": "front door"}
 
 
 @dataclass(frozen=True)
@@ -46,24 +49,25 @@ def directory(deployment: str) -> Path:
     return state_dir() / "pki" / re.sub(r"[^A-Za-z0-9_.-]", "_", deployment)
 
 
-def ensure(deployment: str, names: list[str]) -> Bundle:
-    """The CA and a server certificate valid for names (addresses or DNS
+def ensure(deployment: str, names: list[str], server: str = "nats") -> Bundle:
+    """The CA and server's certificate valid for names (addresses or DNS
     names), made if missing, stale or issued for other names."""
     d = _private_dir(directory(deployment))
     if not (d / CA_KEY).exists() or not (d / CA_CERT).exists():
         _new_ca(d, deployment)
     ca_key = serialization.load_pem_private_key((d / CA_KEY).read_bytes(), None)
     ca = x509.load_pem_x509_certificate((d / CA_CERT).read_bytes())
-    if not _server_current(d, ca, names):
-        _new_server(d, ca, ca_key, names)
-    return Bundle(*((d / f).read_text() for f in (CA_CERT, SERVER_CERT, SERVER_KEY)))
+    if not _server_current(d, ca, server, names):
+        _new_server(d, ca, ca_key, server, names)
+    return Bundle(*((d / f).read_text() for f in (CA_CERT, f"{server}.crt", f"{server}.key")))
 
 
 def rotate(deployment: str) -> Path:
-    """A new CA (and so a new server certificate at the next deploy)."""
+    """A new CA (and so new server certificates at the next deploy)."""
     d = _private_dir(directory(deployment))
-    for name in (SERVER_CERT, SERVER_KEY):
-        (d / name).unlink(missing_ok=True)
+    for server in SERVERS:
+        for suffix in (".crt", ".key"):
+            (d / f"{server}{suffix}").unlink(missing_ok=True)
     _new_ca(d, deployment)
     return d
 
@@ -77,7 +81,7 @@ def describe(deployment: str) -> dict:
     """What is there, for `disagg tls show`: fingerprints and dates, no keys."""
     d = directory(deployment)
     out: dict = {"directory": str(d)}
-    for label, name in (("ca", CA_CERT), ("nats", SERVER_CERT)):
+    for label, name in (("ca", CA_CERT), *((server, f"{server}.crt") for server in SERVERS)):
         if (d / name).exists():
             cert = x509.load_pem_x509_certificate((d / name).read_bytes())
             out[label] = {
@@ -152,10 +156,10 @@ def _names(cert: x509.Certificate) -> list[str]:
     return sorted([str(a) for a in san.get_values_for_type(x509.IPAddress)] + san.get_values_for_type(x509.DNSName))
 
 
-def _server_current(d: Path, ca: x509.Certificate, names: list[str]) -> bool:
-    if not (d / SERVER_CERT).exists() or not (d / SERVER_KEY).exists():
+def _server_current(d: Path, ca: x509.Certificate, server: str, names: list[str]) -> bool:
+    if not (d / f"{server}.crt").exists() or not (d / f"{server}.key").exists():
         return False
-    cert = x509.load_pem_x509_certificate((d / SERVER_CERT).read_bytes())
+    cert = x509.load_pem_x509_certificate((d / f"{server}.crt").read_bytes())
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, InvalidSignature):  # another CA's (rotated)
@@ -172,11 +176,11 @@ def _is_ip(name: str) -> bool:
         return False
 
 
-def _new_server(d: Path, ca: x509.Certificate, ca_key, names: list[str]) -> None:
+def _new_server(d: Path, ca: x509.Certificate, ca_key, server: str, names: list[str]) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"disagg NATS {names[0]}"[:64])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"disagg {SERVERS[server]} {names[0]}"[:64])]))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -188,5 +192,5 @@ def _new_server(d: Path, ca: x509.Certificate, ca_key, names: list[str]) -> None
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write(d / SERVER_KEY, _key_pem(key))
-    _write(d / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    _write(d / f"{server}.key", _key_pem(key))
+    _write(d / f"{server}.crt", cert.public_bytes(serialization.Encoding.PEM))

@@ -144,23 +144,26 @@ class Plan:
 
     @property
     def router_address(self) -> str:
-        """Where the router's port and its metrics listen."""
+        """Where the front door takes clients (the router's own ports are on the head's address)."""
         return self.settings.router_address or self.head.address
 
     @property
-    def _router_host(self) -> str:
-        """The router as clients reach it: the head's address where it listens on every one."""
-        host = self.router_address
-        return self.head.address if net.loopback_for(host) != host else host
+    def client_tls(self) -> bool:
+        s = self.settings
+        return bool(s.client_tls_cert or s.client_tls_names)
 
     @property
     def router_url(self) -> str:
-        return net.url("http", self._router_host, self.settings.router_port)
+        """The front door, as clients reach it: the head's address where it listens on every one."""
+        host = self.router_address
+        host = self.head.address if net.loopback_for(host) != host else host
+        return net.url("https" if self.client_tls else "http", host, self.settings.router_port)
 
     @property
-    def router_url_on_head(self) -> str:
-        """The router as the head's own services reach it."""
-        return net.url("http", net.loopback_for(self.router_address), self.settings.router_port)
+    def router_internal_url(self) -> str:
+        """vllm-router itself, behind the front door: the front door, the
+        head's own services and admins (the firewall) reach it."""
+        return net.url("http", self.head.address, self.settings.router_internal_port)
 
     @property
     def router_metrics_url(self) -> str:
@@ -168,7 +171,11 @@ class Plan:
 
     @property
     def router_metrics_hostport(self) -> str:
-        return net.hostport(self._router_host, self.settings.router_metrics_port)
+        return net.hostport(self.head.address, self.settings.router_metrics_port)
+
+    @property
+    def frontdoor_metrics_hostport(self) -> str:
+        return net.hostport(self.head.address, self.settings.frontdoor_metrics_port)
 
     @property
     def prometheus_address(self) -> str:
@@ -201,7 +208,7 @@ class Plan:
         if self.settings.firewall and (names or host == self.cluster.head):
             names.append(S.FIREWALL_UNIT)
         if host == self.cluster.head:
-            names += [S.NATS_UNIT, S.ROUTER_UNIT, S.SYNC_UNIT]
+            names += [S.NATS_UNIT, S.ROUTER_UNIT, S.FRONTDOOR_UNIT, S.SYNC_UNIT]
             if self.settings.prometheus:
                 names.append(S.PROMETHEUS_UNIT)
         return names
@@ -225,7 +232,8 @@ class Plan:
             if value is not None:
                 args += [flag, str(value)]
         if self.topology.disaggregated and s.kv_transfer_config:
-            args += ["--kv-transfer-config", json.dumps(s.kv_transfer_config, separators=(",", ":"))]
+            config = {**s.kv_transfer_config, "kv_load_failure_policy": s.kv_load_failure_policy}
+            args += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
         args += ["--shutdown-timeout", str(s.shutdown_timeout), *s.role_args(w.role)]
         return args
 
@@ -258,11 +266,13 @@ class Plan:
         s = self.settings
         args = [
             f"{S.ROUTER_VENV}/bin/vllm-router",
-            "--host", self.router_address,
-            "--port", str(s.router_port),
-            "--prometheus-host", self.router_address,
+            "--host", self.head.address,
+            "--port", str(s.router_internal_port),
+            "--prometheus-host", self.head.address,
             "--prometheus-port", str(s.router_metrics_port),
         ]  # fmt: skip
+        # a chunked body has no Content-Length for the front door to refuse: the router refuses it
+        args += ["--max-payload-size", str(s.client_max_request_mb << 20)]
         if s.router_policy:
             args += ["--policy", s.router_policy]
         if self.topology.disaggregated:
@@ -323,7 +333,7 @@ class Plan:
 
     def sync_command(self) -> list[str]:
         """The head's service that keeps the router's members = the registry's healthy workers."""
-        args = ["sync", "--router", self.router_url_on_head, "--state-file", S.SYNC_STATE]
+        args = ["sync", "--router", self.router_internal_url, "--state-file", S.SYNC_STATE]
         if self.settings.prometheus:
             args += ["--targets-dir", S.SCRAPE_TARGETS_DIR, "--metrics-address", self.registry_metrics_address,
                      "--nats-monitor", net.url("http", "127.0.0.1", self.settings.nats_monitor_port),
@@ -350,7 +360,7 @@ class Plan:
     def status_command(self, timeout: int | None = None) -> list[str]:
         """`status` on the head (as root: it reads the password file); with a
         timeout, wait until ready."""
-        args = ["status", "--password-file", S.NATS_SECRET_ENV, "--router", self.router_url_on_head]
+        args = ["status", "--password-file", S.NATS_SECRET_ENV, "--router", self.router_internal_url]
         args += [a for e in self.expected() for a in ("--expect", e)]
         if timeout is not None:
             args += ["--wait", "--timeout", str(timeout)]

@@ -18,7 +18,7 @@ from .topology import TopologyError
 
 ROLE_GROUPS = ("context", "generate", "baseline")
 # values never printed, in errors neither
-SECRETS = frozenset({"hf_token", "nats_password", "api_key"})
+SECRETS = frozenset({"hf_token", "nats_password", "api_key", "client_api_keys"})
 
 
 def _printable(value: str) -> str:

@@ -60,6 +60,10 @@ PYCACHE_DIR = f"{STATE_DIR}/pycache"
 # what a worker runs (python -m)
 VLLM_ENTRY = "vllm.entrypoints.openai.api_server"
 ROUTER_UNIT = "disagg-router"
+# the front door (HAProxy) before the router: its user, config, client keys and TLS
+FRONTDOOR_UNIT = "disagg-frontdoor"
+FRONTDOOR_USER = "disagg-frontdoor"
+FRONTDOOR_DIR = f"{CONFIG_DIR}/frontdoor"
 # Prometheus on the head: config and rules, its TSDB (kept by teardown
 # unless purge), and the file_sd targets the registry sync writes
 PROMETHEUS_UNIT = "disagg-prometheus"
@@ -108,6 +112,10 @@ class Settings:
         default_factory=lambda: {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     )
     router_kv_connector: Text = "nixl"
+    # a generate worker that cannot pull a prompt's KV cache (its context
+    # worker died after answering) computes it itself instead of failing
+    # the request (vLLM's own default is "fail")
+    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
     # false: NIXL without its busy-polling progress thread (disagg's vLLM
     # plugin), for hosts whose cores are the engines' (CPU hosts)
     nixl_progress_thread: StrictBool = True
@@ -126,6 +134,25 @@ class Settings:
     router_cb_failure_threshold: Count = 5
     router_cb_timeout_duration_secs: Seconds = 10
     router_health_check_interval_secs: Seconds = 10
+    # the front door (HAProxy, roles/frontdoor.py) on the clients' port: a
+    # request that failed before any byte of its answer reached the client
+    # is sent again this many times (vllm-router picks anew); bodies up to
+    # frontdoor_retry_buffer_kb are buffered for that (a 32k-token prompt is
+    # ~130 KB of JSON), larger ones go through without retry
+    frontdoor_retries: Count = 3
+    frontdoor_retry_buffer_kb: Annotated[StrictInt, Field(ge=16, le=65536)] = 256
+    # what clients may send: API keys (several at once, to rotate without
+    # an outage; none: no key asked), requests up to this size (413 above),
+    # per client address at most this many requests/s and connections (0: no limit)
+    client_api_keys: tuple[Text, ...] = ()
+    client_max_request_mb: Count = 16
+    client_rate_limit: Whole = 0
+    client_max_connections: Whole = 0
+    # TLS for clients: a certificate and key (PEM files on the controller),
+    # or one issued by the deployment's CA for these names (DNS or IP)
+    client_tls_cert: Text | None = None
+    client_tls_key: Text | None = None
+    client_tls_names: tuple[Text, ...] = ()
     # nftables rules from the placement (disagg/firewall.py); false where
     # the hosts' own firewall is managed by other means
     firewall: StrictBool = True
@@ -136,7 +163,9 @@ class Settings:
     http_port_base: Port = Ports.http_base
     nixl_port_base: Port = Ports.nixl_base
     router_port: Port = Ports.router
+    router_internal_port: Port = Ports.router_internal
     router_metrics_port: Port = Ports.router_metrics
+    frontdoor_metrics_port: Port = Ports.frontdoor_metrics
     nats_port: Port = Ports.nats
     nats_monitor_port: Port = Ports.nats_monitor
     router_discovery_port: Port = Ports.router_discovery
@@ -181,6 +210,18 @@ class Settings:
         elif (values.get("model_stage", True) and not data.get("model_dir") and "model" in values
               and not model.startswith("/") and not re.fullmatch(HUB_ID, model)):  # fmt: skip
             found.append(Problem(host, "model", model, "not a hub id (org/name) or an absolute path on the hosts"))
+        if bool(values.get("client_tls_cert")) != bool(values.get("client_tls_key")):
+            given = "client_tls_cert" if values.get("client_tls_cert") else "client_tls_key"
+            found.append(Problem(host, given, values[given], "give client_tls_cert and client_tls_key together "
+                                                             "(PEM files on the controller)"))  # fmt: skip
+        if values.get("client_tls_cert") and values.get("client_tls_names"):
+            found.append(Problem(host, "client_tls_names", values["client_tls_names"], (
+                "a certificate is given (client_tls_cert): drop client_tls_names, or drop the certificate "
+                "to have the deployment's CA issue one for these names")))  # fmt: skip
+        if "kv_load_failure_policy" in (values.get("kv_transfer_config") or {}):
+            found.append(Problem(host, "kv_transfer_config", values["kv_transfer_config"], (
+                "set kv_load_failure_policy as data of its own (recompute or fail), not inside "
+                "kv_transfer_config")))  # fmt: skip
         return values, found
 
     @classmethod
@@ -202,7 +243,9 @@ class Settings:
             http_base=self.http_port_base,
             nixl_base=self.nixl_port_base,
             router=self.router_port,
+            router_internal=self.router_internal_port,
             router_metrics=self.router_metrics_port,
+            frontdoor_metrics=self.frontdoor_metrics_port,
             nats=self.nats_port,
             nats_monitor=self.nats_monitor_port,
             router_discovery=self.router_discovery_port,

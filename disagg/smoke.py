@@ -10,10 +10,11 @@ from .agent import metrics
 
 
 def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: float = 120,
-         prompt: str = "Say something.") -> dict:  # fmt: skip
-    """POST /v1/chat/completions asking for exactly max_tokens tokens;
-    returns {"text", "completion_tokens"}. (A prefix-aware router sends
-    the same prompt to the same worker: vary it to reach them all.)"""
+         prompt: str = "Say something.", api_key: str | None = None) -> dict:  # fmt: skip
+    """POST /v1/chat/completions asking for exactly max_tokens tokens (with
+    a client key, where the front door asks one); returns {"text",
+    "completion_tokens"}. (A prefix-aware router sends the same prompt to
+    the same worker: vary it to reach them all.)"""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -27,7 +28,7 @@ def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: f
     request = urllib.request.Request(
         f"{url}/v1/chat/completions",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         if not stream:

@@ -30,6 +30,8 @@ LAYOUT_RULES = {
     "tokens_per_s_per_gpu": "layout:vllm_output_tokens_per_gpu:rate1m",
     "tokens_per_s_per_user": "layout:vllm_output_tokens_per_user:rate1m",
     "router_errors_per_s": "router:errors:rate1m",
+    "frontdoor_retries_per_s": "frontdoor:retries:rate1m",
+    "frontdoor_queue_time_s": "frontdoor:queue_time_seconds:avg",
 }
 
 
@@ -84,6 +86,8 @@ def snapshot(prometheus: str, layout: str, sla: Sla) -> Snapshot:
               for column, rule in LAYOUT_RULES.items()}  # fmt: skip
     ttft = query(prometheus, f'role:vllm_ttft_seconds:p90_1m{{layout="{layout}", role=~"context|baseline"}}')
     totals["ttft_p90_s"] = ttft[0][1] if ttft else None
+    by_class = {labels.get("code"): value for labels, value in query(prometheus, "frontdoor:responses:rate1m" + match)}
+    totals["frontdoor_4xx_per_s"], totals["frontdoor_5xx_per_s"] = by_class.get("4xx"), by_class.get("5xx")
     per_user = totals["tokens_per_s_per_user"]
     met = None if per_user is None else per_user >= sla.tokens_per_user
     if met is not None and sla.ttft_ms is not None:
@@ -120,5 +124,8 @@ def render(snap: Snapshot, prometheus: str):
                f"[bold]{_num(t['tokens_per_s_per_gpu'])} tokens/s/GPU[/], [bold]{_num(t['tokens_per_s_per_user'])} "
                f"tokens/s/user[/], TTFT p90 {_num(t['ttft_p90_s'], 1000, 0)} ms, router errors "
                f"{_num(t['router_errors_per_s'], digits=2)}/s\n"
+               f"front door: {_num(t['frontdoor_retries_per_s'], digits=2)} retries/s, 4xx "
+               f"{_num(t['frontdoor_4xx_per_s'], digits=2)}/s, 5xx {_num(t['frontdoor_5xx_per_s'], digits=2)}/s, "
+               f"queued {_num(t['frontdoor_queue_time_s'], 1000, 1)} ms on average\n"
                f"SLA {sla['tokens_per_user']:g} tokens/s/user{ttft_sla}: {verdict}")  # fmt: skip
     return Group(table, summary)

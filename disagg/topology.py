@@ -132,8 +132,12 @@ class Ports:
 
     http_base: int = 8100
     nixl_base: int = 5600
+    # the front door (clients' port); vllm-router behind it on router_internal
     router: int = 8000
+    router_internal: int = 8001
     router_metrics: int = 29000
+    # the front door's own Prometheus metrics (HAProxy's exporter)
+    frontdoor_metrics: int = 8404
     nats: int = 4222
     nats_monitor: int = 8222
     # vllm-router's ZMQ service discovery (PD mode), on loopback
@@ -147,7 +151,9 @@ class Ports:
     def head_services(self) -> dict[str, int]:
         return {
             "router_port": self.router,
+            "router_internal_port": self.router_internal,
             "router_metrics_port": self.router_metrics,
+            "frontdoor_metrics_port": self.frontdoor_metrics,
             "router_discovery_port": self.router_discovery,
             "nats_port": self.nats,
             "nats_monitor_port": self.nats_monitor,

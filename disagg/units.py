@@ -22,6 +22,11 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 AGENT_PACKAGE = Path(__file__).resolve().parent / "agent"
 # host:port and URLs, which the agent formats too
 NET_MODULE = Path(__file__).resolve().parent / "net.py"
+FRONTDOOR_CONF = f"{S.FRONTDOOR_DIR}/haproxy.cfg"
+# "Bearer KEY" lines, the ACL HAProxy checks a client's Authorization header against
+FRONTDOOR_KEYS = f"{S.FRONTDOOR_DIR}/client-keys"
+# the clients' certificate with its key, one PEM, as HAProxy's `crt` takes it
+FRONTDOOR_TLS = f"{S.FRONTDOOR_DIR}/client-tls.pem"
 VLLM_PLUGIN = Path(__file__).resolve().parent / "vllm_plugin.py"
 NATS_CONF = f"{S.CONFIG_DIR}/nats-server.conf"
 NATS_SECRET_ENV = S.NATS_SECRET_ENV
@@ -85,11 +90,15 @@ def env_path(unit: str) -> str:
 def _service(description: str, user: str, args: list[str], stop_timeout: int, env_files: list[str],
              binds_to: str | None = None, exec_stop: str | None = None, groups: tuple[str, ...] = (),
              unlimited_log: bool = False, write_paths: tuple[str, ...] = (), gpu: bool = False,
-             reads_journal: bool = False) -> str:  # fmt: skip
+             reads_journal: bool = False, notify: bool = False, reload: str | None = None,
+             restart_sec: int = 5) -> str:  # fmt: skip
     return render(
         "service.j2",
         description=description,
         user=user,
+        notify=notify,
+        reload=reload,
+        restart_sec=restart_sec,
         exec_start=exec_start(args),
         stop_timeout=stop_timeout,
         env_files=env_files,
@@ -188,8 +197,42 @@ def router_files(plan: Plan) -> dict[str, str]:
         30,
         api_key_env(plan),
         unlimited_log=plan.topology.disaggregated,
+        # stateless: back at once, while the front door retries its clients' requests
+        restart_sec=1,
     )
     return {unit_path(S.ROUTER_UNIT): unit}
+
+
+def frontdoor_files(plan: Plan) -> dict[str, str]:
+    """HAProxy's config and unit; the client keys and TLS files are
+    secrets, written by roles/frontdoor.py."""
+    s = plan.settings
+    conf = render(
+        "haproxy.cfg.j2",
+        bind=net.hostport(plan.router_address, s.router_port),
+        tls=FRONTDOOR_TLS if plan.client_tls else None,
+        keys=FRONTDOOR_KEYS if s.client_api_keys else None,
+        bufsize=s.frontdoor_retry_buffer_kb * 1024,
+        max_bytes=s.client_max_request_mb << 20,
+        rate_limit=s.client_rate_limit,
+        max_connections=s.client_max_connections,
+        metrics_bind=plan.frontdoor_metrics_hostport,
+        router=net.hostport(plan.head.address, s.router_internal_port),
+        retries=s.frontdoor_retries,
+    )
+    unit = _service(
+        f"disagg front door (HAProxy) for clients of {plan.label}",
+        S.FRONTDOOR_USER,
+        ["/usr/sbin/haproxy", "-Ws", "-f", FRONTDOOR_CONF],
+        30,
+        [],
+        # -Ws: it tells systemd when it is ready, and reloads on USR2 without dropping a connection
+        notify=True,
+        reload="/bin/kill -USR2 $MAINPID",
+        # clients' requests are retried for about `frontdoor_retries` seconds while it is away
+        restart_sec=1,
+    )
+    return {FRONTDOOR_CONF: conf, unit_path(S.FRONTDOOR_UNIT): unit}
 
 
 def nats_files(plan: Plan) -> dict[str, str]:
@@ -227,6 +270,7 @@ def prometheus_files(plan: Plan) -> dict[str, str]:
         rules=PROMETHEUS_RULES,
         prometheus=plan.prometheus_hostport,
         router=plan.router_metrics_hostport,
+        frontdoor=plan.frontdoor_metrics_hostport,
         registry=plan.registry_metrics_address,
         layout=plan.label,
         targets=S.SCRAPE_TARGETS_DIR,
@@ -264,6 +308,7 @@ def host_units(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str,
     if host == plan.cluster.head:
         files.update(nats_files(plan))
         files.update(router_files(plan))
+        files.update(frontdoor_files(plan))
         files.update(sync_files(plan))
         if plan.settings.prometheus:
             files.update(prometheus_files(plan))

@@ -20,7 +20,9 @@ def test_each_port_is_admitted_from_its_peers_only():
     on_head = admitted(plan, head, ("10.0.0.5",))
     assert on_head[s.nats_port] == {head, other, "10.0.0.5"}
     assert on_head[s.router_metrics_port] == on_head[s.prometheus_port] == {"10.0.0.5"}
-    assert s.router_port not in on_head  # clients: anyone
+    # the router itself and the front door's metrics: admins; the front door's port: anyone
+    assert on_head[s.router_internal_port] == on_head[s.frontdoor_metrics_port] == {"10.0.0.5"}
+    assert s.router_port not in on_head
     # Prometheus (on the head) scrapes each worker host's DCGM exporter
     assert on_head[s.dcgm_exporter_port] == {head, "10.0.0.5"}
     for w in plan.workers_on(head):  # context workers: HTTP from the router, NIXL from the generate host
@@ -43,11 +45,13 @@ def test_the_chain_drops_only_our_ports_and_keeps_families_apart():
     lines = firewall.ruleset(plan, "h100-node1", ("10.0.0.5",))
     assert lines[0] == 'iif "lo" accept'
     s = plan.settings
-    ours = sorted({s.nats_port, s.router_metrics_port, s.prometheus_port, s.dcgm_exporter_port} |
+    ours = sorted({s.nats_port, s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port,
+                   s.prometheus_port, s.dcgm_exporter_port} |
                   {p for w in plan.workers_on("h100-node1") for p in (w.http_port, *w.nixl_ports)})  # fmt: skip
     assert lines[-1] == f"tcp dport {{ {', '.join(map(str, ours))} }} counter drop"
-    assert f"tcp dport {{ {s.router_metrics_port} }} ip6 saddr {{ fd00::/64 }} accept" in lines
-    assert f"tcp dport {{ {s.router_metrics_port} }} ip saddr {{ 10.9.0.0/16, 10.0.0.5 }} accept" in lines
+    admin_only = f"{s.router_internal_port}, {s.router_metrics_port}, {s.frontdoor_metrics_port}"
+    assert f"tcp dport {{ {admin_only} }} ip6 saddr {{ fd00::/64 }} accept" in lines
+    assert f"tcp dport {{ {admin_only} }} ip saddr {{ 10.9.0.0/16, 10.0.0.5 }} accept" in lines
     assert not any(str(s.router_port) in line for line in lines if "dport" in line)
 
 

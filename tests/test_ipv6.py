@@ -52,11 +52,15 @@ def test_units_give_programs_bare_addresses_and_urls_in_brackets(plan):
     for arg in (f"--nats 'tls://[{CONTEXT}]:4222'", f"--url 'http://[{CONTEXT}]:8100'", f"--zmq '[{CONTEXT}]:5600'"):
         assert arg in agent
     router = head["/etc/systemd/system/disagg-router.service"]
-    assert f"--host {CONTEXT} \\\n    --port 8000 \\\n    --prometheus-host {CONTEXT} \\\n" in router
+    assert f"--host {CONTEXT} \\\n    --port 8001 \\\n    --prometheus-host {CONTEXT} \\\n" in router
+    door = head["/etc/disagg/frontdoor/haproxy.cfg"]
+    assert f"  bind [{CONTEXT}]:8000\n" in door and f"  server router [{CONTEXT}]:8001\n" in door
+    assert f"  bind [{CONTEXT}]:8404\n" in door
     assert f'listen: "[{CONTEXT}]:4222"' in head["/etc/disagg/nats-server.conf"]
     scrape = yaml.safe_load(head["/etc/disagg/prometheus/prometheus.yml"])
     static = {c["job_name"]: c["static_configs"][0]["targets"] for c in scrape["scrape_configs"] if "static_configs" in c}
-    assert static == {"prometheus": [f"[{CONTEXT}]:9090"], "router": [f"[{CONTEXT}]:29000"], "registry": ["127.0.0.1:9091"]}
+    assert static == {"prometheus": [f"[{CONTEXT}]:9090"], "router": [f"[{CONTEXT}]:29000"],
+                      "frontdoor": [f"[{CONTEXT}]:8404"], "registry": ["127.0.0.1:9091"]}
     prometheus = head["/etc/systemd/system/disagg-prometheus.service"]
     assert f"--web.listen-address=[{CONTEXT}]:9090" in prometheus
 
@@ -98,8 +102,7 @@ def test_disagg_top_shows_an_ipv6_prometheus_url_whole():
 
     from disagg import top
 
-    totals = dict.fromkeys(("output_tokens_per_s", "gpus", "tokens_per_s_per_gpu", "tokens_per_s_per_user",
-                            "ttft_p90_s", "router_errors_per_s"))  # fmt: skip
+    totals = dict.fromkeys((*top.LAYOUT_RULES, "ttft_p90_s", "frontdoor_4xx_per_s", "frontdoor_5xx_per_s"))
     snap = top.Snapshot("context_tp1dp2_generate_tp1dp1", [], totals, {"met": None, "ttft_ms": None, "tokens_per_user": 50})
     console = Console(record=True, width=200)
     console.print(top.render(snap, f"http://[{CONTEXT}]:9090"))

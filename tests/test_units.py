@@ -105,20 +105,23 @@ def test_role_args_and_env_reach_only_their_role():
     assert "VLLM_X=1\n" in host_units(plan, "h100-node2")["/etc/disagg/disagg-generate-0.env"]
 
 
-@pytest.mark.parametrize("address, listens, on_head, from_controller", [
-    (None, "h100-node1", "http://h100-node1:8000", "http://h100-node1:8000"),
-    ("0.0.0.0", "0.0.0.0", "http://127.0.0.1:8000", "http://h100-node1:8000"),
-    ("fd00::1", "fd00::1", "http://[fd00::1]:8000", "http://[fd00::1]:8000"),
+@pytest.mark.parametrize("address, bind, from_controller", [
+    (None, "h100-node1:8000", "http://h100-node1:8000"),
+    ("0.0.0.0", "0.0.0.0:8000", "http://h100-node1:8000"),
+    ("fd00::1", "[fd00::1]:8000", "http://[fd00::1]:8000"),
 ])  # fmt: skip
-def test_router_listens_where_data_says_and_its_clients_follow(address, listens, on_head, from_controller):
+def test_the_front_door_listens_where_data_says_and_the_router_behind_it_on_the_head(address, bind, from_controller):
     data = {"router_address": address} if address else {}
     plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data=data))
     files = host_units(plan, "h100-node1")
+    door = files["/etc/disagg/frontdoor/haproxy.cfg"]
+    assert f"  bind {bind}\n" in door and "  server router h100-node1:8001\n" in door
     router = files["/etc/systemd/system/disagg-router.service"]
-    assert f"    --host {listens} \\\n" in router and f"    --prometheus-host {listens} \\\n" in router
-    assert f"    --router {systemd_arg(on_head)} \\\n" in files["/etc/systemd/system/disagg-registry-sync.service"]
+    assert "    --host h100-node1 \\\n    --port 8001 \\\n    --prometheus-host h100-node1 \\\n" in router
+    assert "    --router http://h100-node1:8001 \\\n" in files["/etc/systemd/system/disagg-registry-sync.service"]
     assert plan.router_url == from_controller
-    assert plan.router_metrics_url == from_controller.replace(":8000", ":29000") + "/metrics"
+    assert plan.router_internal_url == "http://h100-node1:8001"
+    assert plan.router_metrics_url == "http://h100-node1:29000/metrics"
 
 
 @pytest.mark.parametrize(

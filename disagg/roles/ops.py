@@ -224,11 +224,14 @@ def _pep503(name: str) -> str:
 
 
 @operation()
-def unit_running(unit: str, changed_by: Sequence[OperationMeta] = (), restart: bool = True):
+def unit_running(unit: str, changed_by: Sequence[OperationMeta] = (), restart: bool = True,
+                 reloaded_by: Sequence[OperationMeta] = ()):  # fmt: skip
     """
     Start and enable a unit; restart it only when one of `changed_by` (its
-    unit, env or config file) changed. With restart=False a running unit is
-    left running on its old definition (a rolling restart follows).
+    unit, env or config file) changed, reload it (`systemctl reload`: its
+    ExecReload) when only one of `reloaded_by` did. With restart=False a
+    running unit is left running on its old definition (a rolling restart
+    follows).
 
     **Example:**
 
@@ -245,8 +248,31 @@ def unit_running(unit: str, changed_by: Sequence[OperationMeta] = (), restart: b
             yield f"systemctl {'restart' if state['active'] else 'start'} {service}"
     elif not state["active"]:
         yield f"systemctl start {service}"
+    elif changed(reloaded_by):
+        yield f"systemctl reload {service}"
     if not state["enabled"]:
         yield f"systemctl enable {service}"
+
+
+@operation()
+def distro_unit_masked(unit: str, binary: str):
+    """
+    Mask a distro package's own unit before the package is first installed
+    (its postinst starts it otherwise, with the package's defaults); nothing
+    to do once the package is there (`binary` exists), whoever installed it.
+
+    **Example:**
+
+    .. code:: python
+
+        distro_unit_masked(name="Keep the package's own Prometheus from starting",
+                           unit="prometheus.service", binary="/usr/bin/prometheus")
+    """
+    path = units.unit_path(unit.removesuffix(".service"))
+    if host.get_fact(CommandSucceeds, command=f"test -e {shlex.quote(binary)} || test -L {path}"):
+        host.noop(f"{binary} is installed or {path} masked")
+        return
+    yield f"ln -s /dev/null {path}"
 
 
 @operation()

@@ -7,35 +7,16 @@ own unit is masked before its first install so that apt starts no second
 Prometheus with the package defaults; a Prometheus installed before us is
 left alone."""
 
-from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import deploy
 
 from disagg import settings as S
 from disagg import units
-from disagg.facts import CommandSucceeds
 from disagg.plan import Plan
 from disagg.roles.ops import commands_if_changed, directories, put_files, service_user, unit_running, wait_healthy
 
 PACKAGES = ("prometheus",)
-DISTRO_UNIT = "/etc/systemd/system/prometheus.service"
-
-
-@operation()
-def distro_unit_masked():
-    """
-    Mask the distro package's prometheus.service before the package is
-    first installed (its postinst starts it otherwise); nothing to do once
-    the package is there, whoever installed it.
-
-    **Example:**
-
-    .. code:: python
-
-        distro_unit_masked(name="Keep the package's own Prometheus from starting")
-    """
-    if host.get_fact(CommandSucceeds, command=f"test -e /usr/bin/prometheus || test -L {DISTRO_UNIT}"):
-        return
-    yield f"ln -s /dev/null {DISTRO_UNIT}"
+# the package's own unit and what it runs (roles/ops.py distro_unit_masked)
+DISTRO_UNIT = ("prometheus.service", "/usr/bin/prometheus")
 
 
 @deploy("Prometheus")

@@ -24,7 +24,7 @@ def router(plan: Plan, changed_by: list[OperationMeta]):
     wait_healthy(
         name="Router up",
         unit=S.ROUTER_UNIT,
-        url=f"{plan.router_url_on_head}/health",
+        url=f"{plan.router_internal_url}/health",
         timeout=120,
         # in PD mode it says 503 "Waiting for discovered workers" until the
         # registry sync has sent it some; the readiness gate waits for 200

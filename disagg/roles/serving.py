@@ -11,9 +11,10 @@ from disagg.roles.dcgm import dcgm
 from disagg.roles.firewall import PACKAGES as FIREWALL_PACKAGES, firewall
 from disagg.roles.nats import nats
 from disagg.roles.nvidia_driver import nvidia_driver
-from disagg.roles.prometheus import PACKAGES as PROMETHEUS_PACKAGES, distro_unit_masked, prometheus
+from disagg.roles import frontdoor as door
+from disagg.roles import prometheus as prom
 from disagg.roles.model import model
-from disagg.roles.ops import prune_units
+from disagg.roles.ops import distro_unit_masked, prune_units
 from disagg.roles import registry
 from disagg.roles.router import router
 from disagg.roles.vllm import vllm
@@ -32,8 +33,13 @@ def converge(plan: Plan) -> None:
         system += host.data.get("vllm_system_packages") or []
     watched = on_head and plan.settings.prometheus
     if watched:
-        distro_unit_masked(name="Keep the package's own Prometheus from starting")
-        system += PROMETHEUS_PACKAGES
+        unit, binary = prom.DISTRO_UNIT
+        distro_unit_masked(name="Keep the package's own Prometheus from starting", unit=unit, binary=binary)
+        system += prom.PACKAGES
+    if on_head:
+        unit, binary = door.DISTRO_UNIT
+        distro_unit_masked(name="Keep the package's own HAProxy from starting", unit=unit, binary=binary)
+        system += door.PACKAGES
     base(also=tuple(system))
     if fenced:
         firewall(plan)
@@ -51,9 +57,10 @@ def converge(plan: Plan) -> None:
     if runs_workers:
         workers(plan, runtime, [*engine, *key])
     if watched:
-        prometheus(plan)
+        prom.prometheus(plan)
     if on_head:
         router(plan, changed_by=key)
+        door.frontdoor(plan)
         registry.router_sync(plan, changed_by=runtime)
     # after the head's services: they install while the engines load
     if runs_workers:

@@ -1,0 +1,69 @@
+"""The front door on the head: HAProxy from the distribution (bookworm 2.6,
+jammy 2.4, noble 2.8: each has L7 retries and its Prometheus exporter
+built in) on the clients' port, before vllm-router (its own port internal
+since). It retries a request that failed before its answer started,
+passes inference paths only, asks clients' keys, speaks TLS when data
+asks. The package's own unit is masked before its first install; ours runs
+it as its own user with our config. A config, key or certificate change
+reloads it (no request cut); a unit change restarts it."""
+
+from pathlib import Path
+
+from pyinfra.api import deploy
+from pyinfra.operations import files
+
+from disagg import pki
+from disagg import settings as S
+from disagg import units
+from disagg.plan import Plan
+from disagg.roles.ops import commands_if_changed, directories, put_files, secret_file, service_user, unit_running, wait_healthy
+from disagg.topology import TopologyError
+
+PACKAGES = ("haproxy",)
+DISTRO_UNIT = ("haproxy.service", "/usr/sbin/haproxy")
+
+
+def client_tls(plan: Plan) -> str | None:
+    """The clients' certificate and key as one PEM: data's files (read on
+    the controller), or issued by the deployment's CA for client_tls_names."""
+    s = plan.settings
+    if s.client_tls_cert:
+        try:
+            return Path(s.client_tls_cert).read_text() + Path(s.client_tls_key).read_text()
+        except OSError as e:
+            raise TopologyError(f"inventory data 'client_tls_cert'/'client_tls_key': cannot read {e.filename} "
+                                f"on this controller ({e.strerror}); give PEM files this controller reads") from None  # fmt: skip
+    if s.client_tls_names:
+        bundle = pki.ensure(plan.cluster.head, list(s.client_tls_names), server="frontdoor")
+        return bundle.server_cert + bundle.server_key
+    return None
+
+
+@deploy("Front door")
+def frontdoor(plan: Plan):
+    s = plan.settings
+    service_user(name=f"Service user {S.FRONTDOOR_USER}", user=S.FRONTDOOR_USER, home=S.FRONTDOOR_DIR)
+    directories(name=f"Directory {S.FRONTDOOR_DIR}", wanted={S.FRONTDOOR_DIR: (S.FRONTDOOR_USER, "750")})
+    secrets = []
+    if s.client_api_keys:
+        secrets.append(secret_file(name="Client API keys", path=units.FRONTDOOR_KEYS, owner=S.FRONTDOOR_USER,
+                                   content="".join(f"Bearer {key}\n" for key in s.client_api_keys)))  # fmt: skip
+    else:
+        files.file(name="No client API keys", path=units.FRONTDOOR_KEYS, present=False)
+    pem = client_tls(plan)
+    if pem:
+        secrets.append(secret_file(name="Client TLS certificate and key", path=units.FRONTDOOR_TLS,
+                                   owner=S.FRONTDOOR_USER, content=pem))  # fmt: skip
+    else:
+        files.file(name="No client TLS", path=units.FRONTDOOR_TLS, present=False)
+    rendered = units.frontdoor_files(plan)
+    unit = put_files({units.unit_path(S.FRONTDOOR_UNIT): rendered.pop(units.unit_path(S.FRONTDOOR_UNIT))})
+    config = put_files(rendered)
+    # a config HAProxy would refuse stops the deploy before the reload (the running one keeps serving)
+    commands_if_changed(name="haproxy -c", commands=[f"runuser -u {S.FRONTDOOR_USER} -- haproxy -c -q -f "
+                                                     f"{units.FRONTDOOR_CONF}"],
+                        changed_by=[*config, *secrets])  # fmt: skip
+    unit_running(name=f"Run {S.FRONTDOOR_UNIT}", unit=S.FRONTDOOR_UNIT, changed_by=unit,
+                 reloaded_by=[*config, *secrets])  # fmt: skip
+    wait_healthy(name="Front door up", unit=S.FRONTDOOR_UNIT, url=f"http://{plan.frontdoor_metrics_hostport}/metrics",
+                 timeout=60)  # fmt: skip
