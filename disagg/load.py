@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 import time
 import urllib.parse
@@ -46,9 +47,11 @@ class Load:
 
     def __init__(self, url: str, model: str, concurrency: int = 6, max_tokens: int = 8,
                  timeout: float = 120, prompt: str = "Tell me a story.", pause: float = 0.0,
-                 api_key: str | None = None) -> None:  # fmt: skip
+                 api_key: str | None = None, ca: str | None = None) -> None:  # fmt: skip
+        """api_key: a client key the front door asks; ca: the CA file an https url is verified with."""
         parts = urllib.parse.urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = ssl.create_default_context(cafile=ca) if parts.scheme == "https" else None
         self.body = json.dumps({
             "model": model,
             "messages": [{"role": "user", "content": prompt}],
@@ -101,7 +104,8 @@ class Load:
 
     def _one(self) -> str | None:
         """None when the request succeeded, else why not."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls) if self.tls
+                else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))  # fmt: skip
         try:
             conn.request("POST", "/v1/chat/completions", self.body, self.headers)
             response = conn.getresponse()

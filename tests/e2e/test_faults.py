@@ -1,18 +1,22 @@
-"""Faults under load on the real stack: a bounded load through the router
-(a few concurrent streaming chat requests, each ok only with HTTP 200 and
+"""Faults under load on the real stack: a bounded load through the front
+door (a few concurrent streaming chat requests, each ok only with HTTP 200 and
 [DONE]) while a change or a fault is applied; requests sent and failed are
 printed as `fault:` lines at the end of the run."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
+from disagg import kvtransfer, smoke
+from disagg import settings as S
 from disagg.agent import kv
 from disagg.deploy import run_deploy
 from disagg.load import Load
@@ -113,32 +117,112 @@ def test_context_args_change_rolls_under_load_and_loses_nothing(deployment, figu
     assert int(left) >= 2
 
 
-def test_kill_9_of_a_context_worker_under_load(deployment, figures, timings):
+def frontdoor_retries(plan) -> float:
+    """Requests the front door sent the router again, by its own count."""
+    return smoke.counter(f"http://{plan.frontdoor_metrics_hostport}", "haproxy_backend_retry_warnings_total")
+
+
+def test_kill_9_of_a_context_worker_under_load_fails_no_request(deployment, figures, timings):
+    """The router sends prefills to the dead worker until it forgets it
+    (4-5 s after the sync stopped sending it); each fails at once and the
+    front door sends it again, and the router picks the next context worker.
+    A generate worker whose KV source died recomputes the prompt."""
     plan = deployment.ensure()
     (victim,) = [w for w in plan.workers if w.name == "context-0"]
+    retried = frontdoor_retries(plan)
     with load(plan) as traffic:
         time.sleep(3)
         pid = ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip()
         killed = traffic.at()
-        at = float(ssh(H1, f"date +%s.%N; kill -9 {pid}").stdout)
+        # every process of the worker: its API server and its EngineCore (which holds the KV cache)
+        at = float(ssh(H1, f"date +%s.%N; systemctl kill --signal=SIGKILL {victim.unit}").stdout)
         gone = router_dropped(victim.url, at, 30)
         back = until(lambda: ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip() not in
                      ("0", pid) and router_lists(victim.url), 300, "killed worker serving again")  # fmt: skip
         back_at = traffic.at()
         time.sleep(3)
-    result = traffic.result
-    figures.append(f"kill -9 of context-0 under load: {result.summary()}; the router dropped it {gone:.1f} s "
-                   f"after the kill, and listed it again {back_at - killed:.0f} s after")  # fmt: skip
+    result, retries = traffic.result, frontdoor_retries(plan) - retried
+    figures.append(f"kill -9 of context-0 under load: {result.summary()}; the front door sent {retries:.0f} "
+                   f"requests again; the router dropped it {gone:.1f} s after the kill, and listed it again "
+                   f"{back_at - killed:.0f} s after")  # fmt: skip
     timings["kill -9 of a context worker -> routed again"] = back_at - killed
-    # vllm-router 0.1.17 does not retry a failed prefill in PD discovery mode:
-    # requests in flight on the worker and those sent to it before the router
-    # drops it fail (some late: a decode pulling KV from the dead worker fails
-    # when NIXL gives up); none failed before the kill, none sent after the drop
-    assert all(ended >= killed for _, ended, _ in result.failures), result.failures[:3]
-    assert result.failed_between(killed + gone + 2, result.seconds) == 0, result.failures[-3:]
+    assert result.failed == 0, result.failures[:5]
+    assert retries > 0, "the front door retried nothing: the kill did not hit a request"
     # the sync stops sending it within a second (its port refuses); the router forgets it 4-5 s later
     assert gone < kv.ROUTER_FORGETS_AFTER + 2
     assert result.ok > 50
+
+
+def test_kill_9_of_the_router_under_load(deployment, figures, timings):
+    """The router restarts at once (RestartSec=1) and the front door tries a
+    refused connection again after a second; until the sync has sent the
+    new router its members (every second) the router answers 503."""
+    plan = deployment.ensure()
+    retried = frontdoor_retries(plan)
+    with load(plan) as traffic:
+        time.sleep(3)
+        pid = ssh(H1, f"systemctl show -p MainPID --value {S.ROUTER_UNIT}").stdout.strip()
+        killed = traffic.at()
+        ssh(H1, f"kill -9 {pid}")
+        serving = until(lambda: _answers(plan), 60, "the front door serving after the router's kill -9")
+        time.sleep(3)
+    result, retries = traffic.result, frontdoor_retries(plan) - retried
+    figures.append(f"kill -9 of the router under load: {result.summary()}; the front door sent {retries:.0f} requests "
+                   f"again and served again {serving:.1f} s after the kill")  # fmt: skip
+    timings["kill -9 of the router -> the front door serves again"] = serving
+    assert ssh(H1, f"systemctl show -p MainPID --value {S.ROUTER_UNIT}").stdout.strip() not in ("0", pid)
+    assert all(killed <= ended <= killed + serving + 5 for _, ended, _ in result.failures), result.failures[:5]
+    assert result.failed_between(killed + serving + 1, result.seconds) == 0
+    assert serving < 15 and result.ok > 20
+
+
+def _answers(plan) -> bool:
+    try:
+        return smoke.chat(plan.router_url, MODEL, 2, timeout=10)["completion_tokens"] == 2
+    except OSError:
+        return False
+
+
+def _post(url: str, body: dict, key: str) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json",
+                                                                      "Authorization": f"Bearer {key}"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
+
+
+def test_a_generate_worker_recomputes_the_prompt_its_dead_kv_source_held(deployment, figures):
+    """The router's two halves by hand: the prefill answers on context-0,
+    context-0 is killed, then the generate worker is sent the request with
+    the KV cache's address on the dead worker (kv_load_failure_policy:
+    recompute, disagg's default)."""
+    plan = deployment.ensure()
+    (victim,) = [w for w in plan.workers if w.name == "context-0"]
+    (generate,) = [w for w in plan.workers if w.role == "generate"]
+    key = ssh(H1, f"sed -n 's/^VLLM_API_KEY=//p' {S.API_KEY_ENV}").stdout.strip()
+    words = " ".join(f"r{os.getpid()}x{j}" for j in range(80))
+    request = {"model": MODEL, "messages": [{"role": "user", "content": words}], "max_tokens": 4, "min_tokens": 4,
+               "ignore_eos": True}  # fmt: skip
+    prefill = _post(f"{victim.url}/v1/chat/completions", {**request, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None,
+        "remote_host": None, "remote_port": None}}, key)  # fmt: skip
+    params = prefill["kv_transfer_params"]
+    assert params["remote_port"] == victim.nixl_port
+    pid = ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip()
+    before = kvtransfer.read([generate.url])
+    # every process of the worker: the EngineCore holds the KV cache, not the API server (MainPID)
+    ssh(H1, f"systemctl kill --signal=SIGKILL {victim.unit}")
+    try:
+        answer = _post(f"{generate.url}/v1/chat/completions", {**request, "kv_transfer_params": params}, key)
+        moved = kvtransfer.delta(before, kvtransfer.read([generate.url]))
+        figures.append(f"KV source killed after its prefill: the generate worker answered "
+                       f"{answer['usage']['completion_tokens']} tokens; {moved}")  # fmt: skip
+        assert answer["usage"]["completion_tokens"] == 4
+        prompt = answer["usage"]["prompt_tokens"]
+        assert moved["prompt_tokens_external"] == 0 and moved["prompt_tokens_local_compute"] > 0
+        assert moved["prompt_tokens_local_compute"] + moved["prompt_tokens_local_cache"] == prompt
+    finally:  # the layout whole again for the tests after this one
+        until(lambda: ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip() not in ("0", pid)
+              and router_lists(victim.url), 300, "killed worker serving again")  # fmt: skip
 
 
 def test_nats_down_30_s_under_load_loses_nothing(deployment, figures, timings):

@@ -269,10 +269,11 @@ def test_head_services_listen_only_where_they_must(deployment):
              for local in (line.split()[3] for line in listening if line.strip())}  # fmt: skip
     head = plan.head.address
     assert where[s.router_port] == where[s.router_metrics_port] == where[s.nats_port] == where[s.prometheus_port] == head
+    assert where[s.router_internal_port] == where[s.frontdoor_metrics_port] == head
     assert where[s.router_discovery_port] == where[s.nats_monitor_port] == where[s.registry_metrics_port] == "127.0.0.1"
     # the distro package's own Prometheus never started, nor what it recommends (node exporter on :9100)
     assert 9100 not in where, where
-    assert ssh(H1, "systemctl is-enabled prometheus.service", check=False).stdout.strip() == "masked"
+    assert ssh(H1, "systemctl is-enabled prometheus.service haproxy.service", check=False).stdout.split() == ["masked"] * 2
 
 
 # connect_ex's errno: 0 when something answered; a dropped SYN times out (3 s)
@@ -284,6 +285,8 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
     s = plan.settings
     context = next(w for w in plan.workers if w.role == "context")
     ours = {"NATS": (plan.head.address, s.nats_port), "router metrics": (plan.head.address, s.router_metrics_port),
+            "the router itself": (plan.head.address, s.router_internal_port),
+            "front door metrics": (plan.head.address, s.frontdoor_metrics_port),
             "Prometheus": (plan.head.address, s.prometheus_port),
             "context worker HTTP": (context.address, context.http_port),
             "context NIXL side channel": (context.address, context.nixl_port)}  # fmt: skip
@@ -291,7 +294,7 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
         def reaches(address: str, port: int) -> bool:
             return outside(sys.executable, "-c", PROBE, address, str(port)).stdout.strip() == "0"
 
-        assert reaches(plan.head.address, s.router_port), "clients reach the router"
+        assert reaches(plan.head.address, s.router_port), "clients reach the front door"
         assert reaches(plan.head.address, 22), "ssh is not ours to filter"
         blocked = [what for what, (address, port) in ours.items() if not reaches(address, port)]
     assert blocked == list(ours), blocked
@@ -407,7 +410,7 @@ def test_running_services_are_sandboxed(deployment, figures):
     assert all(float(e) <= 4 for e in exposure.values()), exposure  # 9.2 (UNSAFE) before
     # as each main process sees the host: only its own state is writable
     for unit, writable in (("disagg-context-0", "/var/lib/disagg"), ("disagg-nats", "/var/lib/disagg/nats"),
-                           ("disagg-router", None)):  # fmt: skip
+                           ("disagg-router", None), ("disagg-frontdoor", None)):  # fmt: skip
         pid = ssh(H1, f"systemctl show -p MainPID --value {unit}").stdout.strip()
         inside = f"nsenter -t {pid} -m --"
         refused = ssh(H1, f"{inside} touch /opt/disagg/probe /etc/disagg/probe", check=False)
@@ -714,9 +717,9 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
     timings["teardown under load (deploys/teardown.py)"] = run.seconds
     figures.append(f"teardown under load: {traffic.result.summary()} (the layout ends: failures expected)")
     s = plan.settings
-    ours = {s.router_port, s.router_metrics_port, s.nats_port, s.nats_monitor_port, s.prometheus_port,
-            s.registry_metrics_port, 8100, 8101}
-    for host, users in ((H1, "disagg,disagg-nats,disagg-prometheus"), (H2, "disagg")):
+    ours = {s.router_port, s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port, s.nats_port,
+            s.nats_monitor_port, s.prometheus_port, s.registry_metrics_port, 8100, 8101}
+    for host, users in ((H1, "disagg,disagg-nats,disagg-prometheus,disagg-frontdoor"), (H2, "disagg")):
         assert listed_units(host) == [] and unit_files(host) == []
         # (pgrep refuses a user that does not exist: each host's own)
         assert ssh(host, f"pgrep -u {users}", check=False).returncode == 1
