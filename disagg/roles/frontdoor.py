@@ -65,5 +65,19 @@ def frontdoor(plan: Plan):
                         changed_by=[*config, *secrets])  # fmt: skip
     unit_running(name=f"Run {S.FRONTDOOR_UNIT}", unit=S.FRONTDOOR_UNIT, changed_by=unit,
                  reloaded_by=[*config, *secrets])  # fmt: skip
+    # `systemctl reload` returns once HAProxy was signalled: the deploy goes on when the
+    # process answering (a new one) started after the files it reads were written
+    commands_if_changed(name="Front door on its new files", commands=[_serving_since_written(plan)],
+                        changed_by=[*config, *secrets])  # fmt: skip
     wait_healthy(name="Front door up", unit=S.FRONTDOOR_UNIT, url=f"http://{plan.frontdoor_metrics_hostport}/metrics",
                  timeout=60)  # fmt: skip
+
+
+def _serving_since_written(plan: Plan, timeout: int = 60) -> str:
+    paths = " ".join((units.FRONTDOOR_CONF, units.FRONTDOOR_KEYS, units.FRONTDOOR_TLS))
+    started = (f"curl -s -m 2 http://{plan.frontdoor_metrics_hostport}/metrics | "
+               "awk '$1 == \"haproxy_process_start_time_seconds\" { printf \"%d\", $2 }'")  # fmt: skip
+    return (f"written=$(stat -c %Y {paths} 2>/dev/null | sort -n | tail -1); deadline=$(( $(date +%s) + {timeout} )); "
+            f"until [ \"$({started})\" -ge \"$written\" ] 2>/dev/null; do "
+            f"if [ $(date +%s) -ge $deadline ]; then echo 'the front door did not take its new files within {timeout} s' >&2; "
+            "exit 1; fi; sleep 0.2; done")

@@ -125,3 +125,49 @@ def test_client_keys_and_tls_rotate_under_load_without_a_failed_request(deployme
         run_deploy(INVENTORY, "deploys/disagg.py", *base)
         deployment.changed("deploys/disagg.py", base)
     assert smoke.chat(plan.router_url, MODEL, 2)["completion_tokens"] == 2
+
+
+# from the neighbour: a burst of requests on one connection, then connections held open at once
+LIMITS = r"""
+import http.client, json, socket, sys, time, urllib.parse
+url, n = sys.argv[1], int(sys.argv[2])
+parts = urllib.parse.urlsplit(url)
+conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+codes = []
+for _ in range(n):
+    conn.request("GET", "/health")
+    response = conn.getresponse()
+    response.read()
+    codes.append(response.status)
+conn.close()
+time.sleep(3)  # the burst out of the rate's window (the current second and the one before)
+held = [socket.create_connection((parts.hostname, parts.port), timeout=5) for _ in range(8)]
+answered = 0
+for s in held:
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answered += s.recv(12).startswith(b"HTTP/1.1 ")
+    except OSError:
+        pass
+print(json.dumps({"codes": codes, "answered": answered}))
+"""
+
+
+def test_client_rate_and_connection_limits(deployment, figures):
+    plan = deployment.ensure()
+    base = deployment.current[1]
+    limited = (*base, "client_rate_limit=20", "client_max_connections=4")
+    try:
+        run_deploy(INVENTORY, "deploys/disagg.py", *limited)
+        deployment.changed("deploys/disagg.py", limited)
+        with testhosts.outsider() as outside:
+            seen = json.loads(outside(sys.executable, "-c", LIMITS, plan.router_url, "60").stdout)
+    finally:
+        run_deploy(INVENTORY, "deploys/disagg.py", *base)
+        deployment.changed("deploys/disagg.py", base)
+    codes = seen["codes"]
+    figures.append(f"client limits (20 requests/s, 4 connections) from a neighbour: a burst of 60 requests got "
+                   f"{codes.count(200)} x 200 and {codes.count(429)} x 429; 8 connections held, {seen['answered']} "
+                   "answered")  # fmt: skip
+    assert set(codes) == {200, 429} and codes[:15] == [200] * 15
+    assert seen["answered"] == 4

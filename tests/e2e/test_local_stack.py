@@ -86,7 +86,7 @@ def test_converge_serves_through_the_router(deployment):
     assert after[generate] - before[generate] >= 2, "the generate worker did not decode"
     assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service",
                                 "disagg-context-1-agent.service", "disagg-context-1.service",
-                                "disagg-firewall.service", "disagg-nats.service", "disagg-prometheus.service",
+                                "disagg-firewall.service", "disagg-frontdoor.service", "disagg-nats.service", "disagg-prometheus.service",
                                 "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
     assert listed_units(H2) == ["disagg-firewall.service", "disagg-generate-0-agent.service",
                                 "disagg-generate-0.service"]  # fmt: skip
@@ -606,7 +606,7 @@ def test_relabel_prunes_the_stale_context_unit(deployment):
     deployment.changed("deploys/disagg.py", relabel)
     assert "disagg-context-1.service" not in unit_files(H1)
     assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service", "disagg-firewall.service",
-                                "disagg-nats.service", "disagg-prometheus.service", "disagg-registry-sync.service",
+                                "disagg-frontdoor.service", "disagg-nats.service", "disagg-prometheus.service", "disagg-registry-sync.service",
                                 "disagg-router.service"]  # fmt: skip
     assert ssh(H1, "test -e /etc/disagg/disagg-context-1.env", check=False).returncode != 0
     # unchanged workers keep running through a relabel
@@ -619,7 +619,7 @@ def test_baseline_answers_and_survives_a_killed_worker(deployment, figures):
     baseline = deployment.ensure("deploys/baseline.py")
     assert listed_units(H1) == ["disagg-baseline-0-agent.service", "disagg-baseline-0.service",
                                 "disagg-baseline-1-agent.service", "disagg-baseline-1.service", "disagg-firewall.service",
-                                "disagg-nats.service", "disagg-prometheus.service", "disagg-registry-sync.service",
+                                "disagg-frontdoor.service", "disagg-nats.service", "disagg-prometheus.service", "disagg-registry-sync.service",
                                 "disagg-router.service"]  # fmt: skip
     # a host the layout no longer uses keeps nothing of ours, the firewall's table neither
     assert listed_units(H2) == []
