@@ -168,13 +168,16 @@ def test_firewall_false_installs_no_rules_and_prunes_an_earlier_firewall():
 def test_teardown_removes_our_units_and_nothing_else(purge):
     units = ("disagg-context-1", "disagg-generate-0", "disagg-router")
     data = {"purge": "true"} if purge else {}
-    planned = plan_deploy(H100, "deploys/teardown.py", data=data, responses=stale_units(*units))
+    # our table is there (also when its unit failed and never runs its ExecStop)
+    listed = "nft list table inet disagg"
+    planned = plan_deploy(H100, "deploys/teardown.py", data=data, responses={**stale_units(*units), listed: ["yes"]})
     commands = planned.commands("h100-node1")
     assert f"systemctl disable --now {' '.join(u + '.service' for u in units)}" in commands
+    assert commands.index(f"if {listed} >/dev/null 2>&1; then nft delete table inet disagg; fi") > 0
     assert not any("kill" in c for c in commands)
     names = [n for n, _ in planned.ops("h100-node1")]
     for path in ("/etc/disagg/nats.env", "/etc/disagg/hf-token.env", "/etc/disagg/nats-server.conf", S.API_KEY_ENV,
-                 S.TLS_DIR, S.PROMETHEUS_CONFIG_DIR, S.SCRAPE_TARGETS_DIR):  # fmt: skip
+                 S.FIREWALL_RULES, S.TLS_DIR, S.PROMETHEUS_CONFIG_DIR, S.SCRAPE_TARGETS_DIR):  # fmt: skip
         assert f"disagg teardown | Remove {path}" in names
     # Prometheus's history outlives a teardown; purge takes it with /var/lib/disagg
     assert f"disagg teardown | Remove {S.PROMETHEUS_DATA}" not in names
@@ -365,3 +368,11 @@ def test_a_hub_model_is_staged_before_the_workers_start_and_a_stamped_copy_is_le
     staged[f"s={dest}.manifest.json"][4] = "model.safetensors\t2"
     planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
     assert any("disagg.agent.stage" in c for c in planned.commands("h100-node2"))
+
+
+def test_a_running_firewall_is_reloaded_never_restarted():
+    # every file differs, the unit runs: a restart would delete the table (ExecStop) before loading the new one
+    planned = plan_deploy(H100, "deploys/disagg.py", responses={**gpu_host_responses(), **RUNNING})
+    for host in NODES:
+        (cmds,) = [c for n, c in planned.ops(host) if n.endswith(f"Run {S.FIREWALL_UNIT}")]
+        assert cmds == ["systemctl daemon-reload", f"systemctl reload {S.FIREWALL_UNIT}.service"]

@@ -59,7 +59,7 @@ def test_every_unit_stops_gracefully():
     # the firewall is loaded once and stays; stopping it deletes our table, no other
     loader = next(t for r, t in rendered("label").items() if r.name == "disagg-firewall.service")
     for line in ("Type=oneshot", "RemainAfterExit=yes", "ExecStart=/usr/sbin/nft -f /etc/disagg/firewall.nft",
-                 "ExecStop=/usr/sbin/nft delete table inet disagg"):  # fmt: skip
+                 "ExecReload=/usr/sbin/nft -f /etc/disagg/firewall.nft", "ExecStop=/usr/sbin/nft delete table inet disagg"):  # fmt: skip
         assert f"\n{line}\n" in loader, line
     worker = next(t for r, t in rendered("label").items() if r.name == "disagg-context-0.service")
     # before SIGTERM, as root (it reads the root-only NATS password): out of the router, then drained

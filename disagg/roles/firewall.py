@@ -5,11 +5,12 @@ unit from an earlier deploy is pruned like any other: its stop deletes our
 table and no other."""
 
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import deploy, operation
 
 from disagg import settings as S
 from disagg import units
-from disagg.facts import ControllerAddress
+from disagg.facts import CommandSucceeds, ControllerAddress
+from disagg.firewall import TABLE
 from disagg.plan import Plan
 from disagg.roles.ops import put_files, unit_running
 
@@ -21,5 +22,31 @@ PACKAGES = ("nftables",)
 def firewall(plan: Plan):
     # as the login user: sudo drops SSH_CLIENT from the environment
     controller = host.get_fact(ControllerAddress, _sudo=False)
-    written = put_files(units.firewall_files(plan, host.name, (controller,) if controller else ()))
-    unit_running(name=f"Run {S.FIREWALL_UNIT}", unit=S.FIREWALL_UNIT, changed_by=written)
+    rendered = units.firewall_files(plan, host.name, (controller,) if controller else ())
+    unit = put_files({units.unit_path(S.FIREWALL_UNIT): rendered.pop(units.unit_path(S.FIREWALL_UNIT))})
+    rules = put_files(rendered)
+    # never restarted: its stop deletes the table, and a start that then
+    # failed would leave every port open; a reload swaps the rules in one
+    # nft transaction, the old ones stay if the new fail to load
+    unit_running(name=f"Run {S.FIREWALL_UNIT}", unit=S.FIREWALL_UNIT, changed_by=unit, restart=False,
+                 reloaded_by=[*unit, *rules])
+
+
+@operation()
+def table_absent():
+    """
+    Our nftables table deleted where its unit left it: a unit that failed
+    or was stopped by hand never ran its ExecStop. Other tables stay.
+
+    **Example:**
+
+    .. code:: python
+
+        table_absent(name="Remove our nftables table")
+    """
+    listed = f"nft list table inet {TABLE}"
+    if not host.get_fact(CommandSucceeds, command=listed):
+        host.noop(f"no table inet {TABLE}")
+        return
+    # the units' stop, run before this, usually deleted it already
+    yield f"if {listed} >/dev/null 2>&1; then nft delete table inet {TABLE}; fi"

@@ -230,8 +230,9 @@ def unit_running(unit: str, changed_by: Sequence[OperationMeta] = (), restart: b
     Start and enable a unit; restart it only when one of `changed_by` (its
     unit, env or config file) changed, reload it (`systemctl reload`: its
     ExecReload) when only one of `reloaded_by` did. With restart=False a
-    running unit is left running on its old definition (a rolling restart
-    follows).
+    running unit is never restarted: it is reloaded when one of
+    `reloaded_by` changed, else left on its old definition (a rolling
+    restart follows).
 
     **Example:**
 
@@ -244,10 +245,10 @@ def unit_running(unit: str, changed_by: Sequence[OperationMeta] = (), restart: b
     state = host.get_fact(UnitState, unit=service)
     if changed(changed_by):
         yield "systemctl daemon-reload"
-        if restart or not state["active"]:
-            yield f"systemctl {'restart' if state['active'] else 'start'} {service}"
-    elif not state["active"]:
+    if not state["active"]:
         yield f"systemctl start {service}"
+    elif restart and changed(changed_by):
+        yield f"systemctl restart {service}"
     elif changed(reloaded_by):
         yield f"systemctl reload {service}"
     if not state["enabled"]:

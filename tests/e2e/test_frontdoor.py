@@ -135,10 +135,14 @@ parts = urllib.parse.urlsplit(url)
 conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
 codes = []
 for _ in range(n):
-    conn.request("GET", "/health")
-    response = conn.getresponse()
-    response.read()
-    codes.append(response.status)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        response.read()
+        codes.append(response.status)
+    except (OSError, http.client.HTTPException) as e:
+        codes.append(type(e).__name__)
+        conn.close()
 conn.close()
 time.sleep(3)  # the burst out of the rate's window (the current second and the one before)
 held = [socket.create_connection((parts.hostname, parts.port), timeout=5) for _ in range(8)]
@@ -161,7 +165,9 @@ def test_client_rate_and_connection_limits(deployment, figures):
         run_deploy(INVENTORY, "deploys/disagg.py", *limited)
         deployment.changed("deploys/disagg.py", limited)
         with testhosts.outsider() as outside:
-            seen = json.loads(outside(sys.executable, "-c", LIMITS, plan.router_url, "60").stdout)
+            probe = outside(sys.executable, "-c", LIMITS, plan.router_url, "60")
+        assert probe.returncode == 0, probe.stderr
+        seen = json.loads(probe.stdout)
     finally:
         run_deploy(INVENTORY, "deploys/disagg.py", *base)
         deployment.changed("deploys/disagg.py", base)

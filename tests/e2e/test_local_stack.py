@@ -317,6 +317,22 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
                    f"{dropped} packets dropped on the head")  # fmt: skip
 
 
+def test_rules_that_fail_to_load_leave_the_old_ones_and_a_rerun_mends_them(deployment):
+    deployment.ensure()
+    data = deployment.current[1]
+    rules = "nft -s list table inet disagg"  # -s: without counters
+    before = ssh(H2, rules).stdout
+    assert "drop" in before
+    ssh(H2, f"echo 'table inet disagg {{ chain input {{ no such rule; }} }}' >> {S.FIREWALL_RULES}")
+    deployment.changed()
+    assert ssh(H2, f"systemctl reload {S.FIREWALL_UNIT}", check=False).returncode != 0
+    assert ssh(H2, rules).stdout == before and ssh(H2, f"systemctl is-active {S.FIREWALL_UNIT}").stdout == "active\n"
+    run_deploy(INVENTORY, "deploys/disagg.py", *data)
+    deployment.changed("deploys/disagg.py", data)
+    assert "no such rule" not in ssh(H2, f"cat {S.FIREWALL_RULES}").stdout
+    assert ssh(H2, f"systemctl reload {S.FIREWALL_UNIT} && {rules}").stdout == before
+
+
 def test_rerun_changes_nothing(deployment, timings, figures, tmp_path):
     from disagg import profile
 
@@ -723,6 +739,7 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
         assert listed_units(host) == [] and unit_files(host) == []
         # (pgrep refuses a user that does not exist: each host's own)
         assert ssh(host, f"pgrep -u {users}", check=False).returncode == 1
+        assert ssh(host, f"test -e {S.FIREWALL_RULES}", check=False).returncode == 1
         listening = ssh(host, "ss -ltnH").stdout
         ports = {int(m) for m in re.findall(r":(\d+)\s", listening)}
         assert not ports & ours, listening
