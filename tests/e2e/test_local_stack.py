@@ -725,13 +725,15 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
     ssh(H1, "nft add table inet theirs && nft add chain inet theirs input "
             "'{ type filter hook input priority 0; policy accept; }'")
     time.sleep(1)
+    firewalls = {host: ssh(host, f"systemctl is-active {S.FIREWALL_UNIT}", check=False).stdout.strip() for host in (H1, H2)}
     deployment.changed()
     with Load(plan.router_url, MODEL, concurrency=2, pause=0.05, timeout=30) as traffic:
         time.sleep(2)
         run = run_deploy(INVENTORY, "deploys/teardown.py", timeout=300)
     deployment.changed("deploys/teardown.py")
     timings["teardown under load (deploys/teardown.py)"] = run.seconds
-    figures.append(f"teardown under load: {traffic.result.summary()} (the layout ends: failures expected)")
+    figures.append(f"teardown under load: {traffic.result.summary()} (the layout ends: failures expected); "
+                   f"the firewall units before: {firewalls}")
     s = plan.settings
     ours = {s.router_port, s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port, s.nats_port,
             s.nats_monitor_port, s.prometheus_port, s.registry_metrics_port, 8100, 8101}
