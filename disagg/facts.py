@@ -10,6 +10,7 @@ import shlex
 from pyinfra.api import FactBase
 
 from . import manifest
+from .agent import envfile
 from .settings import MANAGED_MARKER, SYSTEMD_DIR
 from .wheelhouse import parse_platform
 
@@ -178,7 +179,7 @@ class EnvFileValue(FactBase):
         return f"sed -n 's/^{variable}=//p' {shlex.quote(path)} 2>/dev/null || true"
 
     def process(self, output):
-        return output[0] if output and output[0] else None
+        return envfile.unquote(output[0]) if output and output[0] else None
 
 
 class CommandSucceeds(FactBase):

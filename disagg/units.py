@@ -6,6 +6,7 @@ and `disagg render --units` prints exactly that.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +15,7 @@ import jinja2
 
 from . import firewall, net
 from . import settings as S
+from .agent import envfile
 from .agent.kv import PASSWORD_ENV
 from .plan import Plan
 from .topology import Worker
@@ -29,6 +31,7 @@ FRONTDOOR_KEYS = f"{S.FRONTDOOR_DIR}/client-keys"
 FRONTDOOR_TLS = f"{S.FRONTDOOR_DIR}/client-tls.pem"
 VLLM_PLUGIN = Path(__file__).resolve().parent / "vllm_plugin.py"
 NATS_CONF = f"{S.CONFIG_DIR}/nats-server.conf"
+NATS_AUTH_CONF = f"{S.CONFIG_DIR}/nats-auth.conf"
 NATS_SECRET_ENV = S.NATS_SECRET_ENV
 NATS_PASSWORD_ENV = PASSWORD_ENV
 NATS_STORE = f"{S.STATE_DIR}/nats"
@@ -73,12 +76,6 @@ def exec_start(args: list[str]) -> str:
     return " \\\n    ".join(" ".join(line) for line in lines)
 
 
-def env_value(value: str) -> str:
-    if _PLAIN_ARG.fullmatch(value):
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def unit_path(unit: str) -> str:
     return f"{S.SYSTEMD_DIR}/{unit}.service"
 
@@ -113,7 +110,7 @@ def _service(description: str, user: str, args: list[str], stop_timeout: int, en
 
 
 def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
-    env = {k: env_value(v) for k, v in plan.worker_env(w).items()}
+    env = {k: envfile.quote(v) for k, v in plan.worker_env(w).items()}
     unit = _service(
         # no label here: a relabel must not restart workers whose layout is unchanged
         f"disagg {w.role} worker {w.index}, GPUs {','.join(map(str, w.gpus))}",
@@ -243,8 +240,7 @@ def nats_files(plan: Plan) -> dict[str, str]:
         listen=net.hostport(plan.head.address, s.nats_port),
         monitor_port=s.nats_monitor_port,
         store_dir=NATS_STORE,
-        user=s.nats_user,
-        password_env=NATS_PASSWORD_ENV,
+        auth=Path(NATS_AUTH_CONF).name,
         cert_file=S.NATS_CERT,
         key_file=S.NATS_KEY,
     )
@@ -253,10 +249,17 @@ def nats_files(plan: Plan) -> dict[str, str]:
         S.NATS_USER,
         [f"{S.NATS_VENV}/bin/nats-server", "-c", NATS_CONF],
         30,
-        [NATS_SECRET_ENV],
+        [],
         write_paths=(NATS_STORE,),
     )
     return {NATS_CONF: conf, unit_path(S.NATS_UNIT): unit}
+
+
+def nats_auth_text(user: str, password: str) -> str:
+    """The server's authorization block. Quoted strings, so that a password
+    such as `123456` or `x y` is read as text (a NATS config value unquoted,
+    or read from an environment variable, may become a number or a list)."""
+    return f"authorization {{\n  user: {json.dumps(user)}\n  password: {json.dumps(password, ensure_ascii=False)}\n}}\n"
 
 
 PROMETHEUS_CONF = f"{S.PROMETHEUS_CONFIG_DIR}/prometheus.yml"

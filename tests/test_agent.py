@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 
 from disagg import pki, units
-from disagg.agent import kv, metrics, status as agent_status
+from disagg.agent import envfile, kv, metrics, status as agent_status
 from disagg.agent.routerview import DiscoveryLog
 from disagg.agent.sync import discovery_message
 from disagg.load import Load
 
-PASSWORD = "t3st-pw"
+# any printable password: quotes, spaces, $, a backslash, a number in front
+PASSWORD = '12 34;x "$HOME" \\`y` #z'
 BIN = Path(sys.executable).parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -63,8 +64,9 @@ class Nats:
         self.monitor = free_port()
         self.conf.write_text(units.render(
             "nats-server.conf.j2", server_name="test", listen=f"127.0.0.1:{self.port}", monitor_port=self.monitor,
-            store_dir=tmp / "js", user="disagg", password_env=kv.PASSWORD_ENV, cert_file=cert, key_file=key,
+            store_dir=tmp / "js", auth="auth.conf", cert_file=cert, key_file=key,
         ))  # fmt: skip
+        (tmp / "auth.conf").write_text(units.nats_auth_text("disagg", PASSWORD))
         self.proc = None
 
     def server(self, password: str = PASSWORD, ca: Path | None = None) -> kv.Server:
@@ -72,7 +74,6 @@ class Nats:
 
     def start(self):
         self.proc = subprocess.Popen([str(BIN / "nats-server"), "-c", str(self.conf)],
-                                     env={**os.environ, kv.PASSWORD_ENV: PASSWORD},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         until(lambda: socket.socket().connect_ex(("127.0.0.1", self.port)) == 0, 10, "nats-server up")
 
@@ -317,7 +318,7 @@ def test_status_exit_codes_ready_not_ready_unknown(nats, agents, workers, router
 def test_status_password_from_a_file_read_literally(nats, agents, workers, tmp_path):
     agents.heartbeat("context", 0, workers[0])
     secret = tmp_path / "nats.env"
-    secret.write_text(f"{kv.PASSWORD_ENV}={PASSWORD}\n")
+    secret.write_text(envfile.text({kv.PASSWORD_ENV: PASSWORD}))  # as the deploy writes it
     until(lambda: look(nats, expect(workers)[:1]).workers)
     out = agents.run("status", "--password-file", str(secret), "--json", password="", wait=True)
     assert out.returncode == 0 and json.loads(out.stdout)["nats"] == "healthy"

@@ -10,7 +10,7 @@ import pytest
 
 from disagg import settings as S
 from disagg.plan import load_inventory, make_plan
-from disagg.units import env_value, exec_start, host_units, systemd_arg, vllm_plugin_files
+from disagg.units import exec_start, host_units, systemd_arg, vllm_plugin_files
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = Path(__file__).resolve().parent / "expected"
@@ -138,11 +138,6 @@ def test_exec_start_puts_each_flag_on_its_own_line():
     assert exec_start(["/bin/x", "-m", "mod", "--a", "1", "--flag", "--b", "2"]) == (
         "/bin/x -m mod \\\n    --a 1 \\\n    --flag \\\n    --b 2"
     )
-
-
-def test_env_value_quoting():
-    assert env_value("0,1") == "0,1"
-    assert env_value('a "b"') == '"a \\"b\\""'
 
 
 def test_vllm_plugin_in_disaggregated_workers_progress_thread_off_where_data_says(tmp_path, monkeypatch):

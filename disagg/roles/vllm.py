@@ -11,7 +11,8 @@ from disagg import packages
 from disagg import settings as S
 from disagg.plan import Plan
 from disagg import units
-from disagg.roles.ops import commands_if_changed, directories, env_text, put_files, python_packages, secret_file
+from disagg.agent import envfile
+from disagg.roles.ops import commands_if_changed, directories, put_files, python_packages, secret_file
 
 DEFAULTS = {
     "vllm_package": packages.DEFAULTS["vllm_package"],
@@ -51,7 +52,7 @@ def vllm(plan: Plan) -> list[OperationMeta]:
         files.directory(name=f"No {S.VLLM_PLUGIN_DIR}", path=S.VLLM_PLUGIN_DIR, present=False)
     token = host.data.get("hf_token")
     if token:
-        secret_file(name="HF token", path=S.HF_TOKEN_ENV, content=env_text({"HF_TOKEN": str(token)}))
+        secret_file(name="HF token", path=S.HF_TOKEN_ENV, content=envfile.text({"HF_TOKEN": str(token)}))
     else:
         files.file(name="No HF token", path=S.HF_TOKEN_ENV, present=False)
     return plugin
