@@ -341,6 +341,40 @@ def test_in_router_comes_from_the_router_and_traffic_flows(nats, agents, workers
     assert load.result.ok > 10 and load.result.failed == 0, load.result.summary()
 
 
+def test_malformed_registry_entries_are_skipped_and_stop_neither_the_sync_nor_status(nats, agents, workers, router):
+    sync = start_layout(agents, workers, router)
+    expected = expect(workers)
+    until(lambda: look(nats, expected, router.url).ready, 20, "ready")
+    bad = {"worker.garbage": b"not json {", "worker.a-list": b"[1, 2]",
+           "worker.no-url": json.dumps({"role": "generate", "health": "healthy", "zmq": "127.0.0.1:1"}).encode(),
+           "worker.bad-port": json.dumps({"role": "context", "health": "healthy", "url": "http://127.0.0.1:99999",
+                                          "zmq": "127.0.0.1:1"}).encode(),
+           "worker.no-zmq": json.dumps({"role": "context", "health": "healthy", "url": "http://127.0.0.1:9"}).encode(),
+           "worker.url-list": json.dumps({"role": "context", "health": "healthy", "url": ["x"], "index": "x"}).encode()}  # fmt: skip
+    with Load(router.url, "m", concurrency=2) as load:
+        asyncio.run(_put_raw(nats, bad))
+        time.sleep(3)
+    assert load.result.ok > 10 and load.result.failed == 0, load.result.summary()
+    assert sync.poll() is None
+    current = look(nats, expected, router.url)
+    assert current.ready and sorted(current.members) == sorted(w.url for w in workers)
+    # status lists what the registry holds (the malformed entries with a URL too), for a person to see
+    assert {w.url for w in workers} < {w["url"] for w in current.workers}
+    log = Path(sync.log.name).read_text()
+    for key in bad:
+        assert log.count(f"registry: {key} ") == 1, (key, log[-2000:])
+
+
+async def _put_raw(nats: Nats, values: dict[str, bytes]) -> None:
+    nc = await kv.connect(nats.server(), reconnect=False)
+    try:
+        store = await kv.bucket(nc)
+        for key, value in values.items():
+            await store.put(key, value)
+    finally:
+        await nc.close()
+
+
 def test_the_sync_writes_scrape_targets_from_the_registry_and_serves_nats_metrics(nats, agents, workers, router,
                                                                                   tmp_path):  # fmt: skip
     targets, metrics_port = tmp_path / "targets", free_port()

@@ -64,10 +64,10 @@ def test_disagg_deploy_order_on_the_head():
     planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
     names = [name for name, _ in planned.ops("h100-node1")]
     first = {key: next(i for i, n in enumerate(names) if key in n)
-             for key in ("NVIDIA driver", "Run disagg-nats", "NATS JetStream healthy", "Install vllm==",
-                         "Remove units of other layouts", "Run disagg-context-0", "Run disagg-context-0-agent",
-                         "Rolling restart 1/4", "Rolling restart 4/4", "Run disagg-prometheus", "Prometheus ready",
-                         "Run disagg-router", "Run disagg-registry-sync", "disagg-context-3 healthy",
+             for key in ("NVIDIA driver", "Run disagg-nats", "NATS JetStream healthy", "Run disagg-registry-sync",
+                         "Install vllm==", "Remove units of other layouts", "Run disagg-context-0",
+                         "Run disagg-context-0-agent", "Rolling restart 1/4", "Rolling restart 4/4",
+                         "Run disagg-prometheus", "Prometheus ready", "Run disagg-router", "disagg-context-3 healthy",
                          "Every worker registered")}  # fmt: skip
     assert list(first) == sorted(first, key=first.get)
     # all context workers start before the first health wait, so they load together (and the
@@ -283,7 +283,8 @@ def test_prometheus_runs_on_the_head_only_its_package_unit_masked_before_the_fir
     assert commands.index(mask) < commands.index(install)
     assert f"promtool check config {S.PROMETHEUS_CONFIG_DIR}/prometheus.yml" in commands
     assert "systemctl start disagg-prometheus.service" in commands
-    assert names.index("Prometheus | Prometheus ready") < names.index("Router sync and readiness gate | Run disagg-registry-sync")
+    sync = "Router sync and readiness gate | "
+    assert names.index(f"{sync}Scrape targets directory") < names.index(f"{sync}Run disagg-registry-sync")
     other = planned.commands("h100-node2")
     assert mask not in other and not any("prometheus" in c.split() for c in other if "apt-get" in c)
     # a Prometheus already on the host (the package's binary there): its unit is not ours to mask
@@ -376,3 +377,4 @@ def test_a_running_firewall_is_reloaded_never_restarted():
     for host in NODES:
         (cmds,) = [c for n, c in planned.ops(host) if n.endswith(f"Run {S.FIREWALL_UNIT}")]
         assert cmds == ["systemctl daemon-reload", f"systemctl reload {S.FIREWALL_UNIT}.service"]
+

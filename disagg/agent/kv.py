@@ -254,10 +254,48 @@ async def read_all(kv, timeout: float = NATS_TIMEOUT) -> dict[str, Entry]:
             if entry is None:  # the end of the current values
                 break
             if entry.value:
-                out[entry.key] = Entry(json.loads(entry.value), entry.created)
+                try:
+                    value = json.loads(entry.value)
+                except ValueError:
+                    value = None
+                if not isinstance(value, dict):
+                    _skipped(entry.key, "is not a JSON object")
+                    continue
+                out[entry.key] = Entry(value, entry.created)
     finally:
         await watcher.stop()
     return out
+
+
+# (key, reason) already logged: a bad entry is read again every second
+_logged: set[tuple[str, str]] = set()
+
+
+def _skipped(key: str, reason: str) -> None:
+    if (key, reason) not in _logged:
+        _logged.add((key, reason))
+        log(f"registry: {key} {reason}: skipped")
+
+
+def member(key: str, value: dict, roles: set[str]) -> dict | None:
+    """A worker entry fit to be routed (its role one of roles, healthy, its
+    URL and, for a PD role, its ZMQ address well formed), else None, logged
+    once: an entry a bug or a hand wrote never stops whoever reads it."""
+    if not key.startswith(WORKER_PREFIX) or value.get("role") not in roles or value.get("health") != "healthy":
+        return None
+    url, zmq = value.get("url"), value.get("zmq")
+    try:
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        well_formed = parts is not None and parts.scheme in ("http", "https") and parts.hostname and parts.port
+    except ValueError:  # a port out of range
+        well_formed = False
+    if not well_formed:
+        _skipped(key, f"has no http URL with a host and port ({url!r})")
+        return None
+    if value["role"] in DISCOVERY_TYPE and not (isinstance(zmq, str) and re.fullmatch(r"\S+:\d+", zmq)):
+        _skipped(key, f"has no ZMQ address host:port ({zmq!r})")
+        return None
+    return value
 
 
 async def put(kv, key: str, value: dict) -> None:

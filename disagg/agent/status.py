@@ -60,7 +60,7 @@ class Status:
 def assess(expected: list[Expected], entries: dict[str, dict], members: list[str] | None) -> list[str]:
     """What keeps the deployed topology from being ready, one phrase each.
     `entries`: the live registry (an entry past its TTL is already gone)."""
-    by_url = {e.get("url"): e for k, e in entries.items() if k.startswith(kv.WORKER_PREFIX)}
+    by_url = {e["url"]: e for k, e in entries.items() if k.startswith(kv.WORKER_PREFIX) and isinstance(e.get("url"), str)}
     problems = []
     for w in expected:
         entry = by_url.get(w.url)
@@ -100,8 +100,13 @@ async def status(server: kv.Server, router: str | None, expected: list[Expected]
         "vllm_router_processed_requests_total",
     )
     workers = []
-    for key, e in sorted(values.items(), key=lambda kv_: (kv_[1].get("role", ""), kv_[1].get("index", 0))):
-        if not key.startswith(kv.WORKER_PREFIX):
+    def order(item):
+        role, index = item[1].get("role"), item[1].get("index")
+        return str(role), index if isinstance(index, int) else 0
+
+    for key, e in sorted(values.items(), key=order):
+        # an entry without a URL is nobody's worker (the sync skips it too)
+        if not key.startswith(kv.WORKER_PREFIX) or not isinstance(e.get("url"), str):
             continue
         running = None
         if e.get("health") == "healthy":

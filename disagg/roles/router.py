@@ -19,8 +19,9 @@ DEFAULTS = {"router_package": packages.DEFAULTS["router_package"]}
 def router(plan: Plan, changed_by: list[OperationMeta]):
     """`changed_by`: the API key's write, which restarts it."""
     python_packages(S.ROUTER_VENV, [host.data.get("router_package")])
-    written = put_files(units.router_files(plan))
-    unit_running(name=f"Run {S.ROUTER_UNIT}", unit=S.ROUTER_UNIT, changed_by=[*changed_by, *written])
+    rendered = units.router_files(plan)
+    unit_running(name=f"Run {S.ROUTER_UNIT}", unit=S.ROUTER_UNIT, changed_by=[*changed_by, *put_files(rendered)],
+                 files=[*rendered, *units.api_key_env(plan)])  # fmt: skip
     wait_healthy(
         name="Router up",
         unit=S.ROUTER_UNIT,

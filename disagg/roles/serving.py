@@ -48,6 +48,9 @@ def converge(plan: Plan) -> None:
     runtime = registry.runtime(plan) if on_head or runs_workers else []
     if on_head:
         nats(plan)
+        # with NATS: a new password or CA must not leave the sync outside it
+        # while the workers roll (each roll waits for the sync's report)
+        registry.router_sync(plan, changed_by=runtime)
     key = api_key(plan) if on_head or runs_workers else []
     engine = vllm(plan) if runs_workers else []
     if runs_workers:
@@ -61,7 +64,6 @@ def converge(plan: Plan) -> None:
     if on_head:
         router(plan, changed_by=key)
         door.frontdoor(plan)
-        registry.router_sync(plan, changed_by=runtime)
     # after the head's services: they install while the engines load
     if runs_workers:
         workers_healthy(plan)

@@ -15,6 +15,7 @@ from disagg import units
 from disagg.plan import Plan
 from disagg.topology import Worker
 from disagg.roles.ops import Rolling, put_files, roll, unit_running, wait_healthy
+from disagg.roles.registry import runtime_files
 
 # after /health, a restarted worker is registered and routed within seconds
 REJOIN_TIMEOUT = 120
@@ -27,12 +28,14 @@ def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta
     workers (the vLLM plugin's files, the API key)."""
     mine = plan.workers_on(host.name)
     written = {w.unit: put_files(units.worker_files(plan, w)) for w in mine}
-    companion = {w.unit: put_files(units.agent_files(plan, w)) for w in mine}
+    companions = {w.unit: units.agent_files(plan, w) for w in mine}
+    companion = {unit: put_files(rendered) for unit, rendered in companions.items()}
     for w in mine:
         unit_running(name=f"Run {w.unit}", unit=w.unit, changed_by=written[w.unit], restart=False)
     for w in mine:
         # a companion alone restarting leaves its worker in the router
-        unit_running(name=f"Run {w.agent_unit}", unit=w.agent_unit, changed_by=[*runtime, *companion[w.unit]])
+        unit_running(name=f"Run {w.agent_unit}", unit=w.agent_unit, changed_by=[*runtime, *companion[w.unit]],
+                     files=[*companions[w.unit], *runtime_files(plan)])  # fmt: skip
     # before the health gates: a running worker whose port moved (a
     # relabel) answers at its new URL only once it is rolled
     waves = plan.waves()

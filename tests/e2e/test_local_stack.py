@@ -24,7 +24,7 @@ import pytest
 
 from disagg import kvtransfer, manifest, pki, results, smoke, testhosts
 from disagg import settings as S
-from disagg.agent import kv
+from disagg.agent import envfile, kv
 from disagg.deploy import DeployError, run_deploy
 from disagg.load import Load
 from disagg.plan import load_inventory, make_plan
@@ -166,7 +166,7 @@ def test_nats_speaks_only_tls_with_our_ca_asks_a_password_and_monitors_on_loopba
     assert '"ok"' in health
     with pytest.raises(OSError):
         socket.create_connection((plan.head.address, s.nats_monitor_port), timeout=3)
-    password = ssh(H1, "sed -n 's/^DISAGG_NATS_PASSWORD=//p' /etc/disagg/nats.env").stdout.strip()
+    password = envfile.value(ssh(H1, f"cat {S.NATS_SECRET_ENV}").stdout.splitlines(), kv.PASSWORD_ENV)
     creds = {"user": s.nats_user, "pass": password}
     ca = pki.ca_file(plan.cluster.head)
     # the right password in plaintext: the server wanted a TLS handshake and hangs up
@@ -177,7 +177,8 @@ def test_nats_speaks_only_tls_with_our_ca_asks_a_password_and_monitors_on_loopba
     pki.ensure("not-this-deployment", [plan.head.address])
     with pytest.raises(ssl.SSLCertVerificationError):
         nats_connect(plan, creds, ca=other)
-    for path, mode in (("/etc/disagg/nats.env", "root 600"), ("/etc/disagg/tls/nats.key", "disagg-nats 600")):
+    for path, mode in (("/etc/disagg/nats.env", "root 600"), ("/etc/disagg/nats-auth.conf", "disagg-nats 600"),
+                       ("/etc/disagg/tls/nats.key", "disagg-nats 600")):  # fmt: skip
         assert ssh(H1, f"stat -c '%U %a' {path}").stdout.strip() == mode
 
 
@@ -226,12 +227,16 @@ def test_no_secret_reaches_the_hosts_logs_after_a_deploy_and_a_key_rotation_as_t
     """inventories/local.py logs in as a user with passwordless sudo, and
     sudo logs every command line it runs (`COMMAND=...`) to the journal and
     to /var/log/auth.log: the NATS password, the rotated API key and the HF
-    token must reach neither."""
+    token must reach neither. The password is one nats-server and systemd
+    would have taken apart: the registry, status and serving still work."""
     plan = deployment.ensure()
     assert load_inventory(INVENTORY).get_host(plan.cluster.head).data.get("ssh_user") == testhosts.LOGIN
     old = ssh(H1, f"sed -n 's/^VLLM_API_KEY=//p' {S.API_KEY_ENV}").stdout.strip()
     key, token = "rotated-" + os.urandom(16).hex(), "hf_e2e_" + os.urandom(16).hex()
-    data = (*deployment.current[1], f"api_key={key}")
+    # and a NATS password of what a config parser or a shell would take apart
+    password = f'pw 12 34;x "$HOME" `id` \\ #{os.urandom(8).hex()}'
+    data = (*(d for d in deployment.current[1] if not d.startswith("nats_password=")), f"api_key={key}",
+            f"nats_password={password}")  # fmt: skip
     run = run_deploy(INVENTORY, "deploys/disagg.py", *data)
     deployment.changed("deploys/disagg.py", data)
     timings["API key rotated, workers rolled (as the sudo login)"] = run.seconds
@@ -246,7 +251,6 @@ def test_no_secret_reaches_the_hosts_logs_after_a_deploy_and_a_key_rotation_as_t
     finally:  # the layout's data has no token: its file goes, as the hub test's does
         for i in (H1, H2):
             ssh(i, f"rm -f {S.HF_TOKEN_ENV}", check=False)
-    password = ssh(H1, "sed -n 's/^DISAGG_NATS_PASSWORD=//p' /etc/disagg/nats.env").stdout.strip()
     secrets = {"NATS password": password, "old API key": old, "API key": key, "HF token": token}
     assert all(len(v) >= 32 for v in secrets.values())
     assert not any(v in run.output + staged.output for v in secrets.values())
@@ -259,6 +263,22 @@ def test_no_secret_reaches_the_hosts_logs_after_a_deploy_and_a_key_rotation_as_t
             found = ssh(host, f"journalctl --no-pager -o cat | grep -cF -- {shlex.quote(value)}; "
                               f"grep -cF -- {shlex.quote(value)} /var/log/auth.log", check=False).stdout.split()  # fmt: skip
             assert found == ["0", "0"], f"{what} in the logs of host {host} (journal, auth.log): {found}"
+
+
+def test_a_rerun_after_a_key_rotation_that_failed_half_way_serves_through_the_front_door(deployment):
+    """A rotation that wrote the new key and failed before any restart:
+    nothing on the hosts differs from the re-run's files, yet every service
+    runs on the old key. The re-run restarts what is older than its files."""
+    deployment.ensure()
+    key = "half-" + os.urandom(16).hex()
+    data = (*(d for d in deployment.current[1] if not d.startswith("api_key=")), f"api_key={key}")
+    deployment.changed()
+    for host in (H1, H2):
+        ssh(host, f"umask 077; printf %s {shlex.quote(envfile.text(dict.fromkeys(('VLLM_API_KEY', 'OPENAI_API_KEY'), key)))}"
+                  f" > {S.API_KEY_ENV}")  # fmt: skip
+    run_deploy(INVENTORY, "deploys/disagg.py", *data)
+    deployment.changed("deploys/disagg.py", data)
+    assert smoke.chat(deployment.plan().router_url, MODEL, 2)["completion_tokens"] == 2
 
 
 def test_head_services_listen_only_where_they_must(deployment):
