@@ -8,18 +8,17 @@ Who needs what:
 - NATS (head): every host of the layout (agents), admins;
 - a worker's HTTP port: the head (router, sync), admins (`disagg status`
   reads its /metrics);
-- a worker's NIXL side channel: hosts of the other role (KV handshake);
+- a worker's NIXL side channel and UCX's TCP listeners (the KV cache,
+  bound within ucx_port_base..+ucx_port_count by UCX_TCP_PORT_RANGE):
+  hosts of the other role;
 - the router's own port, its metrics, the front door's metrics and
   Prometheus (head): admins (the head's own services come over loopback);
 - a GPU host's DCGM exporter: the head (Prometheus), admins;
 - the router's discovery socket (head, loopback): the registry sync's
   user, in the output chain (any local user could register a worker).
 Admins are the controller that deploys (its address as the host sees it)
-and data `firewall_allow`. Loopback is always admitted.
-
-UCX's own TCP ports are ephemeral and not ours to name: they are not
-filtered (on GPU fabrics the KV cache moves over RDMA, which netfilter
-does not see)."""
+and data `firewall_allow`. Loopback is always admitted. (On GPU fabrics
+the KV cache moves over RDMA, which netfilter does not see.)"""
 
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ TABLE = "disagg"
 @dataclass(frozen=True)
 class Rule:
     what: str
-    ports: tuple[int, ...]
+    ports: tuple[int | range, ...]
     sources: tuple[str, ...]
 
 
@@ -67,6 +66,12 @@ def rules(plan: Plan, host: str, admins: tuple[str, ...]) -> list[Rule]:
             peers = sorted({address[w.host] for w in plan.workers if w.role != role})
             if ports:
                 out.append(Rule(f"{role} NIXL side channel: the other role's hosts", ports, _sources(peers, ())))
+        if mine:
+            roles = {w.role for w in mine}
+            # the hosts of a worker of a role other than one here
+            peers = sorted({address[w.host] for w in plan.workers if roles - {w.role}})
+            out.append(Rule("UCX's TCP listeners (the KV cache): the other role's hosts", (s.ports.ucx,),
+                            _sources(peers, ())))  # fmt: skip
     return out
 
 
@@ -103,8 +108,12 @@ def _family(source: str) -> str:
         return "ip"
 
 
+def _port(port: int | range) -> str:
+    return f"{port.start}-{port.stop - 1}" if isinstance(port, range) else str(port)
+
+
 def _set(items) -> str:
-    return "{ " + ", ".join(str(i) for i in items) + " }"
+    return "{ " + ", ".join(_port(i) if isinstance(i, (int, range)) else str(i) for i in items) + " }"
 
 
 def ruleset(plan: Plan, host: str, admins: tuple[str, ...]) -> list[str]:
@@ -120,5 +129,7 @@ def ruleset(plan: Plan, host: str, admins: tuple[str, ...]) -> list[str]:
             if sources:
                 lines.append(f"tcp dport {_set(rule.ports)} {family} saddr {_set(sources)} accept")
     if ours:
-        lines.append(f"tcp dport {_set(sorted(set(ours)))} counter drop")
+        unique = {_port(p): p for p in ours}
+        lines.append(f"tcp dport {_set(sorted(unique.values(), key=lambda p: p.start if isinstance(p, range) else p))} "
+                     "counter drop")  # fmt: skip
     return lines

@@ -172,6 +172,10 @@ class Settings:
     prometheus_port: Port = Ports.prometheus
     registry_metrics_port: Port = Ports.registry_metrics
     dcgm_exporter_port: Port = Ports.dcgm_exporter
+    # UCX's TCP listeners on worker hosts (disaggregated layouts), admitted
+    # from the other role's hosts only
+    ucx_port_base: Port = Ports.ucx_base
+    ucx_port_count: Count = Ports.ucx_count
     # Prometheus on the head (roles/prometheus.py): scraping every worker,
     # the router and NATS; where it listens (the head's cluster address,
     # admins only through the firewall, or loopback) and how long it keeps
@@ -252,6 +256,8 @@ class Settings:
             prometheus=self.prometheus_port,
             registry_metrics=self.registry_metrics_port,
             dcgm_exporter=self.dcgm_exporter_port,
+            ucx_base=self.ucx_port_base,
+            ucx_count=self.ucx_port_count,
         )
 
     @property

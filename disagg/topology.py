@@ -147,6 +147,14 @@ class Ports:
     registry_metrics: int = 9091
     # NVIDIA's DCGM exporter on each GPU host (its own default port)
     dcgm_exporter: int = 9400
+    # UCX's TCP listeners (NIXL's data path) in a disaggregated layout: UCX
+    # binds each at a free port of this range, which the firewall can name
+    ucx_base: int = 20000
+    ucx_count: int = 1000
+
+    @property
+    def ucx(self) -> range:
+        return range(self.ucx_base, self.ucx_base + self.ucx_count)
 
     def head_services(self) -> dict[str, int]:
         return {
@@ -249,12 +257,13 @@ def place(topology: Topology, cluster: Cluster, ports: Ports = Ports()) -> list[
             workers.append(
                 Worker(stage.role, index, host.name, host.address, gpus, http_port, nixl_port)
             )
-    check_ports(workers, cluster, ports)
+    check_ports(workers, cluster, ports, ucx=topology.disaggregated)
     return workers
 
 
-def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports) -> None:
-    """Every port of ours on a host must be distinct and valid."""
+def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports, ucx: bool = False) -> None:
+    """Every port of ours on a host must be distinct and valid; with ucx,
+    none on a worker's host inside UCX's range."""
     by_host: dict[str, dict[int, str]] = {h.name: {} for h in cluster.hosts}
     claims: list[tuple[str, int, str]] = [
         (cluster.head, port, name) for name, port in ports.head_services().items()
@@ -274,3 +283,15 @@ def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports) -> None:
                 f"port clash on host {host!r}: {port} is both {other} and {owner}; "
                 "change http_port_base, nixl_port_base or the service port in the inventory data"
             )
+    if not ucx:
+        return
+    if not (1 <= ports.ucx.start and ports.ucx.stop - 1 <= 65535):
+        raise TopologyError(f"UCX's port range {ports.ucx.start}-{ports.ucx.stop - 1} is out of 1..65535; "
+                            "change ucx_port_base or ucx_port_count")  # fmt: skip
+    for host in dict.fromkeys(w.host for w in workers):
+        for port, owner in by_host[host].items():
+            if port in ports.ucx:
+                raise TopologyError(
+                    f"port clash on host {host!r}: {port} of {owner} is inside UCX's port range "
+                    f"{ports.ucx.start}-{ports.ucx.stop - 1}; change ucx_port_base or that port in the inventory data"
+                )

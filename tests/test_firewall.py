@@ -33,6 +33,13 @@ def test_each_port_is_admitted_from_its_peers_only():
     assert on_other[g.http_port] == {head} and on_other[g.nixl_port] == {head}
     assert on_other[s.dcgm_exporter_port] == {head}
     assert s.nats_port not in on_other and s.prometheus_port not in on_other
+    # UCX's listeners (the KV cache), bound within the range the workers' env names: the other role's hosts
+    assert on_head[s.ports.ucx] == {other} and on_other[s.ports.ucx] == {head} and s.ports.ucx == range(20000, 21000)
+    assert all(plan.worker_env(w)["UCX_TCP_PORT_RANGE"] == "20000-20999" for w in plan.workers)
+    # no UCX in an aggregated layout
+    baseline = make_plan(load_inventory(H100), label_key="baseline_label")
+    assert s.ports.ucx not in admitted(baseline, head)
+    assert "UCX_TCP_PORT_RANGE" not in baseline.worker_env(baseline.workers[0])
     # on loopback, or without Prometheus, there is nothing of it to admit
     loopback = make_plan(load_inventory(H100, override_data={"prometheus_listen": "loopback"}))
     assert s.prometheus_port not in admitted(loopback, head)
@@ -48,7 +55,8 @@ def test_the_chain_drops_only_our_ports_and_keeps_families_apart():
     ours = sorted({s.nats_port, s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port,
                    s.prometheus_port, s.dcgm_exporter_port} |
                   {p for w in plan.workers_on("h100-node1") for p in (w.http_port, *w.nixl_ports)})  # fmt: skip
-    assert lines[-1] == f"tcp dport {{ {', '.join(map(str, ours))} }} counter drop"
+    listed = [str(p) for p in ours if p < 20000] + ["20000-20999"] + [str(p) for p in ours if p >= 20000]
+    assert lines[-1] == f"tcp dport {{ {', '.join(listed)} }} counter drop"
     admin_only = f"{s.router_internal_port}, {s.router_metrics_port}, {s.frontdoor_metrics_port}"
     assert f"tcp dport {{ {admin_only} }} ip6 saddr {{ fd00::/64 }} accept" in lines
     assert f"tcp dport {{ {admin_only} }} ip saddr {{ 10.9.0.0/16, 10.0.0.5 }} accept" in lines

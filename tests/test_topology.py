@@ -131,3 +131,14 @@ def test_port_clash(ports, clash):
 def test_port_out_of_range():
     with pytest.raises(TopologyError, match="port 65536 of context-1 http_port .* out of range"):
         place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(http_base=65535))
+
+
+def test_no_port_of_ours_inside_ucx_range_on_a_worker_host():
+    with pytest.raises(TopologyError, match=r"port clash on host 'n1': 20500 of context-0 http_port is inside "
+                                            r"UCX's port range 20000-20999; change ucx_port_base"):  # fmt: skip
+        place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(http_base=20500))
+    # moved away, or an aggregated layout (no UCX): fine
+    place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(http_base=20500, ucx_base=40000))
+    place(Topology.parse("baseline_tp4dp2"), TWO_NODES, Ports(http_base=20500))
+    with pytest.raises(TopologyError, match="UCX's port range 65000-65999 is out of 1..65535"):
+        place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(ucx_base=65000))

@@ -337,6 +337,55 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
                    f"{dropped} packets dropped on the head")  # fmt: skip
 
 
+# a TCP connect scan of every port: a closed one answers RST at once, one of
+# ours the firewall drops never answers; only a completed connect is open
+SCAN = r"""
+import json, resource, select, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(8192, hard), hard))
+batch = min(8192, hard) - 64
+found = []
+for address in sys.argv[1:]:
+    for start in range(1, 65536, batch):
+        socks, poller = {}, select.epoll()
+        for port in range(start, min(start + batch, 65536)):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((address, port))
+            socks[s.fileno()] = (s, port)
+            poller.register(s.fileno(), select.EPOLLOUT)
+        deadline = time.monotonic() + 1.5
+        while socks and time.monotonic() < deadline:
+            for fd, _ in poller.poll(0.1):
+                s, port = socks.pop(fd)
+                poller.unregister(fd)
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    found.append([address, port])
+                s.close()
+        for s, _ in socks.values():
+            s.close()
+        poller.close()
+print(json.dumps(found))
+"""
+
+
+def test_a_scan_of_every_tcp_port_from_a_neighbour_finds_ssh_and_the_front_door_only(deployment, figures):
+    plan = deployment.ensure()
+    s = plan.settings
+    with testhosts.outsider() as outside:
+        scan = outside(sys.executable, "-c", SCAN, plan.head.address, testhosts.address(H2), timeout=300)
+    assert scan.returncode == 0, scan.stderr
+    found = sorted(tuple(x) for x in json.loads(scan.stdout))
+    figures.append(f"TCP connect scan of all ports from a neighbour: open {found}")
+    assert found == sorted([(plan.head.address, 22), (plan.head.address, s.router_port), (testhosts.address(H2), 22)])
+    # what it could not reach is there: UCX's listeners, within the range the firewall names
+    for host in (H1, H2):
+        engines = ssh(host, f"ss -ltnpH src {testhosts.address(host)} | grep EngineCor").stdout
+        ports = {int(p) for p in re.findall(r":(\d+)\s", engines)}
+        ucx = ports - {p for w in plan.workers_on(testhosts.address(host)) for p in w.nixl_ports}
+        assert len(ucx) >= 5 and ucx <= set(s.ports.ucx), engines
+
+
 def test_rules_that_fail_to_load_leave_the_old_ones_and_a_rerun_mends_them(deployment):
     deployment.ensure()
     data = deployment.current[1]
