@@ -108,12 +108,13 @@ def _family(source: str) -> str:
         return "ip"
 
 
-def _port(port: int | range) -> str:
-    return f"{port.start}-{port.stop - 1}" if isinstance(port, range) else str(port)
+def _element(item: int | range | str) -> str:
+    """A port, a port range (first-last) or an address, as nft writes it."""
+    return f"{item.start}-{item.stop - 1}" if isinstance(item, range) else str(item)
 
 
 def _set(items) -> str:
-    return "{ " + ", ".join(_port(i) if isinstance(i, (int, range)) else str(i) for i in items) + " }"
+    return "{ " + ", ".join(map(_element, items)) + " }"
 
 
 def ruleset(plan: Plan, host: str, admins: tuple[str, ...]) -> list[str]:
@@ -129,7 +130,6 @@ def ruleset(plan: Plan, host: str, admins: tuple[str, ...]) -> list[str]:
             if sources:
                 lines.append(f"tcp dport {_set(rule.ports)} {family} saddr {_set(sources)} accept")
     if ours:
-        unique = {_port(p): p for p in ours}
-        lines.append(f"tcp dport {_set(sorted(unique.values(), key=lambda p: p.start if isinstance(p, range) else p))} "
-                     "counter drop")  # fmt: skip
+        # a range sorts by its first port
+        lines.append(f"tcp dport {_set(sorted(set(ours), key=lambda p: getattr(p, 'start', p)))} counter drop")
     return lines

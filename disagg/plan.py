@@ -252,8 +252,7 @@ class Plan:
         if self.topology.disaggregated:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = w.address
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(w.nixl_port)
-            ucx = self.settings.ports.ucx
-            env["UCX_TCP_PORT_RANGE"] = f"{ucx.start}-{ucx.stop - 1}"
+            env["UCX_TCP_PORT_RANGE"] = self.settings.ports.ucx_spec
             devices = self.cluster.host(w.host).ucx_net_devices
             if devices:
                 env["UCX_NET_DEVICES"] = devices

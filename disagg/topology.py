@@ -156,6 +156,11 @@ class Ports:
     def ucx(self) -> range:
         return range(self.ucx_base, self.ucx_base + self.ucx_count)
 
+    @property
+    def ucx_spec(self) -> str:
+        """The range as UCX_TCP_PORT_RANGE (and nft) write it: first-last."""
+        return f"{self.ucx_base}-{self.ucx_base + self.ucx_count - 1}"
+
     def head_services(self) -> dict[str, int]:
         return {
             "router_port": self.router,
@@ -286,12 +291,12 @@ def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports, ucx: bool
     if not ucx:
         return
     if not (1 <= ports.ucx.start and ports.ucx.stop - 1 <= 65535):
-        raise TopologyError(f"UCX's port range {ports.ucx.start}-{ports.ucx.stop - 1} is out of 1..65535; "
+        raise TopologyError(f"UCX's port range {ports.ucx_spec} is out of 1..65535; "
                             "change ucx_port_base or ucx_port_count")  # fmt: skip
     for host in dict.fromkeys(w.host for w in workers):
         for port, owner in by_host[host].items():
             if port in ports.ucx:
                 raise TopologyError(
                     f"port clash on host {host!r}: {port} of {owner} is inside UCX's port range "
-                    f"{ports.ucx.start}-{ports.ucx.stop - 1}; change ucx_port_base or that port in the inventory data"
+                    f"{ports.ucx_spec}; change ucx_port_base or that port in the inventory data"
                 )

@@ -165,9 +165,12 @@ def sync_files(plan: Plan) -> dict[str, str]:
     return {unit_path(S.SYNC_UNIT): unit}
 
 
+@lru_cache(maxsize=None)
 def agent_code() -> dict[str, str]:
     """The host agent (disagg/agent) as the hosts run it: plain files, so
-    that --diff shows a change to it like any other file."""
+    that --diff shows a change to it like any other file. Read once per
+    process (every host's deploy and every agent unit's check use it);
+    callers copy, never change, it."""
     files = {f"{S.AGENT_SRC}/disagg/__init__.py": '"""disagg\'s host agent only (disagg.agent)."""\n',
              f"{S.AGENT_SRC}/disagg/net.py": NET_MODULE.read_text()}
     files.update({f"{S.AGENT_SRC}/disagg/agent/{p.name}": p.read_text() for p in sorted(AGENT_PACKAGE.glob("*.py"))})

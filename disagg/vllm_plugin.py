@@ -20,7 +20,7 @@ vLLM 0.32.0) in two ways:
   it, NIXL progresses transfers when vLLM polls them, every engine step.
 
 Both reach into internals: on releases other than WRITTEN_FOR it patches
-nothing and logs an error saying so (preflight warns before the deploy).
+nothing and logs an error saying so.
 """
 
 import functools

@@ -12,7 +12,7 @@ from disagg import units
 from disagg.facts import CommandSucceeds, ControllerAddress
 from disagg.firewall import TABLE
 from disagg.plan import Plan
-from disagg.roles.ops import put_files, unit_running
+from disagg.roles.ops import put_unit_apart, unit_running
 
 # installed with the base packages (one apt run)
 PACKAGES = ("nftables",)
@@ -23,8 +23,7 @@ def firewall(plan: Plan):
     # as the login user: sudo drops SSH_CLIENT from the environment
     controller = host.get_fact(ControllerAddress, _sudo=False)
     rendered = units.firewall_files(plan, host.name, (controller,) if controller else ())
-    unit = put_files({units.unit_path(S.FIREWALL_UNIT): rendered.pop(units.unit_path(S.FIREWALL_UNIT))})
-    rules = put_files(rendered)
+    unit, rules = put_unit_apart(rendered, S.FIREWALL_UNIT)
     # never restarted: its stop deletes the table, and a start that then
     # failed would leave every port open; a reload swaps the rules in one
     # nft transaction, the old ones stay if the new fail to load

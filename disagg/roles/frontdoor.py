@@ -16,7 +16,7 @@ from disagg import pki
 from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
-from disagg.roles.ops import commands_if_changed, directories, put_files, secret_file, service_user, unit_running, wait_healthy
+from disagg.roles.ops import commands_if_changed, directories, put_unit_apart, secret_file, service_user, unit_running, wait_healthy
 from disagg.topology import TopologyError
 
 PACKAGES = ("haproxy",)
@@ -56,9 +56,7 @@ def frontdoor(plan: Plan):
                                    owner=S.FRONTDOOR_USER, content=pem))  # fmt: skip
     else:
         files.file(name="No client TLS", path=units.FRONTDOOR_TLS, present=False)
-    rendered = units.frontdoor_files(plan)
-    unit = put_files({units.unit_path(S.FRONTDOOR_UNIT): rendered.pop(units.unit_path(S.FRONTDOOR_UNIT))})
-    config = put_files(rendered)
+    unit, config = put_unit_apart(units.frontdoor_files(plan), S.FRONTDOOR_UNIT)
     # a config HAProxy would refuse stops the deploy before the reload (the running one keeps serving)
     commands_if_changed(name="haproxy -c", commands=[f"runuser -u {S.FRONTDOOR_USER} -- haproxy -c -q -f "
                                                      f"{units.FRONTDOOR_CONF}"],

@@ -46,6 +46,15 @@ def put_files(rendered: dict[str, str], mode: str = "644") -> list[OperationMeta
     return [files_in_place(name=f"Write {paths[0]}{more}", rendered=rendered, mode=mode)]
 
 
+def put_unit_apart(rendered: dict[str, str], unit: str) -> tuple[list[OperationMeta], list[OperationMeta]]:
+    """Upload a unit's file and the files it reads as two operations, for a
+    unit that reloads on a change to what it reads and restarts (or only
+    re-reads its definition) on a change to itself. Returns (unit, rest)."""
+    rest = dict(rendered)
+    path = units.unit_path(unit)
+    return put_files({path: rest.pop(path)}), put_files(rest)
+
+
 @operation()
 def files_in_place(rendered: dict[str, str], mode: str = "644"):
     """

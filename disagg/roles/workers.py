@@ -30,12 +30,13 @@ def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta
     written = {w.unit: put_files(units.worker_files(plan, w)) for w in mine}
     companions = {w.unit: units.agent_files(plan, w) for w in mine}
     companion = {unit: put_files(rendered) for unit, rendered in companions.items()}
+    shared = runtime_files(plan)
     for w in mine:
         unit_running(name=f"Run {w.unit}", unit=w.unit, changed_by=written[w.unit], restart=False)
     for w in mine:
         # a companion alone restarting leaves its worker in the router
         unit_running(name=f"Run {w.agent_unit}", unit=w.agent_unit, changed_by=[*runtime, *companion[w.unit]],
-                     files=[*companions[w.unit], *runtime_files(plan)])  # fmt: skip
+                     files=[*companions[w.unit], *shared])  # fmt: skip
     # before the health gates: a running worker whose port moved (a
     # relabel) answers at its new URL only once it is rolled
     waves = plan.waves()
