@@ -109,7 +109,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 @click.option("--purge", is_flag=True, help="With --teardown: also venvs, caches, the NATS store and our users.")
 @click.option("--model", "stage_model", is_flag=True, help="Only stage the model on the worker hosts.")
 @click.option("--dry", is_flag=True, help="Show what would change; change nothing.")
-@click.option("--limit", help="Only these hosts or groups (pyinfra's --limit).")
+@click.option("--limit", multiple=True, help="Only these hosts or groups (pyinfra's --limit, repeatable).")
 @click.option("--data", multiple=True, metavar="KEY=VALUE", help="Override inventory data (repeatable).")
 @click.argument("pyinfra_args", nargs=-1, type=click.UNPROCESSED)
 def deploy(label, inventory_path, baseline, teardown, purge, stage_model, dry, limit, data, pyinfra_args):
@@ -134,7 +134,7 @@ def deploy(label, inventory_path, baseline, teardown, purge, stage_model, dry, l
         args += ["--data", f"{'baseline_label' if baseline else 'label'}={label}"]
     args += [a for d in data for a in ("--data", d)]
     args += ["--data", "purge=true"] if purge else []
-    args += ["--limit", limit] if limit else []
+    args += [a for pattern in limit for a in ("--limit", pattern)]
     args += ["--dry"] if dry else []
     # pyinfra's own CLI in this process's place: its prompts, output and exit status are the user's
     os.execv(sys.executable, [sys.executable, "-m", "disagg.pyinfra_cli", *args, *pyinfra_args])

@@ -37,7 +37,7 @@ def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff:
                progress: bool = False, limit: str | None = None, timeout: float = DEPLOY_TIMEOUT,
                profile: Path | None = None) -> DeployRun:  # fmt: skip
     """Run `pyinfra INVENTORY DEPLOY` as a user would, with --data key=value
-    overrides (and --limit); raise with pyinfra's output if it fails or
+    overrides (and --limit, comma-separated); raise with pyinfra's output if it fails or
     takes longer than timeout seconds. With progress, each operation's name
     is echoed to stderr as it starts; with profile, each operation's time
     per host is written there (disagg/profile.py)."""
@@ -45,8 +45,8 @@ def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff:
     args += ["--diff"] if diff else ["--json"]
     for item in data:
         args += ["--data", item]
-    if limit:
-        args += ["--limit", limit]
+    for pattern in limit.split(",") if limit else ():
+        args += ["--limit", pattern]
     start = time.monotonic()
     # stdout to a file: with --json it is one document; the log streams on stderr
     with tempfile.TemporaryFile("w+") as out:

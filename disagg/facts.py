@@ -207,16 +207,23 @@ def _sections(output) -> dict[str, list[str]]:
 class StagedTree(FactBase):
     """What a host has of a pushed or downloaded tree (disagg/manifest.py):
     its stamp, each file's size, and the sha256 of the files written after
-    the stamp (all of them without one), in one round trip. With
-    hashes=False the changed files are only named (a hub download verifies
-    itself), not hashed."""
+    the stamp (all of them without one), in one round trip; besides, what
+    is not as root leaves it: the tree's path not a directory (a link),
+    entries neither file nor directory, anything not root's or writable by
+    others. Links are never followed. With hashes=False the changed files
+    are only named (a hub download verifies itself), not hashed."""
 
     def command(self, path: str, hashes: bool = True) -> str:
         skip = " ".join(f"! -path './{s}*'" for s in manifest.SKIPPED)
         rehash = "-exec sha256sum {} +" if hashes else "-printf '0  %p\\n'"
-        return (f"s={shlex.quote(manifest.stamp_path(path))}; echo '### stamp'; cat \"$s\" 2>/dev/null; echo; "
-                f"echo '### files'; cd {shlex.quote(path)} 2>/dev/null || exit 0; "
-                f"find . -type f {skip} -printf '%P\\t%s\\n'; echo '### rehashed'; "
+        q = shlex.quote(path)
+        return (f"s={shlex.quote(manifest.stamp_path(path))}; echo '### stamp'; [ -L \"$s\" ] || cat \"$s\" 2>/dev/null; "
+                f"echo; echo '### kind'; find {q} -maxdepth 0 -printf '%y\\n' 2>/dev/null; "
+                f"[ -d {q} ] && [ ! -L {q} ] && cd {q} || exit 0; "
+                f"echo '### files'; find . -type f {skip} -printf '%P\\t%s\\n'; "
+                "echo '### foreign'; find . -mindepth 1 ! -type f ! -type d -printf '%P\\n'; "
+                "echo '### loose'; find . \\( ! -user root -o ! -group root -o -perm /022 \\) -printf '%p\\n' -quit; "
+                f"echo '### rehashed'; "
                 f"if [ -f \"$s\" ]; then set -- -newer \"$s\"; else set --; fi; find . -type f {skip} \"$@\" {rehash}")  # fmt: skip
 
     def default(self):
@@ -388,17 +395,18 @@ class PasswdEntry(FactBase):
 
 
 class DirectoryStates(FactBase):
-    """{path: {"owner", "group", "mode"}} of directories that exist, for many
-    paths in one round trip."""
+    """{path: {"type", "owner", "group", "mode"}} of the paths that exist,
+    for many paths in one round trip; type as find's %y (d a directory, l a
+    symbolic link, never followed)."""
 
     default = dict
 
     def command(self, paths: tuple[str, ...]) -> str:
         quoted = " ".join(map(shlex.quote, paths))
-        return f"for d in {quoted}; do [ -d \"$d\" ] && stat -c '%U %G %a %n' \"$d\"; done; true"
+        return f"find {quoted} -maxdepth 0 -printf '%y %u %g %m %p\\n' 2>/dev/null; true"
 
     def process(self, output):
-        return _by_path(output, ("owner", "group", "mode"))
+        return _by_path(output, ("type", "owner", "group", "mode"))
 
 
 def _by_path(output, keys: tuple[str, ...]) -> dict:

@@ -83,7 +83,7 @@ def local_ruleset(plan: Plan, host: str) -> list[str]:
         return []
     port = plan.settings.router_discovery_port
     return ["# the router's discovery socket: the registry sync's user only",
-            f'oif "lo" tcp dport {port} meta skuid != "{S.SERVICE_USER}" counter reject with tcp reset']  # fmt: skip
+            f'oif "lo" tcp dport {port} meta skuid != "{S.SYNC_USER}" counter reject with tcp reset']  # fmt: skip
 
 
 def _sources(*groups) -> tuple[str, ...]:

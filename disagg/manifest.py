@@ -51,6 +51,9 @@ def of(root: str | Path) -> dict[str, tuple[int, str]]:
         rel = path.relative_to(root).as_posix()
         if rel.startswith(SKIPPED):
             continue
+        if not rel.isprintable():
+            # sha256sum -c's lines and the host's listing are one name a line
+            raise ValueError(f"{root}: file name {rel!r} holds a control character; rename it")
         st = path.stat()
         key = [st.st_size, st.st_mtime_ns]
         entry = cached.get(rel)
@@ -77,6 +80,17 @@ class Staged:
     stamp: dict[str, tuple[int, str]] | None
     sizes: dict[str, int]
     rehashed: dict[str, str]
+    # find's type of the tree's path (d, l, f...), None: missing
+    kind: str | None = None
+    # entries neither file nor directory (links): never followed, removed
+    foreign: tuple[str, ...] = ()
+    # a path not root's or writable by others (the first one found)
+    loose: str | None = None
+
+    @property
+    def unsafe(self) -> bool:
+        """Whether the tree holds what a service user could have planted."""
+        return self.kind not in (None, "d") or bool(self.foreign) or self.loose is not None
 
     def digest(self, path: str) -> str | None:
         """The sha256 a host's file is known to have, or None."""
@@ -105,7 +119,10 @@ def parse_staged(sections: dict[str, list[str]]) -> Staged:
         digest, _, path = line.partition("  ")
         if path:
             rehashed[path.removeprefix("./")] = digest
-    return Staged(stamp, sizes, rehashed)
+    kind = next((line.strip() for line in sections.get("kind", []) if line.strip()), None)
+    foreign = tuple(line for line in sections.get("foreign", []) if line)
+    loose = next((line for line in sections.get("loose", []) if line), None)
+    return Staged(stamp, sizes, rehashed, kind, foreign, loose)
 
 
 @dataclass(frozen=True)

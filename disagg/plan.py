@@ -246,7 +246,9 @@ class Plan:
     def worker_env(self, w: Worker) -> dict[str, str]:
         env = {
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, w.gpus)),
-            "HF_HOME": f"{S.STATE_DIR}/hf",
+            "HF_HOME": S.HF_HOME,
+            # not the user's home (root's STATE_DIR): vLLM's, Triton's, torch's caches
+            "HOME": S.SERVICE_HOME,
             "PYTHONPYCACHEPREFIX": S.PYCACHE_DIR,
         }
         if self.topology.disaggregated:
@@ -329,16 +331,26 @@ class Plan:
             "--gpus", ",".join(map(str, w.gpus)),
             "--label", self.label,
             "--model", self.settings.served_name or self.settings.model,
-            "--zmq", net.hostport(w.address, w.nixl_port),
+            "--zmq", self.zmq_address(w),
         )  # fmt: skip
+
+    def zmq_address(self, w: Worker) -> str:
+        """What w's heartbeat registers as its ZMQ address (NIXL's side channel)."""
+        return net.hostport(w.address, w.nixl_port)
+
+    def layout_workers(self) -> list[dict]:
+        """The workers the head's registry sync admits (disagg/agent/layout.py):
+        each as its heartbeat registers it."""
+        return [{"name": w.name, "role": w.role, "url": w.url, "zmq": self.zmq_address(w)} for w in self.workers]
 
     def sync_command(self) -> list[str]:
         """The head's service that keeps the router's members = the registry's healthy workers."""
-        args = ["sync", "--router", self.router_internal_url, "--state-file", S.SYNC_STATE]
+        args = ["sync", "--router", self.router_internal_url, "--layout", S.LAYOUT_FILE, "--state-file", S.SYNC_STATE]
         if self.settings.prometheus:
             args += ["--targets-dir", S.SCRAPE_TARGETS_DIR, "--metrics-address", self.registry_metrics_address,
                      "--nats-monitor", net.url("http", "127.0.0.1", self.settings.nats_monitor_port),
-                     "--dcgm-port", str(self.settings.dcgm_exporter_port)]  # fmt: skip
+                     "--dcgm-port", str(self.settings.dcgm_exporter_port),
+                     "--certificate", S.CA_CERT, "--certificate", S.NATS_CERT]  # fmt: skip
         if self.topology.disaggregated:
             return self._agent(*args, "--mode", "pd", "--discovery", self.discovery_address,
                                "--router-log", f"journal:{S.ROUTER_UNIT}.service")  # fmt: skip

@@ -211,7 +211,7 @@ def needed_disk(plan: Plan) -> dict[str, int]:
     if s.model_dir and Path(s.model_dir).is_dir():
         need[s.model_path] = sum(p.stat().st_size for p in Path(s.model_dir).rglob("*") if p.is_file())
     elif s.model_disk_gb and s.model_source in ("hub", "engine"):
-        need[S.MODELS_DIR if s.model_source == "hub" else f"{S.STATE_DIR}/hf"] = int(s.model_disk_gb * GiB)
+        need[S.MODELS_DIR if s.model_source == "hub" else S.HF_HOME] = int(s.model_disk_gb * GiB)
     return need
 
 

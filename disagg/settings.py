@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 import re
+from pathlib import Path
 from functools import lru_cache
 from typing import Annotated, Any, Literal, get_type_hints
 
@@ -36,7 +37,12 @@ AGENT_SRC = f"{AGENT_VENV}/src"
 # disagg's vLLM plugin (disagg/vllm_plugin.py) as the workers import it
 VLLM_PLUGIN_DIR = f"{OPT_DIR}/vllm-plugin"
 SYSTEMD_DIR = "/etc/systemd/system"
+# a user per service kind: what one runs as cannot read another's
+# environment (/proc) or act as it. SERVICE_USER runs the workers.
 SERVICE_USER = "disagg"
+HEARTBEAT_USER = "disagg-heartbeat"
+SYNC_USER = "disagg-sync"
+ROUTER_USER = "disagg-router"
 NATS_USER = "disagg-nats"
 HF_TOKEN_ENV = f"{CONFIG_DIR}/hf-token.env"
 NATS_SECRET_ENV = f"{CONFIG_DIR}/nats.env"
@@ -50,9 +56,19 @@ FIREWALL_RULES = f"{CONFIG_DIR}/firewall.nft"
 FIREWALL_UNIT = "disagg-firewall"
 # the workers' API key (VLLM_API_KEY) and the router's copy (OPENAI_API_KEY)
 API_KEY_ENV = f"{CONFIG_DIR}/api-key.env"
+# STATE_DIR and MODELS_DIR are root's: a service may write only in a
+# directory of its own below them, never rename what root pushes into or
+# prunes (a link planted there would lead root elsewhere)
 # the router sync's last members, for a restart while NATS is down
-SYNC_STATE = f"{STATE_DIR}/sync-members.json"
+SYNC_DIR = f"{STATE_DIR}/sync"
+SYNC_STATE = f"{SYNC_DIR}/members.json"
+# the deployed layout's workers: the sync routes no other registry entry
+LAYOUT_FILE = f"{CONFIG_DIR}/layout.json"
+# staged models: root's, read-only to the workers
 MODELS_DIR = f"{STATE_DIR}/models"
+# the workers' HOME (vLLM's, Triton's, torch's caches) and HF_HOME
+SERVICE_HOME = f"{STATE_DIR}/home"
+HF_HOME = f"{STATE_DIR}/hf"
 # the workers' bytecode cache (PYTHONPYCACHEPREFIX): compiling all of the
 # engine's venv at install took 103 s of a bare deploy here (2 cores), its
 # imports at the first start ~9 s, and later starts reuse it
@@ -80,6 +96,13 @@ SYNC_UNIT = "disagg-registry-sync"
 MANAGED_MARKER = "# Managed by disagg: removed by deploys/teardown.py"
 # how long a leaving worker waits for the router to drop it
 LEAVE_ROUTER_TIMEOUT = 15
+
+
+def model_dir_name(model_dir: str) -> str:
+    """The name model_dir's copy has under MODELS_DIR: the name of the
+    directory it is on the controller ('..' and links resolved), so that
+    the copy's path never leaves MODELS_DIR."""
+    return Path(model_dir).resolve().name
 
 
 @dataclass(frozen=True)
@@ -214,6 +237,10 @@ class Settings:
         elif (values.get("model_stage", True) and not data.get("model_dir") and "model" in values
               and not model.startswith("/") and not re.fullmatch(HUB_ID, model)):  # fmt: skip
             found.append(Problem(host, "model", model, "not a hub id (org/name) or an absolute path on the hosts"))
+        if values.get("model_dir") and model_dir_name(values["model_dir"]) in ("", "hub"):
+            found.append(Problem(host, "model_dir", values["model_dir"], (
+                "its copy on the hosts is named after it: name a directory other than / and 'hub' "
+                "(hub models are staged there)")))  # fmt: skip
         if bool(values.get("client_tls_cert")) != bool(values.get("client_tls_key")):
             given = "client_tls_cert" if values.get("client_tls_cert") else "client_tls_key"
             found.append(Problem(host, given, values[given], "give client_tls_cert and client_tls_key together "
@@ -274,7 +301,7 @@ class Settings:
     def model_path(self) -> str:
         """What vLLM loads: the staged copy (pushed or from the hub), else `model`."""
         if self.model_source == "controller":
-            return f"{MODELS_DIR}/{self.model_dir.rstrip('/').rsplit('/', 1)[-1]}"
+            return f"{MODELS_DIR}/{model_dir_name(self.model_dir)}"
         if self.model_source == "hub":
             return f"{MODELS_DIR}/hub/{self.model.replace('/', '--')}/{self.model_revision.replace('/', '--')}"
         return self.model

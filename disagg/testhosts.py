@@ -140,13 +140,15 @@ def _remove_outsider() -> None:
     _run("ip", "netns", "del", OUTSIDER_NETNS, check=False)
 
 
+def ssh_command(i: int) -> list[str]:
+    """ssh to test host i as root, the command to follow."""
+    return ["ssh", "-i", str(KEY), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5", f"root@{address(i)}"]  # fmt: skip
+
+
 def ssh(i: int, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a shell command on test host i as root."""
-    return subprocess.run(
-        ["ssh", "-i", str(KEY), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-         "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5", f"root@{address(i)}", command],
-        check=check, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    return subprocess.run([*ssh_command(i), command], check=check, capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import jinja2
 
-from . import firewall, net
+from . import firewall, net, pki
 from . import settings as S
-from .agent import envfile
+from .agent import envfile, layout
 from .agent.kv import PASSWORD_ENV
 from .plan import Plan
 from .topology import Worker
@@ -121,8 +121,8 @@ def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
         [env_path(w.unit), f"-{S.HF_TOKEN_ENV}", *api_key_env(plan)],
         # '+': as root (and unsandboxed), to read the root-only NATS password file
         exec_stop="+" + exec_start(plan.leave_command(w)),
-        # its home: the model, the HF and vLLM caches
-        write_paths=(S.STATE_DIR,),
+        # its caches; the model is root's, read-only
+        write_paths=(S.SERVICE_HOME, S.HF_HOME, S.PYCACHE_DIR),
         gpu=True,
     )
     return {unit_path(w.unit): unit, env_path(w.unit): render("env.j2", env=env)}
@@ -140,7 +140,7 @@ def api_key_env(plan: Plan) -> list[str]:
 def agent_files(plan: Plan, w: Worker) -> dict[str, str]:
     unit = _service(
         f"disagg registry heartbeat of {w.unit}",
-        S.SERVICE_USER,
+        S.HEARTBEAT_USER,
         plan.agent_command(w),
         10,
         # the NATS password, root-only: never on a command line or in a unit
@@ -153,16 +153,22 @@ def agent_files(plan: Plan, w: Worker) -> dict[str, str]:
 def sync_files(plan: Plan) -> dict[str, str]:
     unit = _service(
         "disagg router membership from the registry",
-        S.SERVICE_USER,
+        S.SYNC_USER,
         plan.sync_command(),
         10,
         [NATS_SECRET_ENV],
         # the router's own view of its members is in its journal
         groups=("systemd-journal",),
         reads_journal=True,
-        write_paths=(S.STATE_DIR,),  # its state file, replaced by rename
+        # its state file (replaced by rename), Prometheus's targets
+        write_paths=(S.SYNC_DIR, *([S.SCRAPE_TARGETS_DIR] if plan.settings.prometheus else [])),
     )
     return {unit_path(S.SYNC_UNIT): unit}
+
+
+def layout_file(plan: Plan) -> dict[str, str]:
+    """What the sync admits; it reads a change itself (no restart)."""
+    return {S.LAYOUT_FILE: layout.text(plan.label, plan.layout_workers())}
 
 
 @lru_cache(maxsize=None)
@@ -192,7 +198,7 @@ def vllm_plugin_files() -> dict[str, str]:
 def router_files(plan: Plan) -> dict[str, str]:
     unit = _service(
         f"disagg vllm-router ({plan.label})",
-        S.SERVICE_USER,
+        S.ROUTER_USER,
         plan.router_command(),
         30,
         api_key_env(plan),
@@ -289,7 +295,7 @@ def prometheus_files(plan: Plan) -> dict[str, str]:
         [],
         write_paths=(S.PROMETHEUS_DATA,),
     )
-    return {PROMETHEUS_CONF: conf, PROMETHEUS_RULES: render("prometheus-rules.yml.j2"), unit_path(S.PROMETHEUS_UNIT): unit}
+    return {PROMETHEUS_CONF: conf, PROMETHEUS_RULES: render("prometheus-rules.yml.j2", renew_days=pki.RENEW_BEFORE.days), unit_path(S.PROMETHEUS_UNIT): unit}
 
 
 def firewall_files(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str, str]:
@@ -316,6 +322,7 @@ def host_units(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str,
         files.update(router_files(plan))
         files.update(frontdoor_files(plan))
         files.update(sync_files(plan))
+        files.update(layout_file(plan))
         if plan.settings.prometheus:
             files.update(prometheus_files(plan))
     return files

@@ -97,7 +97,8 @@ def _masked(command) -> str:
     return command.get_masked_value() if isinstance(command, StringCommand) else repr(command)
 
 
-def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses: dict | None = None) -> Planned:
+def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses: dict | None = None,
+                limit: tuple[str, ...] = ()) -> Planned:  # fmt: skip
     pyinfra.is_cli = True  # order operations by line, as the CLI does
     state = State(check_for_changes=True)
     state.cwd = str(ROOT)
@@ -110,7 +111,7 @@ def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses
     for h in inv:
         h.connector_cls = FakeConnector
     with ctx_state.use(state), ctx_inventory.use(inv):
-        state.init(inv, Config())
+        state.init(inv, Config(), initial_limit=[inv.get_host(name) for name in limit] or None)
         state.set_stage(StateStage.Connect)
         connect_all(state)
         state.set_stage(StateStage.Prepare)

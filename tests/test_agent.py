@@ -21,9 +21,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from disagg import pki, units
-from disagg.agent import envfile, kv, metrics, status as agent_status
+from disagg.agent import envfile, kv, layout, metrics, status as agent_status
 from disagg.agent.routerview import DiscoveryLog
 from disagg.agent.sync import discovery_message
 from disagg.load import Load
@@ -131,6 +132,7 @@ class Worker:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.zmq = f"127.0.0.1:{free_port()}"  # what its heartbeat registers, and the layout names
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def kill(self):
@@ -180,7 +182,7 @@ class Agents:
     def heartbeat(self, role: str, index: int, worker: Worker, **kw):
         return self.run("heartbeat", "--role", role, "--index", str(index), "--host", "node1", "--url", worker.url,
                         "--gpus", str(index), "--label", "context_tp1dp2_generate_tp1dp1", "--model", "m",
-                        "--zmq", f"127.0.0.1:{free_port()}", **kw)  # fmt: skip
+                        "--zmq", worker.zmq, **kw)  # fmt: skip
 
     def stop_all(self):
         for p in self.procs:
@@ -234,14 +236,30 @@ def expect(workers):
     return [agent_status.Expected(n, w.url) for n, w in zip(names, workers)]
 
 
-def start_layout(agents, workers, router, discovery=None, *sync_args: str):
+ROLES = (("context", 0), ("context", 1), ("generate", 0))
+
+
+def write_layout(agents, workers, roles=ROLES) -> str:
+    """The deployed layout's file as the deploy writes it on the head."""
+    path = agents.tmp / "layout.json"
+    path.write_text(layout.text("context_tp1dp2_generate_tp1dp1", [
+        {"name": f"{role}-{index}", "role": role, "url": w.url, "zmq": w.zmq} for (role, index), w in zip(roles, workers)]))  # fmt: skip
+    return str(path)
+
+
+def sync_args(agents, workers, router) -> list[str]:
+    return ["sync", "--router", router.url, "--mode", "pd", "--discovery", f"127.0.0.1:{router.discovery}",
+            "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"),
+            "--layout", write_layout(agents, workers)]  # fmt: skip
+
+
+def start_layout(agents, workers, router, discovery=None, *more: str):
     """Heartbeats of two context and one generate worker, and the sync."""
-    beats = [agents.heartbeat(role, index, workers[i])
-             for i, (role, index) in enumerate((("context", 0), ("context", 1), ("generate", 0)))]  # fmt: skip
-    sync = agents.run("sync", "--router", router.url, "--mode", "pd",
-                      "--discovery", discovery or f"127.0.0.1:{router.discovery}",
-                      "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"),
-                      *sync_args)  # fmt: skip
+    beats = [agents.heartbeat(role, index, workers[i]) for i, (role, index) in enumerate(ROLES)]
+    args = sync_args(agents, workers, router)
+    if discovery:
+        args[args.index("--discovery") + 1] = discovery
+    sync = agents.run(*args, *more)
     sync.beats = beats
     return sync
 
@@ -366,6 +384,40 @@ def test_malformed_registry_entries_are_skipped_and_stop_neither_the_sync_nor_st
         assert log.count(f"registry: {key} ") == 1, (key, log[-2000:])
 
 
+def test_an_entry_of_no_worker_of_the_layout_is_never_routed_until_the_layout_names_it(nats, agents, workers, router):
+    """A healthy, well-formed entry written with the heartbeats' credentials
+    (what a compromised host could write) that the deployed layout does not
+    name: under load the router never lists it and it gets no request;
+    status shows it foreign. A deploy that adds it to the layout file has it
+    routed without restarting the sync."""
+    sync = start_layout(agents, workers, router)
+    expected = expect(workers)
+    until(lambda: look(nats, expected, router.url).ready, 20, "ready")
+    impostor = Worker()
+    served = []
+    impostor.server.RequestHandlerClass.do_POST = lambda handler: served.append(handler.path)
+    beat = agents.heartbeat("generate", 1, impostor)  # the heartbeat's own credentials
+    hostport = impostor.url.removeprefix("http://")
+    try:
+        with Load(router.url, "m", concurrency=2) as load:
+            until(lambda: any(w["url"] == impostor.url for w in look(nats, expected, router.url).workers), 10, "put")
+            time.sleep(kv.ROUTER_FORGETS_AFTER)
+        assert load.result.ok > 10 and load.result.failed == 0, load.result.summary()
+        current = look(nats, expected, router.url)
+        assert current.ready and impostor.url not in current.members and not served
+        assert [w["foreign"] for w in current.workers if w["url"] == impostor.url] == [True]
+        assert not router.said(f"[HTTP:{hostport}")
+        log = Path(sync.log.name).read_text()
+        assert log.count(f"registry: {kv.worker_key(impostor.url)} names generate {impostor.url}") == 1, log[-2000:]
+        # the layout rewritten with it (a deploy that adds a worker): routed, the sync not restarted
+        write_layout(agents, [*workers, impostor], (*ROLES, ("generate", 1)))
+        until(lambda: router.said(f"Add Decode [HTTP:{hostport}"), 15, "routed once the layout names it")
+        assert sync.poll() is None
+    finally:
+        beat.send_signal(signal.SIGTERM)
+        impostor.kill()
+
+
 async def _put_raw(nats: Nats, values: dict[str, bytes]) -> None:
     nc = await kv.connect(nats.server(), reconnect=False)
     try:
@@ -384,7 +436,7 @@ def test_the_sync_writes_scrape_targets_from_the_registry_and_serves_nats_metric
     with exporter:
         sync = start_layout(agents, workers, router, None, "--targets-dir", str(targets), "--metrics-address",
                             f"127.0.0.1:{metrics_port}", "--nats-monitor", f"http://127.0.0.1:{nats.monitor}",
-                            "--dcgm-port", str(exporter.getsockname()[1]))  # fmt: skip
+                            "--dcgm-port", str(exporter.getsockname()[1]), "--certificate", str(nats.ca))  # fmt: skip
 
         def listed(name: str) -> list[dict]:
             try:
@@ -410,6 +462,12 @@ def test_the_sync_writes_scrape_targets_from_the_registry_and_serves_nats_metric
     assert gpus == {"context-0": 1.0, "context-1": 1.0, "generate-0": 1.0}  # --gpus 0, 1, 0: one GPU each
     until(lambda: metrics.total(metrics.scrape(f"http://127.0.0.1:{metrics_port}/metrics"),
                                 "disagg_worker_routed") == 3, 20, "all three routed")  # fmt: skip
+    # what the alerting rules compare: the layout's workers by role, and when a certificate expires
+    layout = {labels["role"]: value for labels, value in metrics.samples(text, "disagg_layout_workers")}
+    assert layout == {"context": 2.0, "generate": 1.0}
+    (labels, not_after), = metrics.samples(text, "disagg_certificate_not_after_seconds")
+    cert = x509.load_pem_x509_certificate(nats.ca.read_bytes())
+    assert labels == {"path": str(nats.ca)} and not_after == cert.not_valid_after_utc.timestamp()
     # a worker that leaves the registry leaves the targets; its host's exporter, now closed, too
     sync.beats[2].send_signal(signal.SIGTERM)
     sync.beats[2].wait(10)
@@ -462,8 +520,7 @@ def test_a_sync_restarted_while_nats_is_down_keeps_the_members(nats, agents, wor
     nats.stop()
     sync.send_signal(signal.SIGTERM)
     assert sync.wait(5) == 0
-    agents.run("sync", "--router", router.url, "--mode", "pd", "--discovery", f"127.0.0.1:{router.discovery}",
-               "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"))  # fmt: skip
+    agents.run(*sync_args(agents, workers, router))
     time.sleep(kv.ROUTER_FORGETS_AFTER + 3)
     assert not router.said("Remove")
 

@@ -284,7 +284,7 @@ def test_prometheus_runs_on_the_head_only_its_package_unit_masked_before_the_fir
     assert f"promtool check config {S.PROMETHEUS_CONFIG_DIR}/prometheus.yml" in commands
     assert "systemctl start disagg-prometheus.service" in commands
     sync = "Router sync and readiness gate | "
-    assert names.index(f"{sync}Scrape targets directory") < names.index(f"{sync}Run disagg-registry-sync")
+    assert names.index(f"{sync}Directories {S.SYNC_DIR}, {S.SCRAPE_TARGETS_DIR}") < names.index(f"{sync}Run disagg-registry-sync")
     other = planned.commands("h100-node2")
     assert mask not in other and not any("prometheus" in c.split() for c in other if "apt-get" in c)
     # a Prometheus already on the host (the package's binary there): its unit is not ours to mask
@@ -329,7 +329,8 @@ def test_venvs_are_made_and_filled_by_uv_and_read_from_their_dist_info():
     assert f"{uv} pip install --python /opt/disagg/vllm/bin/python --no-deps nixl==1.5.1 nixl-cu12==1.5.1" in commands
     assert any(c.startswith(f"{uv} pip install --compile-bytecode --python /opt/disagg/agent/bin/python") for c in commands)
     # ...filled once after an install by importing what the workers run, as their user
-    prewarm = ("runuser -u disagg -- env PYTHONPYCACHEPREFIX=/var/lib/disagg/pycache /opt/disagg/vllm/bin/python "
+    prewarm = ("runuser -u disagg -- env HOME=/var/lib/disagg/home PYTHONPYCACHEPREFIX=/var/lib/disagg/pycache "
+               "/opt/disagg/vllm/bin/python "
                "-c 'import vllm.entrypoints.openai.api_server'")  # fmt: skip
     assert commands.index(prewarm) > commands.index(f"{uv} pip install --python /opt/disagg/vllm/bin/python vllm==0.32.0")
     assert not any(" pip freeze" in c or "/bin/pip install" in c.replace("/opt/disagg/uv/bin/pip", "") for c in commands)
@@ -354,9 +355,14 @@ def test_a_hub_model_is_staged_before_the_workers_start_and_a_stamped_copy_is_le
     assert stage < next(i for i, n in enumerate(names) if "| Run disagg-generate-0" in n)
     (command,) = [c for c in planned.commands("h100-node2") if "disagg.agent.stage" in c]
     # the token from its root-only file, never on the command line; the mirror as HF_ENDPOINT
-    assert command.startswith("set -a; [ ! -f /etc/disagg/hf-token.env ] || . /etc/disagg/hf-token.env; set +a; "
-                              "HF_ENDPOINT=https://hf-mirror.example:8443 ")  # fmt: skip
-    assert f"--repo {model} --revision main --dest {dest}" in command and "hf_TOPSECRET" not in command
+    # (read by the agent as data: an env file is never sourced by a shell)
+    assert command.startswith("HF_ENDPOINT=https://hf-mirror.example:8443 ") and ". /etc" not in command
+    assert command.endswith(f"--repo {model} --revision main --dest {dest} --token-file {S.HF_TOKEN_ENV}")
+    assert "hf_TOPSECRET" not in command
+    # the tree is root's, read-only to the workers; so is every directory above it
+    commands = planned.commands("h100-node2")
+    assert commands.index(command) < commands.index(f"chown -hR root:root {dest} && chmod -R u=rwX,go=rX {dest}")
+    assert "chown -h root:root /var/lib/disagg/models/hub/neuralmagic--Meta-Llama-3.1-70B-Instruct-FP8" in commands
     # the workers load the staged copy, served under the hub id
     assert f"--model {dest}" in planned.uploads("h100-node2")["/etc/systemd/system/disagg-generate-0.service"]
     # stamped, every size as stamped, nothing written since: no command
@@ -369,6 +375,19 @@ def test_a_hub_model_is_staged_before_the_workers_start_and_a_stamped_copy_is_le
     staged[f"s={dest}.manifest.json"][4] = "model.safetensors\t2"
     planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
     assert any("disagg.agent.stage" in c for c in planned.commands("h100-node2"))
+    # the tree's path a link (a service user planted it; the fact lists nothing behind it): removed, never followed
+    staged[f"s={dest}.manifest.json"] = ["### stamp", stamp, "### kind", "l"]
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
+    commands = planned.commands("h100-node2")
+    stage = next(i for i, c in enumerate(commands) if "disagg.agent.stage" in c)
+    assert commands.index(f"rm -f -- {dest}") < stage
+    # as stamped, but a file not root's (as releases before this one left it): made root's, not fetched again
+    staged[f"s={dest}.manifest.json"] = ["### stamp", stamp, "### kind", "d", "### files", "config.json\t100",
+                                         "model.safetensors\t5", "### loose", "./config.json", "### rehashed"]  # fmt: skip
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
+    commands = planned.commands("h100-node2")
+    assert not any("disagg.agent.stage" in c for c in commands)
+    assert f"chown -hR root:root {dest} && chmod -R u=rwX,go=rX {dest}" in commands
 
 
 def test_a_running_firewall_is_reloaded_never_restarted():
@@ -378,3 +397,23 @@ def test_a_running_firewall_is_reloaded_never_restarted():
         (cmds,) = [c for n, c in planned.ops(host) if n.endswith(f"Run {S.FIREWALL_UNIT}")]
         assert cmds == ["systemctl daemon-reload", f"systemctl reload {S.FIREWALL_UNIT}.service"]
 
+
+
+def test_a_limit_that_leaves_out_the_head_is_refused_before_any_change():
+    """The head's registry sync routes only the workers its layout file
+    names: a worker deployed with --limit and no head would never be routed."""
+    with pytest.raises(TopologyError, match=r"^--limit leaves out the head \(h100-node1\): .*; add --limit h100-node1$") as e:
+        plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses(), limit=("h100-node2",))
+    assert e.value.planned.commands("h100-node2") == []
+    both = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses(), limit=("h100-node2", "h100-node1"))
+    assert any(S.LAYOUT_FILE == path for path in both.uploads("h100-node1"))
+
+
+def test_pins_of_releases_the_vllm_plugin_was_not_written_for_are_said_before_the_deploy(caplog):
+    plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    assert "disagg's vLLM plugin is written for" not in caplog.text
+    caplog.clear()
+    plan_deploy(H100, "deploys/disagg.py", data={"vllm_package": "vllm==0.33.1", "nixl_packages": ["nixl==1.5.1"]},
+                responses=gpu_host_responses())  # fmt: skip
+    assert ("--> preflight: h100-node1: vllm 0.33.1 pinned; disagg's vLLM plugin is written for vllm 0.32.0 and "
+            "nixl 1.5.1: it will patch nothing") in caplog.text

@@ -77,7 +77,7 @@ def test_the_discovery_socket_takes_registrations_from_the_sync_user_only():
     plan = make_plan(load_inventory(H100))
     port = plan.settings.router_discovery_port
     assert firewall.local_ruleset(plan, "h100-node1")[-1] == \
-        f'oif "lo" tcp dport {port} meta skuid != "disagg" counter reject with tcp reset'
+        f'oif "lo" tcp dport {port} meta skuid != "disagg-sync" counter reject with tcp reset'
     assert firewall.local_ruleset(plan, "h100-node2") == []
     baseline = make_plan(load_inventory(H100), label_key="baseline_label")
     assert firewall.local_ruleset(baseline, "h100-node1") == []  # no discovery socket

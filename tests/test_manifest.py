@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from disagg import manifest
 from disagg.facts import StagedTree
 
@@ -99,3 +101,37 @@ def test_a_damaged_stamp_trusts_no_file(tmp_path):
     assert staged.stamp is None
     assert manifest.changes({"a.bin": (1, manifest.sha256(dest / "a.bin"))}, staged).push == ["a.bin"]
     assert json.loads(manifest.text({"a.bin": (1, "h")})) == {"a.bin": [1, "h"]}
+
+
+def test_links_and_loosened_modes_are_found_and_never_followed(tmp_path):
+    """What a service user could plant where root writes: the fact names it
+    (roles/transfer.py removes it) and lists nothing behind a link."""
+    outside, dest = tmp_path / "outside", tmp_path / "dest"
+    _tree(outside, {"keep": b"canary"})
+    _tree(dest, {"a.bin": b"a", "sub/b.bin": b"b"})
+    os.chmod(dest / "sub/b.bin", 0o644)
+    clean = _staged(dest)
+    assert (clean.kind, clean.foreign) == ("d", ())
+    if os.geteuid() == 0:  # root's files: nothing to replace
+        assert clean.loose is None and not clean.unsafe
+    (dest / "evil").symlink_to(outside)
+    (dest / "sub/file").symlink_to(outside / "keep")
+    os.chmod(dest / "sub/b.bin", 0o666)
+    staged = _staged(dest)
+    assert sorted(staged.foreign) == ["evil", "sub/file"] and staged.unsafe
+    assert set(staged.sizes) == {"a.bin", "sub/b.bin"}  # nothing behind a link listed
+    assert staged.loose is not None
+    # the tree's path itself a link to a tree: nothing in it listed, the stamp not read through a link
+    link = tmp_path / "link"
+    link.symlink_to(outside)
+    os.symlink(outside / "keep", manifest.stamp_path(str(link)))
+    linked = _staged(link)
+    assert (linked.kind, linked.sizes, linked.stamp) == ("l", {}, None) and linked.unsafe
+    assert manifest.changes({"keep": (6, manifest.sha256(outside / "keep"))}, linked).push == ["keep"]
+
+
+def test_a_file_name_with_a_control_character_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _tree(tmp_path / "src", {"ok.bin": b"1", "x\nEOF\nrm -rf y": b"2"})
+    with pytest.raises(ValueError, match=r"file name 'x\\nEOF\\nrm -rf y' holds a control character; rename it"):
+        manifest.of(tmp_path / "src")

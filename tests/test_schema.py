@@ -93,6 +93,9 @@ BAD_DATA = [
                                                          "network (CIDR); list the addresses"),
     ({"firewall_allow": "10.0.0.5"}, "'firewall_allow' = '10.0.0.5': input should be a valid tuple"),
     ({"firewal": False}, "'firewal' = False: unknown key; did you mean 'firewall'?"),
+    # its copy would be MODELS_DIR itself (pruning every other model) or the hub models' tree
+    ({"model_dir": "/"}, "'model_dir' = '/': its copy on the hosts is named after it: name a directory other than /"),
+    ({"model_dir": "/srv/hub"}, "'model_dir' = '/srv/hub': its copy on the hosts is named after it"),
 ]  # fmt: skip
 
 

@@ -81,7 +81,9 @@ def test_every_unit_is_sandboxed_writing_only_where_it_must():
             assert f"\n{line}\n" in text, (name, line)
     writes = {name: [line for line in text.splitlines() if line.startswith("ReadWritePaths=")]
               for name, text in units.items()}  # fmt: skip
-    assert writes["disagg-context-0.service"] == writes["disagg-registry-sync.service"] == ["ReadWritePaths=/var/lib/disagg"]
+    # below root's /var/lib/disagg, each its own directories: none may rename what root pushes into (the models)
+    assert writes["disagg-context-0.service"] == [f"ReadWritePaths={p}" for p in (S.SERVICE_HOME, S.HF_HOME, S.PYCACHE_DIR)]
+    assert writes["disagg-registry-sync.service"] == [f"ReadWritePaths={p}" for p in (S.SYNC_DIR, S.SCRAPE_TARGETS_DIR)]
     assert writes["disagg-nats.service"] == ["ReadWritePaths=/var/lib/disagg/nats"]
     assert writes["disagg-router.service"] == writes["disagg-context-0-agent.service"] == []
     # GPU workers see /dev/nvidia* (no device allow-list) and may pin memory for RDMA; the rest see no devices

@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     sy.add_argument("--mode", choices=("pd", "aggregated"), required=True)
     sy.add_argument("--discovery", help="vllm-router's --vllm-discovery-address (pd mode)")
     sy.add_argument("--router-log", help="where the router logs (pd mode): journal:UNIT or a file")
+    sy.add_argument("--layout", required=True, help="the deployed layout's workers (JSON): no other entry is routed")
     sy.add_argument("--state-file", help="keeps the last members across restarts")
     sy.add_argument("--targets-dir", help="write Prometheus file_sd targets (workers, DCGM exporters) here")
     sy.add_argument("--metrics-address", help="HOST:PORT to serve NATS's and the registry's metrics on")
     sy.add_argument("--nats-monitor", default="http://127.0.0.1:8222", help="NATS's monitoring URL")
     sy.add_argument("--dcgm-port", type=int, default=9400, help="where the workers' hosts run a DCGM exporter")
+    sy.add_argument("--certificate", action="append", default=[], help="a PEM certificate whose expiry is exported")
     lv = sub.add_parser("leave", parents=[common], help="out of the registry and the router, then drained")
     lv.add_argument("--url", required=True)
     lv.add_argument("--drain-timeout", type=float, default=60)
@@ -72,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--discovery is required in pd mode")
         if bool(args.targets_dir) != bool(args.metrics_address):
             parser.error("--targets-dir and --metrics-address go together")
+        from .layout import Layout
         from .sync import Scrape, sync
 
-        scrape = Scrape(args.targets_dir, args.metrics_address, args.nats_monitor, args.dcgm_port) if args.targets_dir else None
-        asyncio.run(sync(server, args.router, args.mode, args.discovery,
+        scrape = (Scrape(args.targets_dir, args.metrics_address, args.nats_monitor, args.dcgm_port, tuple(args.certificate))
+                  if args.targets_dir else None)  # fmt: skip
+        asyncio.run(sync(server, args.router, args.mode, args.discovery, Layout(args.layout),
                          args.router_log, args.state_file, scrape=scrape))  # fmt: skip
         return 0
     if args.command == "leave":

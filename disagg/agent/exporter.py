@@ -7,6 +7,9 @@ worker's placed GPU count (what tokens/s per GPU is divided by)."""
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import subprocess
 import urllib.request
 from typing import Callable, Iterable
 
@@ -28,8 +31,13 @@ class Collector:
     registry's worker entries as the sync last read them; routable: the URLs
     it sends to the router."""
 
-    def __init__(self, monitor: str, entries: Callable[[], Iterable[dict]], routable: Callable[[], Iterable[str]]):
+    def __init__(self, monitor: str, entries: Callable[[], Iterable[dict]], routable: Callable[[], Iterable[str]],
+                 layout: Callable[[], Iterable[dict]] = tuple, certificates: Iterable[str] = ()):  # fmt: skip
+        """layout: the deployed layout's workers; certificates: PEM files
+        whose expiry is exported (the alerting rules warn before it)."""
         self.monitor, self.entries, self.routable = monitor.rstrip("/"), entries, routable
+        self.layout, self.certificates = layout, tuple(certificates)
+        self._not_after: dict[str, tuple[int, float | None]] = {}
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
@@ -53,6 +61,35 @@ class Collector:
             routed.add_metric(labels, 1.0 if e["url"] in routable else 0.0)
         yield gpus
         yield routed
+        deployed = GaugeMetricFamily("disagg_layout_workers", "Workers of the deployed layout (what the sync routes)",
+                                     labels=["role"])  # fmt: skip
+        roles: dict[str, int] = {}
+        for w in self.layout():
+            roles[w["role"]] = roles.get(w["role"], 0) + 1
+        for role, count in sorted(roles.items()):
+            deployed.add_metric([role], float(count))
+        yield deployed
+        expiry = GaugeMetricFamily("disagg_certificate_not_after_seconds", "When a certificate of ours expires (Unix time)",
+                                   labels=["path"])  # fmt: skip
+        for path in self.certificates:
+            not_after = self.not_after(path)
+            if not_after is not None:
+                expiry.add_metric([path], not_after)
+        yield expiry
+
+    def not_after(self, path: str) -> float | None:
+        """A PEM certificate's notAfter, read again when the file changes."""
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return None
+        cached = self._not_after.get(path)
+        if cached is None or cached[0] != mtime:
+            out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", path], capture_output=True, text=True)
+            when = out.stdout.strip().removeprefix("notAfter=") if out.returncode == 0 else ""
+            cached = (mtime, float(ssl.cert_time_to_seconds(when)) if when else None)
+            self._not_after[path] = cached
+        return cached[1]
 
 
 def serve(address: str, collector: Collector) -> None:

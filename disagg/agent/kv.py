@@ -259,7 +259,7 @@ async def read_all(kv, timeout: float = NATS_TIMEOUT) -> dict[str, Entry]:
                 except ValueError:
                     value = None
                 if not isinstance(value, dict):
-                    _skipped(entry.key, "is not a JSON object")
+                    skipped(entry.key, "is not a JSON object")
                     continue
                 out[entry.key] = Entry(value, entry.created)
     finally:
@@ -271,7 +271,7 @@ async def read_all(kv, timeout: float = NATS_TIMEOUT) -> dict[str, Entry]:
 _logged: set[tuple[str, str]] = set()
 
 
-def _skipped(key: str, reason: str) -> None:
+def skipped(key: str, reason: str) -> None:
     if (key, reason) not in _logged:
         _logged.add((key, reason))
         log(f"registry: {key} {reason}: skipped")
@@ -290,10 +290,10 @@ def member(key: str, value: dict, roles: set[str]) -> dict | None:
     except ValueError:  # a port out of range
         well_formed = False
     if not well_formed:
-        _skipped(key, f"has no http URL with a host and port ({url!r})")
+        skipped(key, f"has no http URL with a host and port ({url!r})")
         return None
     if value["role"] in DISCOVERY_TYPE and not (isinstance(zmq, str) and re.fullmatch(r"\S+:\d+", zmq)):
-        _skipped(key, f"has no ZMQ address host:port ({zmq!r})")
+        skipped(key, f"has no ZMQ address host:port ({zmq!r})")
         return None
     return value
 

@@ -2,7 +2,7 @@
 host before any worker starts, run by the deploy (roles/model.py) with the
 engine's venv, whose huggingface_hub does the download (resumable; the
 endpoint from HF_ENDPOINT, the token from HF_TOKEN in the root-only env
-file). Every file is then checked against the checksums the hub lists (LFS
+file, read as data). Every file is then checked against the checksums the hub lists (LFS
 files by sha256, others by their git blob sha1); one that fails is fetched
 again once. Last, the manifest is written beside the directory
 (`<dest>.manifest.json`, as disagg/manifest.py reads it): a re-run with
@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from disagg.agent import envfile
 
 _CHUNK = 1 << 20
 
@@ -61,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", required=True)
     parser.add_argument("--revision", default="main")
     parser.add_argument("--dest", required=True, type=Path)
+    parser.add_argument("--token-file", type=Path, help="an env file with HF_TOKEN (read, never sourced)")
     args = parser.parse_args(argv)
+    if args.token_file and args.token_file.is_file():
+        token = envfile.value(args.token_file.read_text().splitlines(), "HF_TOKEN")
+        if token:
+            os.environ["HF_TOKEN"] = token
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own lines instead
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile

@@ -112,15 +112,21 @@ async def status(server: kv.Server, router: str | None, expected: list[Expected]
         if e.get("health") == "healthy":
             text = await asyncio.to_thread(metrics.scrape, f"{e['url']}/metrics")
             running = metrics.total(text, "vllm:num_requests_running")
+        # an entry of no expected worker: another layout's, or written by someone else (the sync does not route it)
+        foreign = bool(expected) and e["url"] not in names
         workers.append({
             **e,
             "name": names.get(e["url"], f"{e.get('role')}-{e.get('index')}"),
+            "foreign": foreign,
             "heartbeat_age_s": round(age[key], 1),
             "in_router": None if members is None else e["url"] in members,
             "routed": routed.get(e["url"]),
             "running": running,
         })  # fmt: skip
     problems = assess(expected, values, members)
+    if expected and members:
+        problems += [f"{url} is in the router but is no worker of the deployed layout" for url in members
+                     if url not in names]  # fmt: skip
     if router and router_health != "healthy":
         problems.insert(0, f"router at {router} is {router_health}")
     if expected and router_state is None:
@@ -148,7 +154,7 @@ def table(current: Status) -> str:
     rows = [head]
     for w in current.workers:
         rows.append((
-            w["name"],
+            w["name"] + (" (foreign)" if w.get("foreign") else ""),
             w.get("host", ""),
             ",".join(map(str, w.get("gpus", []))),
             w["url"],

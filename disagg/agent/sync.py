@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import exporter, kv, targets
+from .layout import Layout
 from .routerview import DiscoveryLog, aggregated_members
 
 
@@ -40,13 +41,14 @@ class Scrape:
     metrics_address: str
     nats_monitor: str
     dcgm_port: int
+    certificates: tuple[str, ...] = ()
 
 
 class Members:
     """The workers the router should have, by URL; kept in a state file so
     that a sync restarted while NATS is down still knows them."""
 
-    def __init__(self, state_file: str | None, roles: set[str]):
+    def __init__(self, state_file: str | None, roles: set[str], layout: Layout):
         self.path = Path(state_file) if state_file else None
         self.entries: dict[str, dict] = {}
         # URLs whose port refused the last direct probe
@@ -58,8 +60,10 @@ class Members:
                 saved = json.loads(self.path.read_text())
             except ValueError:
                 saved = {}
-            # the file outlives a relabel: a baseline member is no PD one
-            self.entries = {url: e for url, e in saved.items() if e.get("role") in roles}
+            # the file outlives a relabel: a member of the layout before is none now
+            self.entries = {url: e for url, e in saved.items()
+                            if isinstance(e, dict) and (m := kv.member(kv.worker_key(url), e, roles))
+                            and layout.admits(kv.worker_key(url), m)}  # fmt: skip
 
     def routable(self) -> list[dict]:
         return [e for url, e in self.entries.items() if url not in self.gone]
@@ -83,20 +87,22 @@ class Members:
             os.replace(tmp, self.path)
 
 
-async def sync(server: kv.Server, router: str, mode: str, discovery: str | None,
+async def sync(server: kv.Server, router: str, mode: str, discovery: str | None, layout: Layout,
                router_log: str | None = None, state_file: str | None = None,
                interval: float = kv.SYNC_INTERVAL, scrape: Scrape | None = None) -> None:  # fmt: skip
     stop = kv.stop_event()
     roles = set(kv.DISCOVERY_TYPE) if mode == "pd" else {"baseline"}
-    members = Members(state_file, roles)
+    members = Members(state_file, roles, layout)
     view = DiscoveryLog(router_log or "journal:disagg-router.service") if mode == "pd" else None
     send = _send_discovery(discovery, members, stop, interval) if mode == "pd" else _reconcile(router, members, stop, interval)
     tasks = [send, _watch_health(members, stop, interval),
-             _registry(server, router, mode, roles, members, view, stop, interval, scrape)]  # fmt: skip
+             _registry(server, router, mode, roles, layout, members, view, stop, interval, scrape)]  # fmt: skip
     if scrape:
         entries = lambda: list(members.entries.values())  # noqa: E731
         routable = lambda: [e["url"] for e in members.routable()]  # noqa: E731
-        exporter.serve(scrape.metrics_address, exporter.Collector(scrape.nats_monitor, entries, routable))
+        deployed = lambda: list(layout.workers.values())  # noqa: E731
+        exporter.serve(scrape.metrics_address,
+                       exporter.Collector(scrape.nats_monitor, entries, routable, deployed, scrape.certificates))
         tasks.append(targets.watch_dcgm(scrape.targets_dir, scrape.dcgm_port, entries, stop))
     if view:
         tasks.append(view.follow(stop))
@@ -165,9 +171,10 @@ def _reconcile_once(router: str, wanted: set[str]) -> None:
             kv.log(f"{path} {url}")
 
 
-async def _registry(server: kv.Server, router: str, mode: str, roles: set[str], members: Members,
+async def _registry(server: kv.Server, router: str, mode: str, roles: set[str], layout: Layout, members: Members,
                     view: DiscoveryLog | None, stop: asyncio.Event, interval: float, scrape: Scrape | None) -> None:  # fmt: skip
-    """Read the registry into members; publish the router's own view."""
+    """Read the registry's workers of the layout into members; publish the
+    router's own view."""
     try:
         nc = await kv.connect(server, stop=stop)
     except kv.Stopped:
@@ -179,8 +186,9 @@ async def _registry(server: kv.Server, router: str, mode: str, roles: set[str], 
             try:
                 store = store or await kv.bucket(nc)
                 entries = await kv.read_all(store)
-                routable = (kv.member(k, e.value, roles) for k, e in entries.items())
-                members.replace({m["url"]: m for m in routable if m})
+                layout.refresh()
+                routable = ((k, kv.member(k, e.value, roles)) for k, e in entries.items())
+                members.replace({m["url"]: m for k, m in routable if m and layout.admits(k, m)})
                 read_failed(None, recovered="registry readable again")
             except Exception as e:
                 read_failed(f"registry unreadable, keeping the last {len(members.entries)} members: "

@@ -14,8 +14,10 @@ DEFAULTS = {
 
 
 @deploy("disagg base", data_defaults=DEFAULTS)
-def base(also: tuple[str, ...] = ()):
-    """`also`: packages other roles need, in the same apt run."""
+def base(also: tuple[str, ...] = (), users: tuple[str, ...] = ()):
+    """`also`: packages other roles need, in the same apt run; `users`: the
+    service users this host's services run as besides SERVICE_USER (before
+    the firewall: its rules name them)."""
     apt.packages(
         name="Install base packages",
         packages=[*host.data.get("base_packages"), *also],
@@ -25,5 +27,7 @@ def base(also: tuple[str, ...] = ()):
         no_recommends=True,
     )
     service_user(name=f"Service user {S.SERVICE_USER}", user=S.SERVICE_USER, home=S.STATE_DIR)
-    wanted = {S.CONFIG_DIR: ("root", "755"), S.OPT_DIR: ("root", "755"), S.STATE_DIR: (S.SERVICE_USER, "755")}
+    for user in users:
+        service_user(name=f"Service user {user}", user=user, home="/nonexistent")
+    wanted = {S.CONFIG_DIR: ("root", "755"), S.OPT_DIR: ("root", "755"), S.STATE_DIR: ("root", "755")}
     directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)

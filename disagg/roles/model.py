@@ -4,6 +4,7 @@ the controller, or a hub model downloaded (disagg/agent/stage.py), each
 verified by checksum and stamped; a no-op reads sizes and the stamp."""
 
 import shlex
+from pathlib import PurePosixPath
 
 from pyinfra import host
 from pyinfra.api import operation
@@ -13,16 +14,18 @@ from disagg import settings as S
 from disagg.facts import StagedTree
 from disagg.plan import Plan
 from disagg.roles.ops import directories
-from disagg.roles.transfer import tree_pushed
+from disagg.roles.transfer import made_safe, root_only, tree_pushed
 
 
 @deploy("Model")
 def model(plan: Plan) -> None:
     s = plan.settings
-    wanted = {d: (S.SERVICE_USER, "755") for d in (f"{S.STATE_DIR}/hf", S.MODELS_DIR)}
+    # root's: a worker reads a model, never renames one (nor a directory above it)
+    above = [str(p) for p in reversed(PurePosixPath(s.model_path).parents) if p.is_relative_to(S.MODELS_DIR)]
+    wanted = {d: ("root", "755") for d in (S.MODELS_DIR, *above)}
     directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)
     if s.model_source == "controller":
-        tree_pushed(name=f"Push model {s.model_dir}", src=s.model_dir, dest=s.model_path, owner=S.SERVICE_USER)
+        tree_pushed(name=f"Push model {s.model_dir}", src=s.model_dir, dest=s.model_path)
     elif s.model_source == "hub":
         hub_staged(name=f"Stage {s.model}@{s.model_revision} from {s.hf_endpoint or 'the hub'}",
                    repo=s.model, revision=s.model_revision, dest=s.model_path, endpoint=s.hf_endpoint)  # fmt: skip
@@ -45,10 +48,13 @@ def hub_staged(repo: str, revision: str, dest: str, endpoint: str | None = None)
                    dest="/var/lib/disagg/models/hub/meta-llama--Llama-3.1-70B-Instruct/main")
     """
     staged = host.get_fact(StagedTree, path=dest, hashes=False)
-    if staged.stamp and staged.sizes == {p: e[0] for p, e in staged.stamp.items()} and not staged.rehashed:
+    fresh = staged.stamp and staged.sizes == {p: e[0] for p, e in staged.stamp.items()} and not staged.rehashed
+    if fresh and not staged.unsafe:
         return
-    env = f"HF_ENDPOINT={shlex.quote(endpoint)} " if endpoint else ""
-    yield (f"set -a; [ ! -f {S.HF_TOKEN_ENV} ] || . {S.HF_TOKEN_ENV}; set +a; {env}"
-           f"PYTHONPATH={S.AGENT_SRC} {S.VLLM_VENV}/bin/python -m disagg.agent.stage "
-           f"--repo {shlex.quote(repo)} --revision {shlex.quote(revision)} --dest {shlex.quote(dest)}")  # fmt: skip
-    yield f"chown -R {S.SERVICE_USER}:{S.SERVICE_USER} {shlex.quote(dest)}"
+    yield from made_safe(dest, staged)
+    if not fresh:  # (a link removed from it leaves a file short of the stamp)
+        env = f"HF_ENDPOINT={shlex.quote(endpoint)} " if endpoint else ""
+        yield (f"{env}PYTHONPATH={S.AGENT_SRC} {S.VLLM_VENV}/bin/python -m disagg.agent.stage "
+               f"--repo {shlex.quote(repo)} --revision {shlex.quote(revision)} --dest {shlex.quote(dest)} "
+               f"--token-file {S.HF_TOKEN_ENV}")  # fmt: skip
+    yield root_only(dest)

@@ -114,10 +114,15 @@ def directories(wanted: dict[str, tuple[str, str]]):
     have = host.get_fact(DirectoryStates, paths=tuple(wanted))
     for path, (owner, mode) in wanted.items():
         current, q = have.get(path), shlex.quote(path)
+        if current is not None and current["type"] != "d":
+            # a link planted where a directory belongs: root never follows it
+            logger.warning(f"{host.print_prefix}{path} is not a directory (find type {current['type']}): replaced")
+            yield f"rm -f -- {q}"
+            current = None
         if current is None:
             yield f"mkdir -p {q}"
         if current is None or (current["owner"], current["group"]) != (owner, owner):
-            yield f"chown {owner}:{owner} {q}"
+            yield f"chown -h {owner}:{owner} {q}"
         if current is None or current["mode"] != mode:
             yield f"chmod {mode} {q}"
 

@@ -5,7 +5,7 @@ any host; a problem stops the deploy with all problems listed."""
 from pyinfra import logger
 from pyinfra.context import ctx_state
 
-from disagg import preflight
+from disagg import packages, preflight
 from disagg.plan import Plan
 from disagg.topology import TopologyError
 
@@ -18,6 +18,17 @@ def gate(plan: Plan) -> None:
     if id(state) in _checked:
         return
     _checked.add(id(state))
+    limited = {h.name for h in state.limit_hosts or ()}
+    if limited and plan.cluster.head not in limited and any(plan.workers_on(h) for h in limited):
+        raise TopologyError(f"--limit leaves out the head ({plan.cluster.head}): its registry sync routes only the "
+                            f"workers of the layout it was given last; add --limit {plan.cluster.head}")  # fmt: skip
+    if plan.engine_plugin:
+        for name in sorted({w.host for w in plan.workers}):
+            mismatch = packages.plugin_mismatch(state.inventory.get_host(name).data)
+            if mismatch:
+                # not fatal: the plugin disables itself on the hosts, loudly
+                logger.warning(f"--> preflight: {name}: {mismatch}: it will patch nothing (no re-handshake of a "
+                               "disconnected NIXL peer, nixl_progress_thread=false has no effect)")  # fmt: skip
     if not plan.settings.preflight:
         logger.warning("--> preflight skipped: inventory data preflight=false")
         return

@@ -42,11 +42,17 @@ def runtime_files(plan: Plan) -> list[str]:
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
 def router_sync(plan: Plan, changed_by: list[OperationMeta]):
+    # the sync's own: its state, and what it writes and Prometheus reads (file_sd)
+    wanted = {S.SYNC_DIR: (S.SYNC_USER, "750")}
     if plan.settings.prometheus:
-        # what the sync writes and Prometheus reads (file_sd)
-        directories(name="Scrape targets directory", wanted={S.SCRAPE_TARGETS_DIR: (S.SERVICE_USER, "755")})
+        wanted[S.SCRAPE_TARGETS_DIR] = (S.SYNC_USER, "755")
+    # a directory made anew (one replaced a planted link) is not the one the
+    # running sync's namespace has mounted writable: it restarts
+    made = directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)
+    # before the workers start: the sync routes none that it does not name
+    put_files(units.layout_file(plan))
     rendered = units.sync_files(plan)
-    unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT, changed_by=[*changed_by, *put_files(rendered)],
+    unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT, changed_by=[*changed_by, made, *put_files(rendered)],
                  files=[*rendered, *runtime_files(plan)])  # fmt: skip
 
 

@@ -3,6 +3,7 @@ for the disaggregated and the baseline layout both follow it."""
 
 from pyinfra import host
 
+from disagg import settings as S
 from disagg.facts import NvidiaPciDevices
 from disagg.plan import Plan
 from disagg.roles.base import base
@@ -40,7 +41,9 @@ def converge(plan: Plan) -> None:
         unit, binary = door.DISTRO_UNIT
         distro_unit_masked(name="Keep the package's own HAProxy from starting", unit=unit, binary=binary)
         system += door.PACKAGES
-    base(also=tuple(system))
+    users = [S.HEARTBEAT_USER] if runs_workers else []
+    users += [S.SYNC_USER, S.ROUTER_USER] if on_head else []
+    base(also=tuple(system), users=tuple(users))
     if fenced:
         firewall(plan)
     if runs_workers and plan.settings.prometheus:

@@ -19,15 +19,16 @@ def teardown(purge: bool = False):
     table_absent(name="Remove our nftables table")
     # the sync's members belong to the layout that ends here
     for path in (units.NATS_CONF, units.NATS_AUTH_CONF, units.NATS_SECRET_ENV, S.FIREWALL_RULES, S.HF_TOKEN_ENV,
-                 S.API_KEY_ENV, S.SYNC_STATE):  # fmt: skip
+                 S.API_KEY_ENV, S.LAYOUT_FILE):  # fmt: skip
         files.file(name=f"Remove {path}", path=path, present=False)
     # Prometheus's TSDB (S.PROMETHEUS_DATA) is kept: the history of what ran
-    for path in (S.TLS_DIR, S.PROMETHEUS_CONFIG_DIR, S.SCRAPE_TARGETS_DIR, S.FRONTDOOR_DIR):
+    for path in (S.TLS_DIR, S.PROMETHEUS_CONFIG_DIR, S.SCRAPE_TARGETS_DIR, S.FRONTDOOR_DIR, S.SYNC_DIR):
         files.directory(name=f"Remove {path}", path=path, present=False)
     if not purge:
         return
     for path in (S.OPT_DIR, S.STATE_DIR, S.CONFIG_DIR):
         files.directory(name=f"Remove {path}", path=path, present=False)
-    for user in (S.SERVICE_USER, S.NATS_USER, S.PROMETHEUS_USER, S.FRONTDOOR_USER):
+    for user in (S.SERVICE_USER, S.HEARTBEAT_USER, S.SYNC_USER, S.ROUTER_USER, S.NATS_USER, S.PROMETHEUS_USER,
+                 S.FRONTDOOR_USER):  # fmt: skip
         server.user(name=f"Remove user {user}", user=user, present=False)
         server.group(name=f"Remove group {user}", group=user, present=False)

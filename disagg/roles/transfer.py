@@ -11,7 +11,7 @@ import tarfile
 from io import StringIO
 from pathlib import Path
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FileUploadCommand, OperationError, QuoteString, StringCommand, operation
 from pyinfra.api.command import PyinfraCommand
 from pyinfra.connectors.util import extract_control_arguments, make_unix_command_for_host
@@ -21,23 +21,27 @@ from disagg.facts import StagedTree
 
 
 @operation()
-def tree_pushed(src: str, dest: str, owner: str = "root"):
+def tree_pushed(src: str, dest: str):
     """
     dest on the host = src on the controller: missing, partial or
     corrupted files pushed, others removed, all of them verified by sha256
-    and a stamp written last. A no-op reads sizes and the stamp only.
+    and a stamp written last. The tree is root's and read-only to services;
+    a link or a loosened mode found in it is replaced first (a service user
+    could have planted it). A no-op reads sizes and the stamp only.
 
     **Example:**
 
     .. code:: python
 
-        tree_pushed(name="Push model", src="/models/tiny-llama", dest="/var/lib/disagg/models/tiny-llama", owner="disagg")
+        tree_pushed(name="Push model", src="/models/tiny-llama", dest="/var/lib/disagg/models/tiny-llama")
     """
     wanted = manifest.of(src)
-    todo = manifest.changes(wanted, host.get_fact(StagedTree, path=dest))
-    if todo.none:
+    staged = host.get_fact(StagedTree, path=dest)
+    todo = manifest.changes(wanted, staged)
+    if todo.none and not staged.unsafe:
         return
     q, stamp = shlex.quote(dest), shlex.quote(manifest.stamp_path(dest))
+    yield from made_safe(dest, staged)
     # without a stamp, an interrupted push is checked file by file next time
     yield f"rm -f {stamp} && mkdir -p {q}"
     if todo.push:
@@ -46,8 +50,32 @@ def tree_pushed(src: str, dest: str, owner: str = "root"):
         yield f"cd {q} && sha256sum --quiet -c - <<'EOF'\n{sums}EOF"
     if todo.remove:
         yield f"cd {q} && rm -f -- {' '.join(map(shlex.quote, todo.remove))}"
-    yield f"chown -R {owner}:{owner} {q}"
+    yield root_only(dest)
     yield FileUploadCommand(StringIO(manifest.text(wanted)), manifest.stamp_path(dest))
+
+
+def made_safe(dest: str, staged: manifest.Staged):
+    """Before root writes into dest: a link (or a file) at dest itself and
+    any entry in it that is neither file nor directory removed, never
+    followed; each said."""
+    q = shlex.quote(dest)
+    if staged.kind not in (None, "d"):
+        logger.warning(f"{host.print_prefix}{dest} is not a directory (find type {staged.kind}): replaced")
+        yield f"rm -f -- {q}"
+    elif staged.foreign:
+        shown = ", ".join(staged.foreign[:5]) + (", ..." if len(staged.foreign) > 5 else "")
+        logger.warning(f"{host.print_prefix}{dest}: {len(staged.foreign)} links or special files removed ({shown})")
+        yield f"find {q} -mindepth 1 ! -type f ! -type d -delete"
+    if staged.loose is not None and staged.kind == "d":
+        logger.warning(f"{host.print_prefix}{dest}: {staged.loose} was not root's or was writable by others: "
+                       "made root's, read-only to services")  # fmt: skip
+
+
+def root_only(dest: str) -> str:
+    """dest root's, readable by all and writable by root alone (links are
+    neither followed nor changed)."""
+    q = shlex.quote(dest)
+    return f"chown -hR root:root {q} && chmod -R u=rwX,go=rX {q}"
 
 
 class TarStream(PyinfraCommand):
@@ -73,7 +101,8 @@ class TarStream(PyinfraCommand):
         tar = StringCommand("tar", "-x", "--no-same-owner", "-C", QuoteString(self.dest))
         channel = client.get_transport().open_session()
         channel.exec_command(make_unix_command_for_host(state, host, tar, **arguments).get_raw_value())
-        with tarfile.open(fileobj=_Channel(channel), mode="w|") as stream:
+        # dereference: a link on the controller (a hub cache's snapshot) is sent as the file it names
+        with tarfile.open(fileobj=_Channel(channel), mode="w|", dereference=True) as stream:
             for name in self.names:
                 stream.add(Path(self.src) / name, arcname=name)
         channel.shutdown_write()

@@ -36,12 +36,15 @@ def vllm(plan: Plan) -> list[OperationMeta]:
         no_deps=host.data.get("nixl_packages"),
         bytecode=False,
     )
-    directories(name=f"Directory {S.PYCACHE_DIR}", wanted={S.PYCACHE_DIR: (S.SERVICE_USER, "755")})
+    # the workers' own (caches): the one place below root's STATE_DIR they write
+    wanted = {S.SERVICE_HOME: (S.SERVICE_USER, "750"), S.HF_HOME: (S.SERVICE_USER, "750"),
+              S.PYCACHE_DIR: (S.SERVICE_USER, "755")}  # fmt: skip
+    directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)
     # the workers' entry module imported once, as they run it: its bytecode
     # compiled once here, not by every engine of the host at its first start
     commands_if_changed(
         name="Bytecode of the engine's imports",
-        commands=[f"runuser -u {S.SERVICE_USER} -- env PYTHONPYCACHEPREFIX={S.PYCACHE_DIR} "
+        commands=[f"runuser -u {S.SERVICE_USER} -- env HOME={S.SERVICE_HOME} PYTHONPYCACHEPREFIX={S.PYCACHE_DIR} "
                   f"{S.VLLM_VENV}/bin/python -c 'import {S.VLLM_ENTRY}'"],  # fmt: skip
         changed_by=installed,
     )

@@ -326,15 +326,74 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
     probe = f"python3 -c {shlex.quote(PROBE)} {context.address}"
     assert ssh(H2, f"{probe} {context.nixl_port}").stdout.strip() == "0"
     assert ssh(H2, f"{probe} {context.http_port}").stdout.strip() != "0"
-    # the router's discovery socket: the sync's user registers workers, root (any other user) cannot
+    # the router's discovery socket: the sync's user registers workers; root, the workers' user
+    # (a compromised engine) and any other user cannot
     discovery = f"python3 -c {shlex.quote(PROBE)} 127.0.0.1 {s.router_discovery_port}"
-    assert ssh(H1, f"runuser -u disagg -- {discovery}").stdout.strip() == "0"
-    assert ssh(H1, discovery).stdout.strip() == str(errno.ECONNREFUSED)
+    assert ssh(H1, f"runuser -u {S.SYNC_USER} -- {discovery}").stdout.strip() == "0"
+    for user in ("root", S.SERVICE_USER, S.HEARTBEAT_USER):
+        assert ssh(H1, f"runuser -u {user} -- {discovery}").stdout.strip() == str(errno.ECONNREFUSED), user
     table = ssh(H1, "nft list table inet disagg").stdout
     dropped = int(re.search(r"counter packets (\d+) bytes \d+ drop", table).group(1))
     assert dropped > 0
     figures.append(f"firewall: from an outside namespace {', '.join(blocked)} blocked, router and ssh open; "
                    f"{dropped} packets dropped on the head")  # fmt: skip
+
+
+# with the heartbeats' credentials, as a compromised host's agent could: a
+# healthy generate worker the layout does not name (an HTTP server that says
+# 200 to all) and a garbage entry, every second
+IMPOSTOR = r"""
+import asyncio, json, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from disagg.agent import envfile, kv
+nats, user, ca, address = sys.argv[1:5]
+
+class Yes(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    do_POST = do_GET
+
+server = ThreadingHTTPServer((address, 0), Yes)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+url = f"http://{address}:{server.server_port}"
+print(url, flush=True)
+password = envfile.value(open("/etc/disagg/nats.env").read().splitlines(), kv.PASSWORD_ENV)
+entry = {"role": "generate", "index": 7, "host": "impostor", "url": url, "gpus": [0], "label": "x", "model": "m",
+         "zmq": f"{address}:{server.server_port}", "health": "healthy"}
+
+async def main():
+    nc = await kv.connect(kv.Server(nats, user, password, ca), reconnect=False)
+    store = await kv.bucket(nc)
+    for _ in range(20):
+        await store.put(kv.worker_key(url), json.dumps(entry).encode())
+        await store.put("worker.garbage", b"not json {")
+        await asyncio.sleep(1)
+    await nc.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_foreign_entry_written_with_the_heartbeats_credentials_is_never_routed(deployment, figures):
+    plan = deployment.ensure()
+    agent = f"PYTHONPATH={S.AGENT_SRC} {S.AGENT_VENV}/bin/python -c {shlex.quote(IMPOSTOR)}"
+    args = f"{plan.nats_url} {shlex.quote(plan.settings.nats_user)} {S.CA_CERT} {plan.head.address}"
+    since = time.time()
+    with Load(plan.router_url, MODEL, concurrency=2, pause=0.05) as load:
+        writer = subprocess.Popen([*testhosts.ssh_command(H1), f"{agent} {args}"], stdout=subprocess.PIPE, text=True)
+        url = writer.stdout.readline().strip()
+        until(lambda: any(w["url"] == url and w["foreign"] for w in status()[1]["workers"]), 20, "the foreign entry")
+        time.sleep(kv.ROUTER_FORGETS_AFTER + 2)
+        code, current = status()
+    writer.wait(30)
+    assert load.result.ok > 10 and load.result.failed == 0, load.result.summary()
+    assert code == 0 and url not in current["router_members"], current
+    router_log = ssh(H1, f"journalctl -u {S.ROUTER_UNIT} -o cat --no-pager --since @{since:.0f}").stdout
+    assert url.removeprefix("http://") not in router_log
+    sync_log = ssh(H1, f"journalctl -u {S.SYNC_UNIT} -o cat --no-pager --since @{since:.0f}").stdout
+    assert "not a worker of the deployed layout: foreign" in sync_log and "worker.garbage is not a JSON object" in sync_log
+    figures.append(f"foreign registry entry for 20 s under load: {load.result.ok} requests, "
+                   f"{load.result.failed} failed, never in the router")  # fmt: skip
 
 
 # a TCP connect scan of every port: a closed one answers RST at once, one of
@@ -442,7 +501,7 @@ def test_a_hub_model_is_staged_verified_and_damage_fetched_again(deployment, tmp
             for i in (1, 2):
                 sums = ssh(i, f"cd {dest} && sha256sum {' '.join(hub.files)} && stat -c %U .").stdout.split()
                 assert dict(zip(sums[1::2], sums[0::2])) == {n: manifest.sha256(p) for n, p in hub.files.items()}
-                assert sums[-1] == "disagg"
+                assert sums[-1] == "root"  # read-only to the workers
             # a re-run reads the stamp and sizes: nothing runs, the hub is not asked
             asked = len(hub.requests)
             assert run_deploy(INVENTORY, "deploys/model.py", *data).changed == {}
@@ -494,14 +553,68 @@ def test_running_services_are_sandboxed(deployment, figures):
     assert set(exposure) == units
     assert all(float(e) <= 4 for e in exposure.values()), exposure  # 9.2 (UNSAFE) before
     # as each main process sees the host: only its own state is writable
-    for unit, writable in (("disagg-context-0", "/var/lib/disagg"), ("disagg-nats", "/var/lib/disagg/nats"),
+    for unit, writable in (("disagg-context-0", S.SERVICE_HOME), ("disagg-nats", "/var/lib/disagg/nats"),
                            ("disagg-router", None), ("disagg-frontdoor", None)):  # fmt: skip
         pid = ssh(H1, f"systemctl show -p MainPID --value {unit}").stdout.strip()
         inside = f"nsenter -t {pid} -m --"
-        refused = ssh(H1, f"{inside} touch /opt/disagg/probe /etc/disagg/probe", check=False)
+        refused = ssh(H1, f"{inside} touch /opt/disagg/probe /etc/disagg/probe {S.MODELS_DIR}/probe", check=False)
         assert refused.returncode != 0 and "Read-only file system" in refused.stderr, (unit, refused.stderr)
         if writable:
             ssh(H1, f"{inside} sh -c 'touch {writable}/probe && rm {writable}/probe'")
+
+
+def test_links_a_service_user_plants_never_lead_root_elsewhere(deployment):
+    """As user disagg (what a compromised worker runs as): what root pushes
+    into or prunes cannot be renamed or written; on a host as an older
+    release left it (the state tree the service user's), links planted in
+    place of the model tree, its stamp, the bytecode cache and the targets
+    directory are replaced by the next deploy, which says so, and a canary
+    directory they point to is untouched."""
+    plan = deployment.ensure()
+    model, canary = plan.settings.model_path, "/srv/disagg-canary"
+    planted = [model, S.PYCACHE_DIR, S.SCRAPE_TARGETS_DIR]
+    aside = [f"{p}.aside" for p in planted]
+
+    def as_disagg(command: str, check: bool = False):
+        return ssh(H1, f"runuser -u {S.SERVICE_USER} -- sh -c {shlex.quote(command)}", check=check)
+
+    def canary_state() -> str:
+        return ssh(H1, f"cd {canary} && find . -printf '%p %u %g %m %s\\n' | sort && cat keep").stdout
+
+    ssh(H1, f"mkdir -p {canary} && echo keep > {canary}/keep && chmod 755 {canary} && chmod 644 {canary}/keep")
+    before = canary_state()
+    try:
+        for command in (f"mv {model} {model}.x", f"ln -s {canary} {model}/evil", f"rm -f {model}.manifest.json",
+                        f"mv {S.PYCACHE_DIR} {S.STATE_DIR}/x", f"ln -s {canary} {S.MODELS_DIR}/evil"):  # fmt: skip
+            refused = as_disagg(command)
+            assert refused.returncode != 0 and "Permission denied" in refused.stderr, (command, refused.stderr)
+        # nor can it read the environment of the services that hold the NATS password (each its own user)
+        for unit in ("disagg-context-0-agent", S.SYNC_UNIT):
+            pid = ssh(H1, f"systemctl show -p MainPID --value {unit}").stdout.strip()
+            read = as_disagg(f"cat /proc/{pid}/environ")
+            assert read.returncode != 0 and kv.PASSWORD_ENV not in read.stdout, (unit, read.stderr)
+        # where it may write (its caches), a link is its own business: root never goes there
+        as_disagg(f"ln -s {canary} {S.PYCACHE_DIR}/evil && ln -s {canary}/keep {S.SERVICE_HOME}/evil", check=True)
+
+        # the state tree as releases before this one left it, then the links
+        ssh(H1, f"chown {S.SERVICE_USER}: {S.STATE_DIR} {S.MODELS_DIR} && chown -R {S.SERVICE_USER}: {model}")
+        as_disagg(" && ".join([f"rm -f {model}.manifest.json",
+                               *(f"mv {p} {p}.aside && ln -s {canary} {p}" for p in planted)]), check=True)  # fmt: skip
+        run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
+        for path in planted:
+            assert f"{path} is not a directory (find type l): replaced" in run.output, (path, run.output[-3000:])
+        assert canary_state() == before
+        owners = ssh(H1, f"stat -c '%F %U %a %n' {S.STATE_DIR} {S.MODELS_DIR} {model} {model}/config.json "
+                         f"{S.PYCACHE_DIR} {S.SCRAPE_TARGETS_DIR}").stdout.splitlines()  # fmt: skip
+        assert owners == [f"directory root 755 {S.STATE_DIR}", f"directory root 755 {S.MODELS_DIR}",
+                          f"directory root 755 {model}", f"regular file root 644 {model}/config.json",
+                          f"directory {S.SERVICE_USER} 755 {S.PYCACHE_DIR}",
+                          f"directory {S.SYNC_USER} 755 {S.SCRAPE_TARGETS_DIR}"]  # fmt: skip
+        assert smoke.chat(plan.router_url, MODEL, 2)["completion_tokens"] == 2
+        # and what it replaced is in place: the next run changes nothing
+        assert run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1]).changed == {}
+    finally:
+        ssh(H1, f"rm -rf {canary} {' '.join(aside)} {S.SERVICE_HOME}/evil", check=False)
 
 
 def prometheus(plan, path: str, **params) -> dict:
@@ -542,6 +655,24 @@ def test_prometheus_scrapes_every_worker_the_router_and_nats(deployment):
     # the rules loaded are the ones promtool accepts on the head
     assert ssh(H1, f"promtool check rules {S.PROMETHEUS_CONFIG_DIR}/rules.yml").returncode == 0
     assert all(r["health"] == "ok" for g in prometheus(plan, "rules")["groups"] for r in g["rules"])
+
+
+def test_alerting_rules_fire_as_promtool_tests_say_and_read_what_the_sync_exports(deployment):
+    """tests/alerts/alerts.test.yml against the rules as deployed, with the
+    head's own promtool; the series the alerts read come from the sync."""
+    plan = deployment.ensure()
+    cases = (Path(__file__).parents[1] / "alerts" / "alerts.test.yml").read_text()
+    cases = cases.replace("rule_files: [RULES]", f"rule_files: [{S.PROMETHEUS_CONFIG_DIR}/rules.yml]")
+    ssh(H1, f"mkdir -p /tmp/disagg-alerts && cat > /tmp/disagg-alerts/alerts.test.yml <<'EOF'\n{cases}EOF")
+    out = ssh(H1, "promtool test rules /tmp/disagg-alerts/alerts.test.yml", check=False)
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    alerts = [r for g in prometheus(plan, "rules")["groups"] for r in g["rules"] if r["type"] == "alerting"]
+    assert len(alerts) == 5 and all(r["health"] == "ok" for r in alerts), alerts
+    until(lambda: series(plan, "disagg_layout_workers"), 30, "the layout's workers exported")
+    roles = {labels["role"]: value for labels, value in series(plan, "disagg_layout_workers")}
+    assert roles == {r: float(sum(w.role == r for w in plan.workers)) for r in ("context", "generate")}
+    expiry = {labels["path"]: value for labels, value in series(plan, "disagg_certificate_not_after_seconds")}
+    assert set(expiry) == {S.CA_CERT, S.NATS_CERT} and min(expiry.values()) > time.time() + 30 * 86400, expiry
 
 
 def test_every_dashboard_panel_and_top_show_the_layout_under_load(deployment, figures):
@@ -658,7 +789,8 @@ def test_add_a_context_worker_with_limit_no_router_restart(deployment, tmp_path,
     start = time.monotonic()
     data = deployment.current[1]
     deployment.changed()
-    run_deploy(str(scaled), "deploys/disagg.py", f"label={label}", *data, limit=added.host)
+    # with the head: its sync routes only the workers its layout file names (it reads the new one, no restart)
+    run_deploy(str(scaled), "deploys/disagg.py", f"label={label}", *data, limit=f"{added.host},{plan.cluster.head}")
     code, current = status("--label", label, "--wait", "--timeout", "120", inventory=str(scaled))
     timings["deploy --limit of a context worker -> routed"] = time.monotonic() - start
     assert code == 0, current["problems"]
