@@ -295,7 +295,12 @@ def prometheus_files(plan: Plan) -> dict[str, str]:
         [],
         write_paths=(S.PROMETHEUS_DATA,),
     )
-    return {PROMETHEUS_CONF: conf, PROMETHEUS_RULES: render("prometheus-rules.yml.j2", renew_days=pki.RENEW_BEFORE.days), unit_path(S.PROMETHEUS_UNIT): unit}
+    return {PROMETHEUS_CONF: conf, PROMETHEUS_RULES: prometheus_rules(), unit_path(S.PROMETHEUS_UNIT): unit}
+
+
+def prometheus_rules() -> str:
+    """Recording and alerting rules; a certificate alerts when the deploy would renew it."""
+    return render("prometheus-rules.yml.j2", renew_days=pki.RENEW_BEFORE.days)
 
 
 def firewall_files(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str, str]:

@@ -323,7 +323,8 @@ def test_nats_refuses_plaintext_and_a_certificate_our_ca_did_not_sign(nats, tmp_
 
 def test_status_exit_codes_ready_not_ready_unknown(nats, agents, workers, router):
     start_layout(agents, workers, router)
-    ready = agents.run("status", "--expect", f"context-0={workers[0].url}", "--wait", "--timeout", "20", wait=True)
+    everyone = [a for e in expect(workers) for a in ("--expect", f"{e.name}={e.url}")]
+    ready = agents.run("status", *everyone, "--wait", "--timeout", "20", wait=True)
     assert ready.returncode == 0, ready.stdout
     missing = agents.run("status", "--expect", "generate-9=http://127.0.0.1:9", "--wait", "--timeout", "1", wait=True)
     assert missing.returncode == 1 and "not ready: generate-9 (http://127.0.0.1:9) is not registered" in missing.stdout

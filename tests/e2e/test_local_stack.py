@@ -938,7 +938,9 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
     s = plan.settings
     ours = {s.router_port, s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port, s.nats_port,
             s.nats_monitor_port, s.prometheus_port, s.registry_metrics_port, 8100, 8101}
-    for host, users in ((H1, "disagg,disagg-nats,disagg-prometheus,disagg-frontdoor"), (H2, "disagg")):
+    head_users = [S.SERVICE_USER, S.HEARTBEAT_USER, S.SYNC_USER, S.ROUTER_USER, S.NATS_USER, S.PROMETHEUS_USER,
+                  S.FRONTDOOR_USER]  # fmt: skip
+    for host, users in ((H1, ",".join(head_users)), (H2, f"{S.SERVICE_USER},{S.HEARTBEAT_USER}")):
         assert listed_units(host) == [] and unit_files(host) == []
         # (pgrep refuses a user that does not exist: each host's own)
         assert ssh(host, f"pgrep -u {users}", check=False).returncode == 1
@@ -948,7 +950,8 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
         assert not ports & ours, listening
     # Prometheus's history is kept (purge removes it), its config and targets are not
     assert ssh(H1, f"test -d {S.PROMETHEUS_DATA}/wal && ! test -e {S.PROMETHEUS_CONFIG_DIR} && "
-                   f"! test -e {S.SCRAPE_TARGETS_DIR}", check=False).returncode == 0
+                   f"! test -e {S.SCRAPE_TARGETS_DIR} && ! test -e {S.SYNC_DIR} && ! test -e {S.LAYOUT_FILE}",
+               check=False).returncode == 0  # fmt: skip
     for pid in sentinels:
         assert ssh(H1, f"kill -0 {pid}", check=False).returncode == 0, f"teardown killed user process {pid}"
     assert 4333 in {int(m) for m in re.findall(r":(\d+)\s", ssh(H1, "ss -ltnH").stdout)}
