@@ -14,6 +14,7 @@ from typing import Any
 from . import net, schema
 from . import settings as S
 from . import vllm_plugin
+from .agent import kv
 from .settings import Settings
 from .topology import Cluster, Host, Topology, TopologyError, Worker, place
 
@@ -304,11 +305,11 @@ class Plan:
         # ZMQ discovery socket to an IPv6 address (it does not enable ZMQ_IPV6)
         return net.hostport("127.0.0.1", self.settings.router_discovery_port)
 
-    def _agent(self, command: str, *args: str) -> list[str]:
+    def _agent(self, command: str, *args: str, user: str | None = None) -> list[str]:
         # env: the agent's files, and nothing else of ours, on its path; not
         # the engine's bytecode cache (a worker's ExecStop runs as root)
         return ["/usr/bin/env", "-u", "PYTHONPYCACHEPREFIX", f"PYTHONPATH={S.AGENT_SRC}", f"{S.AGENT_VENV}/bin/python", "-m", "disagg.agent",
-                command, "--nats", self.nats_url, "--ca", S.CA_CERT, "--user", self.settings.nats_user, *args]  # fmt: skip
+                command, "--nats", self.nats_url, "--ca", S.CA_CERT, "--user", user or self.settings.nats_user, *args]  # fmt: skip
 
     def leave_command(self, w: Worker) -> list[str]:
         """The worker unit's ExecStop: out of the registry and the router, drained."""
@@ -332,6 +333,7 @@ class Plan:
             "--label", self.label,
             "--model", self.settings.served_name or self.settings.model,
             "--zmq", self.zmq_address(w),
+            user=kv.heartbeat_user(w.url),
         )  # fmt: skip
 
     def zmq_address(self, w: Worker) -> str:

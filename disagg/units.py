@@ -16,6 +16,7 @@ import jinja2
 from . import firewall, net, pki
 from . import settings as S
 from .agent import envfile, layout
+from .agent import kv
 from .agent.kv import PASSWORD_ENV
 from .plan import Plan
 from .topology import Worker
@@ -143,8 +144,8 @@ def agent_files(plan: Plan, w: Worker) -> dict[str, str]:
         S.HEARTBEAT_USER,
         plan.agent_command(w),
         10,
-        # the NATS password, root-only: never on a command line or in a unit
-        [NATS_SECRET_ENV],
+        # its own NATS password, root-only: never on a command line or in a unit
+        [heartbeat_env(w)],
         binds_to=w.unit,
     )
     return {unit_path(w.agent_unit): unit}
@@ -264,11 +265,23 @@ def nats_files(plan: Plan) -> dict[str, str]:
     return {NATS_CONF: conf, unit_path(S.NATS_UNIT): unit}
 
 
-def nats_auth_text(user: str, password: str) -> str:
-    """The server's authorization block. Quoted strings, so that a password
-    such as `123456` or `x y` is read as text (a NATS config value unquoted,
-    or read from an environment variable, may become a number or a list)."""
-    return f"authorization {{\n  user: {json.dumps(user)}\n  password: {json.dumps(password, ensure_ascii=False)}\n}}\n"
+def nats_auth_text(user: str, password: str, heartbeats: dict[str, str] | None = None) -> str:
+    """The server's authorization block: `user` may do everything (the sync,
+    a worker's leave, status); each heartbeat ({worker URL: password}) has a
+    user of its own that may put its worker's key alone. JSON's quoted
+    strings, so that a password such as `123456` or `x y` is read as text (a
+    NATS config value unquoted, or read from an environment variable, may
+    become a number or a list)."""
+    users = [{"user": user, "password": password}]
+    users += [{"user": kv.heartbeat_user(url), "password": secret, "permissions": kv.heartbeat_permissions(url)}
+              for url, secret in sorted((heartbeats or {}).items())]  # fmt: skip
+    lines = ",\n    ".join(json.dumps(u, ensure_ascii=False) for u in users)
+    return f"authorization {{\n  users: [\n    {lines}\n  ]\n}}\n"
+
+
+def heartbeat_env(w: Worker) -> str:
+    """The heartbeat's own NATS password (root-only; systemd reads it)."""
+    return env_path(w.agent_unit)
 
 
 PROMETHEUS_CONF = f"{S.PROMETHEUS_CONFIG_DIR}/prometheus.yml"

@@ -67,8 +67,14 @@ class Nats:
             "nats-server.conf.j2", server_name="test", listen=f"127.0.0.1:{self.port}", monitor_port=self.monitor,
             store_dir=tmp / "js", auth="auth.conf", cert_file=cert, key_file=key,
         ))  # fmt: skip
-        (tmp / "auth.conf").write_text(units.nats_auth_text("disagg", PASSWORD))
+        self.auth = tmp / "auth.conf"
+        self.auth.write_text(units.nats_auth_text("disagg", PASSWORD))
         self.proc = None
+
+    def heartbeat_users(self, passwords: dict[str, str]) -> None:
+        """A user of its own for the heartbeat of each worker URL (as deployed); SIGHUP reloads."""
+        self.auth.write_text(units.nats_auth_text("disagg", PASSWORD, passwords))
+        self.proc.send_signal(signal.SIGHUP)
 
     def server(self, password: str = PASSWORD, ca: Path | None = None) -> kv.Server:
         return kv.Server(self.url, "disagg", password, str(ca or self.ca))
@@ -179,10 +185,10 @@ class Agents:
         self.procs.append(proc)
         return proc
 
-    def heartbeat(self, role: str, index: int, worker: Worker, **kw):
+    def heartbeat(self, role: str, index: int, worker: Worker, *more: str, **kw):
         return self.run("heartbeat", "--role", role, "--index", str(index), "--host", "node1", "--url", worker.url,
                         "--gpus", str(index), "--label", "context_tp1dp2_generate_tp1dp1", "--model", "m",
-                        "--zmq", worker.zmq, **kw)  # fmt: skip
+                        "--zmq", worker.zmq, *more, **kw)  # fmt: skip
 
     def stop_all(self):
         for p in self.procs:
@@ -285,6 +291,32 @@ def test_heartbeat_registers_and_stops_promptly_without_deleting(nats, agents, w
     assert proc.wait(5) == 0 and time.monotonic() - start < 3
     # a companion stopping alone leaves the entry: only the worker's ExecStop (leave) deletes it
     assert look(nats, expected).workers
+
+
+def test_a_heartbeats_own_user_puts_its_workers_key_and_no_other(nats, agents, workers):
+    """What a compromised heartbeat (or its host) can write with its
+    credentials: its own worker's key alone."""
+    ours, other = workers[0], workers[1]
+    nats.heartbeat_users({ours.url: "hb-1 secret", other.url: "hb-2 secret"})
+    proc = agents.heartbeat("context", 0, ours, "--user", kv.heartbeat_user(ours.url), password="hb-1 secret")
+    until(lambda: look(nats, expect(workers)[:1]).workers, what="registered with its own user")
+    mine = kv.Server(nats.url, kv.heartbeat_user(ours.url), "hb-1 secret", str(nats.ca))
+    impostor = {"role": "generate", "index": 5, "url": "http://127.0.0.1:9", "zmq": "127.0.0.1:9", "health": "healthy"}
+    for key in (kv.worker_key(other.url), kv.worker_key("http://127.0.0.1:9"), kv.ROUTER_KEY):
+        with pytest.raises(Exception):  # NATS: permissions violation; the put is never acknowledged
+            asyncio.run(_put_as(mine, key, impostor))
+    assert [w["url"] for w in look(nats, expect(workers)).workers] == [ours.url]
+    asyncio.run(_put_as(mine, kv.worker_key(ours.url), {**impostor, "url": ours.url}))  # its own key: taken
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 0
+
+
+async def _put_as(server: kv.Server, key: str, value: dict) -> None:
+    nc = await kv.connect(server, reconnect=False)
+    try:
+        await kv.put(await kv.bucket(nc), key, value)
+    finally:
+        await nc.close()
 
 
 def test_wrong_password_is_logged_and_sigterm_still_ends_it(nats, agents, workers):

@@ -68,7 +68,7 @@ def test_disagg_deploy_order_on_the_head():
                          "Install vllm==", "Remove units of other layouts", "Run disagg-context-0",
                          "Run disagg-context-0-agent", "Rolling restart 1/4", "Rolling restart 4/4",
                          "Run disagg-prometheus", "Prometheus ready", "Run disagg-router", "disagg-context-3 healthy",
-                         "Every worker registered")}  # fmt: skip
+                         "Every worker registered", "One request answered through the front door")}  # fmt: skip
     assert list(first) == sorted(first, key=first.get)
     # all context workers start before the first health wait, so they load together (and the
     # head's Prometheus, router and sync install meanwhile)
@@ -417,3 +417,17 @@ def test_pins_of_releases_the_vllm_plugin_was_not_written_for_are_said_before_th
                 responses=gpu_host_responses())  # fmt: skip
     assert ("--> preflight: h100-node1: vllm 0.33.1 pinned; disagg's vLLM plugin is written for vllm 0.32.0 and "
             "nixl 1.5.1: it will patch nothing") in caplog.text
+
+
+def test_the_last_gate_is_a_request_through_the_front_door_with_a_clients_key_never_on_a_command_line():
+    data = {"client_api_keys": ["sk-TOPSECRET-1"], "client_tls_names": ["llm.example.com"]}
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=gpu_host_responses())
+    (name, (command,)), = [(n, c) for n, c in planned.ops("h100-node1") if n.endswith("through the front door")]
+    assert name == planned.ops("h100-node1")[-1][0]  # after every other step
+    assert "sk-TOPSECRET" not in command and all("sk-TOPSECRET" not in c for c in planned.commands("h100-node1")
+                                                   if "client-keys" not in c)  # fmt: skip
+    # the key from its root-only file into curl's stdin; the CA's certificate checked under its name
+    assert "sed -n '1s/^/Authorization: /p' /etc/disagg/frontdoor/client-keys | curl " in command
+    head = make_plan(load_inventory(H100, override_data=data)).head.address
+    assert f"--cacert {S.CA_CERT} --connect-to llm.example.com:8000:{head}:8000 -H @- " in command
+    assert "https://llm.example.com:8000/v1/chat/completions | grep -qx 200" in command

@@ -70,6 +70,19 @@ class Stopped(Exception):
     """SIGTERM/SIGINT arrived while waiting."""
 
 
+def heartbeat_user(url: str) -> str:
+    """The NATS user of the heartbeat of the worker at url: it may write
+    that worker's key alone (heartbeat_permissions)."""
+    return "heartbeat-" + worker_key(url).removeprefix(WORKER_PREFIX)
+
+
+def heartbeat_permissions(url: str) -> dict:
+    """What a heartbeat's user may do: look the bucket up and put its
+    worker's key (JetStream acknowledges a put on the client's inbox)."""
+    return {"publish": {"allow": ["$JS.API.INFO", f"$JS.API.STREAM.INFO.KV_{BUCKET}", f"$KV.{BUCKET}.{worker_key(url)}"]},
+            "subscribe": {"allow": ["_INBOX.>"]}}
+
+
 def worker_key(url: str) -> str:
     """One key per worker endpoint, so that two layouts that both have a
     `context-0` (on different hosts) never share a key."""

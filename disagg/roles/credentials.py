@@ -8,6 +8,8 @@ are enforced on every run."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 
 from pyinfra import host, state
@@ -18,9 +20,10 @@ from pyinfra.operations import files
 from disagg import pki
 from disagg import settings as S
 from disagg import units
-from disagg.agent import envfile
+from disagg.agent import envfile, kv
 from disagg.facts import EnvFileValue
 from disagg.plan import Plan
+from disagg.topology import Worker
 from disagg.roles.ops import secret_file
 
 DEFAULTS = {
@@ -70,6 +73,19 @@ def nats_password(plan: Plan) -> OperationMeta:
                        content=envfile.text({units.NATS_PASSWORD_ENV: password}))  # fmt: skip
 
 
+def heartbeat_password(plan: Plan, w: Worker) -> str:
+    """A heartbeat's own password, derived from the NATS password: a new
+    one rotates them all, and the deploy keeps no more secrets."""
+    return hmac.new(_nats_password(plan).encode(), kv.heartbeat_user(w.url).encode(), hashlib.sha256).hexdigest()
+
+
+def heartbeat_passwords(plan: Plan, on: str) -> list[OperationMeta]:
+    """The own password of each heartbeat on host `on`."""
+    return [secret_file(name=f"NATS password of {w.agent_unit}", path=units.heartbeat_env(w),
+                        content=envfile.text({units.NATS_PASSWORD_ENV: heartbeat_password(plan, w)}))
+            for w in plan.workers_on(on)]  # fmt: skip
+
+
 def ca_files(plan: Plan) -> dict[str, str]:
     """The CA certificate, which every NATS client verifies the server with."""
     return {S.CA_CERT: tls_bundle(plan).ca_cert}
@@ -82,7 +98,8 @@ def nats_certificate_files(plan: Plan) -> dict[str, str]:
 def nats_server_auth(plan: Plan) -> OperationMeta:
     """The server's user and password (the head), readable by the NATS user alone."""
     return secret_file(name="NATS server password", path=units.NATS_AUTH_CONF, owner=S.NATS_USER,
-                       content=units.nats_auth_text(plan.settings.nats_user, _nats_password(plan)))
+                       content=units.nats_auth_text(plan.settings.nats_user, _nats_password(plan),
+                                                    {w.url: heartbeat_password(plan, w) for w in plan.workers}))
 
 
 def nats_key(plan: Plan) -> OperationMeta:

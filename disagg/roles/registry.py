@@ -5,18 +5,20 @@ heartbeat companions are started with their workers (roles/workers.py)."""
 
 from __future__ import annotations
 
+import json
 import shlex
+import urllib.parse
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.api.operation import OperationMeta
 
-from disagg import packages
+from disagg import net, packages
 from disagg import settings as S
 from disagg import units
 from disagg.facts import CommandSucceeds
 from disagg.plan import Plan
-from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, nats_password
+from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, heartbeat_passwords, nats_password
 from disagg.roles.ops import directories, put_files, python_packages, unit_running
 
 DEFAULTS = {
@@ -31,13 +33,15 @@ def runtime(plan: Plan) -> list[OperationMeta]:
     files: what every agent unit on this host needs. Returns the operations
     whose change restarts them."""
     password = nats_password(plan)
+    heartbeats = heartbeat_passwords(plan, host.name)
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
-    return [password, *put_files({**ca_files(plan), **units.agent_code()})]
+    return [password, *heartbeats, *put_files({**ca_files(plan), **units.agent_code()})]
 
 
 def runtime_files(plan: Plan) -> list[str]:
     """What runtime() writes: the agents' units read it."""
-    return [units.NATS_SECRET_ENV, *ca_files(plan), *units.agent_code()]
+    return [units.NATS_SECRET_ENV, *(units.heartbeat_env(w) for w in plan.workers_on(host.name)), *ca_files(plan),
+            *units.agent_code()]  # fmt: skip
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
@@ -58,20 +62,51 @@ def router_sync(plan: Plan, changed_by: list[OperationMeta]):
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
 def readiness(plan: Plan):
+    timeout = int(host.data.get("ready_timeout"))
     registry_ready(
         name="Every worker registered, healthy and routed",
         # the agent reads the root-only password file itself: never a command line
         check=shlex.join(plan.status_command()),
-        wait=shlex.join(plan.status_command(timeout=int(host.data.get("ready_timeout")))),
+        wait=shlex.join(plan.status_command(timeout=timeout)),
     )
+    # what status cannot see: keys that do not match along the way (a 401 at a worker)
+    check = front_door_request(plan)
+    registry_ready(
+        name="One request answered through the front door",
+        check=check,
+        wait=(f"deadline=$(( $(date +%s) + {timeout} )); until {check}; do if [ $(date +%s) -ge $deadline ]; then "
+              f"echo 'no 200 from {plan.router_url} within {timeout} s (an authenticated chat completion)' >&2; "
+              "exit 1; fi; sleep 1; done"),
+    )
+
+
+def front_door_request(plan: Plan) -> str:
+    """Shell: one chat completion through the clients' port, as a client
+    sends it (its key, if the front door asks one, read from the key file
+    into curl's stdin: never a command line), true on a 200."""
+    s = plan.settings
+    body = json.dumps({"model": s.served_name or s.model, "max_tokens": 1,
+                       "messages": [{"role": "user", "content": "Ready?"}]})  # fmt: skip
+    key = f"sed -n '1s/^/Authorization: /p' {units.FRONTDOOR_KEYS} | " if s.client_api_keys else ""
+    url, tls = f"{plan.router_url}/v1/chat/completions", ""
+    if s.client_tls_names:  # the CA's certificate, checked as a client does, under its first name
+        name, port = s.client_tls_names[0], s.router_port
+        address = urllib.parse.urlsplit(plan.router_url).hostname
+        url = net.url("https", name, port, "/v1/chat/completions")
+        tls = f"--cacert {S.CA_CERT} --connect-to {shlex.quote(f'{net.hostport(name, port)}:{net.hostport(address, port)}')} "
+    elif plan.client_tls:  # data's own certificate: its CA is its clients' business
+        tls = "-k "
+    return (f"{{ {key}curl -s -o /dev/null -w '%{{http_code}}' -m 30 {tls}{'-H @- ' if key else ''}"
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(url)} | grep -qx 200; }}")
 
 
 @operation()
 def registry_ready(check: str, wait: str):
     """
-    Wait until `disagg status` on the head says the deployed topology is all
-    registered, healthy and in the router; fail with its table naming what
-    is missing. Nothing to do (no change) when it already is.
+    Wait until a check passes on the head (`disagg status`: the deployed
+    topology all registered, healthy and in the router; a request through
+    the front door); `wait` fails saying what is missing. Nothing to do (no
+    change) when `check` already passes.
 
     **Example:**
 

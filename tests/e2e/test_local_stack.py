@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from disagg import kvtransfer, manifest, pki, results, smoke, testhosts
+from disagg import kvtransfer, manifest, pki, results, smoke, testhosts, units
 from disagg import settings as S
 from disagg.agent import envfile, kv
 from disagg.deploy import DeployError, run_deploy
@@ -339,14 +339,15 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
                    f"{dropped} packets dropped on the head")  # fmt: skip
 
 
-# with the heartbeats' credentials, as a compromised host's agent could: a
-# healthy generate worker the layout does not name (an HTTP server that says
-# 200 to all) and a garbage entry, every second
+# as a compromised host could: with a heartbeat's own credentials a foreign
+# entry (refused: that user may put its worker's key alone), then with the
+# head's admin credentials, every second: a healthy generate worker the
+# layout does not name (an HTTP server that says 200 to all) and garbage
 IMPOSTOR = r"""
 import asyncio, json, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from disagg.agent import envfile, kv
-nats, user, ca, address = sys.argv[1:5]
+nats, user, ca, address, heartbeat_user, heartbeat_env = sys.argv[1:7]
 
 class Yes(BaseHTTPRequestHandler):
     def do_GET(self):
@@ -357,43 +358,54 @@ server = ThreadingHTTPServer((address, 0), Yes)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 url = f"http://{address}:{server.server_port}"
 print(url, flush=True)
-password = envfile.value(open("/etc/disagg/nats.env").read().splitlines(), kv.PASSWORD_ENV)
+def password(path):
+    return envfile.value(open(path).read().splitlines(), kv.PASSWORD_ENV)
 entry = {"role": "generate", "index": 7, "host": "impostor", "url": url, "gpus": [0], "label": "x", "model": "m",
          "zmq": f"{address}:{server.server_port}", "health": "healthy"}
 
-async def main():
-    nc = await kv.connect(kv.Server(nats, user, password, ca), reconnect=False)
-    store = await kv.bucket(nc)
-    for _ in range(20):
-        await store.put(kv.worker_key(url), json.dumps(entry).encode())
-        await store.put("worker.garbage", b"not json {")
-        await asyncio.sleep(1)
-    await nc.close()
+async def put_all(server, times):
+    nc = await kv.connect(server, reconnect=False)
+    try:
+        store = await kv.bucket(nc)
+        for _ in range(times):
+            await kv.put(store, kv.worker_key(url), entry)
+            await kv.put(store, "worker.garbage", "not json {")
+            await asyncio.sleep(1)
+    finally:
+        await nc.close()
 
-asyncio.run(main())
+try:
+    asyncio.run(put_all(kv.Server(nats, heartbeat_user, password(heartbeat_env), ca), 1))
+    print("accepted", flush=True)
+except Exception as e:
+    print("refused:", kv.describe(e), flush=True)
+asyncio.run(put_all(kv.Server(nats, user, password("/etc/disagg/nats.env"), ca), 20))
 """
 
 
-def test_a_foreign_entry_written_with_the_heartbeats_credentials_is_never_routed(deployment, figures):
+def test_a_foreign_entry_is_refused_to_a_heartbeats_credentials_and_never_routed(deployment, figures):
     plan = deployment.ensure()
+    beat = next(w for w in plan.workers if w.host == plan.cluster.head)
     agent = f"PYTHONPATH={S.AGENT_SRC} {S.AGENT_VENV}/bin/python -c {shlex.quote(IMPOSTOR)}"
-    args = f"{plan.nats_url} {shlex.quote(plan.settings.nats_user)} {S.CA_CERT} {plan.head.address}"
+    args = (f"{plan.nats_url} {shlex.quote(plan.settings.nats_user)} {S.CA_CERT} {plan.head.address} "
+            f"{kv.heartbeat_user(beat.url)} {units.heartbeat_env(beat)}")  # fmt: skip
     since = time.time()
     with Load(plan.router_url, MODEL, concurrency=2, pause=0.05) as load:
         writer = subprocess.Popen([*testhosts.ssh_command(H1), f"{agent} {args}"], stdout=subprocess.PIPE, text=True)
-        url = writer.stdout.readline().strip()
+        url, refused = writer.stdout.readline().strip(), writer.stdout.readline().strip()
         until(lambda: any(w["url"] == url and w["foreign"] for w in status()[1]["workers"]), 20, "the foreign entry")
         time.sleep(kv.ROUTER_FORGETS_AFTER + 2)
         code, current = status()
     writer.wait(30)
+    assert refused.startswith("refused:"), refused
     assert load.result.ok > 10 and load.result.failed == 0, load.result.summary()
     assert code == 0 and url not in current["router_members"], current
     router_log = ssh(H1, f"journalctl -u {S.ROUTER_UNIT} -o cat --no-pager --since @{since:.0f}").stdout
     assert url.removeprefix("http://") not in router_log
     sync_log = ssh(H1, f"journalctl -u {S.SYNC_UNIT} -o cat --no-pager --since @{since:.0f}").stdout
-    assert "not a worker of the deployed layout: foreign" in sync_log and "worker.garbage is not a JSON object" in sync_log
-    figures.append(f"foreign registry entry for 20 s under load: {load.result.ok} requests, "
-                   f"{load.result.failed} failed, never in the router")  # fmt: skip
+    assert "not a worker of the deployed layout: foreign" in sync_log and "is not a JSON object" in sync_log
+    figures.append(f"foreign registry entry: a heartbeat's credentials {refused}; with the admin's, 20 s under "
+                   f"load: {load.result.ok} requests, {load.result.failed} failed, never in the router")  # fmt: skip
 
 
 # a TCP connect scan of every port: a closed one answers RST at once, one of
