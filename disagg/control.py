@@ -72,7 +72,7 @@ def status(inventory, plan: Plan, wait: float | None = None) -> agent_status.Sta
     """The registry, router and NATS health of plan's deployment; with
     wait, block up to that many seconds until it is ready."""
     args = (nats_server(inventory, plan), plan.router_internal_url, expected(plan))
-    metrics = plan.router_metrics_url
+    kw = {"router_metrics": plan.router_metrics_url, "layout": {w.url for w in plan.workers}}
     if wait is not None:
-        return asyncio.run(agent_status.wait_ready(*args, timeout=wait, router_metrics=metrics))
-    return asyncio.run(agent_status.status(*args, router_metrics=metrics))
+        return asyncio.run(agent_status.wait_ready(*args, timeout=wait, **kw))
+    return asyncio.run(agent_status.status(*args, **kw))

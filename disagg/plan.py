@@ -375,7 +375,8 @@ class Plan:
     def status_command(self, timeout: int | None = None) -> list[str]:
         """`status` on the head (as root: it reads the password file); with a
         timeout, wait until ready."""
-        args = ["status", "--password-file", S.NATS_SECRET_ENV, "--router", self.router_internal_url]
+        args = ["status", "--password-file", S.NATS_SECRET_ENV, "--router", self.router_internal_url,
+                "--layout", S.LAYOUT_FILE]  # fmt: skip
         args += [a for e in self.expected() for a in ("--expect", e)]
         if timeout is not None:
             args += ["--wait", "--timeout", str(timeout)]

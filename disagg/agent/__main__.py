@@ -14,6 +14,7 @@ import json
 import sys
 
 from . import kv
+from .layout import Layout
 from .status import parse_expected, status, table, wait_ready
 
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                         "1 not ready, 3 unknown)")  # fmt: skip
     st.add_argument("--router")
     st.add_argument("--expect", action="append", default=[], metavar="NAME=URL")
+    st.add_argument("--layout", help="the deployed layout's file: entries of no worker of it are foreign")
     st.add_argument("--wait", action="store_true")
     st.add_argument("--timeout", type=float, default=300)
     st.add_argument("--json", action="store_true")
@@ -74,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--discovery is required in pd mode")
         if bool(args.targets_dir) != bool(args.metrics_address):
             parser.error("--targets-dir and --metrics-address go together")
-        from .layout import Layout
         from .sync import Scrape, sync
 
         scrape = (Scrape(args.targets_dir, args.metrics_address, args.nats_monitor, args.dcgm_port, tuple(args.certificate))
@@ -88,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(leave(server, args.url, args.drain_timeout, args.router_timeout))
         return 0
     expected = parse_expected(args.expect)
+    kw = {"layout": set(Layout(args.layout).workers) if args.layout else None}
     if args.wait:
-        current = asyncio.run(wait_ready(server, args.router, expected, args.timeout))
+        current = asyncio.run(wait_ready(server, args.router, expected, args.timeout, **kw))
     else:
-        current = asyncio.run(status(server, args.router, expected))
+        current = asyncio.run(status(server, args.router, expected, **kw))
     print(json.dumps(current.as_dict(), indent=2) if args.json else table(current))
     return current.exit_code
 

@@ -74,7 +74,10 @@ def assess(expected: list[Expected], entries: dict[str, dict], members: list[str
 
 
 async def status(server: kv.Server, router: str | None, expected: list[Expected],
-                 router_metrics: str | None = None) -> Status:  # fmt: skip
+                 router_metrics: str | None = None, layout: set[str] | None = None) -> Status:  # fmt: skip
+    """layout: the URLs of every worker of the deployed layout, when known
+    (expected may name only some: a rolled worker's rejoin); an entry of
+    none is foreign, and one in the router a problem."""
     router_health = "unknown"
     if router:
         router_health = await asyncio.to_thread(kv.probe, router)
@@ -112,8 +115,8 @@ async def status(server: kv.Server, router: str | None, expected: list[Expected]
         if e.get("health") == "healthy":
             text = await asyncio.to_thread(metrics.scrape, f"{e['url']}/metrics")
             running = metrics.total(text, "vllm:num_requests_running")
-        # an entry of no expected worker: another layout's, or written by someone else (the sync does not route it)
-        foreign = bool(expected) and e["url"] not in names
+        # another layout's, or written by someone else: the sync does not route it
+        foreign = layout is not None and e["url"] not in layout
         workers.append({
             **e,
             "name": names.get(e["url"], f"{e.get('role')}-{e.get('index')}"),
@@ -124,9 +127,9 @@ async def status(server: kv.Server, router: str | None, expected: list[Expected]
             "running": running,
         })  # fmt: skip
     problems = assess(expected, values, members)
-    if expected and members:
+    if layout is not None and members:
         problems += [f"{url} is in the router but is no worker of the deployed layout" for url in members
-                     if url not in names]  # fmt: skip
+                     if url not in layout]  # fmt: skip
     if router and router_health != "healthy":
         problems.insert(0, f"router at {router} is {router_health}")
     if expected and router_state is None:
