@@ -198,7 +198,8 @@ def vllm_plugin_files() -> dict[str, str]:
 
 def router_files(plan: Plan) -> dict[str, str]:
     unit = _service(
-        f"disagg vllm-router ({plan.label})",
+        # no label here (nor in the front door's or Prometheus's): a relabel, such as a worker added, restarts none
+        "disagg vllm-router",
         S.ROUTER_USER,
         plan.router_command(),
         30,
@@ -228,7 +229,7 @@ def frontdoor_files(plan: Plan) -> dict[str, str]:
         retries=s.frontdoor_retries,
     )
     unit = _service(
-        f"disagg front door (HAProxy) for clients of {plan.label}",
+        "disagg front door (HAProxy)",
         S.FRONTDOOR_USER,
         ["/usr/sbin/haproxy", "-Ws", "-f", FRONTDOOR_CONF],
         30,
@@ -301,7 +302,7 @@ def prometheus_files(plan: Plan) -> dict[str, str]:
         targets=S.SCRAPE_TARGETS_DIR,
     )
     unit = _service(
-        f"disagg Prometheus ({plan.label})",
+        "disagg Prometheus",
         S.PROMETHEUS_USER,
         plan.prometheus_command(),
         30,
