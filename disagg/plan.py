@@ -15,6 +15,7 @@ from . import net, schema
 from . import settings as S
 from . import vllm_plugin
 from .agent import kv
+from .pyinfra_cli import unpatched
 from .settings import Settings
 from .topology import Cluster, Host, Topology, TopologyError, Worker, place
 
@@ -25,6 +26,8 @@ def load_inventory(path: str, override_data: dict | None = None):
     """Load an inventory file the way the pyinfra CLI does."""
     from pyinfra.api import State
     from pyinfra.context import ctx_state
+
+    unpatched()
     from pyinfra_cli.inventory import make_inventory
 
     if not Path(path).is_file():
@@ -40,6 +43,7 @@ def load_inventory(path: str, override_data: dict | None = None):
 def _listings(path: str) -> dict[str, list[tuple[str, dict]]]:
     """Each host's data as each of its groups lists it: pyinfra merges them,
     the last listing winning, so a conflict is visible only here."""
+    unpatched()
     from pyinfra_cli.inventory import _get_groups_from_filename
 
     listings: dict[str, list[tuple[str, dict]]] = {}

@@ -16,8 +16,10 @@ Same arguments, same output, same exit status; `disagg.deploy.run_deploy`
 
 import functools
 import importlib.metadata
+import importlib.util
 import inspect
 import runpy
+import sys
 
 
 def speedups() -> None:
@@ -27,6 +29,16 @@ def speedups() -> None:
 
     util.stack = functools.partial(inspect.stack, 0)
     util.getframeinfo = functools.partial(inspect.getframeinfo, context=0)
+
+
+def unpatched() -> None:
+    """Let `pyinfra_cli.*` (the inventory loader) be imported by a process
+    that runs no deploy: the controller's CLI, the tests. The package's
+    __init__ monkey-patches the stdlib for gevent; done this late, under
+    asyncio, threads and child processes, it now and then aborts the
+    interpreter (libev). A no-op where pyinfra's CLI was imported already."""
+    if "pyinfra_cli" not in sys.modules:
+        sys.modules["pyinfra_cli"] = importlib.util.module_from_spec(importlib.util.find_spec("pyinfra_cli"))
 
 
 def main() -> None:

@@ -15,8 +15,12 @@ from pyinfra.api.connect import connect_all
 from pyinfra.api.state import StateStage
 from pyinfra.connectors.fake import FakeConnector
 from pyinfra.context import ctx_host, ctx_inventory, ctx_state
-from pyinfra_cli.inventory import make_inventory
-from pyinfra_cli.util import load_deploy_file
+
+from disagg.pyinfra_cli import unpatched
+
+unpatched()
+from pyinfra_cli.inventory import make_inventory  # noqa: E402
+from pyinfra_cli.util import load_deploy_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # copied from ../shared/fixtures: what a real NVIDIA host answered

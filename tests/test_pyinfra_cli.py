@@ -3,9 +3,13 @@ operations in the same order (their hashes come from the deploy code's line
 numbers, which the launcher reads without source context)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DEPLOY = textwrap.dedent("""
     from pyinfra.operations import server
@@ -38,3 +42,18 @@ def test_the_launcher_plans_the_same_operations_in_the_same_order(tmp_path):
     assert ours == _plan("pyinfra", deploy, tmp_path)
     assert [name for _, name in ours] == ["first", "in a loop 0", "in a loop 1", "after the loop", "nested block",
                                           "in a loop 0", "after the loop"]  # fmt: skip
+
+
+def test_loading_an_inventory_or_planning_leaves_the_stdlib_unpatched():
+    # the controller's CLI and the tests run asyncio, threads and child processes: gevent's late patching aborts them
+    check = textwrap.dedent("""
+        import gevent.monkey
+        from disagg.plan import load_inventory, make_plan
+        from fakehosts import gpu_host_responses, plan_deploy
+        make_plan(load_inventory("inventories/h100.py"), "context_tp2dp4_generate_tp8dp1")
+        assert plan_deploy("inventories/h100.py", "deploys/disagg.py", responses=gpu_host_responses()).commands("h100-node1")
+        print([m for m in ("socket", "threading", "subprocess", "select") if gevent.monkey.is_module_patched(m)])
+    """)
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == "[]"
