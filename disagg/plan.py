@@ -358,9 +358,11 @@ class Plan:
                      "--dcgm-port", str(self.settings.dcgm_exporter_port),
                      "--certificate", S.CA_CERT, "--certificate", S.NATS_CERT]  # fmt: skip
         if self.topology.disaggregated:
-            return self._agent(*args, "--mode", "pd", "--discovery", self.discovery_address,
-                               "--router-log", f"journal:{S.ROUTER_UNIT}.service")  # fmt: skip
-        return self._agent(*args, "--mode", "aggregated")
+            args += ["--mode", "pd", "--discovery", self.discovery_address,
+                     "--router-log", f"journal:{S.ROUTER_UNIT}.service"]  # fmt: skip
+        else:
+            args += ["--mode", "aggregated"]
+        return self._agent(*args, user=kv.SYNC_USER)
 
     def prometheus_command(self) -> list[str]:
         s = self.settings

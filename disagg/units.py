@@ -157,7 +157,7 @@ def sync_files(plan: Plan) -> dict[str, str]:
         S.SYNC_USER,
         plan.sync_command(),
         10,
-        [NATS_SECRET_ENV],
+        [SYNC_ENV],
         # the router's own view of its members is in its journal
         groups=("systemd-journal",),
         reads_journal=True,
@@ -266,18 +266,22 @@ def nats_files(plan: Plan) -> dict[str, str]:
     return {NATS_CONF: conf, unit_path(S.NATS_UNIT): unit}
 
 
-def nats_auth_text(user: str, password: str, heartbeats: dict[str, str] | None = None) -> str:
-    """The server's authorization block: `user` may do everything (the sync,
-    a worker's leave, status); each heartbeat ({worker URL: password}) has a
-    user of its own that may put its worker's key alone. JSON's quoted
+def nats_auth_text(user: str, password: str, restricted: list[tuple[str, str, dict]] = ()) -> str:
+    """The server's authorization block: `user` may do everything (a
+    worker's leave, status); each of `restricted` (user, password,
+    permissions: the sync, each heartbeat) only what it needs. JSON's quoted
     strings, so that a password such as `123456` or `x y` is read as text (a
     NATS config value unquoted, or read from an environment variable, may
     become a number or a list)."""
     users = [{"user": user, "password": password}]
-    users += [{"user": kv.heartbeat_user(url), "password": secret, "permissions": kv.heartbeat_permissions(url)}
-              for url, secret in sorted((heartbeats or {}).items())]  # fmt: skip
+    users += [{"user": name, "password": secret, "permissions": permissions}
+              for name, secret, permissions in sorted(restricted, key=lambda u: u[0])]  # fmt: skip
     lines = ",\n    ".join(json.dumps(u, ensure_ascii=False) for u in users)
     return f"authorization {{\n  users: [\n    {lines}\n  ]\n}}\n"
+
+
+# the sync's own NATS password (root-only; systemd reads it)
+SYNC_ENV = env_path(S.SYNC_UNIT)
 
 
 def heartbeat_env(w: Worker) -> str:

@@ -31,6 +31,8 @@ from disagg.load import Load
 
 # any printable password: quotes, spaces, $, a backslash, a number in front
 PASSWORD = '12 34;x "$HOME" \\`y` #z'
+SYNC = ("--user", kv.SYNC_USER)  # the sync runs as its own NATS user, as deployed
+SYNC_PASSWORD = "sync secret"
 BIN = Path(sys.executable).parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -68,12 +70,14 @@ class Nats:
             store_dir=tmp / "js", auth="auth.conf", cert_file=cert, key_file=key,
         ))  # fmt: skip
         self.auth = tmp / "auth.conf"
-        self.auth.write_text(units.nats_auth_text("disagg", PASSWORD))
+        self.sync_user = (kv.SYNC_USER, SYNC_PASSWORD, kv.sync_permissions())
+        self.auth.write_text(units.nats_auth_text("disagg", PASSWORD, [self.sync_user]))
         self.proc = None
 
     def heartbeat_users(self, passwords: dict[str, str]) -> None:
         """A user of its own for the heartbeat of each worker URL (as deployed); SIGHUP reloads."""
-        self.auth.write_text(units.nats_auth_text("disagg", PASSWORD, passwords))
+        heartbeats = [(kv.heartbeat_user(url), secret, kv.heartbeat_permissions(url)) for url, secret in passwords.items()]
+        self.auth.write_text(units.nats_auth_text("disagg", PASSWORD, [self.sync_user, *heartbeats]))
         self.proc.send_signal(signal.SIGHUP)
 
     def server(self, password: str = PASSWORD, ca: Path | None = None) -> kv.Server:
@@ -265,7 +269,7 @@ def start_layout(agents, workers, router, discovery=None, *more: str):
     args = sync_args(agents, workers, router)
     if discovery:
         args[args.index("--discovery") + 1] = discovery
-    sync = agents.run(*args, *more)
+    sync = agents.run(*args, *SYNC, *more, password=SYNC_PASSWORD)
     sync.beats = beats
     return sync
 
@@ -317,6 +321,24 @@ async def _put_as(server: kv.Server, key: str, value: dict) -> None:
         await kv.put(await kv.bucket(nc), key, value)
     finally:
         await nc.close()
+
+
+def test_the_syncs_own_user_makes_and_reads_the_registry_and_writes_no_workers_key(nats, agents, workers, router):
+    """The sync first on an empty server (it makes the bucket), as its own
+    user: it routes the layout and publishes the router's view; with its
+    credentials a worker's key cannot be written."""
+    sync = agents.run(*sync_args(agents, workers, router), *SYNC, password=SYNC_PASSWORD)
+    reported = lambda: not any("sync has not reported" in p for p in look(nats, expect(workers), router.url).problems)  # noqa: E731
+    until(reported, 15, "the router's view published by the sync")
+    for i, (role, index) in enumerate(ROLES):
+        agents.heartbeat(role, index, workers[i])
+    until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
+    mine = kv.Server(nats.url, kv.SYNC_USER, SYNC_PASSWORD, str(nats.ca))
+    impostor = {"role": "generate", "index": 5, "url": "http://127.0.0.1:9", "zmq": "127.0.0.1:9", "health": "healthy"}
+    for key in (kv.worker_key(workers[2].url), kv.worker_key("http://127.0.0.1:9")):
+        with pytest.raises(Exception):  # NATS: permissions violation; the put is never acknowledged
+            asyncio.run(_put_as(mine, key, impostor))
+    assert sync.poll() is None and "ermission" not in Path(sync.log.name).read_text()
 
 
 def test_wrong_password_is_logged_and_sigterm_still_ends_it(nats, agents, workers):
@@ -552,7 +574,7 @@ def test_a_sync_restarted_while_nats_is_down_keeps_the_members(nats, agents, wor
     nats.stop()
     sync.send_signal(signal.SIGTERM)
     assert sync.wait(5) == 0
-    agents.run(*sync_args(agents, workers, router))
+    agents.run(*sync_args(agents, workers, router), *SYNC, password=SYNC_PASSWORD)
     time.sleep(kv.ROUTER_FORGETS_AFTER + 3)
     assert not router.said("Remove")
 

@@ -83,6 +83,23 @@ def heartbeat_permissions(url: str) -> dict:
             "subscribe": {"allow": ["_INBOX.>"]}}
 
 
+# the sync's NATS user (the registry's reader)
+SYNC_USER = "sync"
+
+
+def sync_permissions() -> dict:
+    """What the sync's user may do: make the bucket on first use, watch it
+    (an ordered consumer, flow-controlled) and put the router's view; never
+    a worker's key."""
+    stream = f"KV_{BUCKET}"
+    return {"publish": {"allow": ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
+                                  f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+                                  f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
+                                  f"$JS.FC.{stream}.>",
+                                  f"$KV.{BUCKET}.{ROUTER_KEY}"]},
+            "subscribe": {"allow": ["_INBOX.>"]}}  # fmt: skip
+
+
 def worker_key(url: str) -> str:
     """One key per worker endpoint, so that two layouts that both have a
     `context-0` (on different hosts) never share a key."""

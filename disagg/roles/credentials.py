@@ -23,7 +23,6 @@ from disagg import units
 from disagg.agent import envfile, kv
 from disagg.facts import EnvFileValue
 from disagg.plan import Plan
-from disagg.topology import Worker
 from disagg.roles.ops import secret_file
 
 DEFAULTS = {
@@ -73,17 +72,34 @@ def nats_password(plan: Plan) -> OperationMeta:
                        content=envfile.text({units.NATS_PASSWORD_ENV: password}))  # fmt: skip
 
 
-def heartbeat_password(plan: Plan, w: Worker) -> str:
-    """A heartbeat's own password, derived from the NATS password: a new
-    one rotates them all, and the deploy keeps no more secrets."""
-    return hmac.new(_nats_password(plan).encode(), kv.heartbeat_user(w.url).encode(), hashlib.sha256).hexdigest()
+def restricted_users(plan: Plan) -> list[tuple[str, str, dict]]:
+    """(user, password, permissions) of the NATS users that may not do
+    everything: the sync and each worker's heartbeat. Passwords derived
+    from the NATS password: a new one rotates them all, and the deploy
+    keeps no more secrets."""
+    secret = _nats_password(plan).encode()
+    users = [(kv.SYNC_USER, kv.sync_permissions()),
+             *((kv.heartbeat_user(w.url), kv.heartbeat_permissions(w.url)) for w in plan.workers)]  # fmt: skip
+    return [(user, hmac.new(secret, user.encode(), hashlib.sha256).hexdigest(), permissions)
+            for user, permissions in users]  # fmt: skip
+
+
+def _password_files(plan: Plan, files: dict[str, str]) -> list[OperationMeta]:
+    """{env file: NATS user}: each file with that user's password."""
+    passwords = {user: password for user, password, _ in restricted_users(plan)}
+    return [secret_file(name=f"NATS password of {user}", path=path,
+                        content=envfile.text({units.NATS_PASSWORD_ENV: passwords[user]}))
+            for path, user in files.items()]  # fmt: skip
 
 
 def heartbeat_passwords(plan: Plan, on: str) -> list[OperationMeta]:
     """The own password of each heartbeat on host `on`."""
-    return [secret_file(name=f"NATS password of {w.agent_unit}", path=units.heartbeat_env(w),
-                        content=envfile.text({units.NATS_PASSWORD_ENV: heartbeat_password(plan, w)}))
-            for w in plan.workers_on(on)]  # fmt: skip
+    return _password_files(plan, {units.heartbeat_env(w): kv.heartbeat_user(w.url) for w in plan.workers_on(on)})
+
+
+def sync_password(plan: Plan) -> OperationMeta:
+    """The sync's own password (the head)."""
+    return _password_files(plan, {units.SYNC_ENV: kv.SYNC_USER})[0]
 
 
 def ca_files(plan: Plan) -> dict[str, str]:
@@ -99,7 +115,7 @@ def nats_server_auth(plan: Plan) -> OperationMeta:
     """The server's user and password (the head), readable by the NATS user alone."""
     return secret_file(name="NATS server password", path=units.NATS_AUTH_CONF, owner=S.NATS_USER,
                        content=units.nats_auth_text(plan.settings.nats_user, _nats_password(plan),
-                                                    {w.url: heartbeat_password(plan, w) for w in plan.workers}))
+                                                    restricted_users(plan)))
 
 
 def nats_key(plan: Plan) -> OperationMeta:

@@ -18,7 +18,7 @@ from disagg import settings as S
 from disagg import units
 from disagg.facts import CommandSucceeds
 from disagg.plan import Plan
-from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, heartbeat_passwords, nats_password
+from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, heartbeat_passwords, nats_password, sync_password
 from disagg.roles.ops import directories, put_files, python_packages, unit_running
 
 DEFAULTS = {
@@ -55,9 +55,11 @@ def router_sync(plan: Plan, changed_by: list[OperationMeta]):
     made = directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)
     # before the workers start: the sync routes none that it does not name
     put_files(units.layout_file(plan))
+    password = sync_password(plan)
     rendered = units.sync_files(plan)
-    unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT, changed_by=[*changed_by, made, *put_files(rendered)],
-                 files=[*rendered, *runtime_files(plan)])  # fmt: skip
+    unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT,
+                 changed_by=[*changed_by, made, password, *put_files(rendered)],
+                 files=[*rendered, units.SYNC_ENV, *runtime_files(plan)])  # fmt: skip
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
