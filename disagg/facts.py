@@ -10,6 +10,7 @@ import shlex
 from pyinfra.api import FactBase
 
 from . import manifest
+from . import settings as S
 from .agent import envfile
 from .settings import MANAGED_MARKER, SYSTEMD_DIR
 from .wheelhouse import parse_platform
@@ -298,7 +299,8 @@ class PreflightFacts(FactBase):
     """What preflight needs from one host, in one round trip: listeners
     with their process and systemd unit, GPUs (nvidia-smi and the PCI bus),
     free bytes under `paths`, the model's config.json where the host has it,
-    and the engine and NIXL versions of the vLLM venv (when installed)."""
+    the engine and NIXL versions of the vLLM venv (when installed), the
+    platform, and the accounts of our services' names."""
 
     def command(self, paths: tuple[str, ...], config_globs: tuple[str, ...], venv: str) -> str:
         # each listener with its first process's unit: one ps for all (a ps
@@ -327,6 +329,7 @@ class PreflightFacts(FactBase):
             "echo '### config'", f"for f in {config}; do [ -f \"$f\" ] && cat \"$f\" && break; done",
             "echo; echo '### versions'", versions,
             "echo '### platform'", PLATFORM_COMMAND,
+            "echo '### accounts'", f"getent passwd {' '.join(S.SERVICE_USERS)}",
             "true",
         ])  # fmt: skip
 
@@ -349,6 +352,7 @@ class PreflightFacts(FactBase):
             "config": config,
             "versions": engine_versions(versions),
             "platform": parse_platform((sections.get("platform") or [""])[0]),
+            "accounts": dict(filter(None, map(parse_passwd, sections.get("accounts", [])))),
         }
 
 
@@ -381,17 +385,27 @@ class HostPlatform(FactBase):
         return parse_platform(output[0]) if output else None
 
 
+def parse_passwd(line: str) -> tuple[str, dict] | None:
+    """(user, {"uid", "home", "shell", "comment", "ours"}) of a passwd line.
+    Ours: made by disagg (its GECOS), or as releases before the GECOS made
+    them (none, no login shell); any other account is someone's."""
+    fields = line.split(":")
+    if len(fields) < 7:
+        return None
+    comment, shell = fields[4], fields[6]
+    ours = comment == S.ACCOUNT_COMMENT or (comment == "" and shell in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false"))
+    return fields[0], {"uid": int(fields[2]), "home": fields[5], "shell": shell, "comment": comment, "ours": ours}
+
+
 class PasswdEntry(FactBase):
-    """{"uid", "home", "shell"} of a user, or None."""
+    """{"uid", "home", "shell", "comment", "ours"} of a user, or None."""
 
     def command(self, user: str) -> str:
         return f"getent passwd {shlex.quote(user)} || true"
 
     def process(self, output):
-        fields = output[0].split(":") if output and output[0] else []
-        if len(fields) < 7:
-            return None
-        return {"uid": int(fields[2]), "home": fields[5], "shell": fields[6]}
+        parsed = parse_passwd(output[0]) if output and output[0] else None
+        return parsed[1] if parsed else None
 
 
 class DirectoryStates(FactBase):

@@ -179,6 +179,15 @@ def check_disk(host: str, available: dict[str, int], needed: dict[str, int]) -> 
             for path, need in needed.items() if path in available and available[path] < need]  # fmt: skip
 
 
+def check_accounts(host: str, accounts: dict[str, dict]) -> list[Problem]:
+    """An account of one of our services' names that someone else made
+    (facts.parse_passwd): a deploy would run a service as it, a purge
+    would delete it."""
+    return [Problem(host, f"user {user}", f"exists and is not disagg's (GECOS {a['comment']!r}, shell {a['shell']})",
+                    "disagg never takes over an account: rename or remove it")
+            for user, a in sorted(accounts.items()) if not a["ours"]]  # fmt: skip
+
+
 def check_versions(versions: dict[str, dict[str, str | None]]) -> list[Problem]:
     """The same engine and NIXL on every worker host that has them installed."""
     problems = []
@@ -268,6 +277,7 @@ def run(state, plan: Plan) -> Report:
     for name in names:
         f = facts[name]
         report.problems += check_ports(plan, name, parse_listeners(f["listeners"]))
+        report.problems += check_accounts(name, f["accounts"])
         if plan.workers_on(name):
             gpus = plan.cluster.host(name).gpus
             problems, skipped = check_gpus(name, gpus, f["gpus"], f["pci_gpus"])

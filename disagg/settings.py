@@ -84,6 +84,10 @@ FRONTDOOR_DIR = f"{CONFIG_DIR}/frontdoor"
 # unless purge), and the file_sd targets the registry sync writes
 PROMETHEUS_UNIT = "disagg-prometheus"
 PROMETHEUS_USER = "disagg-prometheus"
+# every account disagg makes, and the GECOS it makes them with: an account of
+# one of these names that is not ours is never taken over or removed
+SERVICE_USERS = (SERVICE_USER, HEARTBEAT_USER, SYNC_USER, ROUTER_USER, NATS_USER, FRONTDOOR_USER, PROMETHEUS_USER)
+ACCOUNT_COMMENT = "disagg service account"
 PROMETHEUS_CONFIG_DIR = f"{CONFIG_DIR}/prometheus"
 PROMETHEUS_DATA = f"{STATE_DIR}/prometheus"
 SCRAPE_TARGETS_DIR = f"{STATE_DIR}/targets"

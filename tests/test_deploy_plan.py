@@ -5,12 +5,13 @@ host's captured output. Real hosts are exercised by the end-to-end tests."""
 import json
 import logging
 import re
+import shlex
 
 import pytest
 from fakehosts import gpu_host_responses, plan_deploy
 
 from cryptography import x509
-from pyinfra.api import StringCommand
+from pyinfra.api import OperationError, StringCommand
 
 from disagg import pki
 from disagg import settings as S
@@ -164,13 +165,38 @@ def test_firewall_false_installs_no_rules_and_prunes_an_earlier_firewall():
         assert any(n == "Firewall | Run disagg-firewall" for n, _ in on.ops(host))
 
 
+def _account(user: str, comment: str, shell: str = "/usr/sbin/nologin", home: str = "/nonexistent") -> dict:
+    return {re.compile(rf"getent passwd {user} \|\|"): [f"{user}:x:990:990:{comment}:{home}:{shell}"]}
+
+
+def test_service_accounts_are_made_ours_adopted_from_earlier_releases_and_never_taken_over():
+    marked = f"--comment {shlex.quote(S.ACCOUNT_COMMENT)}"
+    earlier = _account(S.SYNC_USER, "")  # what releases before the GECOS made
+    commands = plan_deploy(H100, "deploys/disagg.py", responses={**earlier, **gpu_host_responses()}).commands("h100-node1")
+    assert f"usermod --home /nonexistent --shell /usr/sbin/nologin {marked} {S.SYNC_USER}" in commands
+    assert (f"useradd --system --user-group --home-dir /nonexistent --shell /usr/sbin/nologin {marked} "
+            f"{S.ROUTER_USER}") in commands  # fmt: skip
+    ours = _account(S.SYNC_USER, S.ACCOUNT_COMMENT)
+    commands = plan_deploy(H100, "deploys/disagg.py", responses={**ours, **gpu_host_responses()}).commands("h100-node1")
+    assert not any(S.SYNC_USER in c for c in commands if c.startswith(("useradd", "usermod")))
+    # where preflight is off: the deploy stops while it plans, before any change
+    someone = _account(S.ROUTER_USER, "Jane Doe", "/bin/bash", "/home/jane")
+    with pytest.raises(OperationError, match=rf"^h100-node1: user {S.ROUTER_USER} exists and is not disagg's "
+                                             r"\(GECOS 'Jane Doe'\); disagg never takes over an account"):  # fmt: skip
+        plan_deploy(H100, "deploys/disagg.py", data={"preflight": False}, responses={**someone, **gpu_host_responses()})
+
+
 @pytest.mark.parametrize("purge", [False, True])
 def test_teardown_removes_our_units_and_nothing_else(purge):
     units = ("disagg-context-1", "disagg-generate-0", "disagg-router")
     data = {"purge": "true"} if purge else {}
     # our table is there (also when its unit failed and never runs its ExecStop)
     listed = "nft list table inet disagg"
-    planned = plan_deploy(H100, "deploys/teardown.py", data=data, responses={**stale_units(*units), listed: ["yes"]})
+    # ours; made by a release before the GECOS; someone's
+    accounts = {**_account(S.SERVICE_USER, S.ACCOUNT_COMMENT), **_account(S.NATS_USER, ""),
+                **_account(S.ROUTER_USER, "Jane Doe", "/bin/bash")}  # fmt: skip
+    planned = plan_deploy(H100, "deploys/teardown.py", data=data,
+                          responses={**stale_units(*units), listed: ["yes"], **accounts})  # fmt: skip
     commands = planned.commands("h100-node1")
     assert f"systemctl disable --now {' '.join(u + '.service' for u in units)}" in commands
     assert commands.index(f"if {listed} >/dev/null 2>&1; then nft delete table inet disagg; fi") > 0
@@ -185,6 +211,10 @@ def test_teardown_removes_our_units_and_nothing_else(purge):
               ("/opt/disagg", "/var/lib/disagg", "/etc/disagg", "user disagg", "user disagg-nats",
                "user disagg-prometheus")]  # fmt: skip
     assert [n for n in purged if n in names] == (purged if purge else [])
+    # only accounts disagg made are removed; one absent is nothing to do
+    deleted = [c for c in commands if c.startswith("userdel")]
+    assert deleted == ([f"userdel {u} && if getent group {u} >/dev/null; then groupdel {u}; fi"
+                        for u in (S.SERVICE_USER, S.NATS_USER)] if purge else [])  # fmt: skip
 
 
 def test_secrets_never_appear_in_commands_or_files():

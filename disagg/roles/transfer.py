@@ -54,14 +54,20 @@ def tree_pushed(src: str, dest: str):
     yield FileUploadCommand(StringIO(manifest.text(wanted)), manifest.stamp_path(dest))
 
 
+def not_a_directory(path: str, kind: str) -> str:
+    """Removes what is at path where a directory belongs (a link a service
+    planted: root never follows it), and says so."""
+    logger.warning(f"{host.print_prefix}{path} is not a directory (find type {kind}): replaced")
+    return f"rm -f -- {shlex.quote(path)}"
+
+
 def made_safe(dest: str, staged: manifest.Staged):
     """Before root writes into dest: a link (or a file) at dest itself and
     any entry in it that is neither file nor directory removed, never
     followed; each said."""
     q = shlex.quote(dest)
     if staged.kind not in (None, "d"):
-        logger.warning(f"{host.print_prefix}{dest} is not a directory (find type {staged.kind}): replaced")
-        yield f"rm -f -- {q}"
+        yield not_a_directory(dest, staged.kind)
     elif staged.foreign:
         shown = ", ".join(staged.foreign[:5]) + (", ..." if len(staged.foreign) > 5 else "")
         logger.warning(f"{host.print_prefix}{dest}: {len(staged.foreign)} links or special files removed ({shown})")

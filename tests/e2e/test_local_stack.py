@@ -990,30 +990,37 @@ def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, t
     assert any("no NVIDIA GPU on the PCI bus" in s for s in report["skipped"])  # CPU hosts: gpus not checkable
     (generate,) = [w for w in plan.workers if w.role == "generate"]
     blocked = next(w for w in plan.workers if w.role == "context")
-    # a foreign process on the generate worker's port, and the side channel
-    # of a context worker firewalled in its host's network namespace
+    # a foreign process on the generate worker's port, the side channel of a
+    # context worker firewalled in its host's network namespace, and an
+    # account of our heartbeats' name that is someone's (a person's login)
     squatter = ssh(H2, f"setsid python3 -m http.server {generate.http_port} --bind {generate.address} "
                        ">/dev/null 2>&1 < /dev/null & echo $!").stdout.strip()  # fmt: skip
     rule = ["-p", "tcp", "--dport", str(blocked.nixl_port), "-j", "REJECT"]
     subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-I", "INPUT", *rule], check=True)
+    ssh(H2, f"usermod --comment 'Jane Doe' --shell /bin/bash {S.HEARTBEAT_USER}")
     try:
         time.sleep(1)
         code, report, _ = preflight()
         lines = [p["line"] for p in report["problems"]]
-        assert code == 1 and len(lines) == 2, lines
+        assert code == 1 and len(lines) == 3, lines
         assert lines[0].startswith(f"{generate.host}: port {generate.http_port}: python3 (pid {squatter}")
-        assert lines[1] == (f"{generate.host}: fabric: cannot open TCP to {blocked.name}'s NIXL side channel "
+        assert lines[1] == (f"{H2}: user {S.HEARTBEAT_USER}: exists and is not disagg's (GECOS 'Jane Doe', shell "
+                            "/bin/bash); disagg never takes over an account: rename or remove it")  # fmt: skip
+        assert lines[2] == (f"{generate.host}: fabric: cannot open TCP to {blocked.name}'s NIXL side channel "
                             f"{blocked.address}:{blocked.nixl_port} on {blocked.host}; check the address (the host's "
                             "routable one), firewalls and routes between the hosts")  # fmt: skip
         # the deploy runs the same checks first, and changes nothing
         with pytest.raises(DeployError) as failed:
             run_deploy(INVENTORY, "deploys/disagg.py", timeout=300)
-        assert "preflight found 2 problem(s); nothing was changed" in str(failed.value)
+        assert "preflight found 3 problem(s); nothing was changed" in str(failed.value)
         for host in (H1, H2):
             assert listed_units(host) == [] and unit_files(host) == []
+        assert ":Jane Doe:" in ssh(H2, f"getent passwd {S.HEARTBEAT_USER}").stdout  # not taken over
     finally:
         subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-D", "INPUT", *rule], check=False)
         ssh(H2, f"kill {squatter}", check=False)
+        ssh(H2, f"usermod --comment {shlex.quote(S.ACCOUNT_COMMENT)} --shell /usr/sbin/nologin {S.HEARTBEAT_USER}",
+            check=False)  # fmt: skip
 
 
 def sweep(out, *args: str) -> subprocess.CompletedProcess:
