@@ -207,9 +207,10 @@ def _sections(output) -> dict[str, list[str]]:
 
 class StagedTree(FactBase):
     """What a host has of a pushed or downloaded tree (disagg/manifest.py):
-    its stamp, each file's size, and the sha256 of the files written after
-    the stamp (all of them without one), in one round trip; besides, what
-    is not as root leaves it: the tree's path not a directory (a link),
+    its stamp (and hub commit), each file's size, and the sha256 of the
+    files written after the stamp (all of them without one), in one round
+    trip; besides, what is not as root leaves it: the tree's path not a
+    directory (a link),
     entries neither file nor directory, anything not root's or writable by
     others. Links are never followed. With hashes=False the changed files
     are only named (a hub download verifies itself), not hashed."""
@@ -219,6 +220,7 @@ class StagedTree(FactBase):
         rehash = "-exec sha256sum {} +" if hashes else "-printf '0  %p\\n'"
         q = shlex.quote(path)
         return (f"s={shlex.quote(manifest.stamp_path(path))}; echo '### stamp'; [ -L \"$s\" ] || cat \"$s\" 2>/dev/null; "
+                f"c={shlex.quote(manifest.commit_path(path))}; echo; echo '### commit'; [ -L \"$c\" ] || cat \"$c\" 2>/dev/null; "
                 f"echo; echo '### kind'; find {q} -maxdepth 0 -printf '%y\\n' 2>/dev/null; "
                 f"[ -d {q} ] && [ ! -L {q} ] && cd {q} || exit 0; "
                 f"echo '### files'; find . -type f {skip} -printf '%P\\t%s\\n'; "

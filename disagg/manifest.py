@@ -22,6 +22,11 @@ def stamp_path(tree: str) -> str:
     return f"{tree.rstrip('/')}.manifest.json"
 
 
+def commit_path(tree: str) -> str:
+    """Where a host keeps the hub commit its copy of tree was staged from."""
+    return f"{tree.rstrip('/')}.commit"
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -86,6 +91,13 @@ class Staged:
     foreign: tuple[str, ...] = ()
     # a path not root's or writable by others (the first one found)
     loose: str | None = None
+    # the hub commit it was staged from (commit_path), if it was
+    commit: str | None = None
+
+    @property
+    def intact(self) -> bool:
+        """Stamped, and no file added, resized or written since."""
+        return bool(self.stamp) and self.sizes == {p: e[0] for p, e in self.stamp.items()} and not self.rehashed
 
     @property
     def unsafe(self) -> bool:
@@ -122,7 +134,8 @@ def parse_staged(sections: dict[str, list[str]]) -> Staged:
     kind = next((line.strip() for line in sections.get("kind", []) if line.strip()), None)
     foreign = tuple(line for line in sections.get("foreign", []) if line)
     loose = next((line for line in sections.get("loose", []) if line), None)
-    return Staged(stamp, sizes, rehashed, kind, foreign, loose)
+    commit = next((line.strip() for line in sections.get("commit", []) if line.strip()), None)
+    return Staged(stamp, sizes, rehashed, kind, foreign, loose, commit)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ commands captured on real hosts (../shared/fixtures) instead of SSH."""
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from pyinfra.api.state import StateStage
 from pyinfra.connectors.fake import FakeConnector
 from pyinfra.context import ctx_host, ctx_inventory, ctx_state
 
+from disagg import hub
 from disagg.pyinfra_cli import unpatched
+from hubserver import Hub
 
 unpatched()
 from pyinfra_cli.inventory import make_inventory  # noqa: E402
@@ -101,8 +104,24 @@ def _masked(command) -> str:
     return command.get_masked_value() if isinstance(command, StringCommand) else repr(command)
 
 
+# huggingface.co cannot be reached from here: where the controller resolves a
+# hub model's revision (roles/model.py), a local server in the hub's layout
+# answers for the inventory's model
+_hubs: dict[str, tuple[Hub, tempfile.TemporaryDirectory]] = {}
+
+
+def stand_in_hub(repo: str) -> Hub:
+    if repo not in _hubs:
+        root = tempfile.TemporaryDirectory(prefix="disagg-hub-")
+        (Path(root.name) / "config.json").write_text("{}")
+        _hubs[repo] = (Hub(repo, Path(root.name)).__enter__(), root)
+    hub.DEFAULT_ENDPOINT = _hubs[repo][0].url
+    return _hubs[repo][0]
+
+
 def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses: dict | None = None,
-                limit: tuple[str, ...] = ()) -> Planned:  # fmt: skip
+                limit: tuple[str, ...] = (), host_responses: dict[str, dict] | None = None) -> Planned:  # fmt: skip
+    """host_responses: {host: responses} for those hosts, instead of `responses`."""
     pyinfra.is_cli = True  # order operations by line, as the CLI does
     state = State(check_for_changes=True)
     state.cwd = str(ROOT)
@@ -112,8 +131,12 @@ def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses
     override.update(data or {})
     with ctx_state.use(state):
         inv = make_inventory(str(ROOT / inventory), override_data=override)
+    if isinstance(model := next(iter(inv)).data.get("model"), str):
+        stand_in_hub(model)
     for h in inv:
         h.connector_cls = FakeConnector
+        if h.name in (host_responses or {}):
+            h.data.fake_responses = host_responses[h.name]
     with ctx_state.use(state), ctx_inventory.use(inv):
         state.init(inv, Config(), initial_limit=[inv.get_host(name) for name in limit] or None)
         state.set_stage(StateStage.Connect)

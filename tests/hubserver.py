@@ -2,7 +2,9 @@
 HF_ENDPOINT: the endpoints huggingface_hub 2.4 uses to download a snapshot
 (model info, the recursive tree with blob and LFS checksums, resolve with
 HEAD and ranged GET). Files ending in .safetensors or .bin are LFS files,
-as on the hub. Each request is recorded, to count what a run fetched."""
+as on the hub. `publish` moves main to a new commit; earlier commits are
+still served by their sha. Each request is recorded, to count what a run
+fetched."""
 
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ LFS = (".safetensors", ".bin")
 
 class Hub:
     def __init__(self, repo: str, root: Path, address: str = "127.0.0.1", token: str | None = None):
-        self.repo, self.root, self.token = repo, root, token
-        self.files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
-        self.commit = hashlib.sha1(b"".join(p.read_bytes() for p in self.files.values())).hexdigest()
+        self.repo, self.token = repo, token
+        self.snapshots: dict[str, dict[str, Path]] = {}
+        self.publish(root)
         self.requests: list[tuple[str, str]] = []
         self.server = ThreadingHTTPServer((address, 0), self._handler())
         self.url = f"http://{address}:{self.server.server_port}"
@@ -34,13 +36,26 @@ class Hub:
         self.server.shutdown()
         self.server.server_close()
 
+    def publish(self, root: Path) -> str:
+        """root's files as a new commit, which main then names (files, commit: main's)."""
+        self.files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+        self.commit = hashlib.sha1(b"".join(p.read_bytes() for p in self.files.values())).hexdigest()
+        self.snapshots[self.commit] = self.files
+        return self.commit
+
+    def snapshot(self, revision: str) -> tuple[str, dict[str, Path]]:
+        """(commit, files) that revision names; files {} for none."""
+        sha = self.commit if revision == "main" else revision
+        return sha, self.snapshots.get(sha, {})
+
     def downloads(self) -> list[str]:
         """The files fetched (GET on resolve) so far."""
         return [path.rsplit("/resolve/", 1)[1].split("/", 1)[1] for method, path in self.requests
                 if method == "GET" and "/resolve/" in path]  # fmt: skip
 
-    def entry(self, name: str) -> dict:
-        data = self.files[name].read_bytes()
+    @staticmethod
+    def entry(name: str, path: Path) -> dict:
+        data = path.read_bytes()
         blob = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
         entry = {"type": "file", "path": name, "size": len(data), "oid": blob}
         if name.endswith(LFS):
@@ -71,16 +86,19 @@ class Hub:
                 hub.requests.append((self.command, path))
                 if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
                     return self._send(401, b"unauthorized", head=head)
-                if re.fullmatch(rf"/api/models/{repo}(/revision/[^/]+)?", path):
-                    return self._json({"id": hub.repo, "modelId": hub.repo, "sha": hub.commit, "private": False,
-                                       "siblings": [{"rfilename": n} for n in hub.files]})  # fmt: skip
-                if re.fullmatch(rf"/api/models/{repo}/tree/[^/]+", path):
-                    return self._json([hub.entry(n) for n in hub.files])
-                m = re.fullmatch(rf"/{repo}/resolve/[^/]+/(.+)", path)
-                if m and m.group(1) in hub.files:
-                    entry, data = hub.entry(m.group(1)), hub.files[m.group(1)].read_bytes()
+                m = re.fullmatch(rf"/api/models/{repo}(?:/revision/([^/]+))?", path)
+                if m and (snap := hub.snapshot(m.group(1) or "main"))[1]:
+                    return self._json({"id": hub.repo, "modelId": hub.repo, "sha": snap[0], "private": False,
+                                       "siblings": [{"rfilename": n} for n in snap[1]]})  # fmt: skip
+                m = re.fullmatch(rf"/api/models/{repo}/tree/([^/]+)", path)
+                if m and (snap := hub.snapshot(m.group(1)))[1]:
+                    return self._json([hub.entry(n, p) for n, p in snap[1].items()])
+                m = re.fullmatch(rf"/{repo}/resolve/([^/]+)/(.+)", path)
+                sha, files = hub.snapshot(m.group(1)) if m else ("", {})
+                if m and m.group(2) in files:
+                    entry, data = hub.entry(m.group(2), files[m.group(2)]), files[m.group(2)].read_bytes()
                     etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
-                    headers = {"X-Repo-Commit": hub.commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+                    headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
                     start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
                     if start and not head:
                         offset = int(start.group(1))

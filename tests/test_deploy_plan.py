@@ -9,11 +9,13 @@ import shlex
 
 import pytest
 from fakehosts import gpu_host_responses, plan_deploy
+from hubserver import Hub
 
 from cryptography import x509
 from pyinfra.api import OperationError, StringCommand
 
 from disagg import pki
+from disagg.hub import HubError, commit as hub_commit
 from disagg import settings as S
 from disagg.plan import load_inventory, make_plan
 from disagg.topology import TopologyError
@@ -375,19 +377,39 @@ def test_venvs_are_made_and_filled_by_uv_and_read_from_their_dist_info():
     assert not any("/opt/disagg/uv/bin/pip" in c for c in commands)
 
 
-def test_a_hub_model_is_staged_before_the_workers_start_and_a_stamped_copy_is_left_alone():
-    model = "neuralmagic/Meta-Llama-3.1-70B-Instruct-FP8"
-    dest = f"/var/lib/disagg/models/hub/{model.replace('/', '--')}/main"
-    data = {"hf_token": "hf_TOPSECRET123", "hf_endpoint": "https://hf-mirror.example:8443"}
+HUB_MODEL = "neuralmagic/Meta-Llama-3.1-70B-Instruct-FP8"
+HUB_DEST = f"/var/lib/disagg/models/hub/{HUB_MODEL.replace('/', '--')}/main"
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A gated repository at a local server in the hub's layout (HF_ENDPOINT)."""
+    (tmp_path / "config.json").write_text("{}")
+    with Hub(HUB_MODEL, tmp_path, token="hf_TOPSECRET123") as served:
+        yield served
+
+
+def _staged(commit: str, sizes=(("config.json", 100), ("model.safetensors", 5)), **sections) -> dict:
+    """A host's StagedTree answer for HUB_DEST: stamped (with commit), every size as stamped."""
+    stamp = json.dumps({name: [size, "a" * 64] for name, size in sizes})
+    lines = ["### stamp", stamp, "### commit", commit, "### files", *(f"{n}\t{size}" for n, size in sizes), "### rehashed"]
+    for name, value in sections.items():
+        lines += [f"### {name}", *value]
+    return {re.compile(rf"^s={HUB_DEST}.manifest.json"): lines}
+
+
+def test_a_hub_model_is_staged_before_the_workers_start_and_a_stamped_copy_is_left_alone(hub):
+    model, dest = HUB_MODEL, HUB_DEST
+    data = {"hf_token": "hf_TOPSECRET123", "hf_endpoint": hub.url}
     planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=gpu_host_responses())
     names = [n for n, _ in planned._raw_ops("h100-node2")]
-    stage = next(i for i, n in enumerate(names) if n.startswith(f"Model | Stage {model}@main"))
+    stage = next(i for i, n in enumerate(names) if n.startswith(f"Model | Stage {model}@main ({hub.commit[:12]})"))
     assert stage < next(i for i, n in enumerate(names) if "| Run disagg-generate-0" in n)
     (command,) = [c for c in planned.commands("h100-node2") if "disagg.agent.stage" in c]
     # the token from its root-only file, never on the command line; the mirror as HF_ENDPOINT
-    # (read by the agent as data: an env file is never sourced by a shell)
-    assert command.startswith("HF_ENDPOINT=https://hf-mirror.example:8443 ") and ". /etc" not in command
-    assert command.endswith(f"--repo {model} --revision main --dest {dest} --token-file {S.HF_TOKEN_ENV}")
+    # (read by the agent as data: an env file is never sourced by a shell); the commit the controller resolved
+    assert command.startswith(f"HF_ENDPOINT={hub.url} ") and ". /etc" not in command
+    assert command.endswith(f"--repo {model} --revision {hub.commit} --dest {dest} --token-file {S.HF_TOKEN_ENV}")
     assert "hf_TOPSECRET" not in command
     # the tree is root's, read-only to the workers; so is every directory above it
     commands = planned.commands("h100-node2")
@@ -395,29 +417,65 @@ def test_a_hub_model_is_staged_before_the_workers_start_and_a_stamped_copy_is_le
     assert "chown -h root:root /var/lib/disagg/models/hub/neuralmagic--Meta-Llama-3.1-70B-Instruct-FP8" in commands
     # the workers load the staged copy, served under the hub id
     assert f"--model {dest}" in planned.uploads("h100-node2")["/etc/systemd/system/disagg-generate-0.service"]
-    # stamped, every size as stamped, nothing written since: no command
-    stamp = json.dumps({"config.json": [100, "a" * 64], "model.safetensors": [5, "b" * 64]})
-    staged = {f"s={dest}.manifest.json": ["### stamp", stamp, "### files", "config.json\t100", "model.safetensors\t5",
-                                          "### rehashed"]}  # fmt: skip
-    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
+    # stamped with that commit, every size as stamped, nothing written since: no command
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **_staged(hub.commit)})
     assert not any("disagg.agent.stage" in c for c in planned.commands("h100-node2"))
     # a shard shorter than stamped (an interrupted copy): staged again
-    staged[f"s={dest}.manifest.json"][4] = "model.safetensors\t2"
-    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
+    short = _staged(hub.commit)
+    (lines,) = short.values()
+    lines[lines.index("model.safetensors\t5")] = "model.safetensors\t2"
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **short})
     assert any("disagg.agent.stage" in c for c in planned.commands("h100-node2"))
     # the tree's path a link (a service user planted it; the fact lists nothing behind it): removed, never followed
-    staged[f"s={dest}.manifest.json"] = ["### stamp", stamp, "### kind", "l"]
-    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
+    linked = {key: ["### stamp", lines[1], "### kind", "l"] for key in short}
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **linked})
     commands = planned.commands("h100-node2")
     stage = next(i for i, c in enumerate(commands) if "disagg.agent.stage" in c)
     assert commands.index(f"rm -f -- {dest}") < stage
     # as stamped, but a file not root's (as releases before this one left it): made root's, not fetched again
-    staged[f"s={dest}.manifest.json"] = ["### stamp", stamp, "### kind", "d", "### files", "config.json\t100",
-                                         "model.safetensors\t5", "### loose", "./config.json", "### rehashed"]  # fmt: skip
-    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **staged})
+    loose = _staged(hub.commit, kind=["d"], loose=["./config.json"])
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses={**gpu_host_responses(), **loose})
     commands = planned.commands("h100-node2")
     assert not any("disagg.agent.stage" in c for c in commands)
     assert f"chown -hR root:root {dest} && chmod -R u=rwX,go=rX {dest}" in commands
+
+
+def test_every_host_stages_the_commit_its_peers_hold_the_hub_asked_once_at_most(hub):
+    data = {"hf_token": "hf_TOPSECRET123", "hf_endpoint": hub.url}
+
+    def staging(planned) -> dict[str, str]:
+        return {h: re.search(r"--revision (\S+)", c).group(1) for h in NODES for c in planned.commands(h)
+                if "disagg.agent.stage" in c}  # fmt: skip
+
+    def asked() -> int:
+        return sum(path.startswith("/api/models/") for _, path in hub.requests)
+
+    # none staged: the controller asks the hub once for both hosts
+    assert staging(plan_deploy(H100, "deploys/disagg.py", data=data, responses=gpu_host_responses())) == {
+        h: hub.commit for h in NODES}
+    assert asked() == 1
+    # a host holds an older commit (main has moved since): the one added later stages that, the hub is not asked
+    older = "0123456789abcdef0123456789abcdef01234567"
+    held = {"h100-node1": {**_staged(older), **gpu_host_responses()}}
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=None, host_responses=held)
+    assert staging(planned) == {"h100-node2": older} and asked() == 1
+    # hosts that disagree: which is meant is the operator's call
+    held["h100-node2"] = {**_staged("f" * 40), **gpu_host_responses()}
+    with pytest.raises(OperationError, match=rf"^the hosts hold different commits of {HUB_MODEL}@main \(h100-node1: "
+                                             rf"{older[:12]}, h100-node2: ffffffffffff\); set model_revision"):  # fmt: skip
+        plan_deploy(H100, "deploys/disagg.py", data=data, responses=None, host_responses=held)
+    # a commit pinned in model_revision is staged as is, the hub never asked
+    pinned = plan_deploy(H100, "deploys/disagg.py", data={**data, "model_revision": older}, responses=gpu_host_responses())
+    assert set(staging(pinned).values()) == {older} and asked() == 1
+
+
+def test_a_revision_the_controller_cannot_resolve_stops_the_deploy_in_one_line(hub):
+    with pytest.raises(OperationError, match=r"^model_revision 'main' of .*: http://127.0.0.1:\d+ answered HTTP 401; "
+                                             r"give data hf_token"):  # fmt: skip
+        plan_deploy(H100, "deploys/disagg.py", data={"hf_endpoint": hub.url}, responses=gpu_host_responses())
+    with pytest.raises(HubError, match=r"^model_revision 'v1' of a/b: cannot ask http://127.0.0.1:9 from the "
+                                       r"controller \(.*\); set hf_endpoint to a hub it reaches, or model_revision"):  # fmt: skip
+        hub_commit("a/b", "v1", "http://127.0.0.1:9")
 
 
 def test_a_running_firewall_is_reloaded_never_restarted():

@@ -4,9 +4,10 @@ engine's venv, whose huggingface_hub does the download (resumable; the
 endpoint from HF_ENDPOINT, the token from HF_TOKEN in the root-only env
 file, read as data). Every file is then checked against the checksums the hub lists (LFS
 files by sha256, others by their git blob sha1); one that fails is fetched
-again once. Last, the manifest is written beside the directory
-(`<dest>.manifest.json`, as disagg/manifest.py reads it): a re-run with
-that stamp in place and no file changed since is a no-op."""
+again once. Last, the commit and the manifest are written beside the
+directory (`<dest>.commit`, `<dest>.manifest.json`, as disagg/manifest.py
+reads them): a re-run for that commit with that stamp in place and no file
+changed since is a no-op."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def _progress(dest: Path, total: int, done: threading.Event) -> None:
         print(f"stage: {have / 1e9:.2f} of {total / 1e9:.2f} GB", flush=True)
 
 
+def _replace(path: Path, text: str) -> None:
+    path.with_suffix(".tmp").write_text(text + "\n")
+    path.with_suffix(".tmp").replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg.agent.stage", description=__doc__)
     parser.add_argument("--repo", required=True)
@@ -99,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         name = path.relative_to(args.dest).as_posix()
         if path.is_file() and name not in tree and not name.startswith(".cache/"):
             path.unlink()  # not in this revision: a stale shard would be loaded
-    stamp = Path(f"{args.dest}.manifest.json")
-    stamp.with_suffix(".tmp").write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
-    stamp.with_suffix(".tmp").replace(stamp)
+    # the commit first: a stamp vouches for the commit beside it
+    _replace(Path(f"{args.dest}.commit"), commit)
+    _replace(Path(f"{args.dest}.manifest.json"), json.dumps(manifest, separators=(",", ":")))
     print(f"stage: {args.repo}@{commit} verified in {args.dest}", flush=True)
     return 0
 

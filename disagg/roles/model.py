@@ -5,11 +5,14 @@ verified by checksum and stamped; a no-op reads sizes and the stamp."""
 
 import shlex
 from pathlib import PurePosixPath
+from weakref import WeakKeyDictionary
 
-from pyinfra import host
-from pyinfra.api import operation
+from pyinfra import host, state
+from pyinfra.api import OperationError, operation
 from pyinfra.api.deploy import deploy
+from pyinfra.context import ctx_state
 
+from disagg import hub
 from disagg import settings as S
 from disagg.facts import StagedTree
 from disagg.plan import Plan
@@ -27,34 +30,64 @@ def model(plan: Plan) -> None:
     if s.model_source == "controller":
         tree_pushed(name=f"Push model {s.model_dir}", src=s.model_dir, dest=s.model_path)
     elif s.model_source == "hub":
-        hub_staged(name=f"Stage {s.model}@{s.model_revision} from {s.hf_endpoint or 'the hub'}",
-                   repo=s.model, revision=s.model_revision, dest=s.model_path, endpoint=s.hf_endpoint)  # fmt: skip
+        commit = hub_commit(plan)
+        hub_staged(name=f"Stage {s.model}@{s.model_revision} ({commit[:12]}) from {s.hf_endpoint or 'the hub'}",
+                   repo=s.model, commit=commit, dest=s.model_path, endpoint=s.hf_endpoint)  # fmt: skip
+
+
+# the deploy file runs once per host: one answer per deploy (pyinfra's State) for all of them
+_commits: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def hub_commit(plan: Plan) -> str:
+    """The commit every worker host stages: the one they already hold (a
+    host added later gets its peers' weights, whatever the revision names
+    today), else the revision resolved on the controller, once."""
+    s = plan.settings
+    known = _commits.setdefault(ctx_state.get(), {})
+    key = (s.model, s.model_revision, s.model_path)
+    if key not in known:
+        held = {}
+        for name in sorted({w.host for w in plan.workers}):
+            staged = state.inventory.get_host(name).get_fact(StagedTree, path=s.model_path, hashes=False)
+            if staged.intact and staged.commit:
+                held[name] = staged.commit
+        if len(set(held.values())) > 1:
+            raise OperationError(f"the hosts hold different commits of {s.model}@{s.model_revision} "
+                                 f"({', '.join(f'{n}: {c[:12]}' for n, c in held.items())}); set model_revision to "
+                                 "the commit they should all serve")  # fmt: skip
+        try:
+            known[key] = next(iter(held.values()), None) or hub.commit(s.model, s.model_revision, s.hf_endpoint,
+                                                                          host.data.get("hf_token"))  # fmt: skip
+        except hub.HubError as e:
+            raise OperationError(str(e)) from None
+    return known[key]
 
 
 @operation()
-def hub_staged(repo: str, revision: str, dest: str, endpoint: str | None = None):
+def hub_staged(repo: str, commit: str, dest: str, endpoint: str | None = None):
     """
-    A hub model's revision downloaded into dest with the engine's
-    huggingface_hub, verified against the hub's checksums and stamped. The
-    token is read from the root-only env file, never a command line. With
-    the stamp in place and no file changed since, nothing runs (and the hub
-    is not asked): `model_revision` names what to move to.
+    A hub model's commit downloaded into dest with the engine's
+    huggingface_hub, verified against the hub's checksums and stamped with
+    its manifest and commit. The token is read from the root-only env
+    file, never a command line. With the stamp of that commit in place and
+    no file changed since, nothing runs (and the hub is not asked).
 
     **Example:**
 
     .. code:: python
 
-        hub_staged(repo="meta-llama/Llama-3.1-70B-Instruct", revision="main",
+        hub_staged(repo="meta-llama/Llama-3.1-70B-Instruct", commit="0e9e39f249a16976918f6564b8830bc894c89659",
                    dest="/var/lib/disagg/models/hub/meta-llama--Llama-3.1-70B-Instruct/main")
     """
     staged = host.get_fact(StagedTree, path=dest, hashes=False)
-    fresh = staged.stamp and staged.sizes == {p: e[0] for p, e in staged.stamp.items()} and not staged.rehashed
+    fresh = staged.intact and staged.commit == commit
     if fresh and not staged.unsafe:
         return
     yield from made_safe(dest, staged)
     if not fresh:  # (a link removed from it leaves a file short of the stamp)
         env = f"HF_ENDPOINT={shlex.quote(endpoint)} " if endpoint else ""
         yield (f"{env}PYTHONPATH={S.AGENT_SRC} {S.VLLM_VENV}/bin/python -m disagg.agent.stage "
-               f"--repo {shlex.quote(repo)} --revision {shlex.quote(revision)} --dest {shlex.quote(dest)} "
+               f"--repo {shlex.quote(repo)} --revision {shlex.quote(commit)} --dest {shlex.quote(dest)} "
                f"--token-file {S.HF_TOKEN_ENV}")  # fmt: skip
     yield root_only(dest)

@@ -527,6 +527,19 @@ def test_a_hub_model_is_staged_verified_and_damage_fetched_again(deployment, tmp
             assert sorted(hub.downloads()[fetched:]) == ["model.safetensors", "tokenizer.json"]
             sums = ssh(2, f"cd {dest} && sha256sum model.safetensors tokenizer.json").stdout.split()
             assert sums[0::2] == [manifest.sha256(repo / "model.safetensors"), manifest.sha256(repo / "tokenizer.json")]
+            # main moves on; host 2 staged from scratch (a host added later): its peer's commit and weights
+            first, moved = hub.commit, tmp_path / "moved"
+            shutil.copytree(repo, moved)
+            (moved / "model.safetensors").write_bytes(os.urandom(3 << 20))
+            hub.publish(moved)
+            ssh(2, f"rm -rf {dest} {dest}.manifest.json {dest}.commit")
+            since = len(hub.requests)
+            run_deploy(INVENTORY, "deploys/model.py", *data)
+            assert not [p for _, p in hub.requests[since:] if p.endswith(("/tiny", "/revision/main"))]  # main never asked
+            for i in (1, 2):
+                assert ssh(i, f"cat {dest}.commit").stdout.strip() == first
+                assert ssh(i, f"sha256sum {dest}/model.safetensors").stdout.split()[0] == manifest.sha256(
+                    repo / "model.safetensors")
     finally:
         for i in (1, 2):
             ssh(i, f"rm -rf /var/lib/disagg/models/hub {S.HF_TOKEN_ENV}", check=False)
