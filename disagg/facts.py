@@ -370,6 +370,22 @@ class ControllerAddress(FactBase):
         return output[0].strip() if output and output[0].strip() else None
 
 
+class ResolvedNames(FactBase):
+    """{name: its addresses (IPv4 and IPv6, as getent ahosts lists them)}
+    as this host resolves each of names; () for one it cannot resolve."""
+
+    default = dict
+
+    def command(self, names: tuple[str, ...]) -> str:
+        each = "; ".join(f"echo '### '{shlex.quote(n)}; getent ahosts {shlex.quote(n)} | awk '$2 == \"STREAM\" {{print $1}}'"
+                         for n in names)  # fmt: skip
+        return f"{each}; true"
+
+    def process(self, output):
+        return {name: tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
+                for name, lines in _sections(output).items()}  # fmt: skip
+
+
 PLATFORM_COMMAND = (
     "m=$(uname -m); p=$(/usr/bin/python3 -V 2>/dev/null | sed -n 's/^Python \\([0-9]*\\.[0-9]*\\).*/\\1/p'); "
     "g=$(getconf GNU_LIBC_VERSION 2>/dev/null | cut -d' ' -f2); echo \"$m ${p:--} ${g:--}\""

@@ -18,7 +18,10 @@ Who needs what:
   user, in the output chain (any local user could register a worker).
 Admins are the controller that deploys (its address as the host sees it)
 and data `firewall_allow`. Loopback is always admitted. (On GPU fabrics
-the KV cache moves over RDMA, which netfilter does not see.)"""
+the KV cache moves over RDMA, which netfilter does not see.) A host's
+address that is a name is written as the addresses the host resolves it to
+when the deploy plans (roles/firewall.py): nft would resolve it when the
+rules load, at boot perhaps before DNS answers."""
 
 from __future__ import annotations
 
@@ -38,13 +41,19 @@ class Rule:
     sources: tuple[str, ...]
 
 
-def rules(plan: Plan, host: str, admins: tuple[str, ...]) -> list[Rule]:
+def rules(plan: Plan, host: str, admins: tuple[str, ...],
+          resolved: dict[str, tuple[str, ...]] | None = None) -> list[Rule]:  # fmt: skip
     """What host admits to each of its ports of ours, and from whom; admins
-    besides data firewall_allow: the controller as the host sees it."""
+    besides data firewall_allow: the controller as the host sees it;
+    resolved: {name: addresses} of the hosts' addresses that are names."""
     admins = (*plan.settings.firewall_allow, *admins)
-    address = {h.name: h.address for h in plan.cluster.hosts}
-    layout = sorted({address[w.host] for w in plan.workers} | {plan.head.address})
-    head = (plan.head.address,)
+    where = {h.name: (resolved or {}).get(h.address, (h.address,)) for h in plan.cluster.hosts}
+
+    def of(hosts) -> list[str]:
+        return sorted({a for h in hosts for a in where[h]})
+
+    layout = of({w.host for w in plan.workers} | {plan.cluster.head})
+    head = tuple(of([plan.cluster.head]))
     out: list[Rule] = []
     s = plan.settings
     if host == plan.cluster.head:
@@ -63,13 +72,13 @@ def rules(plan: Plan, host: str, admins: tuple[str, ...]) -> list[Rule]:
     if plan.topology.disaggregated:
         for role in ("context", "generate"):
             ports = tuple(p for w in mine if w.role == role for p in w.nixl_ports)
-            peers = sorted({address[w.host] for w in plan.workers if w.role != role})
+            peers = of({w.host for w in plan.workers if w.role != role})
             if ports:
                 out.append(Rule(f"{role} NIXL side channel: the other role's hosts", ports, _sources(peers, ())))
         if mine:
             roles = {w.role for w in mine}
             # the hosts of a worker of a role other than one here
-            peers = sorted({address[w.host] for w in plan.workers if roles - {w.role}})
+            peers = of({w.host for w in plan.workers if roles - {w.role}})
             out.append(Rule("UCX's TCP listeners (the KV cache): the other role's hosts", (s.ports.ucx,),
                             _sources(peers, ())))  # fmt: skip
     return out
@@ -99,9 +108,22 @@ def _sources(*groups) -> tuple[str, ...]:
     return tuple(unique.values())
 
 
+def names(plan: Plan) -> tuple[str, ...]:
+    """The hosts' addresses that are names, not IP addresses."""
+    return tuple(sorted({h.address for h in plan.cluster.hosts if not _is_ip(h.address)}))
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
 def _family(source: str) -> str:
-    """nft's match for source: ip6 for IPv6, else ip (a DNS name is
-    resolved by nft when the rules load)."""
+    """nft's match for source: ip6 for IPv6, else ip (a name no host
+    answer resolved: the planning core's rules, never a deploy's)."""
     try:
         return "ip6" if ipaddress.ip_network(source, strict=False).version == 6 else "ip"
     except ValueError:
@@ -117,12 +139,13 @@ def _set(items) -> str:
     return "{ " + ", ".join(map(_element, items)) + " }"
 
 
-def ruleset(plan: Plan, host: str, admins: tuple[str, ...]) -> list[str]:
+def ruleset(plan: Plan, host: str, admins: tuple[str, ...],
+            resolved: dict[str, tuple[str, ...]] | None = None) -> list[str]:  # fmt: skip
     """The chain's rules, in order: loopback, each admission, then a drop
     of every port of ours from anyone else."""
     lines = ['iif "lo" accept']
     ours: list[int] = []
-    for rule in rules(plan, host, admins):
+    for rule in rules(plan, host, admins, resolved):
         ours += rule.ports
         lines.append(f"# {rule.what}" + ("" if rule.sources else ": none listed, so loopback only"))
         for family in ("ip", "ip6"):

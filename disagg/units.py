@@ -321,10 +321,12 @@ def prometheus_rules() -> str:
     return render("prometheus-rules.yml.j2", renew_days=pki.RENEW_BEFORE.days)
 
 
-def firewall_files(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str, str]:
+def firewall_files(plan: Plan, host: str, admins: tuple[str, ...] = (),
+                   resolved: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:  # fmt: skip
     """The host's nftables rules and the unit that loads them; admins: the
-    controller as the host sees it."""
-    rules = firewall.ruleset(plan, host, admins)
+    controller as the host sees it; resolved: the hosts' names as it
+    resolves them."""
+    rules = firewall.ruleset(plan, host, admins, resolved)
     return {
         S.FIREWALL_RULES: render("firewall.nft.j2", table=firewall.TABLE, rules=rules,
                                  local_rules=firewall.local_ruleset(plan, host)),

@@ -43,6 +43,9 @@ def os_release() -> list[str]:
     return [line for line in lines[start:] if "=" in line]
 
 
+RESOLVED = ["### h100-node1", "10.100.0.1", "fd00:100::1", "### h100-node2", "10.100.0.2"]
+
+
 def gpu_host_responses(gpus: int = 8, nvswitches: int = 4) -> dict:
     """Fact output of an Ubuntu 24.04 HGX node with no driver loaded yet:
     GPUs and NVSwitches on the PCI bus (sysfs lines), nvidia-smi absent."""
@@ -55,6 +58,8 @@ def gpu_host_responses(gpus: int = 8, nvswitches: int = 4) -> dict:
         "uname -s": ["Linux"],
         # a stock Ubuntu has these tools
         re.compile(r"^command -v '?(useradd|userdel|groupadd|python3|apt-get)"): ["/usr/bin/tool"],
+        # the reference inventory's hosts are names, in every host's /etc/hosts
+        "getent ahosts": RESOLVED,
     }
 
 

@@ -8,7 +8,7 @@ import re
 import shlex
 
 import pytest
-from fakehosts import gpu_host_responses, plan_deploy
+from fakehosts import RESOLVED, gpu_host_responses, plan_deploy
 from hubserver import Hub
 
 from cryptography import x509
@@ -19,7 +19,8 @@ from disagg.hub import HubError, commit as hub_commit
 from disagg import settings as S
 from disagg.plan import load_inventory, make_plan
 from disagg.topology import TopologyError
-from disagg.units import host_units
+from disagg.facts import ResolvedNames
+from disagg.units import firewall_files, host_units
 
 H100 = "inventories/h100.py"
 NODES = ("h100-node1", "h100-node2")
@@ -34,10 +35,27 @@ def stale_units(*units):
 def test_deploy_writes_exactly_the_rendered_units(deploy, label_key):
     planned = plan_deploy(H100, deploy, responses=gpu_host_responses())
     plan = make_plan(load_inventory(H100), label_key=label_key)
+    resolved = ResolvedNames().process(RESOLVED)  # the hosts' names as they resolve them
     for host in NODES:
         ours = {p: t for p, t in planned.uploads(host).items()
                 if p.startswith(("/etc/systemd", "/etc/disagg")) and not p.startswith(S.TLS_DIR)}
-        assert ours == host_units(plan, host)
+        expected = host_units(plan, host)
+        if S.FIREWALL_RULES in expected:
+            expected.update(firewall_files(plan, host, (), resolved))
+        assert ours == expected
+
+
+def test_the_firewall_holds_the_addresses_each_host_resolves_never_a_name():
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    for host, peer in zip(NODES, ("10.100.0.2", "10.100.0.1")):
+        rules = planned.uploads(host)[S.FIREWALL_RULES]
+        assert "h100-node" not in rules and f"ip saddr {{ {peer} }} accept" in rules
+    assert "ip6 saddr { fd00:100::1 }" in planned.uploads("h100-node2")[S.FIREWALL_RULES]
+    # a name a host cannot resolve: the deploy stops while it plans, before any change
+    unresolved = {**gpu_host_responses(), "getent ahosts": ["### h100-node1", "10.100.0.1", "### h100-node2"]}
+    with pytest.raises(OperationError, match=r"^h100-node\d: cannot resolve h100-node2 \(an inventory address\) for "
+                                             r"the firewall's rules; give the host's address as an IP"):  # fmt: skip
+        plan_deploy(H100, "deploys/disagg.py", responses=unresolved)
 
 
 def test_nats_tls_material_comes_from_the_controllers_ca_and_the_key_is_never_shown():
@@ -457,13 +475,13 @@ def test_every_host_stages_the_commit_its_peers_hold_the_hub_asked_once_at_most(
     # a host holds an older commit (main has moved since): the one added later stages that, the hub is not asked
     older = "0123456789abcdef0123456789abcdef01234567"
     held = {"h100-node1": {**_staged(older), **gpu_host_responses()}}
-    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=None, host_responses=held)
+    planned = plan_deploy(H100, "deploys/disagg.py", data=data, responses=gpu_host_responses(), host_responses=held)
     assert staging(planned) == {"h100-node2": older} and asked() == 1
     # hosts that disagree: which is meant is the operator's call
     held["h100-node2"] = {**_staged("f" * 40), **gpu_host_responses()}
     with pytest.raises(OperationError, match=rf"^the hosts hold different commits of {HUB_MODEL}@main \(h100-node1: "
                                              rf"{older[:12]}, h100-node2: ffffffffffff\); set model_revision"):  # fmt: skip
-        plan_deploy(H100, "deploys/disagg.py", data=data, responses=None, host_responses=held)
+        plan_deploy(H100, "deploys/disagg.py", data=data, responses=gpu_host_responses(), host_responses=held)
     # a commit pinned in model_revision is staged as is, the hub never asked
     pinned = plan_deploy(H100, "deploys/disagg.py", data={**data, "model_revision": older}, responses=gpu_host_responses())
     assert set(staging(pinned).values()) == {older} and asked() == 1

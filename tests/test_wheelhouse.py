@@ -112,8 +112,8 @@ def test_each_host_installs_from_the_wheelhouse_of_its_own_platform(local_index,
     pins = _fixture_pins(tmp_path)
     inventory = tmp_path / "inventory.py"
     inventory.write_text(
-        f"context = [('x86-node', {{'gpus': 8, 'fake_responses': {{'getconf GNU_LIBC_VERSION': [{DEBIAN12_X86!r}]}}}})]\n"
-        f"generate = [('arm-node', {{'gpus': 8, 'fake_responses': {{'getconf GNU_LIBC_VERSION': [{NOBLE_ARM!r}]}}}})]\n"
+        f"context = [('x86-node', {{'gpus': 8, 'address': '10.0.0.1', 'fake_responses': {{'getconf GNU_LIBC_VERSION': [{DEBIAN12_X86!r}]}}}})]\n"
+        f"generate = [('arm-node', {{'gpus': 8, 'address': '10.0.0.2', 'fake_responses': {{'getconf GNU_LIBC_VERSION': [{NOBLE_ARM!r}]}}}})]\n"
         f"all = (['x86-node', 'arm-node'], {{'label': 'context_tp2dp4_generate_tp8dp1', 'model': 'm', "
         f"'install_nvidia_driver': False, 'preflight': False, **{pins!r}}})\n"
     )  # fmt: skip

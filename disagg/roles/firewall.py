@@ -5,12 +5,12 @@ unit from an earlier deploy is pruned like any other: its stop deletes our
 table and no other."""
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import OperationError, deploy, operation
 
 from disagg import settings as S
 from disagg import units
-from disagg.facts import CommandSucceeds, ControllerAddress
-from disagg.firewall import TABLE
+from disagg.facts import CommandSucceeds, ControllerAddress, ResolvedNames
+from disagg.firewall import TABLE, names as address_names
 from disagg.plan import Plan
 from disagg.roles.ops import put_unit_apart, unit_running
 
@@ -22,7 +22,13 @@ PACKAGES = ("nftables",)
 def firewall(plan: Plan):
     # as the login user: sudo drops SSH_CLIENT from the environment
     controller = host.get_fact(ControllerAddress, _sudo=False)
-    rendered = units.firewall_files(plan, host.name, (controller,) if controller else ())
+    # the rules hold addresses: a name nft resolves at load may not resolve at boot
+    names = address_names(plan)
+    resolved = host.get_fact(ResolvedNames, names=names) if names else {}
+    if unresolved := [n for n in names if not resolved.get(n)]:
+        raise OperationError(f"{host.name}: cannot resolve {', '.join(unresolved)} (an inventory address) for the "
+                             "firewall's rules; give the host's address as an IP, or make the name resolve here")  # fmt: skip
+    rendered = units.firewall_files(plan, host.name, (controller,) if controller else (), resolved)
     unit, rules = put_unit_apart(rendered, S.FIREWALL_UNIT)
     # never restarted: its stop deletes the table, and a start that then
     # failed would leave every port open; a reload swaps the rules in one
