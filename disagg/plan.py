@@ -315,14 +315,20 @@ class Plan:
         return ["/usr/bin/env", "-u", "PYTHONPYCACHEPREFIX", f"PYTHONPATH={S.AGENT_SRC}", f"{S.AGENT_VENV}/bin/python", "-m", "disagg.agent",
                 command, "--nats", self.nats_url, "--ca", S.CA_CERT, "--user", user or self.settings.nats_user, *args]  # fmt: skip
 
+    def heartbeat_env(self, w: Worker) -> str:
+        """The own NATS password of w's heartbeat (root-only), which w's
+        leave and rejoin wait use too: a worker host holds no other."""
+        return S.env_path(w.agent_unit)
+
     def leave_command(self, w: Worker) -> list[str]:
         """The worker unit's ExecStop: out of the registry and the router, drained."""
         return self._agent(
             "leave",
-            "--password-file", S.NATS_SECRET_ENV,
+            "--password-file", self.heartbeat_env(w),
             "--url", w.url,
             "--router-timeout", str(S.LEAVE_ROUTER_TIMEOUT),
             "--drain-timeout", str(self.settings.drain_timeout),
+            user=kv.heartbeat_user(w.url),
         )  # fmt: skip
 
     def agent_command(self, w: Worker) -> list[str]:
@@ -399,8 +405,8 @@ class Plan:
     def rejoin_command(self, w: Worker, timeout: int) -> list[str]:
         """On w's host, as root: wait until w is registered, healthy and
         listed by the router again."""
-        return self._agent("status", "--password-file", S.NATS_SECRET_ENV, "--expect", f"{w.name}={w.url}",
-                           "--wait", "--timeout", str(timeout))  # fmt: skip
+        return self._agent("status", "--password-file", self.heartbeat_env(w), "--expect", f"{w.name}={w.url}",
+                           "--wait", "--timeout", str(timeout), user=kv.heartbeat_user(w.url))  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         return {"label": self.label, "workers": [w.as_dict() for w in self.workers]}

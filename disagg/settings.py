@@ -102,6 +102,11 @@ MANAGED_MARKER = "# Managed by disagg: removed by deploys/teardown.py"
 LEAVE_ROUTER_TIMEOUT = 15
 
 
+def env_path(unit: str) -> str:
+    """A unit's env file (root-only: systemd reads it)."""
+    return f"{CONFIG_DIR}/{unit}.env"
+
+
 def model_dir_name(model_dir: str) -> str:
     """The name model_dir's copy has under MODELS_DIR: the name of the
     directory it is on the controller ('..' and links resolved), so that

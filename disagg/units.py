@@ -81,10 +81,6 @@ def unit_path(unit: str) -> str:
     return f"{S.SYSTEMD_DIR}/{unit}.service"
 
 
-def env_path(unit: str) -> str:
-    return f"{S.CONFIG_DIR}/{unit}.env"
-
-
 def _service(description: str, user: str, args: list[str], stop_timeout: int, env_files: list[str],
              binds_to: str | None = None, exec_stop: str | None = None, groups: tuple[str, ...] = (),
              unlimited_log: bool = False, write_paths: tuple[str, ...] = (), gpu: bool = False,
@@ -119,14 +115,14 @@ def worker_files(plan: Plan, w: Worker) -> dict[str, str]:
         plan.worker_command(w),
         plan.settings.stop_timeout,
         # '-': the HF token is optional (public or local models)
-        [env_path(w.unit), f"-{S.HF_TOKEN_ENV}", *api_key_env(plan)],
+        [S.env_path(w.unit), f"-{S.HF_TOKEN_ENV}", *api_key_env(plan)],
         # '+': as root (and unsandboxed), to read the root-only NATS password file
         exec_stop="+" + exec_start(plan.leave_command(w)),
         # its caches; the model is root's, read-only
         write_paths=(S.SERVICE_HOME, S.HF_HOME, S.PYCACHE_DIR),
         gpu=True,
     )
-    return {unit_path(w.unit): unit, env_path(w.unit): render("env.j2", env=env)}
+    return {unit_path(w.unit): unit, S.env_path(w.unit): render("env.j2", env=env)}
 
 
 def api_key_env(plan: Plan) -> list[str]:
@@ -145,7 +141,7 @@ def agent_files(plan: Plan, w: Worker) -> dict[str, str]:
         plan.agent_command(w),
         10,
         # its own NATS password, root-only: never on a command line or in a unit
-        [heartbeat_env(w)],
+        [plan.heartbeat_env(w)],
         binds_to=w.unit,
     )
     return {unit_path(w.agent_unit): unit}
@@ -281,12 +277,7 @@ def nats_auth_text(user: str, password: str, restricted: list[tuple[str, str, di
 
 
 # the sync's own NATS password (root-only; systemd reads it)
-SYNC_ENV = env_path(S.SYNC_UNIT)
-
-
-def heartbeat_env(w: Worker) -> str:
-    """The heartbeat's own NATS password (root-only; systemd reads it)."""
-    return env_path(w.agent_unit)
+SYNC_ENV = S.env_path(S.SYNC_UNIT)
 
 
 PROMETHEUS_CONF = f"{S.PROMETHEUS_CONFIG_DIR}/prometheus.yml"

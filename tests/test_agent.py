@@ -624,18 +624,27 @@ def test_a_dead_worker_leaves_the_router_without_waiting_for_its_ttl(nats, agent
 
 
 def test_leave_takes_a_worker_out_of_the_router_then_drains_it(nats, agents, workers, router):
+    """As deployed: the rejoin wait and the leave run as the worker's
+    heartbeat user (a worker host holds no other NATS password)."""
     start_layout(agents, workers, router)
     until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
     leaving = workers[0]
+    nats.heartbeat_users({leaving.url: "hb secret"})
+    own = ("--user", kv.heartbeat_user(leaving.url))
+    rejoined = agents.run("status", *own, "--expect", f"context-0={leaving.url}", "--wait", "--timeout", "20",
+                          password="hb secret", wait=True)  # fmt: skip
+    assert rejoined.returncode == 0, rejoined.stdout + rejoined.stderr
     agents.procs[0].send_signal(signal.SIGTERM)  # its companion stops first (systemd ordering)
     leaving.running = 2
     threading.Timer(8, lambda: setattr(leaving, "running", 0)).start()
     start = time.monotonic()
-    out = agents.run("leave", "--url", leaving.url, "--router-timeout", "15", "--drain-timeout", "30", wait=True)
+    out = agents.run("leave", *own, "--url", leaving.url, "--router-timeout", "15", "--drain-timeout", "30",
+                     password="hb secret", wait=True)  # fmt: skip
     took = time.monotonic() - start
     assert out.returncode == 0, out.stderr
     assert router.said(f"Remove Prefill [HTTP:{leaving.url.removeprefix('http://')}")
     assert 8 <= took < 30 and "out of the router after" in out.stderr and "drained 2 requests" in out.stderr
+    assert "cannot confirm" not in out.stderr  # it read the router's view with its own user
     current = look(nats, expect(workers), router.url)
     assert leaving.url not in current.members and f"context-0 ({leaving.url}) is not registered" in current.problems
 

@@ -2,6 +2,8 @@
 pyinfra's own loader with its @fake connector and facts fed from a real GPU
 host's captured output. Real hosts are exercised by the end-to-end tests."""
 
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -15,6 +17,7 @@ from cryptography import x509
 from pyinfra.api import OperationError, StringCommand
 
 from disagg import pki
+from disagg.agent import kv
 from disagg.hub import HubError, commit as hub_commit
 from disagg import settings as S
 from disagg.plan import load_inventory, make_plan
@@ -252,22 +255,51 @@ def test_secrets_never_appear_in_commands_or_files():
 
 def _secret_writes(planned, host, name: str) -> list[str]:
     """What the operation `name` sends on stdin (a secret's content)."""
-    return [c.connector_arguments["_stdin"] for n, cmds in planned._raw_ops(host) if n.endswith(name) for c in cmds
+    # an operation called on several hosts from one line has all their names
+    return [c.connector_arguments["_stdin"] for n, cmds in planned._raw_ops(host)
+            if any(part.endswith(name) for part in n.split(", ")) for c in cmds
             if "_stdin" in c.connector_arguments]  # fmt: skip
 
 
-@pytest.mark.parametrize("name, variable", [("NATS password", "DISAGG_NATS_PASSWORD"), ("API key", "VLLM_API_KEY")])
-def test_a_secret_is_generated_once_and_shared_by_every_host(name, variable):
+def test_the_api_key_is_generated_once_and_shared_by_every_host():
     planned = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
-    (head,) = _secret_writes(planned, "h100-node1", name)
-    (other,) = _secret_writes(planned, "h100-node2", name)
-    value = re.search(rf"{variable}=(\w+)", head).group(1)
+    (head,) = _secret_writes(planned, "h100-node1", "API key")
+    (other,) = _secret_writes(planned, "h100-node2", "API key")
+    value = re.search(r"VLLM_API_KEY=(\w+)", head).group(1)
     assert len(value) >= 32 and head == other
     for host in NODES:  # masked wherever pyinfra prints it
         assert not any(value in c for c in planned.commands(host))
 
 
-@pytest.mark.parametrize("name, variable", [("NATS password", "DISAGG_NATS_PASSWORD"), ("API key", "VLLM_API_KEY")])
+def _derived(admin: str, user: str) -> str:
+    return hmac.new(admin.encode(), user.encode(), hashlib.sha256).hexdigest()
+
+
+@pytest.mark.parametrize("kept", [None, "k33p-me"])
+def test_the_nats_password_is_on_the_head_alone_and_every_users_derives_from_it(kept):
+    """Generated once (or the head's kept); a worker host holds only its
+    heartbeats' own passwords (an admin one from a release before is removed)."""
+    responses = {**gpu_host_responses(), **({"s/^DISAGG_NATS_PASSWORD=//p": [kept]} if kept else {})}
+    planned = plan_deploy(H100, "deploys/disagg.py", responses=responses)
+    (head,) = _secret_writes(planned, "h100-node1", "NATS password")
+    admin = re.search(r"DISAGG_NATS_PASSWORD=(\S+)", head).group(1)
+    assert admin == kept if kept else len(admin) >= 32
+    assert _secret_writes(planned, "h100-node2", "NATS password") == []
+    assert f"rm -f {S.NATS_SECRET_ENV}" in planned.commands("h100-node2") or any(
+        n.endswith("No NATS admin password") for n, _ in planned.ops("h100-node2"))
+    plan = make_plan(load_inventory(H100))
+    for host in NODES:
+        for w in plan.workers_on(host):
+            user = kv.heartbeat_user(w.url)
+            assert _secret_writes(planned, host, f"NATS password of {user}") == [
+                f"DISAGG_NATS_PASSWORD={_derived(admin, user)}\n"]
+    assert _secret_writes(planned, "h100-node1", f"NATS password of {kv.SYNC_USER}") == [
+        f"DISAGG_NATS_PASSWORD={_derived(admin, kv.SYNC_USER)}\n"]
+    for host in NODES:  # masked wherever pyinfra prints it
+        assert not any(admin in c for c in planned.commands(host))
+
+
+@pytest.mark.parametrize("name, variable", [("API key", "VLLM_API_KEY")])
 def test_the_heads_secret_is_kept(name, variable):
     responses = {**gpu_host_responses(), f"s/^{variable}=//p": ["k33p-me"]}
     planned = plan_deploy(H100, "deploys/disagg.py", responses=responses)

@@ -76,10 +76,21 @@ def heartbeat_user(url: str) -> str:
     return "heartbeat-" + worker_key(url).removeprefix(WORKER_PREFIX)
 
 
+def _reading() -> list[str]:
+    """What looks the bucket up and reads it: a watch (an ordered consumer,
+    flow-controlled) or one key (direct get, else a stream message get)."""
+    stream = f"KV_{BUCKET}"
+    return ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>",
+            f"$JS.API.CONSUMER.DELETE.{stream}.>", f"$JS.FC.{stream}.>", f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$JS.API.STREAM.MSG.GET.{stream}"]  # fmt: skip
+
+
 def heartbeat_permissions(url: str) -> dict:
-    """What a heartbeat's user may do: look the bucket up and put its
-    worker's key (JetStream acknowledges a put on the client's inbox)."""
-    return {"publish": {"allow": ["$JS.API.INFO", f"$JS.API.STREAM.INFO.KV_{BUCKET}", f"$KV.{BUCKET}.{worker_key(url)}"]},
+    """What a heartbeat's user may do (the heartbeat, and its worker's leave
+    and rejoin wait): read the registry, put or delete its worker's key
+    (JetStream acknowledges on the client's inbox)."""
+    return {"publish": {"allow": [*_reading(), f"$KV.{BUCKET}.{worker_key(url)}"]},
             "subscribe": {"allow": ["_INBOX.>"]}}
 
 
@@ -88,16 +99,10 @@ SYNC_USER = "sync"
 
 
 def sync_permissions() -> dict:
-    """What the sync's user may do: make the bucket on first use, watch it
-    (an ordered consumer, flow-controlled) and put the router's view; never
-    a worker's key."""
-    stream = f"KV_{BUCKET}"
-    return {"publish": {"allow": ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
-                                  f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
-                                  f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
-                                  f"$JS.FC.{stream}.>",
-                                  f"$KV.{BUCKET}.{ROUTER_KEY}"]},
-            "subscribe": {"allow": ["_INBOX.>"]}}  # fmt: skip
+    """What the sync's user may do: read the registry, make the bucket on
+    first use and put the router's view; never a worker's key."""
+    return {"publish": {"allow": [*_reading(), f"$JS.API.STREAM.CREATE.KV_{BUCKET}", f"$KV.{BUCKET}.{ROUTER_KEY}"]},
+            "subscribe": {"allow": ["_INBOX.>"]}}
 
 
 def worker_key(url: str) -> str:

@@ -66,7 +66,8 @@ def _nats_password(plan: Plan) -> str:
 
 
 def nats_password(plan: Plan) -> OperationMeta:
-    """The password, on every host that runs an agent (and NATS)."""
+    """The admin password, on the head (status, the readiness gate): the
+    other users' passwords derive from it."""
     password = _nats_password(plan)
     return secret_file(name="NATS password", path=units.NATS_SECRET_ENV,
                        content=envfile.text({units.NATS_PASSWORD_ENV: password}))  # fmt: skip
@@ -94,7 +95,7 @@ def _password_files(plan: Plan, files: dict[str, str]) -> list[OperationMeta]:
 
 def heartbeat_passwords(plan: Plan, on: str) -> list[OperationMeta]:
     """The own password of each heartbeat on host `on`."""
-    return _password_files(plan, {units.heartbeat_env(w): kv.heartbeat_user(w.url) for w in plan.workers_on(on)})
+    return _password_files(plan, {plan.heartbeat_env(w): kv.heartbeat_user(w.url) for w in plan.workers_on(on)})
 
 
 def sync_password(plan: Plan) -> OperationMeta:

@@ -444,7 +444,7 @@ def prune_units(keep: Sequence[str] = ()):
     yield f"systemctl disable --now {' '.join(f'{u}.service' for u in stale)}"
     for unit in stale:
         # .wants: a heartbeat agent is enabled as WantedBy= its worker
-        yield f"rm -rf {units.unit_path(unit)} {units.unit_path(unit)}.wants {units.env_path(unit)}"
+        yield f"rm -rf {units.unit_path(unit)} {units.unit_path(unit)}.wants {S.env_path(unit)}"
     yield "systemctl daemon-reload"
     yield "systemctl reset-failed"
 

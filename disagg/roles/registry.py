@@ -12,6 +12,7 @@ import urllib.parse
 from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.api.operation import OperationMeta
+from pyinfra.operations import files
 
 from disagg import net, packages
 from disagg import settings as S
@@ -29,18 +30,23 @@ DEFAULTS = {
 
 @deploy("Registry runtime", data_defaults={**DEFAULTS, **CREDENTIALS})
 def runtime(plan: Plan) -> list[OperationMeta]:
-    """NATS credentials (password, CA), the venv and the host agent's
-    files: what every agent unit on this host needs. Returns the operations
-    whose change restarts them."""
-    password = nats_password(plan)
+    """NATS credentials (the CA, each heartbeat's own password; the admin
+    password on the head alone), the venv and the host agent's files: what
+    every agent unit on this host needs. Returns the operations whose
+    change restarts them."""
+    if host.name == plan.cluster.head:
+        passwords = [nats_password(plan)]
+    else:  # a worker host's agents use their own users: no admin password there (releases before left one)
+        passwords = [files.file(name="No NATS admin password", path=units.NATS_SECRET_ENV, present=False)]
     heartbeats = heartbeat_passwords(plan, host.name)
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
-    return [password, *heartbeats, *put_files({**ca_files(plan), **units.agent_code()})]
+    return [*passwords, *heartbeats, *put_files({**ca_files(plan), **units.agent_code()})]
 
 
 def runtime_files(plan: Plan) -> list[str]:
     """What runtime() writes: the agents' units read it."""
-    return [units.NATS_SECRET_ENV, *(units.heartbeat_env(w) for w in plan.workers_on(host.name)), *ca_files(plan),
+    admin = [units.NATS_SECRET_ENV] if host.name == plan.cluster.head else []
+    return [*admin, *(plan.heartbeat_env(w) for w in plan.workers_on(host.name)), *ca_files(plan),
             *units.agent_code()]  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
+from disagg import settings as S
 from disagg import units
 from disagg.plan import Plan
 from disagg.topology import Worker
@@ -65,7 +66,7 @@ def _rolling(plan: Plan, w: Worker, changed_by: list[OperationMeta]) -> Rolling:
         warning = (f"{w.unit}: max_unavailable={plan.settings.max_unavailable} restarts all {dp} {w.role} workers "
                    "at once: serving stops until they are back; lower max_unavailable")  # fmt: skip
     rejoin = plan.rejoin_command(w, timeout=REJOIN_TIMEOUT)
-    paths = (units.unit_path(w.unit), units.env_path(w.unit))
+    paths = (units.unit_path(w.unit), S.env_path(w.unit))
     if plan.engine_plugin:  # code the worker loads: changed after it started = outdated
         paths += tuple(units.vllm_plugin_files())
     paths += tuple(units.api_key_env(plan))
