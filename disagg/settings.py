@@ -88,6 +88,8 @@ PROMETHEUS_USER = "disagg-prometheus"
 # one of these names that is not ours is never taken over or removed
 SERVICE_USERS = (SERVICE_USER, HEARTBEAT_USER, SYNC_USER, ROUTER_USER, NATS_USER, FRONTDOOR_USER, PROMETHEUS_USER)
 ACCOUNT_COMMENT = "disagg service account"
+# a distro package's own unit disagg masked (a file per unit): purge unmasks only these
+MASKED_DIR = f"{CONFIG_DIR}/masked"
 PROMETHEUS_CONFIG_DIR = f"{CONFIG_DIR}/prometheus"
 PROMETHEUS_DATA = f"{STATE_DIR}/prometheus"
 SCRAPE_TARGETS_DIR = f"{STATE_DIR}/targets"

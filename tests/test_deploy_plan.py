@@ -218,8 +218,10 @@ def test_teardown_removes_our_units_and_nothing_else(purge):
     # ours; made by a release before the GECOS; someone's
     accounts = {**_account(S.SERVICE_USER, S.ACCOUNT_COMMENT), **_account(S.NATS_USER, ""),
                 **_account(S.ROUTER_USER, "Jane Doe", "/bin/bash")}  # fmt: skip
+    # Prometheus's unit masked by us, HAProxy's by someone else
+    masks = {f"test -e {S.MASKED_DIR}/prometheus.service": ["yes"]}
     planned = plan_deploy(H100, "deploys/teardown.py", data=data,
-                          responses={**stale_units(*units), listed: ["yes"], **accounts})  # fmt: skip
+                          responses={**stale_units(*units), listed: ["yes"], **accounts, **masks})  # fmt: skip
     commands = planned.commands("h100-node1")
     assert f"systemctl disable --now {' '.join(u + '.service' for u in units)}" in commands
     assert commands.index(f"if {listed} >/dev/null 2>&1; then nft delete table inet disagg; fi") > 0
@@ -234,6 +236,11 @@ def test_teardown_removes_our_units_and_nothing_else(purge):
               ("/opt/disagg", "/var/lib/disagg", "/etc/disagg", "user disagg", "user disagg-nats",
                "user disagg-prometheus")]  # fmt: skip
     assert [n for n in purged if n in names] == (purged if purge else [])
+    # purge unmasks (and leaves disabled) only a distro unit we masked; the package stays
+    unmasked = [c for c in commands if c.startswith("rm -f /etc/systemd/system/")]
+    assert unmasked == ([f"rm -f /etc/systemd/system/prometheus.service {S.MASKED_DIR}/prometheus.service && "
+                         "systemctl daemon-reload && { systemctl disable prometheus.service 2>/dev/null || true; }"]
+                        if purge else [])  # fmt: skip
     # only accounts disagg made are removed; one absent is nothing to do
     deleted = [c for c in commands if c.startswith("userdel")]
     assert deleted == ([f"userdel {u} && if getent group {u} >/dev/null; then groupdel {u}; fi"
@@ -363,6 +370,8 @@ def test_prometheus_runs_on_the_head_only_its_package_unit_masked_before_the_fir
     # the package recommends prometheus-node-exporter, a service on *:9100
     assert "--no-install-recommends" in install and "prometheus-node-exporter" not in install
     assert commands.index(mask) < commands.index(install)
+    # marked ours: purge unmasks it, and no mask of someone else's
+    assert commands[commands.index(mask) + 1] == f"mkdir -p {S.MASKED_DIR} && touch {S.MASKED_DIR}/prometheus.service"
     assert f"promtool check config {S.PROMETHEUS_CONFIG_DIR}/prometheus.yml" in commands
     assert "systemctl start disagg-prometheus.service" in commands
     sync = "Router sync and readiness gate | "

@@ -319,6 +319,28 @@ def distro_unit_masked(unit: str, binary: str):
         host.noop(f"{binary} is installed or {path} masked")
         return
     yield f"ln -s /dev/null {path}"
+    # so that purge unmasks what we masked, and never a mask of someone else's
+    yield f"mkdir -p {S.MASKED_DIR} && touch {S.MASKED_DIR}/{unit}"
+
+
+@operation()
+def distro_unit_unmasked(unit: str):
+    """
+    Undo distro_unit_masked: the mask removed and the package's unit left
+    disabled (its postinst enabled it under the mask: it would start at the
+    next boot with the package's defaults). Only a mask disagg made.
+
+    **Example:**
+
+    .. code:: python
+
+        distro_unit_unmasked(name="Unmask the package's own Prometheus", unit="prometheus.service")
+    """
+    path, marker = units.unit_path(unit.removesuffix(".service")), f"{S.MASKED_DIR}/{unit}"
+    if not host.get_fact(CommandSucceeds, command=f"test -e {marker} && test \"$(readlink {path})\" = /dev/null"):
+        host.noop(f"{unit}: no mask of ours")
+        return
+    yield f"rm -f {path} {marker} && systemctl daemon-reload && {{ systemctl disable {unit} 2>/dev/null || true; }}"
 
 
 @operation()

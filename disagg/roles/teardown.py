@@ -1,7 +1,9 @@
 """Stop and remove exactly what disagg installed: units found by our marker
 (whatever label deployed them), their env files and our config files; with
 purge also the venvs, the model cache, the NATS store, Prometheus's data
-and the service users disagg made.
+the service users disagg made and its masks of distro units. The NVIDIA
+driver, and with it the nouveau blacklist, stays: without the blacklist
+nouveau would take the GPUs at the next boot.
 Nothing else on the host is stopped."""
 
 from pyinfra.api import deploy
@@ -10,7 +12,9 @@ from pyinfra.operations import files
 from disagg import settings as S
 from disagg import units
 from disagg.roles.firewall import table_absent
-from disagg.roles.ops import prune_units, service_user_absent
+from disagg.roles.frontdoor import DISTRO_UNIT as HAPROXY_UNIT
+from disagg.roles.ops import distro_unit_unmasked, prune_units, service_user_absent
+from disagg.roles.prometheus import DISTRO_UNIT as PROMETHEUS_UNIT
 
 
 @deploy("disagg teardown")
@@ -26,6 +30,9 @@ def teardown(purge: bool = False):
         files.directory(name=f"Remove {path}", path=path, present=False)
     if not purge:
         return
+    # the packages stay (someone may use them), their own units as before us: disabled
+    for unit, _ in (PROMETHEUS_UNIT, HAPROXY_UNIT):
+        distro_unit_unmasked(name=f"Unmask {unit}", unit=unit)
     for path in (S.OPT_DIR, S.STATE_DIR, S.CONFIG_DIR):
         files.directory(name=f"Remove {path}", path=path, present=False)
     for user in S.SERVICE_USERS:
