@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shlex
+import subprocess
 
 import pytest
 from fakehosts import RESOLVED, gpu_host_responses, plan_deploy
@@ -21,6 +22,7 @@ from disagg.agent import kv
 from disagg.hub import HubError, commit as hub_commit
 from disagg import settings as S
 from disagg.plan import load_inventory, make_plan
+from disagg.roles.ops import health_loop
 from disagg.topology import TopologyError
 from disagg.facts import ResolvedNames
 from disagg.units import firewall_files, host_units
@@ -578,3 +580,12 @@ def test_the_last_gate_is_a_request_through_the_front_door_with_a_clients_key_ne
     head = make_plan(load_inventory(H100, override_data=data)).head.address
     assert f"--cacert {S.CA_CERT} --connect-to llm.example.com:8000:{head}:8000 -H @- " in command
     assert "https://llm.example.com:8000/v1/chat/completions | grep -qx 200" in command
+
+
+def test_the_health_gate_runs_its_unit_and_url_as_data_never_as_shell(tmp_path):
+    canary = tmp_path / "ran"
+    url = f"http://127.0.0.1:9/$(touch {canary})`touch {canary}`"
+    loop = health_loop(f"u;touch {canary}", url, timeout=0)
+    out = subprocess.run(["bash", "-c", loop], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and not canary.exists()
+    assert f"u;touch {canary} is not healthy: {url} did not answer 200 (timeout 0 s)" in out.stderr

@@ -220,7 +220,7 @@ def uv_installed(package: str, index: str = ""):
         uv_installed(name="uv", package="uv==0.13.9")
     """
     version = package.partition("==")[2]
-    if host.get_fact(CommandSucceeds, command=f"{UV_VENV}/bin/uv --version | grep -qx 'uv {version}'"):
+    if host.get_fact(CommandSucceeds, command=f"{UV_VENV}/bin/uv --version | grep -qxF {shlex.quote(f'uv {version}')}"):
         return
     yield f"test -x {UV_VENV}/bin/pip || python3 -m venv {UV_VENV}"
     yield f"{UV_VENV}/bin/pip install -q {index} {shlex.quote(package)}".replace("  ", " ")
@@ -381,6 +381,8 @@ def wait_healthy(unit: str, url: str, timeout: int, answers: Sequence[int] = (20
 def health_loop(unit: str, url: str, timeout: int, answers: Sequence[int] = (200,)) -> str:
     """Shell: poll url until it answers one of answers, else fail with the unit's journal."""
     q_url, q_unit = shlex.quote(url), shlex.quote(unit)
+    said = shlex.quote(f"{unit} is not healthy: {url} did not answer {'/'.join(map(str, answers))} "
+                       f"(timeout {int(timeout)} s); last lines of its journal:")  # fmt: skip
     return (
         f"deadline=$(( $(date +%s) + {int(timeout)} )); "
         f"until case \"$(curl -s -o /dev/null -m 5 -w '%{{http_code}}' {q_url})\" in "
@@ -388,8 +390,7 @@ def health_loop(unit: str, url: str, timeout: int, answers: Sequence[int] = (200
         f"if [ $(date +%s) -ge $deadline ] || systemctl -q is-failed {q_unit} "
         # a crash loop under Restart=on-failure never reaches 'failed'
         f"|| [ \"$(systemctl show -p NRestarts --value {q_unit})\" -ge 3 ]; then "
-        f"echo \"{unit} is not healthy: {url} did not answer {'/'.join(map(str, answers))} "
-        f"(timeout {int(timeout)} s); last lines of its journal:\" >&2; "
+        f"echo {said} >&2; "
         f"journalctl -u {q_unit} -n 40 --no-pager >&2; exit 1; fi; sleep 2; done"
     )
 
