@@ -1019,7 +1019,7 @@ def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, t
         lines = [p["line"] for p in report["problems"]]
         assert code == 1 and len(lines) == 3, lines
         assert lines[0].startswith(f"{generate.host}: port {generate.http_port}: python3 (pid {squatter}")
-        assert lines[1] == (f"{H2}: user {S.HEARTBEAT_USER}: exists and is not disagg's (GECOS 'Jane Doe', shell "
+        assert lines[1] == (f"{generate.host}: user {S.HEARTBEAT_USER}: exists and is not disagg's (GECOS 'Jane Doe', shell "
                             "/bin/bash); disagg never takes over an account: rename or remove it")  # fmt: skip
         assert lines[2] == (f"{generate.host}: fabric: cannot open TCP to {blocked.name}'s NIXL side channel "
                             f"{blocked.address}:{blocked.nixl_port} on {blocked.host}; check the address (the host's "
