@@ -77,7 +77,7 @@ def hub_staged(repo: str, commit: str, dest: str, endpoint: str | None = None):
 
     .. code:: python
 
-        hub_staged(repo="meta-llama/Llama-3.1-70B-Instruct", commit="0e9e39f249a16976918f6564b8830bc894c89659",
+        hub_staged(repo="meta-llama/Llama-3.1-70B-Instruct", commit=hub_commit(plan),
                    dest="/var/lib/disagg/models/hub/meta-llama--Llama-3.1-70B-Instruct/main")
     """
     staged = host.get_fact(StagedTree, path=dest, hashes=False)
