@@ -29,6 +29,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from . import settings as S
+from .net import is_ip
 from .plan import Plan
 
 TABLE = "disagg"
@@ -110,15 +111,7 @@ def _sources(*groups) -> tuple[str, ...]:
 
 def names(plan: Plan) -> tuple[str, ...]:
     """The hosts' addresses that are names, not IP addresses."""
-    return tuple(sorted({h.address for h in plan.cluster.hosts if not _is_ip(h.address)}))
-
-
-def _is_ip(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
+    return tuple(sorted({h.address for h in plan.cluster.hosts if not is_ip(h.address)}))
 
 
 def _family(source: str) -> str:

@@ -10,6 +10,15 @@ import ipaddress
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
+def is_ip(host: str) -> bool:
+    """An IPv4 or IPv6 address, not a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def is_ipv6(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).version == 6

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .net import is_ip
+
 CA_DAYS = 3650
 SERVER_DAYS = 365
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -164,16 +166,8 @@ def _server_current(d: Path, ca: x509.Certificate, server: str, names: list[str]
         cert.verify_directly_issued_by(ca)
     except (ValueError, InvalidSignature):  # another CA's (rotated)
         return False
-    wanted = sorted(str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in names)
+    wanted = sorted(str(ipaddress.ip_address(n)) if is_ip(n) else n for n in names)
     return _names(cert) == wanted and cert.not_valid_after_utc - _now() > RENEW_BEFORE
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
 
 
 def _new_server(d: Path, ca: x509.Certificate, ca_key, server: str, names: list[str]) -> None:

@@ -263,8 +263,8 @@ def nats_files(plan: Plan) -> dict[str, str]:
 
 
 def nats_auth_text(user: str, password: str, restricted: list[tuple[str, str, dict]] = ()) -> str:
-    """The server's authorization block: `user` may do everything (a
-    worker's leave, status); each of `restricted` (user, password,
+    """The server's authorization block: `user` may do everything (status,
+    the readiness gate); each of `restricted` (user, password,
     permissions: the sync, each heartbeat) only what it needs. JSON's quoted
     strings, so that a password such as `123456` or `x y` is read as text (a
     NATS config value unquoted, or read from an environment variable, may

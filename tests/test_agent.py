@@ -305,14 +305,21 @@ def test_a_heartbeats_own_user_puts_its_workers_key_and_no_other(nats, agents, w
     proc = agents.heartbeat("context", 0, ours, "--user", kv.heartbeat_user(ours.url), password="hb-1 secret")
     until(lambda: look(nats, expect(workers)[:1]).workers, what="registered with its own user")
     mine = kv.Server(nats.url, kv.heartbeat_user(ours.url), "hb-1 secret", str(nats.ca))
-    impostor = {"role": "generate", "index": 5, "url": "http://127.0.0.1:9", "zmq": "127.0.0.1:9", "health": "healthy"}
-    for key in (kv.worker_key(other.url), kv.worker_key("http://127.0.0.1:9"), kv.ROUTER_KEY):
-        with pytest.raises(Exception):  # NATS: permissions violation; the put is never acknowledged
-            asyncio.run(_put_as(mine, key, impostor))
+    _refused(mine, kv.worker_key(other.url), kv.worker_key(IMPOSTOR["url"]), kv.ROUTER_KEY)
     assert [w["url"] for w in look(nats, expect(workers)).workers] == [ours.url]
-    asyncio.run(_put_as(mine, kv.worker_key(ours.url), {**impostor, "url": ours.url}))  # its own key: taken
+    asyncio.run(_put_as(mine, kv.worker_key(ours.url), {**IMPOSTOR, "url": ours.url}))  # its own key: taken
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0
+
+
+IMPOSTOR = {"role": "generate", "index": 5, "url": "http://127.0.0.1:9", "zmq": "127.0.0.1:9", "health": "healthy"}
+
+
+def _refused(server: kv.Server, *keys: str) -> None:
+    """Each key refused to server's user: a permissions violation, the put never acknowledged."""
+    for key in keys:
+        with pytest.raises(Exception):
+            asyncio.run(_put_as(server, key, IMPOSTOR))
 
 
 async def _put_as(server: kv.Server, key: str, value: dict) -> None:
@@ -333,11 +340,8 @@ def test_the_syncs_own_user_makes_and_reads_the_registry_and_writes_no_workers_k
     for i, (role, index) in enumerate(ROLES):
         agents.heartbeat(role, index, workers[i])
     until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
-    mine = kv.Server(nats.url, kv.SYNC_USER, SYNC_PASSWORD, str(nats.ca))
-    impostor = {"role": "generate", "index": 5, "url": "http://127.0.0.1:9", "zmq": "127.0.0.1:9", "health": "healthy"}
-    for key in (kv.worker_key(workers[2].url), kv.worker_key("http://127.0.0.1:9")):
-        with pytest.raises(Exception):  # NATS: permissions violation; the put is never acknowledged
-            asyncio.run(_put_as(mine, key, impostor))
+    _refused(kv.Server(nats.url, kv.SYNC_USER, SYNC_PASSWORD, str(nats.ca)),
+             kv.worker_key(workers[2].url), kv.worker_key(IMPOSTOR["url"]))
     assert sync.poll() is None and "ermission" not in Path(sync.log.name).read_text()
 
 

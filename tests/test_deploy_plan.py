@@ -206,8 +206,9 @@ def test_service_accounts_are_made_ours_adopted_from_earlier_releases_and_never_
     assert not any(S.SYNC_USER in c for c in commands if c.startswith(("useradd", "usermod")))
     # where preflight is off: the deploy stops while it plans, before any change
     someone = _account(S.ROUTER_USER, "Jane Doe", "/bin/bash", "/home/jane")
-    with pytest.raises(OperationError, match=rf"^h100-node1: user {S.ROUTER_USER} exists and is not disagg's "
-                                             r"\(GECOS 'Jane Doe'\); disagg never takes over an account"):  # fmt: skip
+    with pytest.raises(OperationError, match=rf"^h100-node1: user {S.ROUTER_USER}: exists and is not disagg's "
+                                             r"\(GECOS 'Jane Doe', shell /bin/bash\); disagg never takes over an "
+                                             r"account: rename or remove it$"):  # fmt: skip
         plan_deploy(H100, "deploys/disagg.py", data={"preflight": False}, responses={**someone, **gpu_host_responses()})
 
 

@@ -16,6 +16,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
 from disagg.packages import pinned
+from disagg.preflight import check_accounts
 from disagg import settings as S
 from disagg import units
 from disagg.agent import envfile
@@ -98,9 +99,8 @@ def service_user(user: str, home: str):
     if entry is None:
         yield (f"useradd --system --user-group --home-dir {shlex.quote(home)} --shell {shell} --comment {comment} "
                f"{quoted}")  # fmt: skip
-    elif not entry["ours"]:
-        raise OperationError(f"{host.name}: user {user} exists and is not disagg's (GECOS {entry['comment']!r}); "
-                             "disagg never takes over an account: rename or remove it")  # fmt: skip
+    elif not entry["ours"]:  # preflight's line, where preflight is off
+        raise OperationError(check_accounts(host.name, {user: entry})[0].line())
     elif (entry["home"], entry["shell"], entry["comment"]) != (home, shell, S.ACCOUNT_COMMENT):
         yield f"usermod --home {shlex.quote(home)} --shell {shell} --comment {comment} {quoted}"
 
