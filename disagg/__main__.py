@@ -1,3 +1,3 @@
-from .cli import main
+from disagg.cli import main
 
 main()

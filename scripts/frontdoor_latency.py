@@ -17,7 +17,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from disagg.plan import load_inventory, make_plan
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -14,12 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from disagg import profile, smoke, testhosts, tinymodel
-from disagg.deploy import DeployError, run_deploy
-from disagg.plan import load_inventory, make_plan
+from disagg.infra import profile
+from disagg.lab import smoke, testhosts, tinymodel
+from disagg.infra.launch import DeployError, run_deploy
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
-# each deploy's profile (disagg/profile.py), kept
+# each deploy's profile (disagg/infra/profile.py), kept
 PROFILES = ROOT / "results" / "profiles" / time.strftime("%Y%m%dT%H%M%S")
 
 

@@ -7,7 +7,7 @@ or constraints would be silently ignored: this reads pip's own view of its
 configuration (`pip config list`) and passes it to uv as flags. A setting uv
 has no equivalent for makes it exit 3 with one line saying so (scripts/setup.sh
 then installs with pip). uv itself comes by pip (so pip's configuration applies
-to it), pinned where the hosts' is: disagg/packages.py `uv_package`.
+to it), pinned where the hosts' is: disagg/core/packages.py `uv_package`.
 Standard library only: it runs before the project is installed.
 """
 from __future__ import annotations
@@ -75,8 +75,8 @@ def uv_options(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
 
 
 def uv_pin() -> str:
-    m = re.search(r'"uv_package": "(uv==[^"]+)"', (ROOT / "disagg" / "packages.py").read_text())
-    assert m, "disagg/packages.py has no uv_package pin"
+    m = re.search(r'"uv_package": "(uv==[^"]+)"', (ROOT / "disagg" / "core" / "packages.py").read_text())
+    assert m, "disagg/core/packages.py has no uv_package pin"
     return m[1]
 
 

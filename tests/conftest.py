@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 @pytest.fixture(scope="session", autouse=True)
 def controller_state(tmp_path_factory):
-    """The controller's state (the deployments' CAs, disagg/pki.py) in a
+    """The controller's state (the deployments' CAs, disagg/core/pki.py) in a
     directory of this run's, not the user's (unless DISAGG_STATE_DIR says
     where: to keep it across runs on hosts kept up)."""
     if os.environ.get("DISAGG_STATE_DIR"):

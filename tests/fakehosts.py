@@ -17,8 +17,8 @@ from pyinfra.api.state import StateStage
 from pyinfra.connectors.fake import FakeConnector
 from pyinfra.context import ctx_host, ctx_inventory, ctx_state
 
-from disagg import hub
-from disagg.pyinfra_cli import unpatched
+from disagg.infra import hub
+from disagg.infra.pyinfra_cli import unpatched
 from hubserver import Hub
 
 unpatched()

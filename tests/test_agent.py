@@ -16,18 +16,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from disagg import pki, units
+from disagg.core import pki, units
 from disagg.agent import envfile, kv, layout, metrics, status as agent_status
 from disagg.agent.routerview import DiscoveryLog
 from disagg.agent.sync import discovery_message
-from disagg.load import Load
+from disagg.lab.load import Load
 
 # any printable password: quotes, spaces, $, a backslash, a number in front
 PASSWORD = '12 34;x "$HOME" \\`y` #z'
@@ -53,7 +52,7 @@ def until(predicate, timeout: float = 15, what: str = "condition") -> float:
 
 class Nats:
     """nats-server with JetStream, a password and TLS from a CA of
-    disagg/pki.py, configured by our template; stoppable and restartable on
+    disagg/core/pki.py, configured by our template; stoppable and restartable on
     the same port and store."""
 
     def __init__(self, tmp: Path):

@@ -6,10 +6,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from disagg import bench, extras
-from disagg.bench import Target, Traffic, aiperf_command
+from disagg.perf import bench, extras
+from disagg.perf.bench import Target, Traffic, aiperf_command
 from disagg.cli import main
-from disagg.topology import TopologyError
+from disagg.core.errors import HostError
 
 
 def pairs(cmd: list[str]) -> list[tuple[str, str]]:
@@ -56,7 +56,7 @@ def test_bench_needs_a_target_and_valid_concurrencies():
 
 
 def test_configuration_in_words():
-    from disagg.topology import Topology
+    from disagg.core.topology import Topology
 
     assert Topology.parse("context_tp2dp4_generate_tp8dp1").configuration == "4 x TP2 context + 1 x TP8 generate"
     assert Topology.parse("baseline_tp4dp2").configuration == "2 x TP4 aggregated"
@@ -81,7 +81,7 @@ def test_bench_refuses_a_router_that_serves_another_layout():
     url = f"http://127.0.0.1:{server.server_port}"
     try:
         bench.check_deployed(url, "baseline_tp1dp2", routed)  # matches: no error
-        with pytest.raises(TopologyError, match="routes to http://10.0.0.1:8100, http://10.0.0.1:8101, not to"):
+        with pytest.raises(HostError, match="routes to http://10.0.0.1:8100, http://10.0.0.1:8101, not to"):
             bench.check_deployed(url, "context_tp1dp2_generate_tp1dp1", ["http://10.0.0.1:8100", "http://10.0.0.2:8100"])
         # a router without /workers is not second-guessed
         bench.check_deployed("http://127.0.0.1:9", "baseline_tp1dp2", routed)

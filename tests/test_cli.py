@@ -4,6 +4,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from disagg.cli import main
+from disagg.core.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = str(ROOT / "inventories/h100.py")
@@ -86,7 +87,7 @@ def test_inventory_errors_name_the_field(tmp_path):
 
 def test_status_needs_an_inventory_or_a_nats_url():
     result = CliRunner().invoke(main, ["status"])
-    assert result.exit_code == 2 and "give -i INVENTORY, or --nats tls://HOST:PORT --ca FILE" in result.output
+    assert result.exit_code == UsageError.exit_code and "give -i INVENTORY, or --nats tls://HOST:PORT --ca FILE" in result.output
 
 
 def test_status_against_an_unreachable_nats_is_unknown_not_just_not_ready():

@@ -16,16 +16,18 @@ from hubserver import Hub
 
 from cryptography import x509
 from pyinfra.api import OperationError, StringCommand
+from pyinfra.api.exceptions import PyinfraError
 
-from disagg import pki
+from disagg.core import pki
 from disagg.agent import kv
-from disagg.hub import HubError, commit as hub_commit
-from disagg import settings as S
-from disagg.plan import load_inventory, make_plan
+from disagg.infra.hub import HubError, commit as hub_commit
+from disagg.core import settings as S
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
 from disagg.roles.ops import health_loop
-from disagg.topology import TopologyError
-from disagg.facts import ResolvedNames
-from disagg.units import firewall_files, host_units
+from disagg.core.errors import InventoryError, UsageError
+from disagg.infra.facts import ResolvedNames
+from disagg.core.units import firewall_files, host_units
 
 H100 = "inventories/h100.py"
 NODES = ("h100-node1", "h100-node2")
@@ -147,9 +149,10 @@ def test_max_unavailable_sizes_the_waves(caplog):
 
 
 def test_invalid_label_stops_before_any_host_is_touched():
-    with pytest.raises(TopologyError, match="generate tp16 needs 16 GPUs on one host") as e:
+    with pytest.raises(PyinfraError, match="generate tp16 needs 16 GPUs on one host") as e:
         plan_deploy(H100, "deploys/disagg.py", data={"label": "context_tp2dp4_generate_tp16dp1"},
                     responses=gpu_host_responses())
+    assert isinstance(e.value.__cause__, InventoryError)
     for host in NODES:
         assert e.value.planned.executed(host) == []
         assert e.value.planned.ops(host) == []
@@ -552,8 +555,10 @@ def test_a_running_firewall_is_reloaded_never_restarted():
 def test_a_limit_that_leaves_out_the_head_is_refused_before_any_change():
     """The head's registry sync routes only the workers its layout file
     names: a worker deployed with --limit and no head would never be routed."""
-    with pytest.raises(TopologyError, match=r"^--limit leaves out the head \(h100-node1\): .*; add --limit h100-node1$") as e:
+    # raised as pyinfra's own error, which its CLI prints as one line
+    with pytest.raises(PyinfraError, match=r"^--limit leaves out the head \(h100-node1\): .*; add --limit h100-node1$") as e:
         plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses(), limit=("h100-node2",))
+    assert isinstance(e.value.__cause__, UsageError)
     assert e.value.planned.commands("h100-node2") == []
     both = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses(), limit=("h100-node2", "h100-node1"))
     assert any(S.LAYOUT_FILE == path for path in both.uploads("h100-node1"))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from disagg import units
+from disagg.core import units
 from disagg.agent import envfile, kv
-from disagg.facts import EnvFileValue
+from disagg.infra.facts import EnvFileValue
 
 # the ones that broke a deploy (nats-server read them as a number or a list), and the quoting characters
 NASTY = ["123456", "x y", "12 34;x", 'a"b\\c', "$HOME", "`id`", "it's", "  padded  ", "#not a comment", "ünï", "1e5", "true"]

@@ -7,7 +7,7 @@ import subprocess
 
 from fakehosts import FIXTURES, fixture_output
 
-from disagg.facts import FileStates, UnitState, parse_driver_version, parse_pci, parse_query_gpu
+from disagg.infra.facts import FileStates, UnitState, parse_driver_version, parse_pci, parse_query_gpu
 from disagg.roles.nvidia_driver import skip_reason
 
 

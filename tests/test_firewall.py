@@ -1,16 +1,17 @@
-"""The firewall's rules from the placement (disagg/firewall.py): each port of
+"""The firewall's rules from the placement (disagg/core/nftables.py): each port of
 ours admitted from exactly the peers that need it, on the reference layout
 of inventories/h100.py. The e2e tests load them on real hosts."""
 
-from disagg import firewall
-from disagg.plan import load_inventory, make_plan
-from disagg.units import firewall_files, host_units
+from disagg.core import nftables
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
+from disagg.core.units import firewall_files, host_units
 
 H100 = "inventories/h100.py"
 
 
 def admitted(plan, host, admins=()):
-    return {port: set(r.sources) for r in firewall.rules(plan, host, admins) for port in r.ports}
+    return {port: set(r.sources) for r in nftables.rules(plan, host, admins) for port in r.ports}
 
 
 def test_each_port_is_admitted_from_its_peers_only():
@@ -49,7 +50,7 @@ def test_each_port_is_admitted_from_its_peers_only():
 
 def test_the_chain_drops_only_our_ports_and_keeps_families_apart():
     plan = make_plan(load_inventory(H100, override_data={"firewall_allow": ["fd00::/64", "10.9.0.0/16"]}))
-    lines = firewall.ruleset(plan, "h100-node1", ("10.0.0.5",))
+    lines = nftables.ruleset(plan, "h100-node1", ("10.0.0.5",))
     assert lines[0] == 'iif "lo" accept'
     s = plan.settings
     ours = sorted({s.nats_port, s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port,
@@ -76,10 +77,10 @@ def test_firewall_false_renders_no_rules_and_no_unit():
 def test_the_discovery_socket_takes_registrations_from_the_sync_user_only():
     plan = make_plan(load_inventory(H100))
     port = plan.settings.router_discovery_port
-    assert firewall.local_ruleset(plan, "h100-node1")[-1] == \
+    assert nftables.local_ruleset(plan, "h100-node1")[-1] == \
         f'oif "lo" tcp dport {port} meta skuid != "disagg-sync" counter reject with tcp reset'
-    assert firewall.local_ruleset(plan, "h100-node2") == []
+    assert nftables.local_ruleset(plan, "h100-node2") == []
     baseline = make_plan(load_inventory(H100), label_key="baseline_label")
-    assert firewall.local_ruleset(baseline, "h100-node1") == []  # no discovery socket
+    assert nftables.local_ruleset(baseline, "h100-node1") == []  # no discovery socket
     assert "chain output" in firewall_files(plan, "h100-node1")["/etc/disagg/firewall.nft"]
     assert "chain output" not in firewall_files(plan, "h100-node2")["/etc/disagg/firewall.nft"]

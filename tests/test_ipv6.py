@@ -1,5 +1,5 @@
 """An all-IPv6 inventory, planned and rendered: every host:port and URL in
-brackets (disagg/net.py), every bare address where a program takes one
+brackets (disagg/agent/net.py), every bare address where a program takes one
 (vLLM's --host, NIXL's side channel, vllm-router's --host), nftables rules in
 the ip6 family, and the router's own log of an IPv6 member read back as the
 worker's URL."""
@@ -7,11 +7,13 @@ worker's URL."""
 import pytest
 import yaml
 
-from disagg import net, pki
+from disagg.agent import net
+from disagg.core import pki
 from disagg.agent import targets
 from disagg.agent.routerview import DiscoveryLog
-from disagg.plan import load_inventory, make_plan
-from disagg.units import host_units
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
+from disagg.core.units import host_units
 
 CONTEXT, GENERATE, ADMIN = "fd00:213::11", "fd00:213::12", "fd00:213::5"
 
@@ -100,7 +102,7 @@ def test_scrape_targets_and_the_nats_certificate_for_ipv6(plan, tmp_path, monkey
 def test_disagg_top_shows_an_ipv6_prometheus_url_whole():
     from rich.console import Console
 
-    from disagg import top
+    from disagg.perf import top
 
     totals = dict.fromkeys((*top.LAYOUT_RULES, "ttft_p90_s", "frontdoor_4xx_per_s", "frontdoor_5xx_per_s"))
     snap = top.Snapshot("context_tp1dp2_generate_tp1dp1", [], totals, {"met": None, "ttft_ms": None, "tokens_per_user": 50})

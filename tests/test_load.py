@@ -6,7 +6,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from disagg.load import Load
+from disagg.lab.load import Load
 
 
 def test_ok_only_with_done_every_failure_counted_with_its_reason():

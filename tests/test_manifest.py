@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from disagg import manifest
-from disagg.facts import StagedTree
+from disagg.core import manifest
+from disagg.infra.facts import StagedTree
 
 
 def _tree(root, files):

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from disagg import dashboards, units
-from disagg import settings as S
-from disagg.facts import DeployedFiles
-from disagg.plan import load_inventory, make_plan
+from disagg.core import dashboards, units
+from disagg.core.errors import HostError, UsageError
+from disagg.core import settings as S
+from disagg.infra.facts import DeployedFiles
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
 
 H100 = "inventories/h100.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,17 +100,18 @@ def test_dashboards_command_writes_both(tmp_path):
     assert json.loads((tmp_path / "disagg-worker.json").read_text())["uid"] == "disagg-worker"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--once"], "give -i INVENTORY, or --prometheus URL --layout LABEL"),
-    (["-i", H100], "--json goes with --once"),
-    (["-i", H100, "--once", "--data"], "No such option"),
-    (["--prometheus", "http://127.0.0.1:9", "--layout", "x", "--once"], "Prometheus at http://127.0.0.1:9 does not answer"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--once"], "give -i INVENTORY, or --prometheus URL --layout LABEL", UsageError.exit_code),
+    (["-i", H100], "--json goes with --once", UsageError.exit_code),
+    (["-i", H100, "--once", "--data"], "No such option", 2),  # click's own
+    (["--prometheus", "http://127.0.0.1:9", "--layout", "x", "--once"], "Prometheus at http://127.0.0.1:9 does not answer",
+     HostError.exit_code),
 ])  # fmt: skip
-def test_top_says_what_is_missing_in_one_line(args, message):
+def test_top_says_what_is_missing_in_one_line(args, message, code):
     if args == ["-i", H100]:
         args = [*args, "--json"]
     out = subprocess.run([sys.executable, "-m", "disagg", "top", *args], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert out.returncode == code and message in out.stderr, out.stderr
 
 
 def test_top_on_a_loopback_prometheus_says_how_to_reach_it(tmp_path):
@@ -116,7 +119,7 @@ def test_top_on_a_loopback_prometheus_says_how_to_reach_it(tmp_path):
     inventory.write_text((ROOT / H100).read_text().replace('"label":', '"prometheus_listen": "loopback", "label":', 1))
     out = subprocess.run([sys.executable, "-m", "disagg", "top", "-i", str(inventory), "--once"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
-    assert out.returncode == 2
+    assert out.returncode == UsageError.exit_code
     assert "ssh -L 9090:127.0.0.1:9090 h100-node1" in out.stderr and "--prometheus http://127.0.0.1:9090" in out.stderr
 
 
@@ -135,7 +138,7 @@ def test_deployed_files_are_read_as_hashes_and_versions():
 
 
 def test_a_deploy_profile_sums_the_slowest_host_of_each_operation(tmp_path):
-    from disagg import profile
+    from disagg.infra import profile
 
     record = {"loaded": 100.0, "ended": 110.0, "operations": [
         {"name": "base | Install", "host": "h1", "start": 102.0, "seconds": 3.0, "ok": True},

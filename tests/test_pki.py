@@ -1,4 +1,4 @@
-"""The deployment's CA and NATS certificate on the controller (disagg/pki.py):
+"""The deployment's CA and NATS certificate on the controller (disagg/core/pki.py):
 kept, re-issued when the head's names change or the certificate nears its
 end, a new CA only on rotation; private files."""
 
@@ -7,7 +7,7 @@ import stat
 
 from cryptography import x509
 
-from disagg import pki
+from disagg.core import pki
 
 
 def cert(pem: str) -> x509.Certificate:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from fakehosts import fixture_output
 
-from disagg import preflight
-from disagg import settings as S
-from disagg.facts import PreflightFacts, parse_passwd, parse_query_gpu
-from disagg.plan import load_inventory, make_plan
+from disagg.infra import preflight
+from disagg.core import settings as S
+from disagg.infra.facts import PreflightFacts, parse_passwd, parse_query_gpu
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

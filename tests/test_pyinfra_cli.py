@@ -1,4 +1,4 @@
-"""disagg/pyinfra_cli.py plans exactly what pyinfra's own CLI plans: the same
+"""disagg/infra/pyinfra_cli.py plans exactly what pyinfra's own CLI plans: the same
 operations in the same order (their hashes come from the deploy code's line
 numbers, which the launcher reads without source context)."""
 
@@ -38,7 +38,7 @@ def _plan(module, deploy, cwd):
 def test_the_launcher_plans_the_same_operations_in_the_same_order(tmp_path):
     deploy = tmp_path / "deploy.py"
     deploy.write_text(DEPLOY)
-    ours = _plan("disagg.pyinfra_cli", deploy, tmp_path)
+    ours = _plan("disagg.infra.pyinfra_cli", deploy, tmp_path)
     assert ours == _plan("pyinfra", deploy, tmp_path)
     assert [name for _, name in ours] == ["first", "in a loop 0", "in a loop 1", "after the loop", "nested block",
                                           "in a loop 0", "after the loop"]  # fmt: skip
@@ -48,7 +48,8 @@ def test_loading_an_inventory_or_planning_leaves_the_stdlib_unpatched():
     # the controller's CLI and the tests run asyncio, threads and child processes: gevent's late patching aborts them
     check = textwrap.dedent("""
         import gevent.monkey
-        from disagg.plan import load_inventory, make_plan
+        from disagg.core.plan import make_plan
+        from disagg.infra.inventory import load_inventory
         from fakehosts import gpu_host_responses, plan_deploy
         make_plan(load_inventory("inventories/h100.py"), "context_tp2dp4_generate_tp8dp1")
         assert plan_deploy("inventories/h100.py", "deploys/disagg.py", responses=gpu_host_responses()).commands("h100-node1")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from disagg import results
-from disagg.report import frontier, pick, report
-from disagg.results import Point
-from disagg.topology import TopologyError
+from disagg.perf import results
+from disagg.perf.report import frontier, pick, report
+from disagg.perf.results import Point
+from disagg.core.errors import UsageError
 
 RECORDED = Path(__file__).resolve().parent / "fixtures" / "aiperf"
 LABELS = {"context_tp1dp2_generate_tp1dp1": 3, "baseline_tp1dp2": 2}
@@ -70,7 +70,7 @@ def test_a_failed_run_is_marked_and_the_rest_kept(tmp_path):
 def test_a_run_under_another_labels_directory_is_refused(tmp_path):
     run = recorded_runs()["baseline_tp1dp2"]
     shutil.copytree(run, tmp_path / "context_tp1dp2_generate_tp1dp1" / run.name)
-    with pytest.raises(TopologyError, match="recorded for label 'baseline_tp1dp2' but lies under"):
+    with pytest.raises(UsageError, match="recorded for label 'baseline_tp1dp2' but lies under"):
         results.load_run(tmp_path / "context_tp1dp2_generate_tp1dp1" / run.name)
 
 
@@ -152,7 +152,7 @@ def test_a_label_measured_on_two_deployments_is_refused_unless_split(tmp_path):
     a = _with_deployment(tmp_path, "a", run, "1f53091d41c91954")
     b = _with_deployment(tmp_path, "b", run, "77aa00bb11cc22dd")
     assert {r["deployment"] for r in results.load_run(a)} == {"1f53091d41c91954"}
-    with pytest.raises(TopologyError, match=rf"{label} was measured on 2 different deployments "
+    with pytest.raises(UsageError, match=rf"{label} was measured on 2 different deployments "
                                             r"\(1f53091d41c91954, 77aa00bb11cc22dd\).*--split-deployments"):
         report([a, b], tmp_path / "out", None, None)
     summary = report([a, b], tmp_path / "out", 1.0, None, split_deployments=True)

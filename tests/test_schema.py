@@ -9,8 +9,10 @@ from click.testing import CliRunner
 from fakehosts import gpu_host_responses, plan_deploy
 
 from disagg.cli import main
-from disagg.plan import check_inventory, load_inventory, make_plan
-from disagg.schema import SchemaError
+from disagg.core.plan import check_inventory, make_plan
+from disagg.infra.inventory import load_inventory
+from disagg.core.schema import SchemaError
+from pyinfra.api.exceptions import PyinfraError
 
 H100 = "inventories/h100.py"
 NODES = ("h100-node1", "h100-node2")
@@ -161,7 +163,9 @@ def test_check_passes_the_shipped_inventories():
 
 @pytest.mark.parametrize("data", [{"gpus": True}, {"hf_token": "t\nLD_PRELOAD=/x.so"}, {"extra_args": [None]}])
 def test_a_deploy_with_bad_data_touches_no_host(data):
-    with pytest.raises(SchemaError) as e:
+    # raised as pyinfra's own error, which its CLI prints as one line
+    with pytest.raises(PyinfraError) as e:
         plan_deploy(H100, "deploys/disagg.py", data=data, responses=gpu_host_responses())
+    assert isinstance(e.value.__cause__, SchemaError)
     for host in NODES:
         assert e.value.planned.executed(host) == [] and e.value.planned.ops(host) == []

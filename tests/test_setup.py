@@ -68,5 +68,5 @@ def test_a_setting_uv_cannot_take_falls_back_to_pip_before_anything_is_installed
 
 
 def test_uv_is_pinned_where_the_hosts_is():
-    from disagg.packages import DEFAULTS
+    from disagg.core.packages import DEFAULTS
     assert uv_install.uv_pin() == DEFAULTS["uv_package"]

@@ -6,8 +6,9 @@ import json
 import subprocess
 import sys
 
-from disagg import results
-from disagg.sweep import complete_run, label_key
+from disagg.core.errors import InventoryError
+from disagg.perf import results
+from disagg.perf.sweep import complete_run, label_key
 
 
 def _run(root, label, run_id, runs):
@@ -38,6 +39,6 @@ def test_an_unplaceable_label_stops_the_sweep_before_any_deploy(tmp_path):
          "--labels", "baseline_tp1dp2,context_tp1dp5_generate_tp1dp1"],
         capture_output=True, text=True,
     )  # fmt: skip
-    assert out.returncode == 2
+    assert out.returncode == InventoryError.exit_code
     assert out.stderr.startswith("error: label 'context_tp1dp5_generate_tp1dp1': context_tp1dp5 needs 5 groups")
     assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from disagg import testhosts
+from disagg.lab import testhosts
 
 
 def test_a_recorded_pid_is_signalled_only_while_it_is_our_nspawn(tmp_path):

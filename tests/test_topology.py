@@ -1,6 +1,7 @@
 import pytest
 
-from disagg.topology import Cluster, Host, Ports, Topology, TopologyError, place
+from disagg.core.errors import InventoryError
+from disagg.core.topology import Cluster, Host, Ports, Topology, place
 
 
 def cluster(groups: dict[str, list[str]], gpus: dict[str, int], head: str | None = None) -> Cluster:
@@ -38,7 +39,7 @@ def test_label_fields():
      "context_tp02dp4_generate_tp8dp1", "context_tpXdp4_generate_tp8dp1", "Baseline_tp4dp2"],
 )  # fmt: skip
 def test_malformed_labels(label):
-    with pytest.raises(TopologyError, match="malformed: expected context_tp<T>dp<D>_generate"):
+    with pytest.raises(InventoryError, match="malformed: expected context_tp<T>dp<D>_generate"):
         Topology.parse(label)
 
 
@@ -49,7 +50,7 @@ def test_malformed_labels(label):
      ("context_tp2dp4_generate_tp0dp1", "generate tp0 is invalid, tp must be >= 1")],
 )  # fmt: skip
 def test_zero_sizes(label, message):
-    with pytest.raises(TopologyError, match=message):
+    with pytest.raises(InventoryError, match=message):
         Topology.parse(label)
 
 
@@ -76,7 +77,7 @@ def test_one_host_in_both_groups_shares_its_gpus():
         ("context", (0, 1)), ("context", (2, 3)), ("generate", (4, 5, 6, 7))
     ]  # fmt: skip
     assert len({w.http_port for w in workers}) == 3
-    with pytest.raises(TopologyError, match="generate_tp8dp1 needs 1 groups of 8 GPUs"):
+    with pytest.raises(InventoryError, match="generate_tp8dp1 needs 1 groups of 8 GPUs"):
         place(Topology.parse("context_tp2dp2_generate_tp8dp1"), one)
 
 
@@ -98,7 +99,7 @@ def test_baseline_defaults_to_context_hosts_and_honours_its_group():
 
 
 def test_tp_larger_than_a_host():
-    with pytest.raises(TopologyError) as e:
+    with pytest.raises(InventoryError) as e:
         place(Topology.parse("context_tp2dp4_generate_tp16dp1"), TWO_NODES)
     message = str(e.value)
     assert "generate tp16" in message and "at most 8 GPUs per host" in message
@@ -106,14 +107,14 @@ def test_tp_larger_than_a_host():
 
 
 def test_not_enough_gpus_in_group():
-    with pytest.raises(TopologyError, match=r"context_tp2dp8 needs 8 groups of 2 GPUs \(16 GPUs\) "
+    with pytest.raises(InventoryError, match=r"context_tp2dp8 needs 8 groups of 2 GPUs \(16 GPUs\) "
                        r"in group 'context', which has room for 4.*add hosts to group 'context'"):
         place(Topology.parse("context_tp2dp8_generate_tp8dp1"), TWO_NODES)
 
 
 def test_empty_group():
     no_generate = cluster({"context": ["n1"]}, {"n1": 8})
-    with pytest.raises(TopologyError, match="group 'generate' has no hosts; add the hosts"):
+    with pytest.raises(InventoryError, match="group 'generate' has no hosts; add the hosts"):
         place(Topology.parse("context_tp2dp4_generate_tp8dp1"), no_generate)
 
 
@@ -124,21 +125,21 @@ def test_empty_group():
      (Ports(nats=5603), "5603 is both nats_port and context-1 nixl_port")],
 )  # fmt: skip
 def test_port_clash(ports, clash):
-    with pytest.raises(TopologyError, match=f"port clash on host 'n1': {clash}; change"):
+    with pytest.raises(InventoryError, match=f"port clash on host 'n1': {clash}; change"):
         place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, ports)
 
 
 def test_port_out_of_range():
-    with pytest.raises(TopologyError, match="port 65536 of context-1 http_port .* out of range"):
+    with pytest.raises(InventoryError, match="port 65536 of context-1 http_port .* out of range"):
         place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(http_base=65535))
 
 
 def test_no_port_of_ours_inside_ucx_range_on_a_worker_host():
-    with pytest.raises(TopologyError, match=r"port clash on host 'n1': 20500 of context-0 http_port is inside "
+    with pytest.raises(InventoryError, match=r"port clash on host 'n1': 20500 of context-0 http_port is inside "
                                             r"UCX's port range 20000-20999; change ucx_port_base"):  # fmt: skip
         place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(http_base=20500))
     # moved away, or an aggregated layout (no UCX): fine
     place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(http_base=20500, ucx_base=40000))
     place(Topology.parse("baseline_tp4dp2"), TWO_NODES, Ports(http_base=20500))
-    with pytest.raises(TopologyError, match="UCX's port range 65000-65999 is out of 1..65535"):
+    with pytest.raises(InventoryError, match="UCX's port range 65000-65999 is out of 1..65535"):
         place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(ucx_base=65000))

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from disagg import settings as S
-from disagg.plan import load_inventory, make_plan
-from disagg.units import exec_start, host_units, systemd_arg, vllm_plugin_files
+from disagg.core import settings as S
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
+from disagg.core.units import exec_start, host_units, systemd_arg, vllm_plugin_files
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = Path(__file__).resolve().parent / "expected"
@@ -165,7 +166,7 @@ def test_vllm_plugin_in_disaggregated_workers_progress_thread_off_where_data_say
 
 
 def test_vllm_plugin_patches_only_the_releases_it_was_written_for(tmp_path, monkeypatch, caplog):
-    from disagg import vllm_plugin
+    from disagg.agent import vllm_plugin
 
     # nixl's Python API as vllm_plugin reaches into it (nixl 1.5.1: nixl/_api.py)
     (tmp_path / "nixl").mkdir()

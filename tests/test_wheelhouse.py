@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from fakehosts import plan_deploy
 
-from disagg import packages, preflight, wheelhouse
-from disagg.facts import PreflightFacts
-from disagg.plan import load_inventory, make_plan
-from disagg.wheelhouse import Platform, parse_platform
+from disagg.core import packages
+from disagg.infra import preflight, wheelhouse
+from disagg.infra.facts import PreflightFacts
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
+from disagg.infra.wheelhouse import Platform, parse_platform
 
 # facts.PLATFORM_COMMAND as the Debian 12 test hosts answered it
 DEBIAN12_X86 = "x86_64 3.11 2.36"

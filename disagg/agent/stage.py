@@ -5,7 +5,7 @@ endpoint from HF_ENDPOINT, the token from HF_TOKEN in the root-only env
 file, read as data). Every file is then checked against the checksums the hub lists (LFS
 files by sha256, others by their git blob sha1); one that fails is fetched
 again once. Last, the commit and the manifest are written beside the
-directory (`<dest>.commit`, `<dest>.manifest.json`, as disagg/manifest.py
+directory (`<dest>.commit`, `<dest>.manifest.json`, as disagg/core/manifest.py
 reads them): a re-run for that commit with that stamp in place and no file
 changed since is a no-op."""
 
@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 from disagg.agent import envfile

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .. import net
+from . import net
 from . import kv
 
 WORKERS = "workers.json"

@@ -10,14 +10,16 @@ input or a failed preflight stops here, before any host is changed."""
 
 from pyinfra import inventory
 
-from disagg import profile
-from disagg.plan import make_plan
+from disagg.infra import profile
+from disagg.infra.pyinfra_cli import as_pyinfra_errors
+from disagg.core.plan import make_plan
 from disagg.roles import connection
-from disagg.roles.preflight import gate
+from disagg.roles.gate import gate
 from disagg.roles.serving import converge
 
 connection.no_delay()
 profile.attach()
-plan = make_plan(inventory, label_key="label")
-gate(plan)
-converge(plan)
+with as_pyinfra_errors():
+    plan = make_plan(inventory, label_key="label")
+    gate(plan)
+    converge(plan)

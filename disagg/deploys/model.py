@@ -8,8 +8,9 @@ deploys/disagg.py does before its workers start. Nothing is started.
 
 from pyinfra import host, inventory
 
-from disagg import profile
-from disagg.plan import make_plan
+from disagg.infra import profile
+from disagg.infra.pyinfra_cli import as_pyinfra_errors
+from disagg.core.plan import make_plan
 from disagg.roles import connection
 from disagg.roles.base import base
 from disagg.roles.model import model
@@ -17,8 +18,9 @@ from disagg.roles.vllm import vllm
 
 connection.no_delay()
 profile.attach()
-plan = make_plan(inventory, label_key="label")
-if plan.workers_on(host.name):
-    base(also=tuple(host.data.get("vllm_system_packages") or ()))
-    vllm(plan)
-    model(plan)
+with as_pyinfra_errors():
+    plan = make_plan(inventory, label_key="label")
+    if plan.workers_on(host.name):
+        base(also=tuple(host.data.get("vllm_system_packages") or ()))
+        vllm(plan)
+        model(plan)

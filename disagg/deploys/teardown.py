@@ -7,7 +7,7 @@ in their unit file), so other processes on the hosts keep running."""
 
 from pyinfra import host
 
-from disagg import profile
+from disagg.infra import profile
 from disagg.roles import connection
 from disagg.roles.teardown import teardown
 

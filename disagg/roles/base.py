@@ -4,7 +4,7 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt
 
-from disagg import settings as S
+from disagg.core import settings as S
 from disagg.roles.ops import directories, service_user
 
 DEFAULTS = {

@@ -17,12 +17,12 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
-from disagg import pki
-from disagg import settings as S
-from disagg import units
+from disagg.core import pki
+from disagg.core import settings as S
+from disagg.core import units
 from disagg.agent import envfile, kv
-from disagg.facts import EnvFileValue
-from disagg.plan import Plan
+from disagg.infra.facts import EnvFileValue
+from disagg.core.plan import Plan
 from disagg.roles.ops import secret_file
 
 DEFAULTS = {

@@ -15,7 +15,7 @@ from pyinfra.api import deploy
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt
 
-from disagg.plan import Plan
+from disagg.core.plan import Plan
 from disagg.roles.nvidia_driver import driver_services, gpu_host_skip_reason
 
 DEFAULTS = {

@@ -1,4 +1,4 @@
-"""nftables on every host of the layout: the rules disagg/firewall.py makes
+"""nftables on every host of the layout: the rules disagg/core/nftables.py makes
 from the placement, in our own table, loaded by a oneshot unit (so they
 come back at boot). With data firewall=false nothing is installed, and a
 unit from an earlier deploy is pruned like any other: its stop deletes our
@@ -7,11 +7,11 @@ table and no other."""
 from pyinfra import host
 from pyinfra.api import OperationError, deploy, operation
 
-from disagg import settings as S
-from disagg import units
-from disagg.facts import CommandSucceeds, ControllerAddress, ResolvedNames
-from disagg.firewall import TABLE, names as address_names
-from disagg.plan import Plan
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.infra.facts import CommandSucceeds, ControllerAddress, ResolvedNames
+from disagg.core.nftables import TABLE, names as address_names
+from disagg.core.plan import Plan
 from disagg.roles.ops import put_unit_apart, unit_running
 
 # installed with the base packages (one apt run)

@@ -12,12 +12,12 @@ from pathlib import Path
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from disagg import pki
-from disagg import settings as S
-from disagg import units
-from disagg.plan import Plan
+from disagg.core import pki
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.core.plan import Plan
 from disagg.roles.ops import commands_if_changed, directories, put_unit_apart, secret_file, service_user, unit_running, wait_healthy
-from disagg.topology import TopologyError
+from disagg.core.errors import InventoryError
 
 PACKAGES = ("haproxy",)
 DISTRO_UNIT = ("haproxy.service", "/usr/sbin/haproxy")
@@ -31,7 +31,7 @@ def client_tls(plan: Plan) -> str | None:
         try:
             return Path(s.client_tls_cert).read_text() + Path(s.client_tls_key).read_text()
         except OSError as e:
-            raise TopologyError(f"inventory data 'client_tls_cert'/'client_tls_key': cannot read {e.filename} "
+            raise InventoryError(f"inventory data 'client_tls_cert'/'client_tls_key': cannot read {e.filename} "
                                 f"on this controller ({e.strerror}); give PEM files this controller reads") from None  # fmt: skip
     if s.client_tls_names:
         bundle = pki.ensure(plan.cluster.head, list(s.client_tls_names), server="frontdoor")

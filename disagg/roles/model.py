@@ -12,10 +12,10 @@ from pyinfra.api import OperationError, operation
 from pyinfra.api.deploy import deploy
 from pyinfra.context import ctx_state
 
-from disagg import hub
-from disagg import settings as S
-from disagg.facts import StagedTree
-from disagg.plan import Plan
+from disagg.infra import hub
+from disagg.core import settings as S
+from disagg.infra.facts import StagedTree
+from disagg.core.plan import Plan
 from disagg.roles.ops import directories
 from disagg.roles.transfer import made_safe, root_only, tree_pushed
 

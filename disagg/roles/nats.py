@@ -8,10 +8,10 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from disagg import packages
-from disagg import settings as S
-from disagg import units
-from disagg.plan import Plan
+from disagg.core import packages
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.core.plan import Plan
 from disagg.roles.credentials import nats_certificate_files, nats_key, nats_server_auth
 from disagg.roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
 

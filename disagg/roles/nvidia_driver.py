@@ -12,7 +12,7 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import apt, files, server
 
-from disagg.facts import NvidiaDriverLoaded
+from disagg.infra.facts import NvidiaDriverLoaded
 from disagg.roles.ops import commands_if_changed
 
 DEFAULTS = {

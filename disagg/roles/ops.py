@@ -15,14 +15,13 @@ from pyinfra.api import OperationError, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
-from disagg.packages import pinned
-from disagg.preflight import check_accounts
-from disagg import settings as S
-from disagg import units
-from disagg.agent import envfile
-from disagg.facts import (CommandSucceeds, DirectoryStates, FileStates, HostPlatform, HttpStatus, ManagedUnits,
+from disagg.core.packages import pinned
+from disagg.infra.preflight import check_accounts
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.infra.facts import (CommandSucceeds, DirectoryStates, FileStates, HostPlatform, HttpStatus, ManagedUnits,
                           PasswdEntry, UnitState, VenvPackages)
-from disagg.wheelhouse import ensure as wheelhouse_ensure
+from disagg.infra.wheelhouse import ensure as wheelhouse_ensure
 from disagg.roles.transfer import not_a_directory, tree_pushed
 
 WHEELHOUSE = f"{S.OPT_DIR}/wheelhouse"

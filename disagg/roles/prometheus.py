@@ -9,9 +9,9 @@ left alone."""
 
 from pyinfra.api import deploy
 
-from disagg import settings as S
-from disagg import units
-from disagg.plan import Plan
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.core.plan import Plan
 from disagg.roles.ops import commands_if_changed, directories, put_files, service_user, unit_running, wait_healthy
 
 PACKAGES = ("prometheus",)

@@ -14,11 +14,12 @@ from pyinfra.api import deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
-from disagg import net, packages
-from disagg import settings as S
-from disagg import units
-from disagg.facts import CommandSucceeds
-from disagg.plan import Plan
+from disagg.agent import net
+from disagg.core import packages
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.infra.facts import CommandSucceeds
+from disagg.core.plan import Plan
 from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, heartbeat_passwords, nats_password, sync_password
 from disagg.roles.ops import directories, put_files, python_packages, unit_running
 

@@ -6,10 +6,10 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
-from disagg import packages
-from disagg import settings as S
-from disagg import units
-from disagg.plan import Plan
+from disagg.core import packages
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.core.plan import Plan
 from disagg.roles.ops import put_files, python_packages, unit_running, wait_healthy
 
 DEFAULTS = {"router_package": packages.DEFAULTS["router_package"]}

@@ -3,9 +3,9 @@ for the disaggregated and the baseline layout both follow it."""
 
 from pyinfra import host
 
-from disagg import settings as S
-from disagg.facts import NvidiaPciDevices
-from disagg.plan import Plan
+from disagg.core import settings as S
+from disagg.infra.facts import NvidiaPciDevices
+from disagg.core.plan import Plan
 from disagg.roles.base import base
 from disagg.roles.credentials import api_key
 from disagg.roles.dcgm import dcgm

@@ -9,8 +9,8 @@ Nothing else on the host is stopped."""
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from disagg import settings as S
-from disagg import units
+from disagg.core import settings as S
+from disagg.core import units
 from disagg.roles.firewall import table_absent
 from disagg.roles.frontdoor import DISTRO_UNIT as HAPROXY_UNIT
 from disagg.roles.ops import distro_unit_unmasked, prune_units, service_user_absent

@@ -1,5 +1,5 @@
 """Pushing a directory from the controller: only the files a host lacks
-(by the manifest, disagg/manifest.py), as one tar stream over the host's
+(by the manifest, disagg/core/manifest.py), as one tar stream over the host's
 SSH connection, verified by sha256 on the host and stamped. The stream's
 `tar -x` runs as every command of the operation does (pyinfra's `_sudo`,
 `_sudo_user`, `_su_user`, ... applied by pyinfra itself)."""
@@ -16,8 +16,8 @@ from pyinfra.api import FileUploadCommand, OperationError, QuoteString, StringCo
 from pyinfra.api.command import PyinfraCommand
 from pyinfra.connectors.util import extract_control_arguments, make_unix_command_for_host
 
-from disagg import manifest
-from disagg.facts import StagedTree
+from disagg.core import manifest
+from disagg.infra.facts import StagedTree
 
 
 @operation()

@@ -7,10 +7,10 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
-from disagg import packages
-from disagg import settings as S
-from disagg.plan import Plan
-from disagg import units
+from disagg.core import packages
+from disagg.core import settings as S
+from disagg.core.plan import Plan
+from disagg.core import units
 from disagg.agent import envfile
 from disagg.roles.ops import commands_if_changed, directories, put_files, python_packages, secret_file
 

@@ -11,10 +11,10 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
-from disagg import settings as S
-from disagg import units
-from disagg.plan import Plan
-from disagg.topology import Worker
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.core.plan import Plan
+from disagg.core.topology import Worker
 from disagg.roles.ops import Rolling, put_files, roll, unit_running, wait_healthy
 from disagg.roles.registry import runtime_files
 

@@ -16,9 +16,10 @@ import os
 import pytest
 from pyinfra_cli.util import parse_cli_arg
 
-from disagg import testhosts, tinymodel
-from disagg.deploy import run_deploy
-from disagg.plan import load_inventory, make_plan
+from disagg.lab import testhosts, tinymodel
+from disagg.infra.launch import run_deploy
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
 
 INVENTORY = "inventories/local.py"
 _TIMINGS: dict[str, float] = {}

@@ -15,12 +15,13 @@ import urllib.request
 
 import pytest
 
-from disagg import kvtransfer, smoke
-from disagg import settings as S
+from disagg.perf import kvtransfer
+from disagg.lab import smoke
+from disagg.core import settings as S
 from disagg.agent import kv
-from disagg.deploy import run_deploy
-from disagg.load import Load
-from disagg.testhosts import ssh
+from disagg.infra.launch import run_deploy
+from disagg.lab.load import Load
+from disagg.lab.testhosts import ssh
 
 pytestmark = pytest.mark.e2e
 

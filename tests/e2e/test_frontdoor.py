@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-from disagg import pki, smoke, testhosts
-from disagg import settings as S
-from disagg.deploy import run_deploy
-from disagg.load import Load
-from disagg.testhosts import ssh
+from disagg.core import pki
+from disagg.lab import smoke, testhosts
+from disagg.core import settings as S
+from disagg.infra.launch import run_deploy
+from disagg.lab.load import Load
+from disagg.lab.testhosts import ssh
 
 pytestmark = pytest.mark.e2e
 

@@ -22,13 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from disagg import kvtransfer, manifest, pki, results, smoke, testhosts
-from disagg import settings as S
+from disagg.perf import kvtransfer, results
+from disagg.core import manifest, pki
+from disagg.lab import smoke, testhosts
+from disagg.core import settings as S
 from disagg.agent import envfile, kv
-from disagg.deploy import DeployError, run_deploy
-from disagg.load import Load
-from disagg.plan import load_inventory, make_plan
-from disagg.testhosts import ssh
+from disagg.infra.launch import DeployError, run_deploy
+from disagg.lab.load import Load
+from disagg.core.plan import make_plan
+from disagg.infra.inventory import load_inventory
+from disagg.lab.testhosts import ssh
 
 pytestmark = pytest.mark.e2e
 
@@ -138,7 +141,7 @@ print(len(os.listdir("/proc/self/task")), round(time.process_time() - cpu, 2))
 
 def test_nixl_progress_thread_is_off_where_data_says(deployment, figures):
     """inventories/local.py turns NIXL's busy-polling progress thread off
-    (disagg/vllm_plugin.py): every worker's engine loaded the plugin, and a
+    (disagg/agent/vllm_plugin.py): every worker's engine loaded the plugin, and a
     NIXL agent made under vLLM's plugin loader has one thread fewer."""
     plan = deployment.ensure()
     assert plan.engine_plugin
@@ -474,7 +477,7 @@ def test_rules_that_fail_to_load_leave_the_old_ones_and_a_rerun_mends_them(deplo
 
 
 def test_rerun_changes_nothing(deployment, timings, figures, tmp_path):
-    from disagg import profile
+    from disagg.infra import profile
 
     plan = deployment.ensure()
     units = plan.units_on(plan.cluster.head)
@@ -701,7 +704,7 @@ def test_alerting_rules_fire_as_promtool_tests_say_and_read_what_the_sync_export
 
 
 def test_every_dashboard_panel_and_top_show_the_layout_under_load(deployment, figures):
-    from disagg import dashboards
+    from disagg.core import dashboards
 
     plan = deployment.ensure()
     empty, skipped, seen = [], [], {}

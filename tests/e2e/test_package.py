@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from disagg import testhosts
-from disagg.plan import load_inventory
+from disagg.lab import testhosts
+from disagg.infra.inventory import load_inventory
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,65 @@
+"""Asking hosts from the controller outside a deploy (status, preflight,
+fingerprint) the way a deploy asks them: pyinfra's connections, facts and
+shell commands with the inventory's own SSH settings, every host at once
+(greenlets, as pyinfra's own host work; its contexts are greenlet-local)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def connected(inventory) -> Iterator:
+    """A pyinfra State over inventory; every host it connected is
+    disconnected at the end."""
+    from pyinfra.api import Config, State
+
+    # pyinfra warns about host keys of inventories that do not check them
+    logging.getLogger("pyinfra").setLevel(logging.ERROR)
+    state = State(inventory, Config())
+    try:
+        yield state
+    finally:
+        for host in inventory:
+            host.disconnect()
+
+
+def fact(state, name: str, cls, **kwargs):
+    """pyinfra fact cls of host name."""
+    from pyinfra.api.facts import get_fact
+    from pyinfra.context import ctx_host, ctx_state
+
+    host = state.inventory.get_host(name)
+    with ctx_state.use(state), ctx_host.use(host):
+        return get_fact(state, host, cls, kwargs=kwargs)
+
+
+def facts(state, names: Iterable[str], cls, kwargs: Callable[[str], dict]) -> dict:
+    """{name: fact cls of that host}, read from every host at once."""
+    import gevent
+
+    reads = {name: gevent.spawn(fact, state, name, cls, **kwargs(name)) for name in names}
+    gevent.joinall(list(reads.values()), raise_error=True)
+    return {name: g.value for name, g in reads.items()}
+
+
+def shell(state, name: str, command: str) -> tuple[bool, str]:
+    """(succeeded, stdout) of a shell command on host name."""
+    from pyinfra.api import StringCommand
+    from pyinfra.context import ctx_host, ctx_state
+
+    host = state.inventory.get_host(name)
+    with ctx_state.use(state), ctx_host.use(host):
+        ok, output = host.run_shell_command(StringCommand(command), print_output=False, print_input=False)
+    return ok, "\n".join(output.stdout_lines) if ok else ""
+
+
+def in_parallel(calls: list[tuple[Callable, tuple]]) -> list:
+    """The results of calls [(function, args)], run at once."""
+    import gevent
+
+    greenlets = [gevent.spawn(f, *args) for f, args in calls]
+    gevent.joinall(greenlets, raise_error=True)
+    return [g.value for g in greenlets]
