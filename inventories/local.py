@@ -49,15 +49,20 @@ all = (
         "extra_args": ["--enforce-eager", "--load-format", "dummy", "--distributed-executor-backend", "uni"],
         # one OpenMP thread each, bound to no core: several engines share the
         # test machine's cores, and bound spinning threads starve the others
-        "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                       "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                       "UCX_TLS": "tcp,self",
-                       # a link cut leaves data unacknowledged, and TCP backs its
-                       # retries off for minutes: transfers posted after the link
-                       # is back queued behind them for 10-20 s. Closing such a
-                       # socket makes NIXL mark the peer disconnected, and it is
-                       # handshaken again on a fresh connection (vllm_plugin.py)
-                       "UCX_TCP_USER_TIMEOUT": "10s"},
+        "engine_env": {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "UCX_TLS": "tcp,self",
+            # a link cut leaves data unacknowledged, and TCP backs its
+            # retries off for minutes: transfers posted after the link
+            # is back queued behind them for 10-20 s. Closing such a
+            # socket makes NIXL mark the peer disconnected, and it is
+            # handshaken again on a fresh connection (vllm_plugin.py)
+            "UCX_TCP_USER_TIMEOUT": "10s",
+        },
         # NIXL on CPU: the KV cache registered as host memory, UCX over TCP
         "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"},
         # NIXL's progress thread busy-polls a core per engine: the test

@@ -48,17 +48,22 @@ def main() -> int:
         print("the front door speaks TLS here: measure on a layout without client_tls_*", file=sys.stderr)
         return 2
     s = plan.settings
-    body = json.dumps({"model": s.served_name or s.model, "messages": [{"role": "user", "content": "Hi."}],
-                       "max_tokens": 1})  # fmt: skip
+    body = json.dumps(
+        {"model": s.served_name or s.model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 1}
+    )
     key = next(iter(s.client_api_keys), None)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    conns = {name: http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-             for name, u in (("router", urllib.parse.urlsplit(plan.router_internal_url)),
-                             ("front door", urllib.parse.urlsplit(plan.router_url)))}  # fmt: skip
+    conns = {
+        name: http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        for name, u in (
+            ("router", urllib.parse.urlsplit(plan.router_internal_url)),
+            ("front door", urllib.parse.urlsplit(plan.router_url)),
+        )
+    }
     times: dict[str, list[float]] = {name: [] for name in conns}
     for i in range(args.requests + 20):
         # alternate which goes first, so that neither always meets a warmer engine
-        for name in (list(conns) if i % 2 else list(reversed(conns))):
+        for name in list(conns) if i % 2 else list(reversed(conns)):
             t = timed(conns[name], body, headers)
             if i >= 20:
                 times[name].append(t)
@@ -66,8 +71,10 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"label": plan.label, "requests": args.requests, "seconds": times}, indent=1))
     for name, values in (*times.items(), ("added by the front door (paired)", added)):
-        print(f"{name:34s} p50 {percentile(values, 50) * 1000:7.2f} ms   p99 {percentile(values, 99) * 1000:7.2f} ms"
-              f"   mean {statistics.fmean(values) * 1000:7.2f} ms")  # fmt: skip
+        print(
+            f"{name:34s} p50 {percentile(values, 50) * 1000:7.2f} ms   p99 {percentile(values, 99) * 1000:7.2f} ms"
+            f"   mean {statistics.fmean(values) * 1000:7.2f} ms"
+        )
     print(f"raw times: {args.out}")
     return 0
 

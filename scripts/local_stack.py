@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from disagg.infra import profile
-from disagg.lab import smoke, testhosts, tinymodel
-from disagg.infra.launch import DeployError, run_deploy
 from disagg.core.plan import make_plan
+from disagg.infra import profile
 from disagg.infra.inventory import load_inventory
+from disagg.infra.launch import DeployError, run_deploy
+from disagg.lab import smoke, testhosts, tinymodel
 
 ROOT = Path(__file__).resolve().parent.parent
 # each deploy's profile (disagg/infra/profile.py), kept
@@ -28,8 +28,11 @@ PROFILES = ROOT / "results" / "profiles" / time.strftime("%Y%m%dT%H%M%S")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="leave the hosts and the deployment running")
-    parser.add_argument("--inventory", default="inventories/local.py",
-                        help="the test hosts' inventory: local.py, or local-ipv6.py (the same over IPv6)")
+    parser.add_argument(
+        "--inventory",
+        default="inventories/local.py",
+        help="the test hosts' inventory: local.py, or local-ipv6.py (the same over IPv6)",
+    )
     args = parser.parse_args()
     keep, inventory = args.keep, args.inventory
     hosts = testhosts.TestHosts(2)
@@ -45,8 +48,10 @@ def main() -> int:
         run = run_deploy(inventory, "deploys/disagg.py", progress=True, profile=PROFILES / "first-deploy.json")
         timings["bare hosts to serving"] = run.seconds
         answer = smoke.chat(plan.router_url, plan.settings.model, 16)
-        print(f"--> {plan.router_url}/v1/chat/completions answered {answer['completion_tokens']} tokens: "
-              f"{answer['text']!r} (random weights: gibberish)")
+        print(
+            f"--> {plan.router_url}/v1/chat/completions answered {answer['completion_tokens']} tokens: "
+            f"{answer['text']!r} (random weights: gibberish)"
+        )
         print("--> the control plane's view (disagg status)", flush=True)
         subprocess.run([sys.executable, "-m", "disagg", "status", "-i", inventory], check=True)
         rerun = run_deploy(inventory, "deploys/disagg.py", profile=PROFILES / "no-op-rerun.json")

@@ -7,9 +7,10 @@ or constraints would be silently ignored: this reads pip's own view of its
 configuration (`pip config list`) and passes it to uv as flags. A setting uv
 has no equivalent for makes it exit 3 with one line saying so (scripts/setup.sh
 then installs with pip). uv itself comes by pip (so pip's configuration applies
-to it), pinned where the hosts' is: disagg/core/packages.py `uv_package`.
+to it), pinned where the hosts' is: disagg/core/settings.py `PINS`.
 Standard library only: it runs before the project is installed.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,15 +25,36 @@ ROOT = Path(__file__).resolve().parent.parent
 # pip's precedence for `pip install`: PIP_* variables, then [install], then [global]
 SECTIONS = (":env:", "install", "global")
 # one flag per whitespace-separated value
-LISTS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
-         "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
+LISTS = {
+    "index-url": "--index-url",
+    "extra-index-url": "--extra-index-url",
+    "find-links": "--find-links",
+    "constraint": "--constraint",
+    "trusted-host": "--allow-insecure-host",
+}
 SWITCHES = {"no-index": "--no-index", "pre": "--prerelease=allow", "no-cache-dir": "--no-cache"}
-ENV = {"cert": ("SSL_CERT_FILE",), "timeout": ("UV_HTTP_TIMEOUT",), "default-timeout": ("UV_HTTP_TIMEOUT",),
-       "proxy": ("HTTPS_PROXY", "HTTP_PROXY")}
+ENV = {
+    "cert": ("SSL_CERT_FILE",),
+    "timeout": ("UV_HTTP_TIMEOUT",),
+    "default-timeout": ("UV_HTTP_TIMEOUT",),
+    "proxy": ("HTTPS_PROXY", "HTTP_PROXY"),
+}
 # change how pip talks or what it prints, not what it installs
-IGNORED = {"disable-pip-version-check", "quiet", "verbose", "progress-bar", "no-input", "retries",
-           "root-user-action", "no-color", "log", "cache-dir", "break-system-packages", "exists-action",
-           "config-file"}
+IGNORED = {
+    "disable-pip-version-check",
+    "quiet",
+    "verbose",
+    "progress-bar",
+    "no-input",
+    "retries",
+    "root-user-action",
+    "no-color",
+    "log",
+    "cache-dir",
+    "break-system-packages",
+    "exists-action",
+    "config-file",
+}
 
 
 class Untranslatable(Exception):
@@ -75,8 +97,8 @@ def uv_options(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
 
 
 def uv_pin() -> str:
-    m = re.search(r'"uv_package": "(uv==[^"]+)"', (ROOT / "disagg" / "core" / "packages.py").read_text())
-    assert m, "disagg/core/packages.py has no uv_package pin"
+    m = re.search(r'"uv_package": "(uv==[^"]+)"', (ROOT / "disagg" / "core" / "settings.py").read_text())
+    assert m, "disagg/core/settings.py has no uv_package pin"
     return m[1]
 
 
@@ -86,8 +108,9 @@ def main(args: list[str]) -> int:
     try:
         flags, env = uv_options(settings(listing))
     except Untranslatable as e:
-        print(f"setup: pip's configuration sets {e}, which uv has no equivalent for: installing with pip",
-              file=sys.stderr)
+        print(
+            f"setup: pip's configuration sets {e}, which uv has no equivalent for: installing with pip", file=sys.stderr
+        )
         return FALLBACK
     uv = Path(sys.executable).parent / "uv"
     pin = uv_pin()

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -7,14 +6,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def controller_state(tmp_path_factory):
-    """The controller's state (the deployments' CAs, disagg/core/pki.py) in a
-    directory of this run's, not the user's (unless DISAGG_STATE_DIR says
-    where: to keep it across runs on hosts kept up)."""
-    if os.environ.get("DISAGG_STATE_DIR"):
-        yield os.environ["DISAGG_STATE_DIR"]
-        return
-    os.environ["DISAGG_STATE_DIR"] = str(tmp_path_factory.mktemp("controller-state"))
-    yield os.environ["DISAGG_STATE_DIR"]
-    del os.environ["DISAGG_STATE_DIR"]
+@pytest.fixture(autouse=True)
+def controller_state(tmp_path_factory, monkeypatch):
+    """Each test's own controller state (the deployments' CAs,
+    disagg/core/pki.py): never the user's, nor another test's."""
+    state = tmp_path_factory.mktemp("controller-state")
+    monkeypatch.setenv("DISAGG_STATE_DIR", str(state))
+    return str(state)

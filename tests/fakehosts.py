@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyinfra
+from hubserver import Hub
 from pyinfra.api import Config, State
 from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api.connect import connect_all
@@ -19,7 +20,6 @@ from pyinfra.context import ctx_host, ctx_inventory, ctx_state
 
 from disagg.infra import hub
 from disagg.infra.pyinfra_cli import unpatched
-from hubserver import Hub
 
 unpatched()
 from pyinfra_cli.inventory import make_inventory  # noqa: E402
@@ -124,8 +124,14 @@ def stand_in_hub(repo: str) -> Hub:
     return _hubs[repo][0]
 
 
-def plan_deploy(inventory: str, deploy: str, data: dict | None = None, responses: dict | None = None,
-                limit: tuple[str, ...] = (), host_responses: dict[str, dict] | None = None) -> Planned:  # fmt: skip
+def plan_deploy(
+    inventory: str,
+    deploy: str,
+    data: dict | None = None,
+    responses: dict | None = None,
+    limit: tuple[str, ...] = (),
+    host_responses: dict[str, dict] | None = None,
+) -> Planned:
     """host_responses: {host: responses} for those hosts, instead of `responses`."""
     pyinfra.is_cli = True  # order operations by line, as the CLI does
     state = State(check_for_changes=True)

@@ -50,8 +50,11 @@ class Hub:
 
     def downloads(self) -> list[str]:
         """The files fetched (GET on resolve) so far."""
-        return [path.rsplit("/resolve/", 1)[1].split("/", 1)[1] for method, path in self.requests
-                if method == "GET" and "/resolve/" in path]  # fmt: skip
+        return [
+            path.rsplit("/resolve/", 1)[1].split("/", 1)[1]
+            for method, path in self.requests
+            if method == "GET" and "/resolve/" in path
+        ]
 
     @staticmethod
     def entry(name: str, path: Path) -> dict:
@@ -88,8 +91,15 @@ class Hub:
                     return self._send(401, b"unauthorized", head=head)
                 m = re.fullmatch(rf"/api/models/{repo}(?:/revision/([^/]+))?", path)
                 if m and (snap := hub.snapshot(m.group(1) or "main"))[1]:
-                    return self._json({"id": hub.repo, "modelId": hub.repo, "sha": snap[0], "private": False,
-                                       "siblings": [{"rfilename": n} for n in snap[1]]})  # fmt: skip
+                    return self._json(
+                        {
+                            "id": hub.repo,
+                            "modelId": hub.repo,
+                            "sha": snap[0],
+                            "private": False,
+                            "siblings": [{"rfilename": n} for n in snap[1]],
+                        }
+                    )
                 m = re.fullmatch(rf"/api/models/{repo}/tree/([^/]+)", path)
                 if m and (snap := hub.snapshot(m.group(1)))[1]:
                     return self._json([hub.entry(n, p) for n, p in snap[1].items()])

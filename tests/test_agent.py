@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from waiting import until
 
-from disagg.core import pki, units
-from disagg.agent import envfile, kv, layout, metrics, status as agent_status
+from disagg.agent import envfile, kv, layout, metrics
+from disagg.agent import status as agent_status
 from disagg.agent.routerview import DiscoveryLog
 from disagg.agent.sync import discovery_message
+from disagg.core import pki, units
 from disagg.lab.load import Load
 
 # any printable password: quotes, spaces, $, a backslash, a number in front
@@ -42,14 +44,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def until(predicate, timeout: float = 15, what: str = "condition") -> float:
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.2)
-    return time.monotonic() - start
-
-
 class Nats:
     """nats-server with JetStream, a password and TLS from a CA of
     disagg/core/pki.py, configured by our template; stoppable and restartable on
@@ -64,10 +58,18 @@ class Nats:
             path.write_text(text)
         self.conf = tmp / "nats.conf"
         self.monitor = free_port()
-        self.conf.write_text(units.render(
-            "nats-server.conf.j2", server_name="test", listen=f"127.0.0.1:{self.port}", monitor_port=self.monitor,
-            store_dir=tmp / "js", auth="auth.conf", cert_file=cert, key_file=key,
-        ))  # fmt: skip
+        self.conf.write_text(
+            units.render(
+                "nats-server.conf.j2",
+                server_name="test",
+                listen=f"127.0.0.1:{self.port}",
+                monitor_port=self.monitor,
+                store_dir=tmp / "js",
+                auth="auth.conf",
+                cert_file=cert,
+                key_file=key,
+            )
+        )
         self.auth = tmp / "auth.conf"
         self.sync_user = (kv.SYNC_USER, SYNC_PASSWORD, kv.sync_permissions())
         self.auth.write_text(units.nats_auth_text("disagg", PASSWORD, [self.sync_user]))
@@ -75,7 +77,9 @@ class Nats:
 
     def heartbeat_users(self, passwords: dict[str, str]) -> None:
         """A user of its own for the heartbeat of each worker URL (as deployed); SIGHUP reloads."""
-        heartbeats = [(kv.heartbeat_user(url), secret, kv.heartbeat_permissions(url)) for url, secret in passwords.items()]
+        heartbeats = [
+            (kv.heartbeat_user(url), secret, kv.heartbeat_permissions(url)) for url, secret in passwords.items()
+        ]
         self.auth.write_text(units.nats_auth_text("disagg", PASSWORD, [self.sync_user, *heartbeats]))
         self.proc.send_signal(signal.SIGHUP)
 
@@ -83,8 +87,9 @@ class Nats:
         return kv.Server(self.url, "disagg", password, str(ca or self.ca))
 
     def start(self):
-        self.proc = subprocess.Popen([str(BIN / "nats-server"), "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [str(BIN / "nats-server"), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         until(lambda: socket.socket().connect_ex(("127.0.0.1", self.port)) == 0, 10, "nats-server up")
 
     def stop(self):
@@ -117,8 +122,10 @@ class Worker:
                     body = b""
                 else:
                     self.send_response(200)
-                    body = (f'vllm:num_requests_running{{model_name="m"}} {outer.running}\n'
-                            'vllm:num_requests_waiting{model_name="m"} 0.0\n').encode()  # fmt: skip
+                    body = (
+                        f'vllm:num_requests_running{{model_name="m"}} {outer.running}\n'
+                        'vllm:num_requests_waiting{model_name="m"} 0.0\n'
+                    ).encode()
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -155,7 +162,8 @@ def workers():
     made = [Worker() for _ in range(3)]  # context, context, generate
     yield made
     for w in made:
-        w.server.server_close()
+        # its serve_forever thread too: on a closed socket alone it would spin for the rest of the run
+        w.kill()
 
 
 @pytest.fixture
@@ -177,8 +185,17 @@ class Agents:
         self.procs: list[subprocess.Popen] = []
 
     def run(self, *args: str, password: str = PASSWORD, wait: bool = False, timeout: float = 60):
-        command = [sys.executable, "-m", "disagg.agent", args[0], "--nats", self.nats.url, "--ca", str(self.nats.ca),
-                   *args[1:]]
+        command = [
+            sys.executable,
+            "-m",
+            "disagg.agent",
+            args[0],
+            "--nats",
+            self.nats.url,
+            "--ca",
+            str(self.nats.ca),
+            *args[1:],
+        ]
         env = {**os.environ, "PYTHONPATH": str(self.path), kv.PASSWORD_ENV: password}
         if wait:
             return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -189,9 +206,27 @@ class Agents:
         return proc
 
     def heartbeat(self, role: str, index: int, worker: Worker, *more: str, **kw):
-        return self.run("heartbeat", "--role", role, "--index", str(index), "--host", "node1", "--url", worker.url,
-                        "--gpus", str(index), "--label", "context_tp1dp2_generate_tp1dp1", "--model", "m",
-                        "--zmq", worker.zmq, *more, **kw)  # fmt: skip
+        return self.run(
+            "heartbeat",
+            "--role",
+            role,
+            "--index",
+            str(index),
+            "--host",
+            "node1",
+            "--url",
+            worker.url,
+            "--gpus",
+            str(index),
+            "--label",
+            "context_tp1dp2_generate_tp1dp1",
+            "--model",
+            "m",
+            "--zmq",
+            worker.zmq,
+            *more,
+            **kw,
+        )
 
     def stop_all(self):
         for p in self.procs:
@@ -216,12 +251,27 @@ class Router:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "router.log"
         self.proc = subprocess.Popen(
-            [str(BIN / "vllm-router"), "--vllm-pd-disaggregation", "--vllm-discovery-address",
-             f"127.0.0.1:{self.discovery}", "--host", "127.0.0.1", "--port", str(self.port),
-             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(self.metrics), "--policy", "round_robin",
-             "--kv-connector", "nixl"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                str(BIN / "vllm-router"),
+                "--vllm-pd-disaggregation",
+                "--vllm-discovery-address",
+                f"127.0.0.1:{self.discovery}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--prometheus-host",
+                "127.0.0.1",
+                "--prometheus-port",
+                str(self.metrics),
+                "--policy",
+                "round_robin",
+                "--kv-connector",
+                "nixl",
+            ],
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         until(lambda: kv.probe(self.url) != "refused", 20, "vllm-router listening")
 
     def said(self, text: str) -> bool:
@@ -251,15 +301,34 @@ ROLES = (("context", 0), ("context", 1), ("generate", 0))
 def write_layout(agents, workers, roles=ROLES) -> str:
     """The deployed layout's file as the deploy writes it on the head."""
     path = agents.tmp / "layout.json"
-    path.write_text(layout.text("context_tp1dp2_generate_tp1dp1", [
-        {"name": f"{role}-{index}", "role": role, "url": w.url, "zmq": w.zmq} for (role, index), w in zip(roles, workers)]))  # fmt: skip
+    path.write_text(
+        layout.text(
+            "context_tp1dp2_generate_tp1dp1",
+            [
+                {"name": f"{role}-{index}", "role": role, "url": w.url, "zmq": w.zmq}
+                for (role, index), w in zip(roles, workers)
+            ],
+        )
+    )
     return str(path)
 
 
 def sync_args(agents, workers, router) -> list[str]:
-    return ["sync", "--router", router.url, "--mode", "pd", "--discovery", f"127.0.0.1:{router.discovery}",
-            "--router-log", str(router.log), "--state-file", str(agents.tmp / "members.json"),
-            "--layout", write_layout(agents, workers)]  # fmt: skip
+    return [
+        "sync",
+        "--router",
+        router.url,
+        "--mode",
+        "pd",
+        "--discovery",
+        f"127.0.0.1:{router.discovery}",
+        "--router-log",
+        str(router.log),
+        "--state-file",
+        str(agents.tmp / "members.json"),
+        "--layout",
+        write_layout(agents, workers),
+    ]
 
 
 def start_layout(agents, workers, router, discovery=None, *more: str):
@@ -317,7 +386,7 @@ IMPOSTOR = {"role": "generate", "index": 5, "url": "http://127.0.0.1:9", "zmq": 
 def _refused(server: kv.Server, *keys: str) -> None:
     """Each key refused to server's user: a permissions violation, the put never acknowledged."""
     for key in keys:
-        with pytest.raises(Exception):
+        with pytest.raises(TimeoutError):  # never acknowledged
             asyncio.run(_put_as(server, key, IMPOSTOR))
 
 
@@ -339,8 +408,11 @@ def test_the_syncs_own_user_makes_and_reads_the_registry_and_writes_no_workers_k
     for i, (role, index) in enumerate(ROLES):
         agents.heartbeat(role, index, workers[i])
     until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
-    _refused(kv.Server(nats.url, kv.SYNC_USER, SYNC_PASSWORD, str(nats.ca)),
-             kv.worker_key(workers[2].url), kv.worker_key(IMPOSTOR["url"]))
+    _refused(
+        kv.Server(nats.url, kv.SYNC_USER, SYNC_PASSWORD, str(nats.ca)),
+        kv.worker_key(workers[2].url),
+        kv.worker_key(IMPOSTOR["url"]),
+    )
     assert sync.poll() is None and "ermission" not in Path(sync.log.name).read_text()
 
 
@@ -409,8 +481,10 @@ def test_in_router_comes_from_the_router_and_traffic_flows(nats, agents, workers
     current = look(nats, expected, router.url)
     assert sorted(current.members) == sorted(w.url for w in workers)
     assert all(w["in_router"] for w in current.workers)
-    assert all(router.said(f"Add {kind} [HTTP:{w.url.removeprefix('http://')}")
-               for kind, w in zip(("Prefill", "Prefill", "Decode"), workers))  # fmt: skip
+    assert all(
+        router.said(f"Add {kind} [HTTP:{w.url.removeprefix('http://')}")
+        for kind, w in zip(("Prefill", "Prefill", "Decode"), workers)
+    )
     with Load(router.url, "m", concurrency=2) as load:
         time.sleep(2)
     assert load.result.ok > 10 and load.result.failed == 0, load.result.summary()
@@ -420,12 +494,16 @@ def test_malformed_registry_entries_are_skipped_and_stop_neither_the_sync_nor_st
     sync = start_layout(agents, workers, router)
     expected = expect(workers)
     until(lambda: look(nats, expected, router.url).ready, 20, "ready")
-    bad = {"worker.garbage": b"not json {", "worker.a-list": b"[1, 2]",
-           "worker.no-url": json.dumps({"role": "generate", "health": "healthy", "zmq": "127.0.0.1:1"}).encode(),
-           "worker.bad-port": json.dumps({"role": "context", "health": "healthy", "url": "http://127.0.0.1:99999",
-                                          "zmq": "127.0.0.1:1"}).encode(),
-           "worker.no-zmq": json.dumps({"role": "context", "health": "healthy", "url": "http://127.0.0.1:9"}).encode(),
-           "worker.url-list": json.dumps({"role": "context", "health": "healthy", "url": ["x"], "index": "x"}).encode()}  # fmt: skip
+    bad = {
+        "worker.garbage": b"not json {",
+        "worker.a-list": b"[1, 2]",
+        "worker.no-url": json.dumps({"role": "generate", "health": "healthy", "zmq": "127.0.0.1:1"}).encode(),
+        "worker.bad-port": json.dumps(
+            {"role": "context", "health": "healthy", "url": "http://127.0.0.1:99999", "zmq": "127.0.0.1:1"}
+        ).encode(),
+        "worker.no-zmq": json.dumps({"role": "context", "health": "healthy", "url": "http://127.0.0.1:9"}).encode(),
+        "worker.url-list": json.dumps({"role": "context", "health": "healthy", "url": ["x"], "index": "x"}).encode(),
+    }
     with Load(router.url, "m", concurrency=2) as load:
         asyncio.run(_put_raw(nats, bad))
         time.sleep(3)
@@ -485,15 +563,29 @@ async def _put_raw(nats: Nats, values: dict[str, bytes]) -> None:
         await nc.close()
 
 
-def test_the_sync_writes_scrape_targets_from_the_registry_and_serves_nats_metrics(nats, agents, workers, router,
-                                                                                  tmp_path):  # fmt: skip
+def test_the_sync_writes_scrape_targets_from_the_registry_and_serves_nats_metrics(
+    nats, agents, workers, router, tmp_path
+):
     targets, metrics_port = tmp_path / "targets", free_port()
     targets.mkdir()
     exporter = socket.create_server(("127.0.0.1", 0))  # a DCGM exporter's port on the workers' host
     with exporter:
-        sync = start_layout(agents, workers, router, None, "--targets-dir", str(targets), "--metrics-address",
-                            f"127.0.0.1:{metrics_port}", "--nats-monitor", f"http://127.0.0.1:{nats.monitor}",
-                            "--dcgm-port", str(exporter.getsockname()[1]), "--certificate", str(nats.ca))  # fmt: skip
+        sync = start_layout(
+            agents,
+            workers,
+            router,
+            None,
+            "--targets-dir",
+            str(targets),
+            "--metrics-address",
+            f"127.0.0.1:{metrics_port}",
+            "--nats-monitor",
+            f"http://127.0.0.1:{nats.monitor}",
+            "--dcgm-port",
+            str(exporter.getsockname()[1]),
+            "--certificate",
+            str(nats.ca),
+        )
 
         def listed(name: str) -> list[dict]:
             try:
@@ -504,12 +596,18 @@ def test_the_sync_writes_scrape_targets_from_the_registry_and_serves_nats_metric
         until(lambda: len(listed("workers.json")) == 3, 20, "three worker targets")
         by_url = {g["targets"][0]: g["labels"] for g in listed("workers.json")}
         assert by_url[workers[2].url.removeprefix("http://")] == {
-            "layout": "context_tp1dp2_generate_tp1dp1", "role": "generate", "index": "0", "host": "node1",
-            "worker": "generate-0", "gpus": "1"}  # fmt: skip
+            "layout": "context_tp1dp2_generate_tp1dp1",
+            "role": "generate",
+            "index": "0",
+            "host": "node1",
+            "worker": "generate-0",
+            "gpus": "1",
+        }
         assert [g["labels"]["worker"] for g in listed("workers.json")] == ["context-0", "context-1", "generate-0"]
         until(lambda: listed("dcgm.json"), 30, "the DCGM exporter listed")
-        assert listed("dcgm.json") == [{"targets": [f"127.0.0.1:{exporter.getsockname()[1]}"],
-                                        "labels": {"host": "node1"}}]  # fmt: skip
+        assert listed("dcgm.json") == [
+            {"targets": [f"127.0.0.1:{exporter.getsockname()[1]}"], "labels": {"host": "node1"}}
+        ]
     text = metrics.scrape(f"http://127.0.0.1:{metrics_port}/metrics")
     # NATS's own figures under prometheus-nats-exporter's names: 3 heartbeats and the sync are connected
     assert metrics.total(text, "gnatsd_up") == 1
@@ -517,12 +615,15 @@ def test_the_sync_writes_scrape_targets_from_the_registry_and_serves_nats_metric
     assert metrics.total(text, "gnatsd_jsz_streams") >= 1
     gpus = {labels["worker"]: value for labels, value in metrics.samples(text, "disagg_worker_gpus")}
     assert gpus == {"context-0": 1.0, "context-1": 1.0, "generate-0": 1.0}  # --gpus 0, 1, 0: one GPU each
-    until(lambda: metrics.total(metrics.scrape(f"http://127.0.0.1:{metrics_port}/metrics"),
-                                "disagg_worker_routed") == 3, 20, "all three routed")  # fmt: skip
+    until(
+        lambda: metrics.total(metrics.scrape(f"http://127.0.0.1:{metrics_port}/metrics"), "disagg_worker_routed") == 3,
+        20,
+        "all three routed",
+    )
     # what the alerting rules compare: the layout's workers by role, and when a certificate expires
     layout = {labels["role"]: value for labels, value in metrics.samples(text, "disagg_layout_workers")}
     assert layout == {"context": 2.0, "generate": 1.0}
-    (labels, not_after), = metrics.samples(text, "disagg_certificate_not_after_seconds")
+    ((labels, not_after),) = metrics.samples(text, "disagg_certificate_not_after_seconds")
     cert = x509.load_pem_x509_certificate(nats.ca.read_bytes())
     assert labels == {"path": str(nats.ca)} and not_after == cert.not_valid_after_utc.timestamp()
     # a worker that leaves the registry leaves the targets; its host's exporter, now closed, too
@@ -545,8 +646,11 @@ def test_in_router_is_false_when_the_sync_sends_to_a_closed_port(nats, agents, w
     # the router runs, but the sync's discovery address is a port where nothing listens
     start_layout(agents, workers, router, discovery=f"127.0.0.1:{free_port()}")
     expected = expect(workers)
-    until(lambda: look(nats, expected, router.url).workers and
-          look(nats, expected, router.url).members is not None, 15, "sync reported")  # fmt: skip
+    until(
+        lambda: look(nats, expected, router.url).workers and look(nats, expected, router.url).members is not None,
+        15,
+        "sync reported",
+    )
     time.sleep(3)
     current = look(nats, expected, router.url)
     assert current.members == [] and not current.ready
@@ -584,8 +688,18 @@ def test_a_sync_restarted_while_nats_is_down_keeps_the_members(nats, agents, wor
 
 def test_a_baseline_member_left_in_the_state_file_is_not_sent_to_a_pd_router(nats, agents, workers, router):
     # what a relabel from the baseline leaves behind on the head
-    stale = {"http://127.0.0.1:1": {"role": "baseline", "index": 0, "host": "node1", "url": "http://127.0.0.1:1",
-                                    "gpus": [0], "label": "baseline_tp1dp1", "model": "m", "health": "healthy"}}  # fmt: skip
+    stale = {
+        "http://127.0.0.1:1": {
+            "role": "baseline",
+            "index": 0,
+            "host": "node1",
+            "url": "http://127.0.0.1:1",
+            "gpus": [0],
+            "label": "baseline_tp1dp1",
+            "model": "m",
+            "health": "healthy",
+        }
+    }
     (agents.tmp / "members.json").write_text(json.dumps(stale))
     sync = start_layout(agents, workers, router)
     until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
@@ -618,8 +732,11 @@ def test_a_dead_worker_leaves_the_router_without_waiting_for_its_ttl(nats, agent
     until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
     dead = workers[1]
     dead.kill()
-    took = until(lambda: router.said(f"Remove Prefill [HTTP:{dead.url.removeprefix('http://')}"), 10,
-                 "router dropped the dead worker")  # fmt: skip
+    took = until(
+        lambda: router.said(f"Remove Prefill [HTTP:{dead.url.removeprefix('http://')}"),
+        10,
+        "router dropped the dead worker",
+    )
     # the sync saw its port refuse, or its heartbeat reported it down: the TTL did not have to pass
     assert took < kv.TTL
     log = Path(agents.procs[-1].log.name).read_text()
@@ -634,15 +751,34 @@ def test_leave_takes_a_worker_out_of_the_router_then_drains_it(nats, agents, wor
     leaving = workers[0]
     nats.heartbeat_users({leaving.url: "hb secret"})
     own = ("--user", kv.heartbeat_user(leaving.url))
-    rejoined = agents.run("status", *own, "--expect", f"context-0={leaving.url}", "--wait", "--timeout", "20",
-                          password="hb secret", wait=True)  # fmt: skip
+    rejoined = agents.run(
+        "status",
+        *own,
+        "--expect",
+        f"context-0={leaving.url}",
+        "--wait",
+        "--timeout",
+        "20",
+        password="hb secret",
+        wait=True,
+    )
     assert rejoined.returncode == 0, rejoined.stdout + rejoined.stderr
     agents.procs[0].send_signal(signal.SIGTERM)  # its companion stops first (systemd ordering)
     leaving.running = 2
     threading.Timer(8, lambda: setattr(leaving, "running", 0)).start()
     start = time.monotonic()
-    out = agents.run("leave", *own, "--url", leaving.url, "--router-timeout", "15", "--drain-timeout", "30",
-                     password="hb secret", wait=True)  # fmt: skip
+    out = agents.run(
+        "leave",
+        *own,
+        "--url",
+        leaving.url,
+        "--router-timeout",
+        "15",
+        "--drain-timeout",
+        "30",
+        password="hb secret",
+        wait=True,
+    )
     took = time.monotonic() - start
     assert out.returncode == 0, out.stderr
     assert router.said(f"Remove Prefill [HTTP:{leaving.url.removeprefix('http://')}")
@@ -691,7 +827,8 @@ def test_assess_names_each_reason():
         "d (http://d:1) is not registered",
     ]
     assert agent_status.assess(expected[:1], entries, []) == [
-        "a (http://a:1) is not in the router (the router does not list it)"]  # fmt: skip
+        "a (http://a:1) is not in the router (the router does not list it)"
+    ]
 
 
 def test_keys_are_per_endpoint_and_valid_nats_keys():
@@ -705,9 +842,16 @@ def test_discovery_message_is_what_vllm_router_takes():
 
 
 def test_the_agent_runs_from_its_own_files(agent_path, tmp_path):
-    check = ("import sys, disagg, disagg.agent.__main__, disagg.agent.sync, disagg.agent.leave; "
-             "assert not [m for m in sys.modules if m.startswith(('pyinfra', 'click', 'jinja2'))]; print(disagg.__file__)")
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(agent_path)})  # fmt: skip
+    check = (
+        "import sys, disagg, disagg.agent.__main__, disagg.agent.sync, disagg.agent.leave; "
+        "assert not [m for m in sys.modules if m.startswith(('pyinfra', 'click', 'jinja2'))]; print(disagg.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(agent_path)},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(agent_path / "disagg" / "__init__.py")

@@ -44,8 +44,12 @@ def test_render_defaults_to_the_inventory_label_and_prints_a_table():
 def test_render_units_prints_every_file():
     result = run("render", "baseline_tp4dp2", "-i", H100, "--units")
     assert result.exit_code == 0
-    for path in ("/etc/systemd/system/disagg-baseline-0.service", "/etc/disagg/disagg-baseline-1.env",
-                 "/etc/systemd/system/disagg-router.service", "/etc/disagg/nats-server.conf"):
+    for path in (
+        "/etc/systemd/system/disagg-baseline-0.service",
+        "/etc/disagg/disagg-baseline-1.env",
+        "/etc/systemd/system/disagg-router.service",
+        "/etc/disagg/nats-server.conf",
+    ):
         assert f"### h100-node1:{path}\n" in result.output
     assert "--worker-urls http://h100-node1:8100 http://h100-node1:8101" in result.output
 
@@ -67,15 +71,11 @@ def test_malformed_label_and_missing_inventory():
 def test_inventory_errors_name_the_field(tmp_path):
     # pyinfra caches inventory code by file name: one file per case
     cases = {
-        'context = ["a"]\ngenerate = [("b", {"gpus": 8})]\nall = (["a", "b"], {"model": "m"})\n':
-            "a: inventory data 'gpus' = None: missing; set it to the number of GPUs",
-        'context = [("a", {"gpus": 8})]\ngenerate = [("b", {"gpus": 8})]\n':
-            "all hosts: inventory data 'model' = None: missing; set it to a model id or path",
+        'context = ["a"]\ngenerate = [("b", {"gpus": 8})]\nall = (["a", "b"], {"model": "m"})\n': "a: inventory data 'gpus' = None: missing; set it to the number of GPUs",
+        'context = [("a", {"gpus": 8})]\ngenerate = [("b", {"gpus": 8})]\n': "all hosts: inventory data 'model' = None: missing; set it to a model id or path",
         'context = [("a", {"gpus": 8})]\ngenerate = [("b", {"gpus": 8})]\n'
-        'all = (["a", "b"], {"model": "m", "max_model_len": "lots"})\n':
-            "all hosts: inventory data 'max_model_len' = 'lots': input should be a valid integer",
-        'generate = [("b", {"gpus": 8})]\nall = (["b"], {"model": "m"})\n':
-            "inventory has no 'head' or 'context' group",
+        'all = (["a", "b"], {"model": "m", "max_model_len": "lots"})\n': "all hosts: inventory data 'max_model_len' = 'lots': input should be a valid integer",
+        'generate = [("b", {"gpus": 8})]\nall = (["b"], {"model": "m"})\n': "inventory has no 'head' or 'context' group",
     }
     for i, (text, message) in enumerate(cases.items()):
         inv = tmp_path / f"inv{i}.py"
@@ -87,7 +87,10 @@ def test_inventory_errors_name_the_field(tmp_path):
 
 def test_status_needs_an_inventory_or_a_nats_url():
     result = CliRunner().invoke(main, ["status"])
-    assert result.exit_code == UsageError.exit_code and "give -i INVENTORY, or --nats tls://HOST:PORT --ca FILE" in result.output
+    assert (
+        result.exit_code == UsageError.exit_code
+        and "give -i INVENTORY, or --nats tls://HOST:PORT --ca FILE" in result.output
+    )
 
 
 def test_status_against_an_unreachable_nats_is_unknown_not_just_not_ready():
@@ -110,12 +113,26 @@ def test_deploy_runs_the_packaged_deploy_files_with_pyinfras_options_passed_thro
 
     result, argv = _deploy_argv(monkeypatch, "-i", H100, "context_tp2dp2_generate_tp4dp1", "--dry", "--diff", "-v")
     assert result.exit_code == 0, result.output
-    assert argv == [H100, str(deploys.path("disagg")), "--data", "label=context_tp2dp2_generate_tp4dp1", "--dry",
-                    "--diff", "-v"]  # fmt: skip
+    assert argv == [
+        H100,
+        str(deploys.path("disagg")),
+        "--data",
+        "label=context_tp2dp2_generate_tp4dp1",
+        "--dry",
+        "--diff",
+        "-v",
+    ]
     assert deploys.path("disagg").is_file()
     _, argv = _deploy_argv(monkeypatch, "-i", H100, "--baseline", "baseline_tp8dp1", "--limit", "h100-node1", "-y")
-    assert argv == [H100, str(deploys.path("baseline")), "--data", "baseline_label=baseline_tp8dp1",
-                    "--limit", "h100-node1", "-y"]  # fmt: skip
+    assert argv == [
+        H100,
+        str(deploys.path("baseline")),
+        "--data",
+        "baseline_label=baseline_tp8dp1",
+        "--limit",
+        "h100-node1",
+        "-y",
+    ]
     # an option of pyinfra's first is not taken for a label
     _, argv = _deploy_argv(monkeypatch, "-i", H100, "--teardown", "--purge", "--serial")
     assert argv == [H100, str(deploys.path("teardown")), "--data", "purge=true", "--serial"]
@@ -124,9 +141,11 @@ def test_deploy_runs_the_packaged_deploy_files_with_pyinfras_options_passed_thro
 
 
 def test_deploy_refuses_what_it_cannot_mean_in_one_line(monkeypatch):
-    for args, message in ((("--teardown", "--baseline"), "--baseline and --teardown are two deploys"),
-                          (("--purge",), "--purge goes with --teardown"),
-                          (("--teardown", "baseline_tp4dp2"), "--teardown takes no LABEL")):  # fmt: skip
+    for args, message in (
+        (("--teardown", "--baseline"), "--baseline and --teardown are two deploys"),
+        (("--purge",), "--purge goes with --teardown"),
+        (("--teardown", "baseline_tp4dp2"), "--teardown takes no LABEL"),
+    ):
         result, argv = _deploy_argv(monkeypatch, "-i", H100, *args)
         assert result.exit_code == 2 and argv is None
         (line,) = result.output.strip().splitlines()

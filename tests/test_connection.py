@@ -32,10 +32,23 @@ def test_the_hosts_socket_gets_tcp_nodelay(monkeypatch, tcp):
     assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
 
+class ProxySock:
+    """What a ProxyCommand or jump host's channel is to paramiko: no TCP
+    socket of ours; any option set on it is recorded."""
+
+    def __init__(self):
+        self.options = []
+
+    def setsockopt(self, *args):
+        self.options.append(args)
+
+
 def test_a_proxied_or_unconnected_host_is_left_alone(monkeypatch):
-    proxied = SimpleNamespace(connector=SimpleNamespace(
-        client=SimpleNamespace(get_transport=lambda: SimpleNamespace(sock=object()))))
-    for host in (proxied, SimpleNamespace(connector=SimpleNamespace(client=None)),
-                 SimpleNamespace(connector=object())):
+    proxy = ProxySock()
+    proxied = SimpleNamespace(
+        connector=SimpleNamespace(client=SimpleNamespace(get_transport=lambda: SimpleNamespace(sock=proxy)))
+    )
+    for host in (proxied, SimpleNamespace(connector=SimpleNamespace(client=None)), SimpleNamespace(connector=object())):
         monkeypatch.setattr(connection, "host", host)
         connection.no_delay()  # raises nothing
+    assert proxy.options == []

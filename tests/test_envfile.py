@@ -8,12 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from disagg.core import units
 from disagg.agent import envfile, kv
+from disagg.core import units
 from disagg.infra.facts import EnvFileValue
 
 # the ones that broke a deploy (nats-server read them as a number or a list), and the quoting characters
-NASTY = ["123456", "x y", "12 34;x", 'a"b\\c', "$HOME", "`id`", "it's", "  padded  ", "#not a comment", "ünï", "1e5", "true"]
+NASTY = [
+    "123456",
+    "x y",
+    "12 34;x",
+    'a"b\\c',
+    "$HOME",
+    "`id`",
+    "it's",
+    "  padded  ",
+    "#not a comment",
+    "ünï",
+    "1e5",
+    "true",
+]
 
 
 def test_plain_values_stay_unquoted():
@@ -31,8 +44,12 @@ def test_a_value_reads_back_as_written(value, tmp_path):
     line = text.splitlines()[0].removeprefix(f"{kv.PASSWORD_ENV}=")
     assert EnvFileValue().process([line]) == value
     # POSIX sh reads the same four escapes in double quotes (roles/model.py sources the HF token file)
-    shell = subprocess.run(["sh", "-c", f'set -a; . "{tmp_path / "nats.env"}"; printf %s "${kv.PASSWORD_ENV}"'],
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    shell = subprocess.run(
+        ["sh", "-c", f'set -a; . "{tmp_path / "nats.env"}"; printf %s "${kv.PASSWORD_ENV}"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert shell.stdout == value
 
 

@@ -31,13 +31,20 @@ def test_loaded_driver_on_real_host():
     loaded = parse_driver_version((FIXTURES / "nvidia-h200" / "host.txt").read_text().splitlines())
     assert loaded == {"version": "580.159.04", "open": True}
     assert parse_driver_version(["NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug"]) == {
-        "version": "535.104.05", "open": False}
+        "version": "535.104.05",
+        "open": False,
+    }
     assert parse_driver_version([]) is None
 
 
 def test_pci_counts_gpus_and_nvswitches():
-    lines = ["0000:18:00.0 0x10de 0x030200", "0000:2a:00.0 0x10de 0x030200",
-             "0000:05:00.0 0x10de 0x068000", "0000:00:00.0 0x8086 0x060000", "garbage"]
+    lines = [
+        "0000:18:00.0 0x10de 0x030200",
+        "0000:2a:00.0 0x10de 0x030200",
+        "0000:05:00.0 0x10de 0x068000",
+        "0000:00:00.0 0x8086 0x060000",
+        "garbage",
+    ]
     assert parse_pci(lines) == {"gpus": 2, "nvswitches": 1}
 
 
@@ -66,7 +73,8 @@ def test_unit_state_sees_files_changed_after_the_unit_started(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "systemctl").write_text(
         '#!/bin/sh\ncase "$1" in is-active) echo active;; is-enabled) echo enabled;; '
-        'show) echo "Fri 2026-11-27 12:00:00 UTC";; esac\n')  # fmt: skip
+        'show) echo "Fri 2026-11-27 12:00:00 UTC";; esac\n'
+    )
     (bin_dir / "systemctl").chmod(0o755)
     started = 1795780800  # 2026-11-27 12:00:00 UTC
     unit, env = tmp_path / "w.service", tmp_path / "w.env"
@@ -75,8 +83,12 @@ def test_unit_state_sees_files_changed_after_the_unit_started(tmp_path):
         os.utime(path, (started - 60, started - 60))
 
     def state():
-        out = subprocess.run(["sh", "-c", UnitState().command("w.service", (str(unit), str(env)))],
-                             capture_output=True, text=True, env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"})  # fmt: skip
+        out = subprocess.run(
+            ["sh", "-c", UnitState().command("w.service", (str(unit), str(env)))],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"},
+        )
         return UnitState().process(out.stdout.splitlines())
 
     assert state() == {"active": True, "enabled": True, "outdated": False}
@@ -91,8 +103,9 @@ def test_file_states_reads_checksums_and_modes_of_many_files_at_once(tmp_path):
     spaced.write_text("y\n")
     spaced.chmod(0o600)
     fact = FileStates()
-    out = subprocess.run(["sh", "-c", fact.command((str(present), str(missing), str(spaced)))],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        ["sh", "-c", fact.command((str(present), str(missing), str(spaced)))], capture_output=True, text=True
+    )
     assert fact.process(out.stdout.splitlines()) == {
         str(present): {"sha1": hashlib.sha1(b"x\n").hexdigest(), "mode": "644", "owner": "root"},
         str(spaced): {"sha1": hashlib.sha1(b"y\n").hexdigest(), "mode": "600", "owner": "root"},

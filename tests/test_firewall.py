@@ -4,8 +4,8 @@ of inventories/h100.py. The e2e tests load them on real hosts."""
 
 from disagg.core import nftables
 from disagg.core.plan import make_plan
-from disagg.infra.inventory import load_inventory
 from disagg.core.units import firewall_files, host_units
+from disagg.infra.inventory import load_inventory
 
 H100 = "inventories/h100.py"
 
@@ -53,9 +53,17 @@ def test_the_chain_drops_only_our_ports_and_keeps_families_apart():
     lines = nftables.ruleset(plan, "h100-node1", ("10.0.0.5",))
     assert lines[0] == 'iif "lo" accept'
     s = plan.settings
-    ours = sorted({s.nats_port, s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port,
-                   s.prometheus_port, s.dcgm_exporter_port} |
-                  {p for w in plan.workers_on("h100-node1") for p in (w.http_port, *w.nixl_ports)})  # fmt: skip
+    ours = sorted(
+        {
+            s.nats_port,
+            s.router_internal_port,
+            s.router_metrics_port,
+            s.frontdoor_metrics_port,
+            s.prometheus_port,
+            s.dcgm_exporter_port,
+        }
+        | {p for w in plan.workers_on("h100-node1") for p in (w.http_port, *w.nixl_ports)}
+    )
     listed = [str(p) for p in ours if p < 20000] + ["20000-20999"] + [str(p) for p in ours if p >= 20000]
     assert lines[-1] == f"tcp dport {{ {', '.join(listed)} }} counter drop"
     admin_only = f"{s.router_internal_port}, {s.router_metrics_port}, {s.frontdoor_metrics_port}"
@@ -77,8 +85,10 @@ def test_firewall_false_renders_no_rules_and_no_unit():
 def test_the_discovery_socket_takes_registrations_from_the_sync_user_only():
     plan = make_plan(load_inventory(H100))
     port = plan.settings.router_discovery_port
-    assert nftables.local_ruleset(plan, "h100-node1")[-1] == \
-        f'oif "lo" tcp dport {port} meta skuid != "disagg-sync" counter reject with tcp reset'
+    assert (
+        nftables.local_ruleset(plan, "h100-node1")[-1]
+        == f'oif "lo" tcp dport {port} meta skuid != "disagg-sync" counter reject with tcp reset'
+    )
     assert nftables.local_ruleset(plan, "h100-node2") == []
     baseline = make_plan(load_inventory(H100), label_key="baseline_label")
     assert nftables.local_ruleset(baseline, "h100-node1") == []  # no discovery socket

@@ -19,7 +19,9 @@ print(json.dumps(sorted(sys.modules)))
 
 
 def imported_by(home: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", IMPORT_ALL.format(home=home)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL.format(home=home)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 

@@ -7,13 +7,12 @@ worker's URL."""
 import pytest
 import yaml
 
-from disagg.agent import net
-from disagg.core import pki
-from disagg.agent import targets
+from disagg.agent import net, targets
 from disagg.agent.routerview import DiscoveryLog
+from disagg.core import pki
 from disagg.core.plan import make_plan
-from disagg.infra.inventory import load_inventory
 from disagg.core.units import host_units
+from disagg.infra.inventory import load_inventory
 
 CONTEXT, GENERATE, ADMIN = "fd00:213::11", "fd00:213::12", "fd00:213::5"
 
@@ -26,7 +25,7 @@ def plan(tmp_path_factory):
         f"generate = [('{GENERATE}', {{'gpus': 8}})]\n"
         f"all = (['{CONTEXT}', '{GENERATE}'], {{'label': 'context_tp2dp4_generate_tp8dp1', 'model': 'm', "
         f"'firewall_allow': ['{ADMIN}', '10.0.0.0/24']}})\n"
-    )  # fmt: skip
+    )
     return make_plan(load_inventory(str(inventory)))
 
 
@@ -45,8 +44,11 @@ def test_urls_and_host_ports_bracket_an_ipv6_address(plan):
 
 def test_units_give_programs_bare_addresses_and_urls_in_brackets(plan):
     head = host_units(plan, CONTEXT)
-    (engine,) = [line for line in head["/etc/systemd/system/disagg-context-0.service"].split("\nExec")
-                 if line.startswith("Start=")]  # fmt: skip
+    (engine,) = [
+        line
+        for line in head["/etc/systemd/system/disagg-context-0.service"].split("\nExec")
+        if line.startswith("Start=")
+    ]
     assert f"--host {CONTEXT} " in engine and f"[{CONTEXT}]" not in engine
     assert f"VLLM_NIXL_SIDE_CHANNEL_HOST={CONTEXT}\n" in head["/etc/disagg/disagg-context-0.env"]
     agent = head["/etc/systemd/system/disagg-context-0-agent.service"]
@@ -60,9 +62,15 @@ def test_units_give_programs_bare_addresses_and_urls_in_brackets(plan):
     assert f"  bind [{CONTEXT}]:8404\n" in door
     assert f'listen: "[{CONTEXT}]:4222"' in head["/etc/disagg/nats-server.conf"]
     scrape = yaml.safe_load(head["/etc/disagg/prometheus/prometheus.yml"])
-    static = {c["job_name"]: c["static_configs"][0]["targets"] for c in scrape["scrape_configs"] if "static_configs" in c}
-    assert static == {"prometheus": [f"[{CONTEXT}]:9090"], "router": [f"[{CONTEXT}]:29000"],
-                      "frontdoor": [f"[{CONTEXT}]:8404"], "registry": ["127.0.0.1:9091"]}
+    static = {
+        c["job_name"]: c["static_configs"][0]["targets"] for c in scrape["scrape_configs"] if "static_configs" in c
+    }
+    assert static == {
+        "prometheus": [f"[{CONTEXT}]:9090"],
+        "router": [f"[{CONTEXT}]:29000"],
+        "frontdoor": [f"[{CONTEXT}]:8404"],
+        "registry": ["127.0.0.1:9091"],
+    }
     prometheus = head["/etc/systemd/system/disagg-prometheus.service"]
     assert f"--web.listen-address=[{CONTEXT}]:9090" in prometheus
 
@@ -80,8 +88,10 @@ def test_the_routers_log_of_an_ipv6_member_is_the_workers_url(plan):
     log = DiscoveryLog("unused")
     for w in plan.workers:
         kind = "Prefill" if w.role == "context" else "Decode"
-        log.feed(f" INFO vllm_router_rs::routers::http::vllm_service_discovery: 🔵Add {kind} "
-                 f"[HTTP:{net.hostport(w.address, w.http_port)}, ZMQ:{net.hostport(w.address, w.nixl_port)}]")  # fmt: skip
+        log.feed(
+            f" INFO vllm_router_rs::routers::http::vllm_service_discovery: 🔵Add {kind} "
+            f"[HTTP:{net.hostport(w.address, w.http_port)}, ZMQ:{net.hostport(w.address, w.nixl_port)}]"
+        )
     assert log.members == {w.url: "Prefill" if w.role == "context" else "Decode" for w in plan.workers}
     gone = plan.workers[0]
     log.feed(f"Remove Prefill [HTTP:{net.hostport(gone.address, gone.http_port)}, ZMQ:x, expired]")
@@ -89,8 +99,10 @@ def test_the_routers_log_of_an_ipv6_member_is_the_workers_url(plan):
 
 
 def test_scrape_targets_and_the_nats_certificate_for_ipv6(plan, tmp_path, monkeypatch):
-    entries = [{"url": w.url, "label": plan.label, "role": w.role, "index": w.index, "host": w.host, "gpus": w.gpus}
-               for w in plan.workers]  # fmt: skip
+    entries = [
+        {"url": w.url, "label": plan.label, "role": w.role, "index": w.index, "host": w.host, "gpus": w.gpus}
+        for w in plan.workers
+    ]
     assert targets.worker_groups(entries)[0]["targets"] == [f"[{CONTEXT}]:8100"]
     assert targets.hosts(entries) == {CONTEXT: CONTEXT, GENERATE: GENERATE}
     assert targets.dcgm_groups({GENERATE: GENERATE}, 9400)[0]["targets"] == [f"[{GENERATE}]:9400"]
@@ -105,7 +117,9 @@ def test_disagg_top_shows_an_ipv6_prometheus_url_whole():
     from disagg.perf import top
 
     totals = dict.fromkeys((*top.LAYOUT_RULES, "ttft_p90_s", "frontdoor_4xx_per_s", "frontdoor_5xx_per_s"))
-    snap = top.Snapshot("context_tp1dp2_generate_tp1dp1", [], totals, {"met": None, "ttft_ms": None, "tokens_per_user": 50})
+    snap = top.Snapshot(
+        "context_tp1dp2_generate_tp1dp1", [], totals, {"met": None, "ttft_ms": None, "tokens_per_user": 50}
+    )
     console = Console(record=True, width=200)
     console.print(top.render(snap, f"http://[{CONTEXT}]:9090"))
     assert f"(http://[{CONTEXT}]:9090; last minute" in console.export_text()

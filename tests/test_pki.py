@@ -34,7 +34,8 @@ def test_kept_reissued_for_new_names_and_rotated():
     d = pki.directory("head-a")
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == dict.fromkeys(
-        (pki.CA_KEY, pki.CA_CERT, "nats.key", "nats.crt", "frontdoor.key", "frontdoor.crt"), 0o600)
+        (pki.CA_KEY, pki.CA_CERT, "nats.key", "nats.crt", "frontdoor.key", "frontdoor.crt"), 0o600
+    )
     pki.rotate("head-a")
     assert {p.name for p in d.iterdir()} == {pki.CA_KEY, pki.CA_CERT}
 

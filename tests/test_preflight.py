@@ -8,10 +8,10 @@ from pathlib import Path
 
 from fakehosts import fixture_output
 
-from disagg.infra import preflight
 from disagg.core import settings as S
-from disagg.infra.facts import PreflightFacts, parse_passwd, parse_query_gpu
 from disagg.core.plan import make_plan
+from disagg.infra import preflight
+from disagg.infra.facts import PreflightFacts, parse_passwd, parse_query_gpu
 from disagg.infra.inventory import load_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +36,13 @@ def test_a_deployed_layout_listens_on_its_ports_and_that_is_fine():
     facts = captured()
     listeners = preflight.parse_listeners(facts["listeners"])
     nats = next(x for x in listeners if x["port"] == 4222)
-    assert nats == {"address": H1, "port": 4222, "pid": nats["pid"], "unit": "disagg-nats.service",
-                    "process": "nats-server"}  # fmt: skip
+    assert nats == {
+        "address": H1,
+        "port": 4222,
+        "pid": nats["pid"],
+        "unit": "disagg-nats.service",
+        "process": "nats-server",
+    }
     assert preflight.check_ports(local_plan(), H1, listeners) == []
     assert facts["versions"] == {"vllm": "0.32.0", "nixl": None}
     assert facts["config"]["num_attention_heads"] == 2
@@ -45,8 +50,10 @@ def test_a_deployed_layout_listens_on_its_ports_and_that_is_fine():
 
 
 def test_a_foreign_listener_on_a_worker_port_is_named_with_its_process():
-    foreign = ['10.213.0.12:8100 4242 - users:(("python3",pid=4242,fd=3))',
-               '0.0.0.0:5600 977 ssh.service users:(("sshd",pid=977,fd=3))']  # fmt: skip
+    foreign = [
+        '10.213.0.12:8100 4242 - users:(("python3",pid=4242,fd=3))',
+        '0.0.0.0:5600 977 ssh.service users:(("sshd",pid=977,fd=3))',
+    ]
     problems = preflight.check_ports(local_plan(), H2, preflight.parse_listeners(foreign))
     assert [p.line() for p in problems] == [
         f"{H2}: port 8100: python3 (pid 4242) listens on {H2}:8100, which generate-0 http_port needs; stop it, "
@@ -59,8 +66,9 @@ def test_a_foreign_listener_on_a_worker_port_is_named_with_its_process():
 def test_gpus_counted_on_the_host_cpu_hosts_skipped_with_the_reason():
     h200 = parse_query_gpu(fixture_output("query-gpu.txt"))
     (problem,), skipped = preflight.check_gpus("h100-node2", 8, h200, 1)
-    assert problem.line() == ("h100-node2: gpus: the inventory says 8 but the host has 1 NVIDIA GPUs; "
-                              "set gpus: 1 for this host")  # fmt: skip
+    assert problem.line() == (
+        "h100-node2: gpus: the inventory says 8 but the host has 1 NVIDIA GPUs; set gpus: 1 for this host"
+    )
     assert preflight.check_gpus("h100-node2", 1, h200, 1) == ([], None)
     # before the driver: the PCI bus counts them
     assert preflight.check_gpus("n", 8, [], 8) == ([], None)
@@ -90,26 +98,38 @@ def test_model_heads_against_each_roles_tp_and_the_nixl_tp_mix():
 def test_disk_and_versions():
     (disk,) = preflight.check_disk("h", {"/opt/disagg": 2 * preflight.GiB}, {"/opt/disagg": 5 * preflight.GiB})
     assert disk.line() == "h: disk /opt/disagg: 2.0 GiB free, 5.0 GiB needed; free space under /opt/disagg"
-    versions = {"a": {"vllm": "0.32.0", "nixl": "1.5.1"}, "b": {"vllm": "0.32.0", "nixl": "1.5.1"},
-                "c": {"vllm": "0.31.0", "nixl": None}}  # fmt: skip
+    versions = {
+        "a": {"vllm": "0.32.0", "nixl": "1.5.1"},
+        "b": {"vllm": "0.32.0", "nixl": "1.5.1"},
+        "c": {"vllm": "0.31.0", "nixl": None},
+    }
     (problem,) = preflight.check_versions(versions)
-    assert problem.line() == "c: vllm: vllm 0.31.0 here, 0.32.0 on the other worker hosts; install vllm==0.32.0 " \
-                             "(vllm_package / nixl_packages)"
+    assert (
+        problem.line() == "c: vllm: vllm 0.31.0 here, 0.32.0 on the other worker hosts; install vllm==0.32.0 "
+        "(vllm_package / nixl_packages)"
+    )
 
 
 def test_every_generate_host_must_reach_every_context_side_channel():
     pairs = preflight.side_channels(h100_plan())
     assert [(g, w.name, w.nixl_port) for g, w in pairs] == [
-        ("h100-node2", f"context-{i}", 5600 + 2 * i) for i in range(4)]  # fmt: skip
+        ("h100-node2", f"context-{i}", 5600 + 2 * i) for i in range(4)
+    ]
     assert preflight.side_channels(h100_plan("baseline_tp4dp2")) == []
 
 
 def test_an_account_of_our_name_that_someone_else_made_is_named():
-    accounts = dict(map(parse_passwd, [
-        f"disagg:x:998:998:{S.ACCOUNT_COMMENT}:/var/lib/disagg:/usr/sbin/nologin",  # ours
-        "disagg-nats:x:997:997::/var/lib/disagg/nats:/usr/sbin/nologin",  # as releases before the GECOS made it
-        "disagg-router:x:1001:1001:Jane Doe,,,:/home/jane:/bin/bash",  # a person's
-    ]))  # fmt: skip
+    accounts = dict(
+        map(
+            parse_passwd,
+            [
+                f"disagg:x:998:998:{S.ACCOUNT_COMMENT}:/var/lib/disagg:/usr/sbin/nologin",  # ours
+                "disagg-nats:x:997:997::/var/lib/disagg/nats:/usr/sbin/nologin",  # as releases before the GECOS made it
+                "disagg-router:x:1001:1001:Jane Doe,,,:/home/jane:/bin/bash",  # a person's
+            ],
+        )
+    )
     assert [p.line() for p in preflight.check_accounts(H1, accounts)] == [
         f"{H1}: user disagg-router: exists and is not disagg's (GECOS 'Jane Doe,,,', shell /bin/bash); disagg never "
-        "takes over an account: rename or remove it"]
+        "takes over an account: rename or remove it"
+    ]

@@ -30,8 +30,13 @@ DEPLOY = textwrap.dedent("""
 
 
 def _plan(module, deploy, cwd):
-    out = subprocess.run([sys.executable, "-m", module, "@local", str(deploy), "--dry", "--json"], cwd=cwd,
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", module, "@local", str(deploy), "--dry", "--json"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [(op["op_hash"], op["name"]) for op in json.loads(out)["plan"]]
 
 
@@ -40,8 +45,15 @@ def test_the_launcher_plans_the_same_operations_in_the_same_order(tmp_path):
     deploy.write_text(DEPLOY)
     ours = _plan("disagg.infra.pyinfra_cli", deploy, tmp_path)
     assert ours == _plan("pyinfra", deploy, tmp_path)
-    assert [name for _, name in ours] == ["first", "in a loop 0", "in a loop 1", "after the loop", "nested block",
-                                          "in a loop 0", "after the loop"]  # fmt: skip
+    assert [name for _, name in ours] == [
+        "first",
+        "in a loop 0",
+        "in a loop 1",
+        "after the loop",
+        "nested block",
+        "in a loop 0",
+        "after the loop",
+    ]
 
 
 def test_loading_an_inventory_or_planning_leaves_the_stdlib_unpatched():
@@ -55,6 +67,12 @@ def test_loading_an_inventory_or_planning_leaves_the_stdlib_unpatched():
         assert plan_deploy("inventories/h100.py", "deploys/disagg.py", responses=gpu_host_responses()).commands("h100-node1")
         print([m for m in ("socket", "threading", "subprocess", "select") if gevent.monkey.is_module_patched(m)])
     """)
-    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == "[]"

@@ -4,14 +4,15 @@ independently from the raw JSON."""
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
+from disagg.core.errors import ToolError, UsageError
 from disagg.perf import results
 from disagg.perf.report import frontier, pick, report
 from disagg.perf.results import Point
-from disagg.core.errors import UsageError
 
 RECORDED = Path(__file__).resolve().parent / "fixtures" / "aiperf"
 LABELS = {"context_tp1dp2_generate_tp1dp1": 3, "baseline_tp1dp2": 2}
@@ -48,7 +49,8 @@ def test_older_genai_perf_exports_are_read(tmp_path):
         (export.parent / "profile_export_genai_perf.json").write_text(json.dumps(data))
         export.unlink()
     assert [r["output_token_throughput_per_user"] for r in results.load_run(copy)] == [
-        r["output_token_throughput_per_user"] for r in results.load_run(run)]
+        r["output_token_throughput_per_user"] for r in results.load_run(run)
+    ]
 
 
 def test_a_failed_run_is_marked_and_the_rest_kept(tmp_path):
@@ -121,9 +123,13 @@ def test_report_puts_predictions_beside_measurements(tmp_path):
     measured = {p.concurrency: p for p in (results.point(r) for r in results.load_run(recorded_runs()[label]))}
     predicted = {
         label: {"tokens_per_gpu": 9.5, "tokens_per_user": 30.0, "ttft_ms": 80.0, "concurrency": 2},
-        "context_tp2dp4_generate_tp8dp1": {"tokens_per_gpu": 92.0, "tokens_per_user": 53.2, "ttft_ms": 661.0,
-                                           "concurrency": 116},  # not measured: its own row
-    }  # fmt: skip
+        "context_tp2dp4_generate_tp8dp1": {
+            "tokens_per_gpu": 92.0,
+            "tokens_per_user": 53.2,
+            "ttft_ms": 661.0,
+            "concurrency": 116,
+        },  # not measured: its own row
+    }
     summary = report([RECORDED], tmp_path, None, None, predicted)
     rows = {(r["label"], r["concurrency"]): r for r in summary["predicted"]}
     assert sorted(rows) == [(label, 1), (label, 2), ("context_tp2dp4_generate_tp8dp1", 116)]
@@ -152,8 +158,11 @@ def test_a_label_measured_on_two_deployments_is_refused_unless_split(tmp_path):
     a = _with_deployment(tmp_path, "a", run, "1f53091d41c91954")
     b = _with_deployment(tmp_path, "b", run, "77aa00bb11cc22dd")
     assert {r["deployment"] for r in results.load_run(a)} == {"1f53091d41c91954"}
-    with pytest.raises(UsageError, match=rf"{label} was measured on 2 different deployments "
-                                            r"\(1f53091d41c91954, 77aa00bb11cc22dd\).*--split-deployments"):
+    with pytest.raises(
+        UsageError,
+        match=rf"{label} was measured on 2 different deployments "
+        r"\(1f53091d41c91954, 77aa00bb11cc22dd\).*--split-deployments",
+    ):
         report([a, b], tmp_path / "out", None, None)
     summary = report([a, b], tmp_path / "out", 1.0, None, split_deployments=True)
     assert summary["series"] == [f"{label} @1f53091d41c91954", f"{label} @77aa00bb11cc22dd"]
@@ -163,3 +172,19 @@ def test_a_label_measured_on_two_deployments_is_refused_unless_split(tmp_path):
     same = report([a, _with_deployment(tmp_path, "c", run, "1f53091d41c91954")], tmp_path / "one", None, None)
     assert same["series"] == [label] and same["deployments"] == {label: ["1f53091d41c91954"]}
     assert report([run], tmp_path / "old", None, None)["deployments"] == {label: ["unknown"]}
+
+
+def test_report_writes_apart_from_its_runs_and_names_the_extra_without_matplotlib(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from disagg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p for p in RECORDED.rglob("*"))
+    out = CliRunner().invoke(main, ["report", str(RECORDED)])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "report" / "pareto.png").is_file() and sorted(RECORDED.rglob("*")) == before
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    out = CliRunner().invoke(main, ["report", str(RECORDED), "-o", "again"])
+    assert out.exit_code == ToolError.exit_code
+    assert out.output.strip() == "error: matplotlib is not installed: pip install 'disagg[bench]'"

@@ -27,8 +27,9 @@ def pip_env(monkeypatch, tmp_path):
 
 
 def _listing():
-    return subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def _pairs(flags, flag):
@@ -36,24 +37,26 @@ def _pairs(flags, flag):
 
 
 def test_indexes_wheels_constraints_and_cert_reach_uv_with_pips_precedence(pip_env, monkeypatch):
-    pip_env.write_text("[global]\nindex-url = https://mirror.example/simple\n"
-                       "extra-index-url =\n    file:///srv/a/simple\n    file:///srv/b/simple\n"
-                       "find-links = /from/global\ncert = /etc/site-ca.pem\n"
-                       "[install]\nfind-links = /from/install\n[download]\nno-index = true\n")
+    pip_env.write_text(
+        "[global]\nindex-url = https://mirror.example/simple\n"
+        "extra-index-url =\n    file:///srv/a/simple\n    file:///srv/b/simple\n"
+        "find-links = /from/global\ncert = /etc/site-ca.pem\n"
+        "[install]\nfind-links = /from/install\n[download]\nno-index = true\n"
+    )
     monkeypatch.setenv("PIP_CONSTRAINT", "/etc/caps.txt")
     monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     flags, env = uv_install.uv_options(uv_install.settings(_listing()))
     assert _pairs(flags, "--index-url") == ["https://mirror.example/simple"]
     assert _pairs(flags, "--extra-index-url") == ["file:///srv/a/simple", "file:///srv/b/simple"]
-    assert _pairs(flags, "--find-links") == ["/from/install"]        # [install] over [global]
+    assert _pairs(flags, "--find-links") == ["/from/install"]  # [install] over [global]
     assert _pairs(flags, "--constraint") == ["/etc/caps.txt"]
-    assert "--no-index" not in flags                                  # [download] is not `pip install`'s
+    assert "--no-index" not in flags  # [download] is not `pip install`'s
     assert _pairs(flags, "--index-strategy") == ["unsafe-best-match"]  # pip's choice across indexes
     assert env == {"SSL_CERT_FILE": "/etc/site-ca.pem"}
 
     monkeypatch.setenv("PIP_FIND_LINKS", "/from/env")
     flags, _ = uv_install.uv_options(uv_install.settings(_listing()))
-    assert _pairs(flags, "--find-links") == ["/from/env"]             # PIP_* over any file
+    assert _pairs(flags, "--find-links") == ["/from/env"]  # PIP_* over any file
 
     monkeypatch.setenv("PIP_PROXY", "http://proxy.example:3128")
     _, env = uv_install.uv_options(uv_install.settings(_listing()))
@@ -68,5 +71,6 @@ def test_a_setting_uv_cannot_take_falls_back_to_pip_before_anything_is_installed
 
 
 def test_uv_is_pinned_where_the_hosts_is():
-    from disagg.core.packages import DEFAULTS
-    assert uv_install.uv_pin() == DEFAULTS["uv_package"]
+    from disagg.core.settings import PINS
+
+    assert uv_install.uv_pin() == PINS["uv_package"]

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from click.testing import CliRunner
 
-from disagg.core.errors import ToolError, UsageError
-from disagg.perf import extras, sizing
 from disagg.cli import main
+from disagg.core.errors import ToolError, UsageError
 from disagg.core.plan import cluster_from_inventory
 from disagg.infra.inventory import load_inventory
+from disagg.perf import extras, sizing
 
 REFERENCE = Path(__file__).parent / "fixtures" / "aiconfigurator" / "reference"
 H100 = "inventories/h100.py"
@@ -56,10 +55,22 @@ def test_predicted_numbers_are_aiconfigurators(reference):
 
 
 def test_shapes_labels_cannot_express_are_kept_and_marked():
-    row = {"num_total_gpus": "8", "tp": "4", "pp": "2", "dp": "1", "tokens/s/gpu": "1", "tokens/s/user": "1",
-           "ttft": "1", "tpot": "1", "concurrency": "4"}  # fmt: skip
+    row = {
+        "num_total_gpus": "8",
+        "tp": "4",
+        "pp": "2",
+        "dp": "1",
+        "tokens/s/gpu": "1",
+        "tokens/s/user": "1",
+        "ttft": "1",
+        "tpot": "1",
+        "concurrency": "4",
+    }
     c = sizing.candidate(row, "agg", 16, 1)
-    assert c.label == "baseline_tp4dp2" and c.unplaceable == "baseline pp2 inside a worker is not expressible as a disagg label"
+    assert (
+        c.label == "baseline_tp4dp2"
+        and c.unplaceable == "baseline pp2 inside a worker is not expressible as a disagg label"
+    )
 
 
 def test_placement_on_two_hosts_of_eight(reference):
@@ -67,10 +78,12 @@ def test_placement_on_two_hosts_of_eight(reference):
     top = sizing.pick(reference, "disagg")
     assert top.label == "context_tp2dp4_generate_tp8dp1"
     assert [(w["role"], w["host"], w["gpus"]) for w in top.placement] == [
-        ("context", "host1", [0, 1]), ("context", "host1", [2, 3]),
-        ("context", "host1", [4, 5]), ("context", "host1", [6, 7]),
+        ("context", "host1", [0, 1]),
+        ("context", "host1", [2, 3]),
+        ("context", "host1", [4, 5]),
+        ("context", "host1", [6, 7]),
         ("generate", "host2", [0, 1, 2, 3, 4, 5, 6, 7]),
-    ]  # fmt: skip
+    ]
     assert sizing.placement_text(top) == "context x4 on host1; generate x1 on host2"
 
 
@@ -99,8 +112,13 @@ def test_predictions_from_a_plan_file(reference, tmp_path):
 def test_missing_aiconfigurator_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(extras.sys, "executable", str(tmp_path / "python"))
     monkeypatch.setattr(extras.shutil, "which", lambda name: None)
-    out = CliRunner().invoke(main, ["plan", "--model", "m", "--system", "h100_sxm", "--gpus", "16", "-o", str(tmp_path)])
-    assert out.exit_code == ToolError.exit_code and "AIConfigurator is not installed: pip install 'disagg[plan]'" in out.output
+    out = CliRunner().invoke(
+        main, ["plan", "--model", "m", "--system", "h100_sxm", "--gpus", "16", "-o", str(tmp_path)]
+    )
+    assert (
+        out.exit_code == ToolError.exit_code
+        and "AIConfigurator is not installed: pip install 'disagg[plan]'" in out.output
+    )
 
 
 def test_unknown_model_and_system_list_the_supported_ones():
@@ -115,10 +133,30 @@ def test_plan_for_the_reference_case_with_aiconfigurator(tmp_path, monkeypatch):
     monkeypatch.setenv("DISAGG_CONTEXT_HOST", "10.0.0.1")
     monkeypatch.setenv("DISAGG_GENERATE_HOST", "10.0.0.2")
     out = subprocess.run(
-        [sys.executable, "-m", "disagg", "plan", "--model", "meta-llama/Meta-Llama-3.1-70B", "--system", "h100_sxm",
-         "-i", H100, "--isl", "3000", "--osl", "150", "--sla-tokens-per-user", "50", "-o", str(tmp_path), "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "disagg",
+            "plan",
+            "--model",
+            "meta-llama/Meta-Llama-3.1-70B",
+            "--system",
+            "h100_sxm",
+            "-i",
+            H100,
+            "--isl",
+            "3000",
+            "--osl",
+            "150",
+            "--sla-tokens-per-user",
+            "50",
+            "-o",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     plan = json.loads(out.stdout)
     assert plan["request"]["gpus"] == 16  # from the inventory

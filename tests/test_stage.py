@@ -21,8 +21,13 @@ def _repo(root, weights: bytes):
 
 def _stage(hub: Hub, revision: str, dest, home) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HOME": str(home), "HF_HOME": str(home / "hf")}
-    return subprocess.run([sys.executable, "-m", "disagg.agent.stage", "--repo", "org/tiny", "--revision", revision,
-                           "--dest", str(dest)], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "disagg.agent.stage", "--repo", "org/tiny", "--revision", revision, "--dest", str(dest)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_commit_given_is_staged_and_written_beside_the_stamp_though_main_moved(tmp_path):
@@ -35,8 +40,10 @@ def test_the_commit_given_is_staged_and_written_beside_the_stamp_though_main_mov
         assert run.returncode == 0, run.stdout + run.stderr
         assert (dest / "model.safetensors").read_bytes() == old
         assert (tmp_path / "models" / "main.commit").read_text() == first + "\n"
-        assert set(json.loads((tmp_path / "models" / "main.manifest.json").read_text())) == {"config.json",
-                                                                                              "model.safetensors"}
+        assert set(json.loads((tmp_path / "models" / "main.manifest.json").read_text())) == {
+            "config.json",
+            "model.safetensors",
+        }
         # moved to main: its commit, its weights
         run = _stage(hub, "main", dest, tmp_path)
         assert run.returncode == 0, run.stdout + run.stderr

@@ -35,10 +35,21 @@ def test_label_key():
 
 def test_an_unplaceable_label_stops_the_sweep_before_any_deploy(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "disagg", "sweep", "-i", "inventories/local.py", "-o", str(tmp_path),
-         "--labels", "baseline_tp1dp2,context_tp1dp5_generate_tp1dp1"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "disagg",
+            "sweep",
+            "-i",
+            "inventories/local.py",
+            "-o",
+            str(tmp_path),
+            "--labels",
+            "baseline_tp1dp2,context_tp1dp5_generate_tp1dp1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == InventoryError.exit_code
     assert out.stderr.startswith("error: label 'context_tp1dp5_generate_tp1dp1': context_tp1dp5 needs 5 groups")
     assert list(tmp_path.iterdir()) == []

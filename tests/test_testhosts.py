@@ -12,8 +12,9 @@ from disagg.lab import testhosts
 def test_a_recorded_pid_is_signalled_only_while_it_is_our_nspawn(tmp_path):
     root = str(tmp_path / "root")
     # a process whose command line is that of our container: systemd-nspawn -D ROOT ...
-    ours = subprocess.Popen(["systemd-nspawn", "-c", "import time; time.sleep(60)", "-D", root, "--boot"],
-                            executable=sys.executable)  # fmt: skip
+    ours = subprocess.Popen(
+        ["systemd-nspawn", "-c", "import time; time.sleep(60)", "-D", root, "--boot"], executable=sys.executable
+    )
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert testhosts.is_our_container(ours.pid, root)

@@ -14,9 +14,14 @@ TWO_NODES = cluster({"context": ["n1"], "generate": ["n2"]}, {"n1": 8, "n2": 8})
 
 @pytest.mark.parametrize(
     "label",
-    ["context_tp2dp4_generate_tp8dp1", "context_tp1dp1_generate_tp1dp1", "baseline_tp4dp2",
-     "context_tp16dp10_generate_tp4dp12", "baseline_tp1dp1"],
-)  # fmt: skip
+    [
+        "context_tp2dp4_generate_tp8dp1",
+        "context_tp1dp1_generate_tp1dp1",
+        "baseline_tp4dp2",
+        "context_tp16dp10_generate_tp4dp12",
+        "baseline_tp1dp1",
+    ],
+)
 def test_label_round_trips(label):
     topology = Topology.parse(label)
     assert topology.label == label
@@ -35,9 +40,17 @@ def test_label_fields():
 
 @pytest.mark.parametrize(
     "label",
-    ["", "context_tp2dp4", "generate_tp8dp1_context_tp2dp4", "baseline_tp4", "baseline_tp4dp2_",
-     "context_tp02dp4_generate_tp8dp1", "context_tpXdp4_generate_tp8dp1", "Baseline_tp4dp2"],
-)  # fmt: skip
+    [
+        "",
+        "context_tp2dp4",
+        "generate_tp8dp1_context_tp2dp4",
+        "baseline_tp4",
+        "baseline_tp4dp2_",
+        "context_tp02dp4_generate_tp8dp1",
+        "context_tpXdp4_generate_tp8dp1",
+        "Baseline_tp4dp2",
+    ],
+)
 def test_malformed_labels(label):
     with pytest.raises(InventoryError, match="malformed: expected context_tp<T>dp<D>_generate"):
         Topology.parse(label)
@@ -45,10 +58,12 @@ def test_malformed_labels(label):
 
 @pytest.mark.parametrize(
     "label, message",
-    [("context_tp2dp0_generate_tp8dp1", "context dp0 is invalid, dp must be >= 1"),
-     ("baseline_tp4dp0", "baseline dp0 is invalid, dp must be >= 1"),
-     ("context_tp2dp4_generate_tp0dp1", "generate tp0 is invalid, tp must be >= 1")],
-)  # fmt: skip
+    [
+        ("context_tp2dp0_generate_tp8dp1", "context dp0 is invalid, dp must be >= 1"),
+        ("baseline_tp4dp0", "baseline dp0 is invalid, dp must be >= 1"),
+        ("context_tp2dp4_generate_tp0dp1", "generate tp0 is invalid, tp must be >= 1"),
+    ],
+)
 def test_zero_sizes(label, message):
     with pytest.raises(InventoryError, match=message):
         Topology.parse(label)
@@ -73,9 +88,7 @@ def test_reference_placement():
 def test_one_host_in_both_groups_shares_its_gpus():
     one = cluster({"context": ["n1"], "generate": ["n1"]}, {"n1": 8})
     workers = place(Topology.parse("context_tp2dp2_generate_tp4dp1"), one)
-    assert [(w.role, w.gpus) for w in workers] == [
-        ("context", (0, 1)), ("context", (2, 3)), ("generate", (4, 5, 6, 7))
-    ]  # fmt: skip
+    assert [(w.role, w.gpus) for w in workers] == [("context", (0, 1)), ("context", (2, 3)), ("generate", (4, 5, 6, 7))]
     assert len({w.http_port for w in workers}) == 3
     with pytest.raises(InventoryError, match="generate_tp8dp1 needs 1 groups of 8 GPUs"):
         place(Topology.parse("context_tp2dp2_generate_tp8dp1"), one)
@@ -85,15 +98,19 @@ def test_dp_spills_over_hosts_of_a_group():
     two = cluster({"context": ["a", "b"], "generate": ["c"]}, {"a": 4, "b": 4, "c": 8})
     workers = place(Topology.parse("context_tp2dp4_generate_tp8dp1"), two)
     assert [(w.host, w.gpus, w.http_port) for w in workers if w.role == "context"] == [
-        ("a", (0, 1), 8100), ("a", (2, 3), 8101), ("b", (0, 1), 8100), ("b", (2, 3), 8101)
-    ]  # fmt: skip
+        ("a", (0, 1), 8100),
+        ("a", (2, 3), 8101),
+        ("b", (0, 1), 8100),
+        ("b", (2, 3), 8101),
+    ]
 
 
 def test_baseline_defaults_to_context_hosts_and_honours_its_group():
     workers = place(Topology.parse("baseline_tp4dp2"), TWO_NODES)
     assert [(w.host, w.gpus, w.unit) for w in workers] == [
-        ("n1", (0, 1, 2, 3), "disagg-baseline-0"), ("n1", (4, 5, 6, 7), "disagg-baseline-1")
-    ]  # fmt: skip
+        ("n1", (0, 1, 2, 3), "disagg-baseline-0"),
+        ("n1", (4, 5, 6, 7), "disagg-baseline-1"),
+    ]
     grouped = cluster({"context": ["n1"], "generate": ["n2"], "baseline": ["n2"]}, {"n1": 8, "n2": 8})
     assert {w.host for w in place(Topology.parse("baseline_tp4dp2"), grouped)} == {"n2"}
 
@@ -107,8 +124,11 @@ def test_tp_larger_than_a_host():
 
 
 def test_not_enough_gpus_in_group():
-    with pytest.raises(InventoryError, match=r"context_tp2dp8 needs 8 groups of 2 GPUs \(16 GPUs\) "
-                       r"in group 'context', which has room for 4.*add hosts to group 'context'"):
+    with pytest.raises(
+        InventoryError,
+        match=r"context_tp2dp8 needs 8 groups of 2 GPUs \(16 GPUs\) "
+        r"in group 'context', which has room for 4.*add hosts to group 'context'",
+    ):
         place(Topology.parse("context_tp2dp8_generate_tp8dp1"), TWO_NODES)
 
 
@@ -120,10 +140,12 @@ def test_empty_group():
 
 @pytest.mark.parametrize(
     "ports, clash",
-    [(Ports(http_base=8000), "8000 is both router_port and context-0 http_port"),
-     (Ports(http_base=5601), "5601 is both context-0 http_port and context-0 nixl_port"),
-     (Ports(nats=5603), "5603 is both nats_port and context-1 nixl_port")],
-)  # fmt: skip
+    [
+        (Ports(http_base=8000), "8000 is both router_port and context-0 http_port"),
+        (Ports(http_base=5601), "5601 is both context-0 http_port and context-0 nixl_port"),
+        (Ports(nats=5603), "5603 is both nats_port and context-1 nixl_port"),
+    ],
+)
 def test_port_clash(ports, clash):
     with pytest.raises(InventoryError, match=f"port clash on host 'n1': {clash}; change"):
         place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, ports)
@@ -135,8 +157,11 @@ def test_port_out_of_range():
 
 
 def test_no_port_of_ours_inside_ucx_range_on_a_worker_host():
-    with pytest.raises(InventoryError, match=r"port clash on host 'n1': 20500 of context-0 http_port is inside "
-                                            r"UCX's port range 20000-20999; change ucx_port_base"):  # fmt: skip
+    with pytest.raises(
+        InventoryError,
+        match=r"port clash on host 'n1': 20500 of context-0 http_port is inside "
+        r"UCX's port range 20000-20999; change ucx_port_base",
+    ):
         place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(http_base=20500))
     # moved away, or an aggregated layout (no UCX): fine
     place(Topology.parse("context_tp2dp4_generate_tp8dp1"), TWO_NODES, Ports(http_base=20500, ucx_base=40000))

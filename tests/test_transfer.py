@@ -38,16 +38,24 @@ def _host(channel: Channel):
     transport = SimpleNamespace(open_session=lambda: channel)
     client = SimpleNamespace(get_transport=lambda: transport)
     logged = []
-    return SimpleNamespace(name="h1", connector=SimpleNamespace(client=client), connector_data={},
-                           log_styled=lambda text, **kw: logged.append(text), logged=logged)  # fmt: skip
+    return SimpleNamespace(
+        name="h1",
+        connector=SimpleNamespace(client=client),
+        connector_data={},
+        log_styled=lambda text, **kw: logged.append(text),
+        logged=logged,
+    )
 
 
-@pytest.mark.parametrize("arguments, prefix", [
-    ({}, "sh -c "),
-    ({"_sudo": True}, "sudo -H -n sh -c "),
-    ({"_sudo": True, "_sudo_user": "disagg"}, "sudo -H -n -u disagg sh -c "),
-    ({"_doas": True}, "doas -n sh -c "),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "arguments, prefix",
+    [
+        ({}, "sh -c "),
+        ({"_sudo": True}, "sudo -H -n sh -c "),
+        ({"_sudo": True, "_sudo_user": "disagg"}, "sudo -H -n -u disagg sh -c "),
+        ({"_doas": True}, "doas -n sh -c "),
+    ],
+)
 def test_the_stream_extracts_as_the_operation_runs_its_commands(tmp_path, arguments, prefix):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
@@ -58,7 +66,8 @@ def test_the_stream_extracts_as_the_operation_runs_its_commands(tmp_path, argume
     host = _host(channel)
     # pyinfra passes every connector argument it has, control ones included
     assert TarStream(str(src), ["a.whl", "sub/b.json"], "/var/lib/disagg/models/m").execute(
-        None, host, {"_timeout": 30, "_success_exit_codes": [0], **arguments})  # fmt: skip
+        None, host, {"_timeout": 30, "_success_exit_codes": [0], **arguments}
+    )
     assert channel.command == f"{prefix}'tar -x --no-same-owner -C /var/lib/disagg/models/m'"
     out = tmp_path / "out"
     out.mkdir()
@@ -73,5 +82,6 @@ def test_a_failed_extract_fails_the_operation_with_tars_own_words(tmp_path):
     (tmp_path / "f").write_text("x")
     host = _host(Channel(rc=2))
     assert TarStream(str(tmp_path), ["f"], "/opt/disagg/wheelhouse/x").execute(None, host, {"_sudo": True}) is False
-    assert host.logged == ["tar -x into /opt/disagg/wheelhouse/x failed (2): tar: .complete: Cannot open: "
-                           "Permission denied"]  # fmt: skip
+    assert host.logged == [
+        "tar -x into /opt/disagg/wheelhouse/x failed (2): tar: .complete: Cannot open: Permission denied"
+    ]

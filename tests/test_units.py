@@ -11,8 +11,8 @@ import pytest
 
 from disagg.core import settings as S
 from disagg.core.plan import make_plan
-from disagg.infra.inventory import load_inventory
 from disagg.core.units import exec_start, host_units, systemd_arg, vllm_plugin_files
+from disagg.infra.inventory import load_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = Path(__file__).resolve().parent / "expected"
@@ -48,7 +48,9 @@ def test_reference_context_units_pin_gpu_pairs_and_distinct_ports():
     for i, pair in enumerate(pairs):
         assert f"CUDA_VISIBLE_DEVICES={pair}\n" in env[f"disagg-context-{i}.env"]
         assert f"VLLM_NIXL_SIDE_CHANNEL_PORT={5600 + 2 * i}\n" in env[f"disagg-context-{i}.env"]
-        unit = files[Path("context_tp2dp4_generate_tp8dp1/h100-node1/etc/systemd/system") / f"disagg-context-{i}.service"]
+        unit = files[
+            Path("context_tp2dp4_generate_tp8dp1/h100-node1/etc/systemd/system") / f"disagg-context-{i}.service"
+        ]
         assert f"--port {8100 + i} " in unit and "--tensor-parallel-size 2 " in unit
     assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7\n" in env["disagg-generate-0.env"]
 
@@ -60,13 +62,20 @@ def test_every_unit_stops_gracefully():
                 assert f"\n{line}\n" in text, (rel, line)
     # the firewall is loaded once and stays; stopping it deletes our table, no other
     loader = next(t for r, t in rendered("label").items() if r.name == "disagg-firewall.service")
-    for line in ("Type=oneshot", "RemainAfterExit=yes", "ExecStart=/usr/sbin/nft -f /etc/disagg/firewall.nft",
-                 "ExecReload=/usr/sbin/nft -f /etc/disagg/firewall.nft", "ExecStop=/usr/sbin/nft delete table inet disagg"):  # fmt: skip
+    for line in (
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "ExecStart=/usr/sbin/nft -f /etc/disagg/firewall.nft",
+        "ExecReload=/usr/sbin/nft -f /etc/disagg/firewall.nft",
+        "ExecStop=/usr/sbin/nft delete table inet disagg",
+    ):
         assert f"\n{line}\n" in loader, line
     worker = next(t for r, t in rendered("label").items() if r.name == "disagg-context-0.service")
     # before SIGTERM, as root (it reads the root-only NATS password): out of the router, then drained
-    assert "\nExecStop=+/usr/bin/env -u PYTHONPYCACHEPREFIX PYTHONPATH=/opt/disagg/agent/src /opt/disagg/agent/bin/python -m disagg.agent " \
-           "leave \\\n" in worker
+    assert (
+        "\nExecStop=+/usr/bin/env -u PYTHONPYCACHEPREFIX PYTHONPATH=/opt/disagg/agent/src /opt/disagg/agent/bin/python -m disagg.agent "
+        "leave \\\n" in worker
+    )
     assert "--url http://h100-node1:8100 \\\n    --router-timeout 15 \\\n    --drain-timeout 60\n" in worker
     # longer than leaving the router, our drain and vLLM's, so systemd never SIGKILLs an engine mid-drain
     assert "--shutdown-timeout 60\n" in worker and "\nTimeoutStopSec=165\n" in worker
@@ -77,13 +86,22 @@ def test_every_unit_is_sandboxed_writing_only_where_it_must():
     for name, text in units.items():
         # the firewall's loader alone may change the network (its own table)
         caps = "CapabilityBoundingSet=CAP_NET_ADMIN" if name == "disagg-firewall.service" else "CapabilityBoundingSet="
-        for line in ("NoNewPrivileges=yes", caps, "ProtectSystem=strict", "ProtectHome=yes",
-                     "PrivateTmp=yes", "RestrictNamespaces=yes"):  # fmt: skip
+        for line in (
+            "NoNewPrivileges=yes",
+            caps,
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "RestrictNamespaces=yes",
+        ):
             assert f"\n{line}\n" in text, (name, line)
-    writes = {name: [line for line in text.splitlines() if line.startswith("ReadWritePaths=")]
-              for name, text in units.items()}  # fmt: skip
+    writes = {
+        name: [line for line in text.splitlines() if line.startswith("ReadWritePaths=")] for name, text in units.items()
+    }
     # below root's /var/lib/disagg, each its own directories: none may rename what root pushes into (the models)
-    assert writes["disagg-context-0.service"] == [f"ReadWritePaths={p}" for p in (S.SERVICE_HOME, S.HF_HOME, S.PYCACHE_DIR)]
+    assert writes["disagg-context-0.service"] == [
+        f"ReadWritePaths={p}" for p in (S.SERVICE_HOME, S.HF_HOME, S.PYCACHE_DIR)
+    ]
     assert writes["disagg-registry-sync.service"] == [f"ReadWritePaths={p}" for p in (S.SYNC_DIR, S.SCRAPE_TARGETS_DIR)]
     assert writes["disagg-nats.service"] == ["ReadWritePaths=/var/lib/disagg/nats"]
     assert writes["disagg-router.service"] == writes["disagg-context-0-agent.service"] == []
@@ -97,23 +115,35 @@ def test_every_unit_is_sandboxed_writing_only_where_it_must():
 
 
 def test_role_args_and_env_reach_only_their_role():
-    plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data={
-        "context_args": ["--max-num-batched-tokens", "16384"], "generate_env": {"VLLM_X": "1"}}))  # fmt: skip
+    plan = make_plan(
+        load_inventory(
+            str(ROOT / "inventories/h100.py"),
+            override_data={"context_args": ["--max-num-batched-tokens", "16384"], "generate_env": {"VLLM_X": "1"}},
+        )
+    )
     base = make_plan(load_inventory(str(ROOT / "inventories/h100.py")))
-    changed = {path for host in ("h100-node1", "h100-node2") for path, text in host_units(plan, host).items()
-               if host_units(base, host)[path] != text}  # fmt: skip
+    changed = {
+        path
+        for host in ("h100-node1", "h100-node2")
+        for path, text in host_units(plan, host).items()
+        if host_units(base, host)[path] != text
+    }
     assert changed == {f"/etc/systemd/system/disagg-context-{i}.service" for i in range(4)} | {
-        "/etc/disagg/disagg-generate-0.env"}  # fmt: skip
+        "/etc/disagg/disagg-generate-0.env"
+    }
     unit = host_units(plan, "h100-node1")["/etc/systemd/system/disagg-context-0.service"]
     assert "    --max-num-batched-tokens 16384\n" in unit
     assert "VLLM_X=1\n" in host_units(plan, "h100-node2")["/etc/disagg/disagg-generate-0.env"]
 
 
-@pytest.mark.parametrize("address, bind, from_controller", [
-    (None, "h100-node1:8000", "http://h100-node1:8000"),
-    ("0.0.0.0", "0.0.0.0:8000", "http://h100-node1:8000"),
-    ("fd00::1", "[fd00::1]:8000", "http://[fd00::1]:8000"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "address, bind, from_controller",
+    [
+        (None, "h100-node1:8000", "http://h100-node1:8000"),
+        ("0.0.0.0", "0.0.0.0:8000", "http://h100-node1:8000"),
+        ("fd00::1", "[fd00::1]:8000", "http://[fd00::1]:8000"),
+    ],
+)
 def test_the_front_door_listens_where_data_says_and_the_router_behind_it_on_the_head(address, bind, from_controller):
     data = {"router_address": address} if address else {}
     plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data=data))
@@ -130,10 +160,17 @@ def test_the_front_door_listens_where_data_says_and_the_router_behind_it_on_the_
 
 @pytest.mark.parametrize(
     "arg, quoted",
-    [("--port", "--port"), ("/opt/x/bin/python", "/opt/x/bin/python"),
-     ('{"a":1}', """'{"a":1}'"""), ("50%", "'50%%'"), ("$HOME", "'$$HOME'"),
-     ("it's", '"it\'s"'), ('a\\b', "'a\\\\b'"), ("two words", "'two words'")],
-)  # fmt: skip
+    [
+        ("--port", "--port"),
+        ("/opt/x/bin/python", "/opt/x/bin/python"),
+        ('{"a":1}', """'{"a":1}'"""),
+        ("50%", "'50%%'"),
+        ("$HOME", "'$$HOME'"),
+        ("it's", '"it\'s"'),
+        ("a\\b", "'a\\\\b'"),
+        ("two words", "'two words'"),
+    ],
+)
 def test_systemd_arg_quoting(arg, quoted):
     assert systemd_arg(arg) == quoted
 
@@ -173,9 +210,19 @@ def test_vllm_plugin_patches_only_the_releases_it_was_written_for(tmp_path, monk
     (tmp_path / "nixl/__init__.py").write_text("")
     (tmp_path / "nixl/_api.py").write_text(
         "class nixl_agent_config:\n    def __init__(self, enable_prog_thread=True):\n        self.prog = enable_prog_thread\n"
-        "class nixl_agent:\n" + "".join(f"    def {m}(self, *a):\n        return a\n" for m in (
-            "prep_xfer_dlist", "make_prepped_xfer", "transfer", "check_remote_metadata", "add_remote_agent",
-            "remove_remote_agent")))  # fmt: skip
+        "class nixl_agent:\n"
+        + "".join(
+            f"    def {m}(self, *a):\n        return a\n"
+            for m in (
+                "prep_xfer_dlist",
+                "make_prepped_xfer",
+                "transfer",
+                "check_remote_metadata",
+                "add_remote_agent",
+                "remove_remote_agent",
+            )
+        )
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv(vllm_plugin.ENV, "0")
     import nixl._api as api

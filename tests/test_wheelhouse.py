@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from fakehosts import plan_deploy
 
-from disagg.core import packages
+from disagg.core import settings as S
+from disagg.core.plan import make_plan
 from disagg.infra import preflight, wheelhouse
 from disagg.infra.facts import PreflightFacts
-from disagg.core.plan import make_plan
 from disagg.infra.inventory import load_inventory
 from disagg.infra.wheelhouse import Platform, parse_platform
 
@@ -46,9 +46,11 @@ def test_the_platform_tags_pip_is_given_cover_every_glibc_the_host_runs():
 def _wheel(directory: Path, name: str, version: str, tag: str) -> None:
     dist = name.replace("-", "_")
     info = f"{dist}-{version}.dist-info"
-    files = {f"{dist}/__init__.py": "",
-             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: {tag}\n"}  # fmt: skip
+    files = {
+        f"{dist}/__init__.py": "",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: {tag}\n",
+    }
     files[f"{info}/RECORD"] = "".join(f"{n},,\n" for n in files) + f"{info}/RECORD,,\n"
     with zipfile.ZipFile(directory / f"{dist}-{version}-{tag}.whl", "w") as z:
         for n, text in files.items():
@@ -74,7 +76,8 @@ def test_each_platform_gets_its_own_wheels_and_a_missing_one_is_named(local_inde
     x86 = wheelhouse.ensure(house, [NATIVE, PURE], parse_platform(DEBIAN12_X86))
     assert sorted(p.name for p in x86.glob("*.whl")) == [
         "disagg_fixture_native-1.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-        "disagg_fixture_pure-1.0-py3-none-any.whl"]  # fmt: skip
+        "disagg_fixture_pure-1.0-py3-none-any.whl",
+    ]
     with pytest.raises(wheelhouse.WheelhouseError) as e:
         wheelhouse.ensure(house, [NATIVE, PURE], parse_platform(NOBLE_ARM))
     assert e.value.package == NATIVE and "aarch64, Python 3.12, glibc 2.39" in str(e.value)
@@ -85,21 +88,24 @@ def test_each_platform_gets_its_own_wheels_and_a_missing_one_is_named(local_inde
 
 
 def _fixture_pins(tmp_path) -> dict:
-    """Every pin of packages.DEFAULTS on a fixture wheel, the engine's on the native one."""
-    pins = {key: [PURE] if isinstance(value, list) else PURE for key, value in packages.DEFAULTS.items()}
+    """Every pin of S.PINS on a fixture wheel, the engine's on the native one."""
+    pins = {key: [PURE] if isinstance(value, list) else PURE for key, value in S.PINS.items()}
     return {**pins, "vllm_package": NATIVE, "wheelhouse": str(tmp_path / "house")}
 
 
 def test_preflight_names_the_host_whose_platform_has_no_wheel_for_a_pin(local_index, tmp_path):
     plan = make_plan(load_inventory("inventories/h100.py"))
     data = {name: _fixture_pins(tmp_path) for name in ("h100-node1", "h100-node2")}
-    platforms = {"h100-node1": PreflightFacts().process(["### platform", DEBIAN12_X86])["platform"],
-                 "h100-node2": PreflightFacts().process(["### platform", NOBLE_ARM])["platform"]}  # fmt: skip
+    platforms = {
+        "h100-node1": PreflightFacts().process(["### platform", DEBIAN12_X86])["platform"],
+        "h100-node2": PreflightFacts().process(["### platform", NOBLE_ARM])["platform"],
+    }
     problems = preflight.check_wheels(plan, data, platforms)
     assert [p.line() for p in problems] == [
         f"h100-node2: wheels: no wheel of {NATIVE} (for {NATIVE}) for its platform (aarch64, Python 3.12, "
         "glibc 2.39); pin a release with one in data 'vllm_package', add one to your package index, or deploy "
-        "this host without data 'wheelhouse'"]  # fmt: skip
+        "this host without data 'wheelhouse'"
+    ]
     # a host without python3 cannot say its platform
     problems = preflight.check_wheels(plan, data, {**platforms, "h100-node2": None})
     assert [(p.host, p.field) for p in problems] == [("h100-node2", "platform")]
@@ -118,7 +124,7 @@ def test_each_host_installs_from_the_wheelhouse_of_its_own_platform(local_index,
         f"generate = [('arm-node', {{'gpus': 8, 'address': '10.0.0.2', 'fake_responses': {{'getconf GNU_LIBC_VERSION': [{NOBLE_ARM!r}]}}}})]\n"
         f"all = (['x86-node', 'arm-node'], {{'label': 'context_tp2dp4_generate_tp8dp1', 'model': 'm', "
         f"'install_nvidia_driver': False, 'preflight': False, **{pins!r}}})\n"
-    )  # fmt: skip
+    )
     planned = plan_deploy(str(inventory), "deploys/disagg.py")
     for host, line in (("x86-node", DEBIAN12_X86), ("arm-node", NOBLE_ARM)):
         local = wheelhouse.directory_for(pins["wheelhouse"], [NATIVE], parse_platform(line))
@@ -126,13 +132,15 @@ def test_each_host_installs_from_the_wheelhouse_of_its_own_platform(local_index,
         assert any(f"--no-index --find-links {remote} {NATIVE}" in c for c in planned.commands(host))
         assert any(n.endswith(f"Push wheels of {NATIVE}") for n, _ in planned.ops(host))
         native = [p.name for p in local.glob("*.whl")]
-        assert native == [f"disagg_fixture_native-1.0-{'cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64' if host == 'x86-node' else 'cp312-cp312-manylinux_2_28_aarch64'}.whl"]  # fmt: skip
+        assert native == [
+            f"disagg_fixture_native-1.0-{'cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64' if host == 'x86-node' else 'cp312-cp312-manylinux_2_28_aarch64'}.whl"
+        ]
 
 
 def test_the_host_agents_wheels_for_aarch64_and_python_3_12_from_the_package_registry(tmp_path):
     """A real download from the registry this machine reaches (its pip
     configuration), for a platform this controller is not."""
-    agent = packages.DEFAULTS["agent_packages"]
+    agent = S.PINS["agent_packages"]
     path = wheelhouse.ensure(str(tmp_path), agent, parse_platform(NOBLE_ARM))
     names = sorted(p.name for p in path.glob("*.whl"))
     for pin in agent:

@@ -1,9 +1,9 @@
 """The host agent's command line (see the package docstring):
 
-    python -m disagg.agent heartbeat --nats tls://10.0.0.1:4222 --ca ca.crt --role context ...
-    python -m disagg.agent sync --nats tls://10.0.0.1:4222 --ca ca.crt --router http://127.0.0.1:8000 --mode pd ...
-    python -m disagg.agent leave --nats tls://10.0.0.1:4222 --ca ca.crt --url http://10.0.0.1:8100 --drain-timeout 60
-    python -m disagg.agent status --nats tls://10.0.0.1:4222 --ca ca.crt --expect context-0=http://... --wait
+python -m disagg.agent heartbeat --nats tls://10.0.0.1:4222 --ca ca.crt --role context ...
+python -m disagg.agent sync --nats tls://10.0.0.1:4222 --ca ca.crt --router http://127.0.0.1:8000 --mode pd ...
+python -m disagg.agent leave --nats tls://10.0.0.1:4222 --ca ca.crt --url http://10.0.0.1:8100 --drain-timeout 60
+python -m disagg.agent status --nats tls://10.0.0.1:4222 --ca ca.crt --expect context-0=http://... --wait
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     lv.add_argument("--url", required=True)
     lv.add_argument("--drain-timeout", type=float, default=60)
     lv.add_argument("--router-timeout", type=float, default=15, help="seconds to wait for the router to drop it")
-    st = sub.add_parser("status", parents=[common], help="registry, router and NATS health (exit 0 ready, "
-                        "1 not ready, 3 unknown)")  # fmt: skip
+    st = sub.add_parser(
+        "status", parents=[common], help="registry, router and NATS health (exit 0 ready, 1 not ready, 3 unknown)"
+    )
     st.add_argument("--router")
     st.add_argument("--expect", action="append", default=[], metavar="NAME=URL")
     st.add_argument("--layout", help="the deployed layout's file: entries of no worker of it are foreign")
@@ -63,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     server = kv.Server(args.nats, args.user, password, args.ca)
     if args.command == "heartbeat":
         worker = {
-            "role": args.role, "index": args.index, "host": args.host, "url": args.url,
-            "gpus": [int(g) for g in args.gpus.split(",") if g], "label": args.label,
-            "model": args.model, "zmq": args.zmq,
-        }  # fmt: skip
+            "role": args.role,
+            "index": args.index,
+            "host": args.host,
+            "url": args.url,
+            "gpus": [int(g) for g in args.gpus.split(",") if g],
+            "label": args.label,
+            "model": args.model,
+            "zmq": args.zmq,
+        }
         from .heartbeat import heartbeat
 
         asyncio.run(heartbeat(server, worker))
@@ -78,10 +84,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--targets-dir and --metrics-address go together")
         from .sync import Scrape, sync
 
-        scrape = (Scrape(args.targets_dir, args.metrics_address, args.nats_monitor, args.dcgm_port, tuple(args.certificate))
-                  if args.targets_dir else None)  # fmt: skip
-        asyncio.run(sync(server, args.router, args.mode, args.discovery, Layout(args.layout),
-                         args.router_log, args.state_file, scrape=scrape))  # fmt: skip
+        scrape = (
+            Scrape(args.targets_dir, args.metrics_address, args.nats_monitor, args.dcgm_port, tuple(args.certificate))
+            if args.targets_dir
+            else None
+        )
+        asyncio.run(
+            sync(
+                server,
+                args.router,
+                args.mode,
+                args.discovery,
+                Layout(args.layout),
+                args.router_log,
+                args.state_file,
+                scrape=scrape,
+            )
+        )
         return 0
     if args.command == "leave":
         from .leave import leave

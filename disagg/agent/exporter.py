@@ -11,10 +11,9 @@ import os
 import ssl
 import subprocess
 import urllib.request
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
-VARZ = ("connections", "subscriptions", "slow_consumers", "mem", "cpu",
-        "in_msgs", "out_msgs", "in_bytes", "out_bytes")  # fmt: skip
+VARZ = ("connections", "subscriptions", "slow_consumers", "mem", "cpu", "in_msgs", "out_msgs", "in_bytes", "out_bytes")
 JSZ = ("streams", "consumers", "messages", "bytes")
 
 
@@ -31,8 +30,14 @@ class Collector:
     registry's worker entries as the sync last read them; routable: the URLs
     it sends to the router."""
 
-    def __init__(self, monitor: str, entries: Callable[[], Iterable[dict]], routable: Callable[[], Iterable[str]],
-                 layout: Callable[[], Iterable[dict]] = tuple, certificates: Iterable[str] = ()):  # fmt: skip
+    def __init__(
+        self,
+        monitor: str,
+        entries: Callable[[], Iterable[dict]],
+        routable: Callable[[], Iterable[str]],
+        layout: Callable[[], Iterable[dict]] = tuple,
+        certificates: Iterable[str] = (),
+    ):
         """layout: the deployed layout's workers; certificates: PEM files
         whose expiry is exported (the alerting rules warn before it)."""
         self.monitor, self.entries, self.routable = monitor.rstrip("/"), entries, routable
@@ -51,26 +56,34 @@ class Collector:
         for key in JSZ if jsz else ():
             yield GaugeMetricFamily(f"gnatsd_jsz_{key}", f"NATS /jsz {key}", value=float(jsz.get(key, 0)))
         routable = set(self.routable())
-        gpus = GaugeMetricFamily("disagg_worker_gpus", "GPUs placed for a worker of the registry",
-                                 labels=["layout", "role", "index", "host", "worker"])  # fmt: skip
-        routed = GaugeMetricFamily("disagg_worker_routed", "1 when the sync sends the worker to the router",
-                                   labels=["layout", "role", "index", "host", "worker"])  # fmt: skip
+        gpus = GaugeMetricFamily(
+            "disagg_worker_gpus",
+            "GPUs placed for a worker of the registry",
+            labels=["layout", "role", "index", "host", "worker"],
+        )
+        routed = GaugeMetricFamily(
+            "disagg_worker_routed",
+            "1 when the sync sends the worker to the router",
+            labels=["layout", "role", "index", "host", "worker"],
+        )
         for e in self.entries():
             labels = [e["label"], e["role"], str(e["index"]), e["host"], f"{e['role']}-{e['index']}"]
             gpus.add_metric(labels, float(len(e["gpus"])))
             routed.add_metric(labels, 1.0 if e["url"] in routable else 0.0)
         yield gpus
         yield routed
-        deployed = GaugeMetricFamily("disagg_layout_workers", "Workers of the deployed layout (what the sync routes)",
-                                     labels=["role"])  # fmt: skip
+        deployed = GaugeMetricFamily(
+            "disagg_layout_workers", "Workers of the deployed layout (what the sync routes)", labels=["role"]
+        )
         roles: dict[str, int] = {}
         for w in self.layout():
             roles[w["role"]] = roles.get(w["role"], 0) + 1
         for role, count in sorted(roles.items()):
             deployed.add_metric([role], float(count))
         yield deployed
-        expiry = GaugeMetricFamily("disagg_certificate_not_after_seconds", "When a certificate of ours expires (Unix time)",
-                                   labels=["path"])  # fmt: skip
+        expiry = GaugeMetricFamily(
+            "disagg_certificate_not_after_seconds", "When a certificate of ours expires (Unix time)", labels=["path"]
+        )
         for path in self.certificates:
             not_after = self.not_after(path)
             if not_after is not None:

@@ -8,8 +8,7 @@ import asyncio
 from . import kv
 
 
-async def heartbeat(server: kv.Server, worker: dict,
-                    interval: float = kv.HEARTBEAT) -> None:  # fmt: skip
+async def heartbeat(server: kv.Server, worker: dict, interval: float = kv.HEARTBEAT) -> None:
     """Keep the worker's entry fresh until SIGTERM. Stopping does not delete
     it: the worker's own ExecStop (`leave`) does that when the worker stops,
     so a restart of this companion alone never takes a worker out of the

@@ -22,7 +22,8 @@ from . import envfile
 # nats-py closing a TLS connection makes asyncio's sslproto say this (at
 # WARNING, on every `disagg status`); it means nothing for us
 logging.getLogger("asyncio").addFilter(
-    lambda record: "eof_received() has no effect when using ssl" not in record.getMessage())
+    lambda record: "eof_received() has no effect when using ssl" not in record.getMessage()
+)
 
 BUCKET = "disagg-workers"
 # The bucket's max age: an entry not refreshed for TTL (by the NATS server's
@@ -80,18 +81,27 @@ def _reading() -> list[str]:
     """What looks the bucket up and reads it: a watch (an ordered consumer,
     flow-controlled) or one key (direct get, else a stream message get)."""
     stream = f"KV_{BUCKET}"
-    return ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}",
-            f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>",
-            f"$JS.API.CONSUMER.DELETE.{stream}.>", f"$JS.FC.{stream}.>", f"$JS.API.DIRECT.GET.{stream}.>",
-            f"$JS.API.STREAM.MSG.GET.{stream}"]  # fmt: skip
+    return [
+        "$JS.API.INFO",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.FC.{stream}.>",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+    ]
 
 
 def heartbeat_permissions(url: str) -> dict:
     """What a heartbeat's user may do (the heartbeat, and its worker's leave
     and rejoin wait): read the registry, put or delete its worker's key
     (JetStream acknowledges on the client's inbox)."""
-    return {"publish": {"allow": [*_reading(), f"$KV.{BUCKET}.{worker_key(url)}"]},
-            "subscribe": {"allow": ["_INBOX.>"]}}
+    return {
+        "publish": {"allow": [*_reading(), f"$KV.{BUCKET}.{worker_key(url)}"]},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    }
 
 
 # the sync's NATS user (the registry's reader)
@@ -101,8 +111,10 @@ SYNC_USER = "sync"
 def sync_permissions() -> dict:
     """What the sync's user may do: read the registry, make the bucket on
     first use and put the router's view; never a worker's key."""
-    return {"publish": {"allow": [*_reading(), f"$JS.API.STREAM.CREATE.KV_{BUCKET}", f"$KV.{BUCKET}.{ROUTER_KEY}"]},
-            "subscribe": {"allow": ["_INBOX.>"]}}
+    return {
+        "publish": {"allow": [*_reading(), f"$JS.API.STREAM.CREATE.KV_{BUCKET}", f"$KV.{BUCKET}.{ROUTER_KEY}"]},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    }
 
 
 def worker_key(url: str) -> str:
@@ -197,8 +209,7 @@ def describe(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {text}" if text else error.__class__.__name__
 
 
-async def connect(server: Server, stop: asyncio.Event | None = None, reconnect: bool = True,
-                  max_backoff: float = 30.0):  # fmt: skip
+async def connect(server: Server, stop: asyncio.Event | None = None, reconnect: bool = True, max_backoff: float = 30.0):
     """A connection that, once made, reconnects for ever. With stop, the
     first connect is retried with backoff (units start before NATS is up),
     each failure logged with its reason (never the password), until it
@@ -225,16 +236,19 @@ async def connect(server: Server, stop: asyncio.Event | None = None, reconnect: 
         try:
             # nats-py retries a first connect silently for ever when reconnects
             # are allowed: fail fast here, and retry (or not) ourselves
-            nc = await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=1,
-                                    error_cb=first_failed, **options)  # fmt: skip
+            nc = await nats.connect(
+                server.url, allow_reconnect=False, max_reconnect_attempts=1, error_cb=first_failed, **options
+            )
             break
         except Exception as e:
             reason = describe(failed[-1] if failed else e)
             failed.clear()
             if stop is None:
                 raise ConnectionError(reason) from None
-            complain(f"cannot connect to NATS at {server} as {server.user!r}: {reason}; retrying (up to every "
-                     f"{max_backoff:.0f} s)")  # fmt: skip
+            complain(
+                f"cannot connect to NATS at {server} as {server.user!r}: {reason}; retrying (up to every "
+                f"{max_backoff:.0f} s)"
+            )
         await sleep(stop, backoff)
         if stop.is_set():
             raise Stopped

@@ -36,8 +36,9 @@ class Layout:
             data = json.loads(self.path.read_text())
             workers = {w["url"]: w for w in data["workers"] if isinstance(w.get("url"), str)}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            kv.log(f"layout: {self.path} unreadable, keeping the last one ({len(self.workers)} workers): "
-                   f"{kv.describe(e)}")  # fmt: skip
+            kv.log(
+                f"layout: {self.path} unreadable, keeping the last one ({len(self.workers)} workers): {kv.describe(e)}"
+            )
             return
         self._seen = (st.st_mtime_ns, st.st_size)
         if workers != self.workers:
@@ -49,6 +50,9 @@ class Layout:
         ours = self.workers.get(entry["url"])
         if ours is not None and ours.get("role") == entry.get("role") and ours.get("zmq") == entry.get("zmq"):
             return True
-        kv.skipped(key, f"names {entry.get('role')} {entry['url']} (ZMQ {entry.get('zmq')}), not a worker of the "
-                        "deployed layout: foreign")  # fmt: skip
+        kv.skipped(
+            key,
+            f"names {entry.get('role')} {entry['url']} (ZMQ {entry.get('zmq')}), not a worker of the "
+            "deployed layout: foreign",
+        )
         return False

@@ -11,15 +11,15 @@ import time
 from . import kv, metrics
 
 
-async def leave(server: kv.Server, url: str, drain_timeout: float,
-                forget_timeout: float) -> None:  # fmt: skip
+async def leave(server: kv.Server, url: str, drain_timeout: float, forget_timeout: float) -> None:
     start = time.monotonic()
     try:
         await _out_of_router(server, url, forget_timeout)
     except Exception as e:
         grace = kv.ROUTER_FORGETS_AFTER + 2 * kv.SYNC_INTERVAL
-        kv.log(f"{url}: cannot confirm through NATS that the router dropped it ({kv.describe(e)}); "
-               f"waiting {grace:.0f} s")  # fmt: skip
+        kv.log(
+            f"{url}: cannot confirm through NATS that the router dropped it ({kv.describe(e)}); waiting {grace:.0f} s"
+        )
         await asyncio.sleep(grace)
     left = time.monotonic() - start
     drained = await asyncio.to_thread(_drain, url, drain_timeout)
@@ -37,8 +37,11 @@ async def _out_of_router(server: kv.Server, url: str, timeout: float) -> None:
             if members is not None and url not in members:
                 return
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"the router still lists it after {timeout:.0f} s" if members is not None
-                                   else "the router's own view is unknown")  # fmt: skip
+                raise TimeoutError(
+                    f"the router still lists it after {timeout:.0f} s"
+                    if members is not None
+                    else "the router's own view is unknown"
+                )
             await asyncio.sleep(0.5)
     finally:
         await asyncio.wait_for(nc.close(), kv.NATS_TIMEOUT)

@@ -12,9 +12,12 @@ def samples(text: str, name: str, **match: str) -> list[tuple[dict[str, str], fl
     carries its `_total` suffix) whose labels include `match`."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return [(s.labels, s.value) for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in match.items())]  # fmt: skip
+    return [
+        (s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in match.items())
+    ]
 
 
 def scrape(url: str, timeout: float = 2.0) -> str | None:

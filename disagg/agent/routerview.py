@@ -64,9 +64,19 @@ class DiscoveryLog:
         if self.source.startswith("journal:"):
             unit = self.source.removeprefix("journal:")
             proc = await asyncio.create_subprocess_exec(
-                "journalctl", "-u", unit, "-b", "-f", "-n", "all", "-o", "cat", "--no-pager",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
+                "journalctl",
+                "-u",
+                unit,
+                "-b",
+                "-f",
+                "-n",
+                "all",
+                "-o",
+                "cat",
+                "--no-pager",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
             try:
                 await self._lines(proc.stdout, stop, live=lambda: proc.returncode is None)
             finally:

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     api = HfApi()
     commit = api.model_info(args.repo, revision=args.revision).sha
-    tree = {f.path: f for f in api.list_repo_tree(args.repo, revision=commit, recursive=True) if isinstance(f, RepoFile)}
+    tree = {
+        f.path: f for f in api.list_repo_tree(args.repo, revision=commit, recursive=True) if isinstance(f, RepoFile)
+    }
     total = sum(f.size for f in tree.values())
     print(f"stage: {args.repo}@{args.revision} = {commit}: {len(tree)} files, {total / 1e9:.2f} GB", flush=True)
     args.dest.mkdir(parents=True, exist_ok=True)
@@ -94,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         manifest, bad = _check(args.dest, tree)
         if not bad:
             break
-        print(f"stage: {len(bad)} files do not match the hub's checksums ({', '.join(bad[:5])}), "
-              f"{'fetching them again' if attempt == 1 else 'giving up'}", flush=True)  # fmt: skip
+        print(
+            f"stage: {len(bad)} files do not match the hub's checksums ({', '.join(bad[:5])}), "
+            f"{'fetching them again' if attempt == 1 else 'giving up'}",
+            flush=True,
+        )
         for name in bad:
             (args.dest / name).unlink(missing_ok=True)
     else:

@@ -60,7 +60,9 @@ class Status:
 def assess(expected: list[Expected], entries: dict[str, dict], members: list[str] | None) -> list[str]:
     """What keeps the deployed topology from being ready, one phrase each.
     `entries`: the live registry (an entry past its TTL is already gone)."""
-    by_url = {e["url"]: e for k, e in entries.items() if k.startswith(kv.WORKER_PREFIX) and isinstance(e.get("url"), str)}
+    by_url = {
+        e["url"]: e for k, e in entries.items() if k.startswith(kv.WORKER_PREFIX) and isinstance(e.get("url"), str)
+    }
     problems = []
     for w in expected:
         entry = by_url.get(w.url)
@@ -73,8 +75,13 @@ def assess(expected: list[Expected], entries: dict[str, dict], members: list[str
     return problems
 
 
-async def status(server: kv.Server, router: str | None, expected: list[Expected],
-                 router_metrics: str | None = None, layout: set[str] | None = None) -> Status:  # fmt: skip
+async def status(
+    server: kv.Server,
+    router: str | None,
+    expected: list[Expected],
+    router_metrics: str | None = None,
+    layout: set[str] | None = None,
+) -> Status:
     """layout: the URLs of every worker of the deployed layout, when known
     (expected may name only some: a rolled worker's rejoin); an entry of
     none is foreign, and one in the router a problem."""
@@ -103,6 +110,7 @@ async def status(server: kv.Server, router: str | None, expected: list[Expected]
         "vllm_router_processed_requests_total",
     )
     workers = []
+
     def order(item):
         role, index = item[1].get("role"), item[1].get("index")
         return str(role), index if isinstance(index, int) else 0
@@ -117,19 +125,22 @@ async def status(server: kv.Server, router: str | None, expected: list[Expected]
             running = metrics.total(text, "vllm:num_requests_running")
         # another layout's, or written by someone else: the sync does not route it
         foreign = layout is not None and e["url"] not in layout
-        workers.append({
-            **e,
-            "name": names.get(e["url"], f"{e.get('role')}-{e.get('index')}"),
-            "foreign": foreign,
-            "heartbeat_age_s": round(age[key], 1),
-            "in_router": None if members is None else e["url"] in members,
-            "routed": routed.get(e["url"]),
-            "running": running,
-        })  # fmt: skip
+        workers.append(
+            {
+                **e,
+                "name": names.get(e["url"], f"{e.get('role')}-{e.get('index')}"),
+                "foreign": foreign,
+                "heartbeat_age_s": round(age[key], 1),
+                "in_router": None if members is None else e["url"] in members,
+                "routed": routed.get(e["url"]),
+                "running": running,
+            }
+        )
     problems = assess(expected, values, members)
     if layout is not None and members:
-        problems += [f"{url} is in the router but is no worker of the deployed layout" for url in members
-                     if url not in layout]  # fmt: skip
+        problems += [
+            f"{url} is in the router but is no worker of the deployed layout" for url in members if url not in layout
+        ]
     if router and router_health != "healthy":
         problems.insert(0, f"router at {router} is {router_health}")
     if expected and router_state is None:
@@ -139,8 +150,9 @@ async def status(server: kv.Server, router: str | None, expected: list[Expected]
     return Status(nats="healthy", router=router_health, workers=workers, members=members, problems=problems)
 
 
-async def wait_ready(server: kv.Server, router: str | None, expected: list[Expected],
-                     timeout: float, interval: float = 2.0, **kw) -> Status:  # fmt: skip
+async def wait_ready(
+    server: kv.Server, router: str | None, expected: list[Expected], timeout: float, interval: float = 2.0, **kw
+) -> Status:
     """Poll until ready or timeout; an unreadable registry is retried too
     (the gate may run while NATS restarts)."""
     deadline = time.monotonic() + timeout
@@ -156,17 +168,19 @@ def table(current: Status) -> str:
     head = ("worker", "host", "GPUs", "url", "health", "heartbeat", "in router", "routed", "running")
     rows = [head]
     for w in current.workers:
-        rows.append((
-            w["name"] + (" (foreign)" if w.get("foreign") else ""),
-            w.get("host", ""),
-            ",".join(map(str, w.get("gpus", []))),
-            w["url"],
-            w.get("health", ""),
-            f"{w['heartbeat_age_s']:.0f} s ago",
-            {None: "?", True: "yes", False: "no"}[w["in_router"]],
-            "" if w["routed"] is None else f"{w['routed']:g}",
-            "" if w["running"] is None else f"{w['running']:g}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                w["name"] + (" (foreign)" if w.get("foreign") else ""),
+                w.get("host", ""),
+                ",".join(map(str, w.get("gpus", []))),
+                w["url"],
+                w.get("health", ""),
+                f"{w['heartbeat_age_s']:.0f} s ago",
+                {None: "?", True: "yes", False: "no"}[w["in_router"]],
+                "" if w["routed"] is None else f"{w['routed']:g}",
+                "" if w["running"] is None else f"{w['running']:g}",
+            )
+        )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines = [f"NATS: {current.nats}    router: {current.router}"]
     lines += ["  ".join(str(c).ljust(n) for c, n in zip(r, widths)).rstrip() for r in rows]

@@ -61,9 +61,13 @@ class Members:
             except ValueError:
                 saved = {}
             # the file outlives a relabel: a member of the layout before is none now
-            self.entries = {url: e for url, e in saved.items()
-                            if isinstance(e, dict) and (m := kv.member(kv.worker_key(url), e, roles))
-                            and layout.admits(kv.worker_key(url), m)}  # fmt: skip
+            self.entries = {
+                url: e
+                for url, e in saved.items()
+                if isinstance(e, dict)
+                and (m := kv.member(kv.worker_key(url), e, roles))
+                and layout.admits(kv.worker_key(url), m)
+            }
 
     def routable(self) -> list[dict]:
         return [e for url, e in self.entries.items() if url not in self.gone]
@@ -87,22 +91,39 @@ class Members:
             os.replace(tmp, self.path)
 
 
-async def sync(server: kv.Server, router: str, mode: str, discovery: str | None, layout: Layout,
-               router_log: str | None = None, state_file: str | None = None,
-               interval: float = kv.SYNC_INTERVAL, scrape: Scrape | None = None) -> None:  # fmt: skip
+async def sync(
+    server: kv.Server,
+    router: str,
+    mode: str,
+    discovery: str | None,
+    layout: Layout,
+    router_log: str | None = None,
+    state_file: str | None = None,
+    interval: float = kv.SYNC_INTERVAL,
+    scrape: Scrape | None = None,
+) -> None:
     stop = kv.stop_event()
     roles = set(kv.DISCOVERY_TYPE) if mode == "pd" else {"baseline"}
     members = Members(state_file, roles, layout)
     view = DiscoveryLog(router_log or "journal:disagg-router.service") if mode == "pd" else None
-    send = _send_discovery(discovery, members, stop, interval) if mode == "pd" else _reconcile(router, members, stop, interval)
-    tasks = [send, _watch_health(members, stop, interval),
-             _registry(server, router, mode, roles, layout, members, view, stop, interval, scrape)]  # fmt: skip
+    send = (
+        _send_discovery(discovery, members, stop, interval)
+        if mode == "pd"
+        else _reconcile(router, members, stop, interval)
+    )
+    tasks = [
+        send,
+        _watch_health(members, stop, interval),
+        _registry(server, router, mode, roles, layout, members, view, stop, interval, scrape),
+    ]
     if scrape:
         entries = lambda: list(members.entries.values())  # noqa: E731
         routable = lambda: [e["url"] for e in members.routable()]  # noqa: E731
         deployed = lambda: list(layout.workers.values())  # noqa: E731
-        exporter.serve(scrape.metrics_address,
-                       exporter.Collector(scrape.nats_monitor, entries, routable, deployed, scrape.certificates))
+        exporter.serve(
+            scrape.metrics_address,
+            exporter.Collector(scrape.nats_monitor, entries, routable, deployed, scrape.certificates),
+        )
         tasks.append(targets.watch_dcgm(scrape.targets_dir, scrape.dcgm_port, entries, stop))
     if view:
         tasks.append(view.follow(stop))
@@ -171,8 +192,18 @@ def _reconcile_once(router: str, wanted: set[str]) -> None:
             kv.log(f"{path} {url}")
 
 
-async def _registry(server: kv.Server, router: str, mode: str, roles: set[str], layout: Layout, members: Members,
-                    view: DiscoveryLog | None, stop: asyncio.Event, interval: float, scrape: Scrape | None) -> None:  # fmt: skip
+async def _registry(
+    server: kv.Server,
+    router: str,
+    mode: str,
+    roles: set[str],
+    layout: Layout,
+    members: Members,
+    view: DiscoveryLog | None,
+    stop: asyncio.Event,
+    interval: float,
+    scrape: Scrape | None,
+) -> None:
     """Read the registry's workers of the layout into members; publish the
     router's own view."""
     try:
@@ -191,10 +222,11 @@ async def _registry(server: kv.Server, router: str, mode: str, roles: set[str], 
                 members.replace({m["url"]: m for k, m in routable if m and layout.admits(k, m)})
                 read_failed(None, recovered="registry readable again")
             except Exception as e:
-                read_failed(f"registry unreadable, keeping the last {len(members.entries)} members: "
-                            f"{kv.describe(e)}")  # fmt: skip
+                read_failed(f"registry unreadable, keeping the last {len(members.entries)} members: {kv.describe(e)}")
             if scrape:
-                targets.write(scrape.targets_dir, targets.WORKERS, targets.worker_groups(list(members.entries.values())))
+                targets.write(
+                    scrape.targets_dir, targets.WORKERS, targets.worker_groups(list(members.entries.values()))
+                )
             state = await asyncio.to_thread(_router_state, router, mode, view)
             try:
                 if store is None:

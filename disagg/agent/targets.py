@@ -14,8 +14,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import net
-from . import kv
+from . import kv, net
 
 WORKERS = "workers.json"
 DCGM = "dcgm.json"
@@ -25,10 +24,20 @@ DCGM_INTERVAL = 15.0
 
 def worker_groups(entries: list[dict]) -> list[dict]:
     """One file_sd group per worker entry of the registry."""
-    return [{"targets": [kv.hostport(e["url"])],
-             "labels": {"layout": e["label"], "role": e["role"], "index": str(e["index"]), "host": e["host"],
-                        "worker": f"{e['role']}-{e['index']}", "gpus": str(len(e["gpus"]))}}
-            for e in sorted(entries, key=lambda e: (e["role"], e["index"]))]  # fmt: skip
+    return [
+        {
+            "targets": [kv.hostport(e["url"])],
+            "labels": {
+                "layout": e["label"],
+                "role": e["role"],
+                "index": str(e["index"]),
+                "host": e["host"],
+                "worker": f"{e['role']}-{e['index']}",
+                "gpus": str(len(e["gpus"])),
+            },
+        }
+        for e in sorted(entries, key=lambda e: (e["role"], e["index"]))
+    ]
 
 
 def hosts(entries: list[dict]) -> dict[str, str]:
@@ -37,8 +46,7 @@ def hosts(entries: list[dict]) -> dict[str, str]:
 
 
 def dcgm_groups(answering: dict[str, str], port: int) -> list[dict]:
-    return [{"targets": [net.hostport(a, port)], "labels": {"host": name}}
-            for name, a in sorted(answering.items())]  # fmt: skip
+    return [{"targets": [net.hostport(a, port)], "labels": {"host": name}} for name, a in sorted(answering.items())]
 
 
 def write(directory: str, name: str, groups: list[dict]) -> bool:
@@ -66,8 +74,7 @@ def listens(address: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-async def watch_dcgm(directory: str, port: int, entries, stop: asyncio.Event,
-                     interval: float = DCGM_INTERVAL) -> None:  # fmt: skip
+async def watch_dcgm(directory: str, port: int, entries, stop: asyncio.Event, interval: float = DCGM_INTERVAL) -> None:
     """entries: a callable giving the current worker entries. Hosts without
     NVIDIA GPUs run no exporter: they refuse, and are not listed."""
     while not stop.is_set():

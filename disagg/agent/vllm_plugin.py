@@ -60,8 +60,12 @@ def register() -> None:
     nixl_agent.__disagg__ = True
     have = installed()
     if have != WRITTEN_FOR:
-        logger.error("disagg: vLLM plugin off: written for %s, found %s (no re-handshake of a disconnected NIXL "
-                     "peer, NIXL's progress thread as nixl starts it)", WRITTEN_FOR, have)  # fmt: skip
+        logger.error(
+            "disagg: vLLM plugin off: written for %s, found %s (no re-handshake of a disconnected NIXL "
+            "peer, NIXL's progress thread as nixl starts it)",
+            WRITTEN_FOR,
+            have,
+        )
         return
     _rehandshake_disconnected(nixl_agent)
     if os.environ.get(ENV, "1") == "0":
@@ -146,6 +150,10 @@ def _rehandshake_disconnected(agent) -> None:
         books(self)[2].discard(_name(agent_name))
         return remove(self, agent_name)
 
-    agent.prep_xfer_dlist, agent.make_prepped_xfer, agent.transfer = prep_xfer_dlist, make_prepped_xfer, transfer_watched
+    agent.prep_xfer_dlist, agent.make_prepped_xfer, agent.transfer = (
+        prep_xfer_dlist,
+        make_prepped_xfer,
+        transfer_watched,
+    )
     agent.check_remote_metadata = check_remote_metadata
     agent.add_remote_agent, agent.remove_remote_agent = add_remote_agent, remove_remote_agent

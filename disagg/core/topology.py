@@ -51,16 +51,12 @@ class Topology:
             stages = (Stage("baseline", bt, bd),)
         else:
             raise InventoryError(
-                f"label {label!r} is malformed: expected {LABEL_FORMS}, "
-                "e.g. context_tp2dp4_generate_tp8dp1"
+                f"label {label!r} is malformed: expected {LABEL_FORMS}, e.g. context_tp2dp4_generate_tp8dp1"
             )
         for s in stages:
             for name, value in (("tp", s.tp), ("dp", s.dp)):
                 if value < 1:
-                    raise InventoryError(
-                        f"label {label!r}: {s.role} {name}{value} is invalid, "
-                        f"{name} must be >= 1"
-                    )
+                    raise InventoryError(f"label {label!r}: {s.role} {name}{value} is invalid, {name} must be >= 1")
         return cls(stages)
 
     @property
@@ -78,9 +74,7 @@ class Topology:
     @property
     def configuration(self) -> str:
         """In words, e.g. '4 x TP2 context + 1 x TP8 generate'."""
-        return " + ".join(
-            f"{s.dp} x TP{s.tp} {'aggregated' if s.role == 'baseline' else s.role}" for s in self.stages
-        )
+        return " + ".join(f"{s.dp} x TP{s.tp} {'aggregated' if s.role == 'baseline' else s.role}" for s in self.stages)
 
     def stage(self, role: str) -> Stage:
         for s in self.stages:
@@ -169,6 +163,9 @@ class Ports:
         }
 
 
+DEFAULT_PORTS = Ports()
+
+
 @dataclass(frozen=True)
 class Worker:
     role: str
@@ -214,7 +211,7 @@ class Worker:
         }
 
 
-def place(topology: Topology, cluster: Cluster, ports: Ports = Ports()) -> list[Worker]:
+def place(topology: Topology, cluster: Cluster, ports: Ports = DEFAULT_PORTS) -> list[Worker]:
     """Assign every worker a host, GPUs and ports, or raise InventoryError.
 
     Each TP group stays on one host and takes the lowest free GPUs there, so
@@ -253,9 +250,7 @@ def place(topology: Topology, cluster: Cluster, ports: Ports = Ports()) -> list[
             del free[host.name][: stage.tp]
             http_port, nixl_port = next_port[host.name]
             next_port[host.name] = (http_port + 1, nixl_port + stage.tp)
-            workers.append(
-                Worker(stage.role, index, host.name, host.address, gpus, http_port, nixl_port)
-            )
+            workers.append(Worker(stage.role, index, host.name, host.address, gpus, http_port, nixl_port))
     check_ports(workers, cluster, ports, ucx=topology.disaggregated)
     return workers
 
@@ -264,9 +259,7 @@ def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports, ucx: bool
     """Every port of ours on a host must be distinct and valid; with ucx,
     none on a worker's host inside UCX's range."""
     by_host: dict[str, dict[int, str]] = {h.name: {} for h in cluster.hosts}
-    claims: list[tuple[str, int, str]] = [
-        (cluster.head, port, name) for name, port in ports.head_services().items()
-    ]
+    claims: list[tuple[str, int, str]] = [(cluster.head, port, name) for name, port in ports.head_services().items()]
     for w in workers:
         claims.append((w.host, w.http_port, f"{w.name} http_port"))
         claims.extend((w.host, p, f"{w.name} nixl_port") for p in w.nixl_ports)
@@ -285,8 +278,9 @@ def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports, ucx: bool
     if not ucx:
         return
     if not (1 <= ports.ucx.start and ports.ucx.stop - 1 <= 65535):
-        raise InventoryError(f"UCX's port range {ports.ucx_spec} is out of 1..65535; "
-                            "change ucx_port_base or ucx_port_count")  # fmt: skip
+        raise InventoryError(
+            f"UCX's port range {ports.ucx_spec} is out of 1..65535; change ucx_port_base or ucx_port_count"
+        )
     for host in dict.fromkeys(w.host for w in workers):
         for port, owner in by_host[host].items():
             if port in ports.ucx:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jinja2
 
-from disagg.core import nftables, pki
-from disagg.agent import net
-from disagg.core import settings as S
-from disagg.agent import envfile, layout
+from disagg.agent import envfile, layout, net
 from disagg.agent.kv import PASSWORD_ENV
+from disagg.core import nftables, pki
+from disagg.core import settings as S
 from disagg.core.plan import Plan
 from disagg.core.topology import Worker
 
@@ -38,7 +37,7 @@ NATS_STORE = f"{S.STATE_DIR}/nats"
 _PLAIN_ARG = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -79,11 +78,23 @@ def unit_path(unit: str) -> str:
     return f"{S.SYSTEMD_DIR}/{unit}.service"
 
 
-def _service(description: str, user: str, args: list[str], stop_timeout: int, env_files: list[str],
-             binds_to: str | None = None, exec_stop: str | None = None, groups: tuple[str, ...] = (),
-             unlimited_log: bool = False, write_paths: tuple[str, ...] = (), gpu: bool = False,
-             reads_journal: bool = False, notify: bool = False, reload: str | None = None,
-             restart_sec: int = 5) -> str:  # fmt: skip
+def _service(
+    description: str,
+    user: str,
+    args: list[str],
+    stop_timeout: int,
+    env_files: list[str],
+    binds_to: str | None = None,
+    exec_stop: str | None = None,
+    groups: tuple[str, ...] = (),
+    unlimited_log: bool = False,
+    write_paths: tuple[str, ...] = (),
+    gpu: bool = False,
+    reads_journal: bool = False,
+    notify: bool = False,
+    reload: str | None = None,
+    restart_sec: int = 5,
+) -> str:
     return render(
         "service.j2",
         description=description,
@@ -166,7 +177,7 @@ def layout_file(plan: Plan) -> dict[str, str]:
     return {S.LAYOUT_FILE: layout.text(plan.label, plan.layout_workers())}
 
 
-@lru_cache(maxsize=None)
+@cache
 def agent_code() -> dict[str, str]:
     """The host agent (disagg/agent) as the hosts run it: plain files, so
     that --diff shows a change to it like any other file. Read once per
@@ -174,8 +185,13 @@ def agent_code() -> dict[str, str]:
     callers copy, never change, it."""
     files = {f"{S.AGENT_SRC}/disagg/__init__.py": '"""disagg\'s host agent only (disagg.agent)."""\n'}
     # the vLLM plugin goes to the engines' venv instead (vllm_plugin_files)
-    files.update({f"{S.AGENT_SRC}/disagg/agent/{p.name}": p.read_text()
-                  for p in sorted(AGENT_PACKAGE.glob("*.py")) if p != VLLM_PLUGIN})
+    files.update(
+        {
+            f"{S.AGENT_SRC}/disagg/agent/{p.name}": p.read_text()
+            for p in sorted(AGENT_PACKAGE.glob("*.py"))
+            if p != VLLM_PLUGIN
+        }
+    )
     return files
 
 
@@ -269,8 +285,10 @@ def nats_auth_text(user: str, password: str, restricted: list[tuple[str, str, di
     NATS config value unquoted, or read from an environment variable, may
     become a number or a list)."""
     users = [{"user": user, "password": password}]
-    users += [{"user": name, "password": secret, "permissions": permissions}
-              for name, secret, permissions in sorted(restricted, key=lambda u: u[0])]  # fmt: skip
+    users += [
+        {"user": name, "password": secret, "permissions": permissions}
+        for name, secret, permissions in sorted(restricted, key=lambda u: u[0])
+    ]
     lines = ",\n    ".join(json.dumps(u, ensure_ascii=False) for u in users)
     return f"authorization {{\n  users: [\n    {lines}\n  ]\n}}\n"
 
@@ -311,15 +329,17 @@ def prometheus_rules() -> str:
     return render("prometheus-rules.yml.j2", renew_days=pki.RENEW_BEFORE.days)
 
 
-def firewall_files(plan: Plan, host: str, admins: tuple[str, ...] = (),
-                   resolved: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:  # fmt: skip
+def firewall_files(
+    plan: Plan, host: str, admins: tuple[str, ...] = (), resolved: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, str]:
     """The host's nftables rules and the unit that loads them; admins: the
     controller as the host sees it; resolved: the hosts' names as it
     resolves them."""
     rules = nftables.ruleset(plan, host, admins, resolved)
     return {
-        S.FIREWALL_RULES: render("firewall.nft.j2", table=nftables.TABLE, rules=rules,
-                                 local_rules=nftables.local_ruleset(plan, host)),
+        S.FIREWALL_RULES: render(
+            "firewall.nft.j2", table=nftables.TABLE, rules=rules, local_rules=nftables.local_ruleset(plan, host)
+        ),
         unit_path(S.FIREWALL_UNIT): render("firewall.service.j2", table=nftables.TABLE, rules=S.FIREWALL_RULES),
     }
 

@@ -7,9 +7,9 @@ Units of the disaggregated layout are removed first."""
 
 from pyinfra import inventory
 
+from disagg.core.plan import make_plan
 from disagg.infra import profile
 from disagg.infra.pyinfra_cli import as_pyinfra_errors
-from disagg.core.plan import make_plan
 from disagg.roles import connection
 from disagg.roles.gate import gate
 from disagg.roles.serving import converge

@@ -10,9 +10,9 @@ input or a failed preflight stops here, before any host is changed."""
 
 from pyinfra import inventory
 
+from disagg.core.plan import make_plan
 from disagg.infra import profile
 from disagg.infra.pyinfra_cli import as_pyinfra_errors
-from disagg.core.plan import make_plan
 from disagg.roles import connection
 from disagg.roles.gate import gate
 from disagg.roles.serving import converge

@@ -8,9 +8,9 @@ deploys/disagg.py does before its workers start. Nothing is started.
 
 from pyinfra import host, inventory
 
+from disagg.core.plan import make_plan
 from disagg.infra import profile
 from disagg.infra.pyinfra_cli import as_pyinfra_errors
-from disagg.core.plan import make_plan
 from disagg.roles import connection
 from disagg.roles.base import base
 from disagg.roles.model import model

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 
-from disagg.core import pki
-from disagg.core import settings as S
 from disagg.agent import kv
 from disagg.agent import status as agent_status
-from disagg.core.plan import Plan
+from disagg.core import pki
+from disagg.core import settings as S
 from disagg.core.errors import HostError
+from disagg.core.plan import Plan
 
 
 class Unreachable(HostError):
@@ -32,7 +32,9 @@ def head_password(inventory, plan: Plan) -> str:
         return given
     with remote.connected(inventory) as state:
         try:
-            value = remote.fact(state, plan.cluster.head, EnvFileValue, path=NATS_SECRET_ENV, variable=NATS_PASSWORD_ENV)
+            value = remote.fact(
+                state, plan.cluster.head, EnvFileValue, path=NATS_SECRET_ENV, variable=NATS_PASSWORD_ENV
+            )
         except PyinfraError as e:
             raise Unreachable(f"cannot read the NATS password on the head {plan.cluster.head} over SSH: {e}") from None
     if not value:

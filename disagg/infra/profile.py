@@ -52,8 +52,9 @@ def attach() -> None:
         if start is None:
             return
         name = ", ".join(sorted(state.op_meta[op_hash].names))
-        record["operations"].append({"name": name, "host": host.name, "start": start,
-                                     "seconds": round(time.time() - start, 4), "ok": ok})  # fmt: skip
+        record["operations"].append(
+            {"name": name, "host": host.name, "start": start, "seconds": round(time.time() - start, 4), "ok": ok}
+        )
 
     def write() -> None:
         record["ended"] = time.time()
@@ -78,8 +79,13 @@ def summary(record: dict, top: int = 10) -> dict:
         del e["start"]
     first = min((o["start"] for o in record["operations"]), default=record["ended"])
     hosts = sorted({o["host"] for o in record["operations"]})
-    per_host = {h: sorted(({"name": e["name"], "seconds": e["hosts"][h]} for e in ordered if h in e["hosts"]),
-                          key=lambda x: -x["seconds"])[:top] for h in hosts}  # fmt: skip
+    per_host = {
+        h: sorted(
+            ({"name": e["name"], "seconds": e["hosts"][h]} for e in ordered if h in e["hosts"]),
+            key=lambda x: -x["seconds"],
+        )[:top]
+        for h in hosts
+    }
     return {
         "planning_s": round(first - record["loaded"], 2),
         "execution_s": round(record["ended"] - first, 2),
@@ -92,10 +98,12 @@ def summary(record: dict, top: int = 10) -> dict:
 
 
 def text(s: dict, top: int = 10) -> str:
-    lines = [f"planning {s['planning_s']:.1f} s (deploy file against every host's facts), execution "
-             f"{s['execution_s']:.1f} s over {s['operations']} operations; critical path (the slowest host of "
-             f"each operation, one after the other) {s['critical_path_s']:.1f} s",
-             f"top {top} operations by their slowest host:"]  # fmt: skip
+    lines = [
+        f"planning {s['planning_s']:.1f} s (deploy file against every host's facts), execution "
+        f"{s['execution_s']:.1f} s over {s['operations']} operations; critical path (the slowest host of "
+        f"each operation, one after the other) {s['critical_path_s']:.1f} s",
+        f"top {top} operations by their slowest host:",
+    ]
     for e in s["top"][:top]:
         each = ", ".join(f"{h} {v:.1f}" for h, v in sorted(e["hosts"].items()))
         lines.append(f"  {e['slowest']:7.1f} s  {e['name']}  ({each})")

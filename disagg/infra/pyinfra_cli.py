@@ -27,8 +27,8 @@ from disagg.core.errors import DisaggError
 
 def speedups() -> None:
     importlib.metadata.entry_points = functools.lru_cache(maxsize=None)(importlib.metadata.entry_points)
-    import pyinfra_cli  # noqa: F401  gevent's monkey-patching, first, as pyinfra's CLI does it
     import pyinfra.api.util as util
+    import pyinfra_cli  # noqa: F401  gevent's monkey-patching, first, as pyinfra's CLI does it
 
     util.stack = functools.partial(inspect.stack, 0)
     util.getframeinfo = functools.partial(inspect.getframeinfo, context=0)

@@ -1,6 +1,6 @@
 """A controller-side wheelhouse: packages downloaded once on the controller
 for each host platform, pushed to the hosts of that platform and installed
-there with `--no-index`, for hosts that cannot (or should not) reach a
+there (by uv) with `--no-index`, for hosts that cannot (or should not) reach a
 package index. The controller's own Python and CPU do not matter: pip
 fetches wheels for the host's (--platform, --python-version, --only-binary)."""
 
@@ -61,8 +61,12 @@ def parse_platform(line: str) -> Platform | None:
     """`uname -m`, python3's X.Y and glibc's version on one line (facts.HostPlatform);
     None where python3 or glibc is missing (a '-')."""
     parts = line.split()
-    if len(parts) != 3 or "-" in parts or not re.fullmatch(r"\d+\.\d+", parts[1]) \
-            or not re.fullmatch(r"\d+\.\d+(\.\d+)?", parts[2]):  # fmt: skip
+    if (
+        len(parts) != 3
+        or "-" in parts
+        or not re.fullmatch(r"\d+\.\d+", parts[1])
+        or not re.fullmatch(r"\d+\.\d+(\.\d+)?", parts[2])
+    ):
         return None
     return Platform(*parts)
 
@@ -95,19 +99,37 @@ def ensure(directory: str, requirements: list[str], platform: Platform, no_deps:
             return path
         path.mkdir(parents=True, exist_ok=True)
         # stderr: stdout may be pyinfra --json output
-        print(f"--> wheelhouse: downloading {' '.join(requirements)} for {platform} into {path}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        args = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-                *(["--no-deps"] if no_deps else []), *platform.pip_flags(), "-d", str(path), *requirements]  # fmt: skip
+        print(
+            f"--> wheelhouse: downloading {' '.join(requirements)} for {platform} into {path}",
+            file=sys.stderr,
+            flush=True,
+        )
+        args = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            *(["--no-deps"] if no_deps else []),
+            *platform.pip_flags(),
+            "-d",
+            str(path),
+            *requirements,
+        ]
         try:
             result = subprocess.run(args, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT)
         except subprocess.TimeoutExpired:
-            raise WheelhouseError(f"wheelhouse {path}: pip download took over {DOWNLOAD_TIMEOUT} s; "
-                                  "check the package index, then run again") from None  # fmt: skip
+            raise WheelhouseError(
+                f"wheelhouse {path}: pip download took over {DOWNLOAD_TIMEOUT} s; "
+                "check the package index, then run again"
+            ) from None
         if result.returncode:
             missing = re.findall(r"No matching distribution found for (\S+)", result.stderr)
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise WheelhouseError(f"wheelhouse {path}: pip download {' '.join(requirements)} for {platform} failed: "
-                                  f"{last}", package=missing[-1] if missing else None)  # fmt: skip
+            raise WheelhouseError(
+                f"wheelhouse {path}: pip download {' '.join(requirements)} for {platform} failed: {last}",
+                package=missing[-1] if missing else None,
+            )
         marker.touch()
     return path

@@ -45,22 +45,36 @@ class Load:
     """`concurrency` clients, each sending one request after the other until
     stop(). Use as a context manager; `at()` is the load's own clock."""
 
-    def __init__(self, url: str, model: str, concurrency: int = 6, max_tokens: int = 8,
-                 timeout: float = 120, prompt: str = "Tell me a story.", pause: float = 0.0,
-                 api_key: str | None = None, ca: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        concurrency: int = 6,
+        max_tokens: int = 8,
+        timeout: float = 120,
+        prompt: str = "Tell me a story.",
+        pause: float = 0.0,
+        api_key: str | None = None,
+        ca: str | None = None,
+    ) -> None:
         """api_key: a client key the front door asks; ca: the CA file an https url is verified with."""
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
         self.tls = ssl.create_default_context(cafile=ca) if parts.scheme == "https" else None
-        self.body = json.dumps({
-            "model": model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "min_tokens": max_tokens,
-            "ignore_eos": True,
-            "stream": True,
-        })  # fmt: skip
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self.body = json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "min_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+            }
+        )
+        self.headers = {
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {api_key}"} if api_key else {}),
+        }
         # seconds each client waits between its requests (0: back to back)
         self.concurrency, self.timeout, self.pause = concurrency, timeout, pause
         self.result = LoadResult()
@@ -98,14 +112,17 @@ class Load:
                 if reason is None:
                     self.result.ok += 1
                 else:
-                    self.result.failures.append((round(sent, 2), round(self.at(), 2), reason))
+                    self.result.failures.append((sent, self.at(), reason))
             # a refused request returns at once: do not spin
             self._stop.wait(self.pause if reason is None else max(self.pause, 0.05))
 
     def _one(self) -> str | None:
         """None when the request succeeded, else why not."""
-        conn = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls) if self.tls
-                else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))  # fmt: skip
+        conn = (
+            http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls)
+            if self.tls
+            else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        )
         try:
             conn.request("POST", "/v1/chat/completions", self.body, self.headers)
             response = conn.getresponse()

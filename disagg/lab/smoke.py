@@ -9,8 +9,15 @@ import urllib.request
 from disagg.agent import metrics
 
 
-def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: float = 120,
-         prompt: str = "Say something.", api_key: str | None = None) -> dict:  # fmt: skip
+def chat(
+    url: str,
+    model: str,
+    max_tokens: int,
+    stream: bool = False,
+    timeout: float = 120,
+    prompt: str = "Say something.",
+    api_key: str | None = None,
+) -> dict:
     """POST /v1/chat/completions asking for exactly max_tokens tokens (with
     a client key, where the front door asks one); returns {"text",
     "completion_tokens"}. (A prefix-aware router sends the same prompt to
@@ -43,13 +50,17 @@ def chat(url: str, model: str, max_tokens: int, stream: bool = False, timeout: f
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            event = json.loads(line[len("data: "):])
+            event = json.loads(line[len("data: ") :])
             for choice in event.get("choices", []):
                 text += choice.get("delta", {}).get("content") or ""
                 chunks += 1
             usage = event.get("usage") or usage
-        return {"text": text, "completion_tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"],
-                "chunks": chunks}  # fmt: skip
+        return {
+            "text": text,
+            "completion_tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"],
+            "chunks": chunks,
+        }
 
 
 def counter(url: str, name: str, timeout: float = 10) -> float:

@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
 from disagg.core.errors import HostError
 
 CACHE = Path(os.environ.get("DISAGG_CACHE", "/var/cache/disagg"))
@@ -39,10 +40,21 @@ RECIPE = {
     "suite": "bookworm",
     "mirror": "http://deb.debian.org/debian",
     # sudo for LOGIN; rsyslog: /var/log/auth.log, where sudo logs every command line
-    "include": ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv",
-                "iproute2", "ca-certificates", "procps", "sudo", "rsyslog"],
+    "include": [
+        "systemd",
+        "systemd-sysv",
+        "dbus",
+        "openssh-server",
+        "python3",
+        "python3-venv",
+        "iproute2",
+        "ca-certificates",
+        "procps",
+        "sudo",
+        "rsyslog",
+    ],
     "login": LOGIN,
-}  # fmt: skip
+}
 TOOLS = {
     "debootstrap": "debootstrap",
     "systemd-nspawn": "systemd-container",
@@ -98,8 +110,16 @@ def rootfs() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     print(f"building test-host root filesystem {root} (about a minute)", flush=True)
-    result = _run("debootstrap", "--variant=minbase", f"--include={','.join(RECIPE['include'])}",
-                  RECIPE["suite"], str(tmp), RECIPE["mirror"], check=False, timeout=1800)  # fmt: skip
+    result = _run(
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(RECIPE['include'])}",
+        RECIPE["suite"],
+        str(tmp),
+        RECIPE["mirror"],
+        check=False,
+        timeout=1800,
+    )
     if result.returncode:
         shutil.rmtree(tmp, ignore_errors=True)
         raise HarnessError(f"debootstrap failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
@@ -130,8 +150,9 @@ def outsider():
         _run("ip", "link", "set", OUTSIDER_VETH, "master", BRIDGE, "up")
         _run("ip", "-n", OUTSIDER_NETNS, "addr", "add", f"{OUTSIDER}/24", "dev", "eth0")
         _run("ip", "-n", OUTSIDER_NETNS, "link", "set", "eth0", "up")
-        yield lambda *command, timeout=60: _run("ip", "netns", "exec", OUTSIDER_NETNS, *command, check=False,
-                                                timeout=timeout)  # fmt: skip
+        yield lambda *command, timeout=60: _run(
+            "ip", "netns", "exec", OUTSIDER_NETNS, *command, check=False, timeout=timeout
+        )
     finally:
         _remove_outsider()
 
@@ -143,8 +164,20 @@ def _remove_outsider() -> None:
 
 def ssh_command(i: int) -> list[str]:
     """ssh to test host i as root, the command to follow."""
-    return ["ssh", "-i", str(KEY), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5", f"root@{address(i)}"]  # fmt: skip
+    return [
+        "ssh",
+        "-i",
+        str(KEY),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=5",
+        f"root@{address(i)}",
+    ]
 
 
 def ssh(i: int, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -226,15 +259,29 @@ class TestHosts:
         shutil.copy("/etc/resolv.conf", target / "etc" / "resolv.conf")
         (target / "etc" / "hostname").write_text(f"{name}\n")
         # as Debian's installer does: sudo looks its host's name up, and waited 5 s for DNS on every command
-        (target / "etc" / "hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost\n")
+        (target / "etc" / "hosts").write_text(
+            f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost\n"
+        )
         log = open(CACHE / "testhosts" / f"{name}.log", "w")
         proc = subprocess.Popen(
-            ["systemd-nspawn", "-q", "-D", str(target), "--boot", "--register=no", "--keep-unit",
-             f"--network-namespace-path=/run/netns/{ns}", f"--machine={name}",
-             # as root on a real host: nftables (our firewall), in its own namespace only
-             "--capability=CAP_NET_ADMIN"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                "systemd-nspawn",
+                "-q",
+                "-D",
+                str(target),
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                f"--network-namespace-path=/run/netns/{ns}",
+                f"--machine={name}",
+                # as root on a real host: nftables (our firewall), in its own namespace only
+                "--capability=CAP_NET_ADMIN",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         host["pid"] = proc.pid
         return host
 
@@ -277,8 +324,12 @@ def is_our_container(pid: int, root: str) -> bool:
     except OSError:
         return False
     args = [a.decode(errors="replace") for a in argv if a]
-    return bool(args) and Path(args[0]).name == "systemd-nspawn" and "-D" in args and \
-        args[args.index("-D") + 1:args.index("-D") + 2] == [root]  # fmt: skip
+    return (
+        bool(args)
+        and Path(args[0]).name == "systemd-nspawn"
+        and "-D" in args
+        and args[args.index("-D") + 1 : args.index("-D") + 2] == [root]
+    )
 
 
 def _stop(pid: int, timeout: float = 30) -> None:

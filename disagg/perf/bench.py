@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from disagg.core.errors import HostError
+from disagg.core.schema import SECRETS
+from disagg.core.topology import Topology
 from disagg.perf import kvtransfer, results
 from disagg.perf.extras import run_logged, tool
-from disagg.core.schema import SECRETS
-from disagg.core.errors import HostError
-from disagg.core.topology import Topology
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
 
@@ -64,8 +64,9 @@ def aiperf_binary() -> str:
     return tool("aiperf", "aiperf", "bench")
 
 
-def target_for(inventory, plan, url: str | None = None, model: str | None = None,
-               tokenizer: str | None = None) -> Target:  # fmt: skip
+def target_for(
+    inventory, plan, url: str | None = None, model: str | None = None, tokenizer: str | None = None
+) -> Target:
     """What to benchmark for a deployed plan: its router, model, tokenizer,
     placement and engine settings, and the members the router has."""
     from disagg.infra import control, fingerprint
@@ -83,8 +84,10 @@ def target_for(inventory, plan, url: str | None = None, model: str | None = None
     missing = {h: d["missing"] for h, d in deployment["hosts"].items() if d["missing"]}
     if missing:
         host, paths = next(iter(missing.items()))
-        raise HostError(f"{host} lacks {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}: the hosts do not "
-                            f"run {plan.label} as the inventory renders it; deploy it first")  # fmt: skip
+        raise HostError(
+            f"{host} lacks {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}: the hosts do not "
+            f"run {plan.label} as the inventory renders it; deploy it first"
+        )
     return Target(
         url=url or plan.router_url,
         router_url=plan.router_internal_url,
@@ -115,8 +118,9 @@ def check_reachable(url: str, timeout: float = 5) -> None:
     raise HostError(f"{url} is unreachable ({url}/health: {reason}); is the deployment up?")
 
 
-def check_deployed(url: str, label: str, worker_urls: list[str], routed: list[str] | None = None,
-                   timeout: float = 5) -> None:  # fmt: skip
+def check_deployed(
+    url: str, label: str, worker_urls: list[str], routed: list[str] | None = None, timeout: float = 5
+) -> None:
     """The router must route to the label's workers: catches benchmarking one
     layout under another's name. `routed`: the router's members as the
     registry sync reports them; else the router's /workers (skipped when it
@@ -138,26 +142,46 @@ def check_deployed(url: str, label: str, worker_urls: list[str], routed: list[st
 def aiperf_command(binary: str, target: Target, traffic: Traffic, concurrency: int, out: Path) -> list[str]:
     osl = str(traffic.osl)
     return [
-        binary, "profile",
-        "--model", target.model,
-        "--url", target.url,
-        "--endpoint-type", "chat",
+        binary,
+        "profile",
+        "--model",
+        target.model,
+        "--url",
+        target.url,
+        "--endpoint-type",
+        "chat",
         "--streaming",
-        "--tokenizer", target.tokenizer,
-        "--isl", str(traffic.isl), "--isl-stddev", "0",
-        "--osl", osl, "--osl-stddev", "0",
-        "--extra-inputs", f"max_tokens:{osl}",
-        "--extra-inputs", f"min_tokens:{osl}",
-        "--extra-inputs", "ignore_eos:true",
-        "--concurrency", str(concurrency),
-        "--request-count", str(traffic.requests_per_concurrency * concurrency),
-        "--warmup-request-count", str(traffic.warmup_requests),
-        "--random-seed", str(traffic.seed),
-        "--artifact-dir", str(out),
-        "--ui", "none",
+        "--tokenizer",
+        target.tokenizer,
+        "--isl",
+        str(traffic.isl),
+        "--isl-stddev",
+        "0",
+        "--osl",
+        osl,
+        "--osl-stddev",
+        "0",
+        "--extra-inputs",
+        f"max_tokens:{osl}",
+        "--extra-inputs",
+        f"min_tokens:{osl}",
+        "--extra-inputs",
+        "ignore_eos:true",
+        "--concurrency",
+        str(concurrency),
+        "--request-count",
+        str(traffic.requests_per_concurrency * concurrency),
+        "--warmup-request-count",
+        str(traffic.warmup_requests),
+        "--random-seed",
+        str(traffic.seed),
+        "--artifact-dir",
+        str(out),
+        "--ui",
+        "none",
         "--no-gpu-telemetry",
         *(["--api-key", target.api_key] if target.api_key else []),
-    ]  # fmt: skip
+    ]
 
 
 def _versions() -> dict[str, str | None]:
@@ -206,7 +230,9 @@ def sweep(
         **target.extra,
     }
     if target.deployment:
-        progress(f"{topology.label}: deployment {target.deployment['hash']} (file hashes and versions in {results.PROVENANCE})")
+        progress(
+            f"{topology.label}: deployment {target.deployment['hash']} (file hashes and versions in {results.PROVENANCE})"
+        )
     for i, concurrency in enumerate(concurrencies, 1):
         out = run_dir / f"c{concurrency}"
         requests = traffic.requests_per_concurrency * concurrency
@@ -214,8 +240,9 @@ def sweep(
         start = time.monotonic()
         out.mkdir()
         kv_before = kvtransfer.read(target.kv_urls) if target.kv_urls else None
-        code = run_logged(aiperf_command(binary, target, traffic, concurrency, out), out / "aiperf.log",
-                          traffic.run_timeout)  # fmt: skip
+        code = run_logged(
+            aiperf_command(binary, target, traffic, concurrency, out), out / "aiperf.log", traffic.run_timeout
+        )
         entry = {"concurrency": concurrency, "seconds": round(time.monotonic() - start, 1)}
         if target.kv_urls:
             # read at the generate workers: bytes moved, and where their prompt tokens came from
@@ -227,7 +254,9 @@ def sweep(
             tail = (out / "aiperf.log").read_text().strip().splitlines()[-1:] or ["no output"]
             entry["error"] = f"aiperf exited {code}: {tail[0][:300]}"
         elif results.error_count(export):
-            entry["error"] = f"{results.error_count(export)} failed requests: {json.dumps(export.get('error_summary'))[:300]}"
+            entry["error"] = (
+                f"{results.error_count(export)} failed requests: {json.dumps(export.get('error_summary'))[:300]}"
+            )
         provenance["runs"].append(entry)
         provenance["finished"] = datetime.now(timezone.utc).isoformat()
         results.write_atomic(run_dir / results.PROVENANCE, json.dumps(provenance, indent=2) + "\n")

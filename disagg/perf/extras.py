@@ -3,6 +3,7 @@ disagg[plan]); a missing one is named with the command that installs it."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -20,6 +21,14 @@ def tool(binary: str, package: str, extra: str) -> str:
     if not found:
         raise ToolError(f"{package} is not installed: pip install 'disagg[{extra}]'")
     return found
+
+
+def module(name: str, extra: str):
+    """The Python module name, which the extra installs."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ToolError(f"{name} is not installed: pip install 'disagg[{extra}]'") from None
 
 
 def run_logged(command: list[str], log: Path, timeout: float) -> int | None:

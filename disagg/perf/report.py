@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from disagg.perf import results
-from disagg.perf.results import Point
 from disagg.core.errors import UsageError
 from disagg.core.topology import Topology
+from disagg.perf import results
+from disagg.perf.extras import module
+from disagg.perf.results import Point
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,27 @@ def pick(points: list[Point], sla_per_user: float, sla_ttft_ms: float | None = N
         if a.per_user > sla_per_user > b.per_user:
             f = (a.per_user - sla_per_user) / (a.per_user - b.per_user)
             if meets_ttft(a.ttft + f * (b.ttft - a.ttft)):
-                candidates.append(Pick(a.label, a.per_gpu + f * (b.per_gpu - a.per_gpu), sla_per_user,
-                                       f"interpolated between c{a.concurrency} and c{b.concurrency}"))  # fmt: skip
+                candidates.append(
+                    Pick(
+                        a.label,
+                        a.per_gpu + f * (b.per_gpu - a.per_gpu),
+                        sla_per_user,
+                        f"interpolated between c{a.concurrency} and c{b.concurrency}",
+                    )
+                )
     return max(candidates, key=lambda c: c.per_gpu, default=None)
 
 
 COMPARE_COLUMNS = [
-    "label", "concurrency",
-    "predicted_per_gpu", "measured_per_gpu",
-    "predicted_per_user", "measured_per_user",
-    "predicted_ttft_ms", "measured_ttft_ms",
-]  # fmt: skip
+    "label",
+    "concurrency",
+    "predicted_per_gpu",
+    "measured_per_gpu",
+    "predicted_per_user",
+    "measured_per_user",
+    "predicted_ttft_ms",
+    "measured_ttft_ms",
+]
 
 
 def compare(by_label: dict[str, list[Point]], predicted: dict[str, dict]) -> list[dict]:
@@ -69,26 +80,30 @@ def compare(by_label: dict[str, list[Point]], predicted: dict[str, dict]) -> lis
     rows: dict[tuple[str, int], dict] = {}
 
     def row(label: str, concurrency: int) -> dict:
-        return rows.setdefault((label, concurrency), {c: None for c in COMPARE_COLUMNS} | {
-            "label": label, "concurrency": concurrency})  # fmt: skip
+        return rows.setdefault(
+            (label, concurrency), {c: None for c in COMPARE_COLUMNS} | {"label": label, "concurrency": concurrency}
+        )
 
     for label in predicted:
         for p in by_label.get(label, []):
-            row(label, p.concurrency).update(measured_per_gpu=p.per_gpu, measured_per_user=p.per_user,
-                                             measured_ttft_ms=p.ttft)  # fmt: skip
+            row(label, p.concurrency).update(
+                measured_per_gpu=p.per_gpu, measured_per_user=p.per_user, measured_ttft_ms=p.ttft
+            )
     for label, p in predicted.items():
-        row(label, p["concurrency"]).update(predicted_per_gpu=p["tokens_per_gpu"],
-                                            predicted_per_user=p["tokens_per_user"],
-                                            predicted_ttft_ms=p["ttft_ms"])  # fmt: skip
+        row(label, p["concurrency"]).update(
+            predicted_per_gpu=p["tokens_per_gpu"],
+            predicted_per_user=p["tokens_per_user"],
+            predicted_ttft_ms=p["ttft_ms"],
+        )
     return [rows[k] for k in sorted(rows)]
 
 
-def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Path,
-         predicted: dict[str, dict] | None = None) -> dict:  # fmt: skip
+def plot(
+    by_label: dict[str, list[Point]], sla_per_user: float | None, path: Path, predicted: dict[str, dict] | None = None
+) -> dict:
     """Draw the PNG and return what it shows (kept beside it as JSON);
     predictions as open diamonds in their label's colour."""
-    import matplotlib
-
+    matplotlib = module("matplotlib", "bench")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -101,8 +116,9 @@ def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Pat
         front = frontier(points)
         ax.plot([p.per_user for p in front], [p.per_gpu for p in front], "-", color=line.get_color())
         for p in points:
-            ax.annotate(f"c{p.concurrency}", (p.per_user, p.per_gpu), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))  # fmt: skip
+            ax.annotate(
+                f"c{p.concurrency}", (p.per_user, p.per_gpu), fontsize=7, textcoords="offset points", xytext=(3, 3)
+            )
         shown["series"][label] = {
             "points": [[p.concurrency, p.per_user, p.per_gpu] for p in points],
             "frontier": [p.concurrency for p in front],
@@ -110,8 +126,14 @@ def plot(by_label: dict[str, list[Point]], sla_per_user: float | None, path: Pat
     if predicted:
         shown["predicted"] = {}
         for label, p in sorted(predicted.items()):
-            ax.plot([p["tokens_per_user"]], [p["tokens_per_gpu"]], "D", mfc="none", color=colors.get(label, "black"),
-                    label=f"{label} predicted (c{p['concurrency']})")  # fmt: skip
+            ax.plot(
+                [p["tokens_per_user"]],
+                [p["tokens_per_gpu"]],
+                "D",
+                mfc="none",
+                color=colors.get(label, "black"),
+                label=f"{label} predicted (c{p['concurrency']})",
+            )
             shown["predicted"][label] = [p["concurrency"], p["tokens_per_user"], p["tokens_per_gpu"]]
     if sla_per_user is not None:
         ax.axvline(sla_per_user, linestyle="--", color="grey", label=f"SLA {sla_per_user:g} tokens/s/user")
@@ -138,8 +160,14 @@ def deployments(rows: list[dict]) -> dict[str, list[str]]:
     return {label: sorted(h) for label, h in seen.items()}
 
 
-def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms: float | None,
-           predicted: dict[str, dict] | None = None, split_deployments: bool = False) -> dict:  # fmt: skip
+def report(
+    dirs: list[Path],
+    out: Path,
+    sla_per_user: float | None,
+    sla_ttft_ms: float | None,
+    predicted: dict[str, dict] | None = None,
+    split_deployments: bool = False,
+) -> dict:
     """Tables, plot and picks over recorded runs; with predictions (label ->
     AIConfigurator's point, from `disagg plan`), also predicted.{csv,json,md}
     and the predicted points on the plot."""
@@ -147,10 +175,14 @@ def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms:
     hashes = deployments(rows)
     mixed = {label: h for label, h in hashes.items() if len(h) > 1}
     if mixed and not split_deployments:
-        raise UsageError("; ".join(f"{label} was measured on {len(h)} different deployments ({', '.join(h)})"
-                                      for label, h in sorted(mixed.items())) +
-                            ": their points are not one series; give --split-deployments to draw each apart, "
-                            "or report the runs of one deployment")  # fmt: skip
+        raise UsageError(
+            "; ".join(
+                f"{label} was measured on {len(h)} different deployments ({', '.join(h)})"
+                for label, h in sorted(mixed.items())
+            )
+            + ": their points are not one series; give --split-deployments to draw each apart, "
+            "or report the runs of one deployment"
+        )
     results.write_tables(rows, out, "report")
     by_label: dict[str, list[Point]] = {}
     for r in rows:
@@ -159,8 +191,13 @@ def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms:
             series = f"{p.label} @{r['deployment']}" if p.label in mixed else p.label
             by_label.setdefault(series, []).append(p)
     shown = plot(by_label, sla_per_user, out / "pareto.png", predicted)
-    summary = {"rows": rows, "plot": str(out / "pareto.png"), "series": sorted(shown["series"]), "picks": {},
-               "deployments": hashes}  # fmt: skip
+    summary = {
+        "rows": rows,
+        "plot": str(out / "pareto.png"),
+        "series": sorted(shown["series"]),
+        "picks": {},
+        "deployments": hashes,
+    }
     if predicted:
         summary["predicted"] = compare(by_label, predicted)
         results.write_tables(summary["predicted"], out, "predicted", COMPARE_COLUMNS)
@@ -168,7 +205,7 @@ def report(dirs: list[Path], out: Path, sla_per_user: float | None, sla_ttft_ms:
         picks = {label: pick(points, sla_per_user, sla_ttft_ms) for label, points in by_label.items()}
         summary["picks"] = {k: (v.__dict__ if v else None) for k, v in picks.items()}
         best = {}
-        for label, p in picks.items():
+        for p in picks.values():
             kind = "disaggregated" if p and Topology.parse(p.label).disaggregated else "baseline"
             if p and (kind not in best or p.per_gpu > best[kind].per_gpu):
                 best[kind] = p

@@ -19,13 +19,24 @@ from disagg.core.topology import Topology
 EXPORTS = ("profile_export_aiperf.json", "profile_export_genai_perf.json")
 PROVENANCE = "provenance.json"
 COLUMNS = [
-    "label", "configuration", "concurrency",
-    "output_token_throughput_per_user", "output_token_throughput_per_gpu",
-    "time_to_first_token", "inter_token_latency",
-    "time_to_first_token_p90", "time_to_first_token_p99",
-    "inter_token_latency_p90", "inter_token_latency_p99",
-    "request_throughput", "requests", "errors", "status", "run", "deployment",
-]  # fmt: skip
+    "label",
+    "configuration",
+    "concurrency",
+    "output_token_throughput_per_user",
+    "output_token_throughput_per_gpu",
+    "time_to_first_token",
+    "inter_token_latency",
+    "time_to_first_token_p90",
+    "time_to_first_token_p99",
+    "inter_token_latency_p90",
+    "inter_token_latency_p99",
+    "request_throughput",
+    "requests",
+    "errors",
+    "status",
+    "run",
+    "deployment",
+]
 
 
 @dataclass(frozen=True)
@@ -61,16 +72,18 @@ def error_count(export: dict) -> int:
     return int(sum(item.get("count", 1) if isinstance(item, dict) else 1 for item in summary))
 
 
-def row(label: str, concurrency: int, export: dict | None, run: str, error: str | None = None,
-        deployment: str | None = None) -> dict:  # fmt: skip
+def row(
+    label: str, concurrency: int, export: dict | None, run: str, error: str | None = None, deployment: str | None = None
+) -> dict:
     """One table row. tokens/s/GPU = output_token_throughput / the topology's
     GPUs; tokens/s/user is the client's own per-user figure (genai-perf
     called it output_token_throughput_per_request)."""
     topology = Topology.parse(label)
     out = {c: None for c in COLUMNS}
     # deployment: the hash of what the hosts ran (disagg/infra/fingerprint.py)
-    out.update(label=label, configuration=topology.configuration, concurrency=concurrency, run=run,
-               deployment=deployment)  # fmt: skip
+    out.update(
+        label=label, configuration=topology.configuration, concurrency=concurrency, run=run, deployment=deployment
+    )
     if export is None:
         out.update(status=f"error: {error or 'no export'}")
         return out
@@ -162,8 +175,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_tables(rows: list[dict], directory: Path, stem: str = "table",
-                 columns: list[str] = COLUMNS) -> list[Path]:  # fmt: skip
+def write_tables(rows: list[dict], directory: Path, stem: str = "table", columns: list[str] = COLUMNS) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
 
-from disagg.perf.extras import run_logged, tool
 from disagg.core.errors import InventoryError, ToolError, UsageError
 from disagg.core.topology import Cluster, Host, Topology, place
+from disagg.perf.extras import run_logged, tool
 
 # it takes 17-40 s on a 2-core machine
 AICONFIGURATOR_TIMEOUT = 900
@@ -70,10 +70,15 @@ def candidate(row: dict, mode: str, total_gpus: int, rank: int) -> Candidate:
     replicas = max(1, total_gpus // per_replica)
     if mode == "disagg":
         p_tp, d_tp = _int(row, "(p)tp"), _int(row, "(d)tp")
-        label = (f"context_tp{p_tp}dp{_int(row, '(p)workers') * replicas}"
-                 f"_generate_tp{d_tp}dp{_int(row, '(d)workers') * replicas}")  # fmt: skip
-        inner = {f"{side} {k}": _int(row, f"({p}){k}") for side, p in (("context", "p"), ("generate", "d"))
-                 for k in ("pp", "dp")}  # fmt: skip
+        label = (
+            f"context_tp{p_tp}dp{_int(row, '(p)workers') * replicas}"
+            f"_generate_tp{d_tp}dp{_int(row, '(d)workers') * replicas}"
+        )
+        inner = {
+            f"{side} {k}": _int(row, f"({p}){k}")
+            for side, p in (("context", "p"), ("generate", "d"))
+            for k in ("pp", "dp")
+        }
     else:
         label = f"baseline_tp{_int(row, 'tp')}dp{replicas}"
         inner = {f"baseline {k}": _int(row, k) for k in ("pp", "dp")}
@@ -171,18 +176,29 @@ def aiconfigurator_binary() -> str:
 
 def aiconfigurator_command(binary: str, request: Request, save_dir: Path) -> list[str]:
     args = [
-        binary, "cli", "default",
-        "--model-path", request.model,
-        "--system", request.system,
-        "--backend", request.backend,
-        "--total-gpus", str(request.gpus),
-        "--isl", str(request.isl),
-        "--osl", str(request.osl),
-        "--tpot", f"{request.tpot_ms:g}",
-        "--top-n", str(request.top_n),
-        "--save-dir", str(save_dir),
+        binary,
+        "cli",
+        "default",
+        "--model-path",
+        request.model,
+        "--system",
+        request.system,
+        "--backend",
+        request.backend,
+        "--total-gpus",
+        str(request.gpus),
+        "--isl",
+        str(request.isl),
+        "--osl",
+        str(request.osl),
+        "--tpot",
+        f"{request.tpot_ms:g}",
+        "--top-n",
+        str(request.top_n),
+        "--save-dir",
+        str(save_dir),
         "--no-color",
-    ]  # fmt: skip
+    ]
     if request.sla_ttft_ms is not None:
         args += ["--ttft", f"{request.sla_ttft_ms:g}"]
     return args
@@ -195,15 +211,23 @@ def run(request: Request, save_dir: Path) -> tuple[list[Candidate], float]:
     check_supported(request.model, request.system)
     save_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    code = run_logged(aiconfigurator_command(binary, request, save_dir), save_dir / "aiconfigurator.log",
-                      AICONFIGURATOR_TIMEOUT)  # fmt: skip
+    code = run_logged(
+        aiconfigurator_command(binary, request, save_dir), save_dir / "aiconfigurator.log", AICONFIGURATOR_TIMEOUT
+    )
     seconds = time.monotonic() - start
     if code is None:
-        raise ToolError(f"aiconfigurator ran past {AICONFIGURATOR_TIMEOUT} s and was stopped; see "
-                            f"{save_dir / 'aiconfigurator.log'}")  # fmt: skip
+        raise ToolError(
+            f"aiconfigurator ran past {AICONFIGURATOR_TIMEOUT} s and was stopped; see {save_dir / 'aiconfigurator.log'}"
+        )
     if code:
-        lines = [line for line in (save_dir / "aiconfigurator.log").read_text().splitlines() if "[E]" in line or "error" in line]
-        raise ToolError(f"aiconfigurator exited {code}: {(lines or ['see ' + str(save_dir / 'aiconfigurator.log')])[-1][:300]}")
+        lines = [
+            line
+            for line in (save_dir / "aiconfigurator.log").read_text().splitlines()
+            if "[E]" in line or "error" in line
+        ]
+        raise ToolError(
+            f"aiconfigurator exited {code}: {(lines or ['see ' + str(save_dir / 'aiconfigurator.log')])[-1][:300]}"
+        )
     candidates = read_saved(save_dir)
     check_sla(candidates, request)
     return candidates, seconds
@@ -233,7 +257,8 @@ def place_all(candidates: list[Candidate], cluster: Cluster) -> None:
 def check_sla(candidates: list[Candidate], request: Request) -> None:
     for c in candidates:
         c.meets_sla = c.tokens_per_user >= request.sla_tokens_per_user and (
-            request.sla_ttft_ms is None or c.ttft_ms <= request.sla_ttft_ms)  # fmt: skip
+            request.sla_ttft_ms is None or c.ttft_ms <= request.sla_ttft_ms
+        )
 
 
 def ranked(candidates: list[Candidate]) -> list[Candidate]:

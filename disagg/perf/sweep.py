@@ -10,13 +10,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from disagg.perf import bench, results
 from disagg import deploys
-from disagg.infra.launch import run_deploy
 from disagg.core.plan import Plan, make_plan
-from disagg.infra.inventory import load_inventory
-from disagg.perf.report import report
 from disagg.core.topology import Topology
+from disagg.infra.inventory import load_inventory
+from disagg.infra.launch import run_deploy
+from disagg.perf import bench, results
+from disagg.perf.report import report
 
 
 def label_key(label: str) -> str:
@@ -33,10 +33,18 @@ def complete_run(out_root: Path, label: str, concurrencies: list[int]) -> Path |
     return None
 
 
-def sweep(inventory_path: str, labels: list[str], concurrencies: list[int], traffic: bench.Traffic,
-          out_root: Path, predicted: dict[str, dict] | None = None, teardown: bool = True,
-          ready_timeout: float = 600, sla_per_user: float | None = None,
-          progress: Callable[[str], None] = lambda line: None) -> dict:  # fmt: skip
+def sweep(
+    inventory_path: str,
+    labels: list[str],
+    concurrencies: list[int],
+    traffic: bench.Traffic,
+    out_root: Path,
+    predicted: dict[str, dict] | None = None,
+    teardown: bool = True,
+    ready_timeout: float = 600,
+    sla_per_user: float | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> dict:
     """Every label validated and placed first, so that a bad one stops the
     sweep before any host is touched; then deploy (which waits until ready),
     bench, per label."""
@@ -53,13 +61,20 @@ def sweep(inventory_path: str, labels: list[str], concurrencies: list[int], traf
         progress(f"[{i}/{len(plans)}] {label}: deploying (deploys/{kind}.py)")
         start = time.monotonic()
         # the deploy ends with its readiness gate (`disagg status --wait` on the head)
-        run_deploy(inventory_path, str(deploys.path(kind)), f"{label_key(label)}={label}",
-                   f"ready_timeout={int(ready_timeout)}")  # fmt: skip
+        run_deploy(
+            inventory_path,
+            str(deploys.path(kind)),
+            f"{label_key(label)}={label}",
+            f"ready_timeout={int(ready_timeout)}",
+        )
         deployed = time.monotonic() - start
         progress(f"[{i}/{len(plans)}] {label}: ready after {deployed:.0f} s, benchmarking")
         run_dir = bench.sweep(bench.target_for(inventory, plan), concurrencies, traffic, out_root, progress)
-        timings[label] = {"deploy_s": round(deployed, 1), "bench_s": round(time.monotonic() - start - deployed, 1),
-                          "run_dir": str(run_dir)}  # fmt: skip
+        timings[label] = {
+            "deploy_s": round(deployed, 1),
+            "bench_s": round(time.monotonic() - start - deployed, 1),
+            "run_dir": str(run_dir),
+        }
     # a failure above leaves the hosts as they are, to look at
     if teardown:
         progress("teardown (deploys/teardown.py)")

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
+
 from disagg.core.errors import HostError
 
 # column: recording rule (per worker, by layout, role, worker, host)
@@ -64,8 +65,10 @@ def query(prometheus: str, promql: str, timeout: float = 5.0) -> list[tuple[dict
         with urllib.request.urlopen(url, timeout=timeout) as response:
             body = json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise PrometheusError(f"Prometheus at {prometheus} does not answer ({getattr(e, 'reason', e)}); "
-                              "check the address, or that the firewall admits this machine (firewall_allow)") from None  # fmt: skip
+        raise PrometheusError(
+            f"Prometheus at {prometheus} does not answer ({getattr(e, 'reason', e)}); "
+            "check the address, or that the firewall admits this machine (firewall_allow)"
+        ) from None
     if body.get("status") != "success":
         raise PrometheusError(f"Prometheus refused {promql!r}: {body.get('error')}")
     out = []
@@ -80,11 +83,19 @@ def snapshot(prometheus: str, layout: str, sla: Sla) -> Snapshot:
     rows: dict[str, dict] = {}
     for column, rule in WORKER_RULES.items():
         for labels, value in query(prometheus, rule + match):
-            row = rows.setdefault(labels["worker"], {"worker": labels["worker"], "role": labels.get("role"),
-                                                     "host": labels.get("host"), **dict.fromkeys(WORKER_RULES)})  # fmt: skip
+            row = rows.setdefault(
+                labels["worker"],
+                {
+                    "worker": labels["worker"],
+                    "role": labels.get("role"),
+                    "host": labels.get("host"),
+                    **dict.fromkeys(WORKER_RULES),
+                },
+            )
             row[column] = value
-    totals = {column: next((v for _, v in query(prometheus, rule + match)), None)
-              for column, rule in LAYOUT_RULES.items()}  # fmt: skip
+    totals = {
+        column: next((v for _, v in query(prometheus, rule + match)), None) for column, rule in LAYOUT_RULES.items()
+    }
     ttft = query(prometheus, f'role:vllm_ttft_seconds:p90_1m{{layout="{layout}", role=~"context|baseline"}}')
     totals["ttft_p90_s"] = ttft[0][1] if ttft else None
     by_class = {labels.get("code"): value for labels, value in query(prometheus, "frontdoor:responses:rate1m" + match)}
@@ -110,23 +121,45 @@ def render(snap: Snapshot, prometheus: str):
 
     # escaped: rich reads an IPv6 URL's [address] as markup and drops it
     table = Table(title=f"{snap.layout}  ({escape(prometheus)}; last minute; times in ms)", title_justify="left")
-    for name in ("worker", "host", "GPUs", "run", "wait", "out tok/s", "in tok/s", "TTFT p90", "ITL p90",
-                 "KV use %", "KV in MB/s"):  # fmt: skip
+    for name in (
+        "worker",
+        "host",
+        "GPUs",
+        "run",
+        "wait",
+        "out tok/s",
+        "in tok/s",
+        "TTFT p90",
+        "ITL p90",
+        "KV use %",
+        "KV in MB/s",
+    ):
         table.add_column(name, justify="left" if name in ("worker", "host") else "right", no_wrap=True)
     for w in snap.workers:
-        table.add_row(w["worker"], w["host"], _num(w["gpus"], digits=0), _num(w["running"], digits=0),
-                      _num(w["waiting"], digits=0), _num(w["output_tokens_per_s"]), _num(w["prompt_tokens_per_s"]),
-                      _num(w["ttft_p90_s"], 1000), _num(w["itl_p90_s"], 1000), _num(w["kv_cache_usage"], 100),
-                      _num(w["kv_transfer_bytes_per_s"], 1e-6, 2))  # fmt: skip
+        table.add_row(
+            w["worker"],
+            w["host"],
+            _num(w["gpus"], digits=0),
+            _num(w["running"], digits=0),
+            _num(w["waiting"], digits=0),
+            _num(w["output_tokens_per_s"]),
+            _num(w["prompt_tokens_per_s"]),
+            _num(w["ttft_p90_s"], 1000),
+            _num(w["itl_p90_s"], 1000),
+            _num(w["kv_cache_usage"], 100),
+            _num(w["kv_transfer_bytes_per_s"], 1e-6, 2),
+        )
     t, sla = snap.totals, snap.sla
     verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: "no traffic"}[sla["met"]]
     ttft_sla = f", TTFT p90 <= {sla['ttft_ms']:g} ms" if sla["ttft_ms"] else ""
-    summary = (f"layout: {_num(t['output_tokens_per_s'])} output tokens/s on {_num(t['gpus'], digits=0)} GPUs = "
-               f"[bold]{_num(t['tokens_per_s_per_gpu'])} tokens/s/GPU[/], [bold]{_num(t['tokens_per_s_per_user'])} "
-               f"tokens/s/user[/], TTFT p90 {_num(t['ttft_p90_s'], 1000, 0)} ms, router errors "
-               f"{_num(t['router_errors_per_s'], digits=2)}/s\n"
-               f"front door: {_num(t['frontdoor_retries_per_s'], digits=2)} retries/s, 4xx "
-               f"{_num(t['frontdoor_4xx_per_s'], digits=2)}/s, 5xx {_num(t['frontdoor_5xx_per_s'], digits=2)}/s, "
-               f"queued {_num(t['frontdoor_queue_time_s'], 1000, 1)} ms on average\n"
-               f"SLA {sla['tokens_per_user']:g} tokens/s/user{ttft_sla}: {verdict}")  # fmt: skip
+    summary = (
+        f"layout: {_num(t['output_tokens_per_s'])} output tokens/s on {_num(t['gpus'], digits=0)} GPUs = "
+        f"[bold]{_num(t['tokens_per_s_per_gpu'])} tokens/s/GPU[/], [bold]{_num(t['tokens_per_s_per_user'])} "
+        f"tokens/s/user[/], TTFT p90 {_num(t['ttft_p90_s'], 1000, 0)} ms, router errors "
+        f"{_num(t['router_errors_per_s'], digits=2)}/s\n"
+        f"front door: {_num(t['frontdoor_retries_per_s'], digits=2)} retries/s, 4xx "
+        f"{_num(t['frontdoor_4xx_per_s'], digits=2)}/s, 5xx {_num(t['frontdoor_5xx_per_s'], digits=2)}/s, "
+        f"queued {_num(t['frontdoor_queue_time_s'], 1000, 1)} ms on average\n"
+        f"SLA {sla['tokens_per_user']:g} tokens/s/user{ttft_sla}: {verdict}"
+    )
     return Group(table, summary)

@@ -7,10 +7,7 @@ from pyinfra.operations import apt
 from disagg.core import settings as S
 from disagg.roles.ops import directories, service_user
 
-DEFAULTS = {
-    # curl: health gates; python3-venv: our venvs
-    "base_packages": ["curl", "ca-certificates", "python3-venv"],
-}
+DEFAULTS = S.role_defaults("base_packages")
 
 
 @deploy("disagg base", data_defaults=DEFAULTS)

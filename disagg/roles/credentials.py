@@ -17,20 +17,14 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
-from disagg.core import pki
-from disagg.core import settings as S
-from disagg.core import units
 from disagg.agent import envfile, kv
-from disagg.infra.facts import EnvFileValue
+from disagg.core import pki, units
+from disagg.core import settings as S
 from disagg.core.plan import Plan
+from disagg.infra.facts import EnvFileValue
 from disagg.roles.ops import secret_file
 
-DEFAULTS = {
-    # None: the head's current password, else one generated for this deploy
-    "nats_password": None,
-    # None: the head's current key, else one generated for this deploy
-    "api_key": None,
-}
+DEFAULTS = S.role_defaults("nats_password", "api_key")
 API_KEY_VARIABLES = ("VLLM_API_KEY", "OPENAI_API_KEY")
 
 # one generated value per head and secret for this process: the deploy file
@@ -69,8 +63,9 @@ def nats_password(plan: Plan) -> OperationMeta:
     """The admin password, on the head (status, the readiness gate): the
     other users' passwords derive from it."""
     password = _nats_password(plan)
-    return secret_file(name="NATS password", path=units.NATS_SECRET_ENV,
-                       content=envfile.text({units.NATS_PASSWORD_ENV: password}))  # fmt: skip
+    return secret_file(
+        name="NATS password", path=units.NATS_SECRET_ENV, content=envfile.text({units.NATS_PASSWORD_ENV: password})
+    )
 
 
 def restricted_users(plan: Plan) -> list[tuple[str, str, dict]]:
@@ -79,18 +74,24 @@ def restricted_users(plan: Plan) -> list[tuple[str, str, dict]]:
     from the NATS password: a new one rotates them all, and the deploy
     keeps no more secrets."""
     secret = _nats_password(plan).encode()
-    users = [(kv.SYNC_USER, kv.sync_permissions()),
-             *((kv.heartbeat_user(w.url), kv.heartbeat_permissions(w.url)) for w in plan.workers)]  # fmt: skip
-    return [(user, hmac.new(secret, user.encode(), hashlib.sha256).hexdigest(), permissions)
-            for user, permissions in users]  # fmt: skip
+    users = [
+        (kv.SYNC_USER, kv.sync_permissions()),
+        *((kv.heartbeat_user(w.url), kv.heartbeat_permissions(w.url)) for w in plan.workers),
+    ]
+    return [
+        (user, hmac.new(secret, user.encode(), hashlib.sha256).hexdigest(), permissions) for user, permissions in users
+    ]
 
 
 def _password_files(plan: Plan, files: dict[str, str]) -> list[OperationMeta]:
     """{env file: NATS user}: each file with that user's password."""
     passwords = {user: password for user, password, _ in restricted_users(plan)}
-    return [secret_file(name=f"NATS password of {user}", path=path,
-                        content=envfile.text({units.NATS_PASSWORD_ENV: passwords[user]}))
-            for path, user in files.items()]  # fmt: skip
+    return [
+        secret_file(
+            name=f"NATS password of {user}", path=path, content=envfile.text({units.NATS_PASSWORD_ENV: passwords[user]})
+        )
+        for path, user in files.items()
+    ]
 
 
 def heartbeat_passwords(plan: Plan, on: str) -> list[OperationMeta]:
@@ -114,9 +115,12 @@ def nats_certificate_files(plan: Plan) -> dict[str, str]:
 
 def nats_server_auth(plan: Plan) -> OperationMeta:
     """The server's user and password (the head), readable by the NATS user alone."""
-    return secret_file(name="NATS server password", path=units.NATS_AUTH_CONF, owner=S.NATS_USER,
-                       content=units.nats_auth_text(plan.settings.nats_user, _nats_password(plan),
-                                                    restricted_users(plan)))
+    return secret_file(
+        name="NATS server password",
+        path=units.NATS_AUTH_CONF,
+        owner=S.NATS_USER,
+        content=units.nats_auth_text(plan.settings.nats_user, _nats_password(plan), restricted_users(plan)),
+    )
 
 
 def nats_key(plan: Plan) -> OperationMeta:
@@ -133,4 +137,6 @@ def api_key(plan: Plan) -> list[OperationMeta]:
         files.file(name=f"No {S.API_KEY_ENV}", path=S.API_KEY_ENV, present=False)
         return []
     key = shared_secret(plan, "api_key", S.API_KEY_ENV, API_KEY_VARIABLES[0])
-    return [secret_file(name="API key", path=S.API_KEY_ENV, content=envfile.text(dict.fromkeys(API_KEY_VARIABLES, key)))]
+    return [
+        secret_file(name="API key", path=S.API_KEY_ENV, content=envfile.text(dict.fromkeys(API_KEY_VARIABLES, key)))
+    ]

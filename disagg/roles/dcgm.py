@@ -15,13 +15,11 @@ from pyinfra.api import deploy
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt
 
+from disagg.core import settings as S
 from disagg.core.plan import Plan
 from disagg.roles.nvidia_driver import driver_services, gpu_host_skip_reason
 
-DEFAULTS = {
-    "dcgm_packages": ["datacenter-gpu-manager-4-cuda12", "datacenter-gpu-manager-exporter"],
-    "cuda_keyring": "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu{major}04/x86_64/cuda-keyring_1.1-1_all.deb",
-}
+DEFAULTS = S.role_defaults("dcgm_packages", "cuda_keyring")
 SERVICES = ["nvidia-dcgm.service", "nvidia-dcgm-exporter.service"]
 
 
@@ -35,6 +33,11 @@ def dcgm(plan: Plan, pci: dict):
         return
     major = host.get_fact(LinuxDistribution)["major"]
     apt.deb(name="NVIDIA CUDA repository key", src=host.data.get("cuda_keyring").format(major=major))
-    apt.packages(name="DCGM and its exporter", packages=host.data.get("dcgm_packages"), update=True,
-                 cache_time=3600, no_recommends=True)  # fmt: skip
+    apt.packages(
+        name="DCGM and its exporter",
+        packages=host.data.get("dcgm_packages"),
+        update=True,
+        cache_time=3600,
+        no_recommends=True,
+    )
     driver_services(name="DCGM services", services=SERVICES)

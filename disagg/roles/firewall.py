@@ -9,9 +9,10 @@ from pyinfra.api import OperationError, deploy, operation
 
 from disagg.core import settings as S
 from disagg.core import units
-from disagg.infra.facts import CommandSucceeds, ControllerAddress, ResolvedNames
-from disagg.core.nftables import TABLE, names as address_names
+from disagg.core.nftables import TABLE
+from disagg.core.nftables import names as address_names
 from disagg.core.plan import Plan
+from disagg.infra.facts import CommandSucceeds, ControllerAddress, ResolvedNames
 from disagg.roles.ops import put_unit_apart, unit_running
 
 # installed with the base packages (one apt run)
@@ -26,15 +27,18 @@ def firewall(plan: Plan):
     names = address_names(plan)
     resolved = host.get_fact(ResolvedNames, names=names) if names else {}
     if unresolved := [n for n in names if not resolved.get(n)]:
-        raise OperationError(f"{host.name}: cannot resolve {', '.join(unresolved)} (an inventory address) for the "
-                             "firewall's rules; give the host's address as an IP, or make the name resolve here")  # fmt: skip
+        raise OperationError(
+            f"{host.name}: cannot resolve {', '.join(unresolved)} (an inventory address) for the "
+            "firewall's rules; give the host's address as an IP, or make the name resolve here"
+        )
     rendered = units.firewall_files(plan, host.name, (controller,) if controller else (), resolved)
     unit, rules = put_unit_apart(rendered, S.FIREWALL_UNIT)
     # never restarted: its stop deletes the table, and a start that then
     # failed would leave every port open; a reload swaps the rules in one
     # nft transaction, the old ones stay if the new fail to load
-    unit_running(name=f"Run {S.FIREWALL_UNIT}", unit=S.FIREWALL_UNIT, changed_by=unit, restart=False,
-                 reloaded_by=[*unit, *rules])
+    unit_running(
+        name=f"Run {S.FIREWALL_UNIT}", unit=S.FIREWALL_UNIT, changed_by=unit, restart=False, reloaded_by=[*unit, *rules]
+    )
 
 
 @operation()

@@ -12,12 +12,19 @@ from pathlib import Path
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from disagg.core import pki
+from disagg.core import pki, units
 from disagg.core import settings as S
-from disagg.core import units
-from disagg.core.plan import Plan
-from disagg.roles.ops import commands_if_changed, directories, put_unit_apart, secret_file, service_user, unit_running, wait_healthy
 from disagg.core.errors import InventoryError
+from disagg.core.plan import Plan
+from disagg.roles.ops import (
+    commands_if_changed,
+    directories,
+    put_unit_apart,
+    secret_file,
+    service_user,
+    unit_running,
+    wait_healthy,
+)
 
 PACKAGES = ("haproxy",)
 DISTRO_UNIT = ("haproxy.service", "/usr/sbin/haproxy")
@@ -31,8 +38,10 @@ def client_tls(plan: Plan) -> str | None:
         try:
             return Path(s.client_tls_cert).read_text() + Path(s.client_tls_key).read_text()
         except OSError as e:
-            raise InventoryError(f"inventory data 'client_tls_cert'/'client_tls_key': cannot read {e.filename} "
-                                f"on this controller ({e.strerror}); give PEM files this controller reads") from None  # fmt: skip
+            raise InventoryError(
+                f"inventory data 'client_tls_cert'/'client_tls_key': cannot read {e.filename} "
+                f"on this controller ({e.strerror}); give PEM files this controller reads"
+            ) from None
     if s.client_tls_names:
         bundle = pki.ensure(plan.cluster.head, list(s.client_tls_names), server="frontdoor")
         return bundle.server_cert + bundle.server_key
@@ -46,36 +55,54 @@ def frontdoor(plan: Plan):
     directories(name=f"Directory {S.FRONTDOOR_DIR}", wanted={S.FRONTDOOR_DIR: (S.FRONTDOOR_USER, "750")})
     secrets = []
     if s.client_api_keys:
-        secrets.append(secret_file(name="Client API keys", path=units.FRONTDOOR_KEYS, owner=S.FRONTDOOR_USER,
-                                   content="".join(f"Bearer {key}\n" for key in s.client_api_keys)))  # fmt: skip
+        secrets.append(
+            secret_file(
+                name="Client API keys",
+                path=units.FRONTDOOR_KEYS,
+                owner=S.FRONTDOOR_USER,
+                content="".join(f"Bearer {key}\n" for key in s.client_api_keys),
+            )
+        )
     else:
         files.file(name="No client API keys", path=units.FRONTDOOR_KEYS, present=False)
     pem = client_tls(plan)
     if pem:
-        secrets.append(secret_file(name="Client TLS certificate and key", path=units.FRONTDOOR_TLS,
-                                   owner=S.FRONTDOOR_USER, content=pem))  # fmt: skip
+        secrets.append(
+            secret_file(
+                name="Client TLS certificate and key", path=units.FRONTDOOR_TLS, owner=S.FRONTDOOR_USER, content=pem
+            )
+        )
     else:
         files.file(name="No client TLS", path=units.FRONTDOOR_TLS, present=False)
     unit, config = put_unit_apart(units.frontdoor_files(plan), S.FRONTDOOR_UNIT)
     # a config HAProxy would refuse stops the deploy before the reload (the running one keeps serving)
-    commands_if_changed(name="haproxy -c", commands=[f"runuser -u {S.FRONTDOOR_USER} -- haproxy -c -q -f "
-                                                     f"{units.FRONTDOOR_CONF}"],
-                        changed_by=[*config, *secrets])  # fmt: skip
-    unit_running(name=f"Run {S.FRONTDOOR_UNIT}", unit=S.FRONTDOOR_UNIT, changed_by=unit,
-                 reloaded_by=[*config, *secrets])  # fmt: skip
+    commands_if_changed(
+        name="haproxy -c",
+        commands=[f"runuser -u {S.FRONTDOOR_USER} -- haproxy -c -q -f {units.FRONTDOOR_CONF}"],
+        changed_by=[*config, *secrets],
+    )
+    unit_running(
+        name=f"Run {S.FRONTDOOR_UNIT}", unit=S.FRONTDOOR_UNIT, changed_by=unit, reloaded_by=[*config, *secrets]
+    )
     # `systemctl reload` returns once HAProxy was signalled: the deploy goes on when the
     # process answering (a new one) started after the files it reads were written
-    commands_if_changed(name="Front door on its new files", commands=[_serving_since_written(plan)],
-                        changed_by=[*config, *secrets])  # fmt: skip
-    wait_healthy(name="Front door up", unit=S.FRONTDOOR_UNIT, url=f"http://{plan.frontdoor_metrics_hostport}/metrics",
-                 timeout=60)  # fmt: skip
+    commands_if_changed(
+        name="Front door on its new files", commands=[_serving_since_written(plan)], changed_by=[*config, *secrets]
+    )
+    wait_healthy(
+        name="Front door up", unit=S.FRONTDOOR_UNIT, url=f"http://{plan.frontdoor_metrics_hostport}/metrics", timeout=60
+    )
 
 
 def _serving_since_written(plan: Plan, timeout: int = 60) -> str:
     paths = " ".join((units.FRONTDOOR_CONF, units.FRONTDOOR_KEYS, units.FRONTDOOR_TLS))
-    started = (f"curl -s -m 2 http://{plan.frontdoor_metrics_hostport}/metrics | "
-               "awk '$1 == \"haproxy_process_start_time_seconds\" { printf \"%d\", $2 }'")  # fmt: skip
-    return (f"written=$(stat -c %Y {paths} 2>/dev/null | sort -n | tail -1); deadline=$(( $(date +%s) + {timeout} )); "
-            f"until [ \"$({started})\" -ge \"$written\" ] 2>/dev/null; do "
-            f"if [ $(date +%s) -ge $deadline ]; then echo 'the front door did not take its new files within {timeout} s' >&2; "
-            "exit 1; fi; sleep 0.2; done")
+    started = (
+        f"curl -s -m 2 http://{plan.frontdoor_metrics_hostport}/metrics | "
+        'awk \'$1 == "haproxy_process_start_time_seconds" { printf "%d", $2 }\''
+    )
+    return (
+        f"written=$(stat -c %Y {paths} 2>/dev/null | sort -n | tail -1); deadline=$(( $(date +%s) + {timeout} )); "
+        f'until [ "$({started})" -ge "$written" ] 2>/dev/null; do '
+        f"if [ $(date +%s) -ge $deadline ]; then echo 'the front door did not take its new files within {timeout} s' >&2; "
+        "exit 1; fi; sleep 0.2; done"
+    )

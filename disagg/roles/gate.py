@@ -6,9 +6,9 @@ from pyinfra import logger
 from pyinfra.context import ctx_state
 
 from disagg.core import packages
-from disagg.infra import preflight
-from disagg.core.plan import Plan
 from disagg.core.errors import HostError, UsageError
+from disagg.core.plan import Plan
+from disagg.infra import preflight
 
 # pyinfra runs the deploy file once per host: check once per run
 _checked: set[int] = set()
@@ -21,15 +21,19 @@ def gate(plan: Plan) -> None:
     _checked.add(id(state))
     limited = {h.name for h in state.limit_hosts or ()}
     if limited and plan.cluster.head not in limited and any(plan.workers_on(h) for h in limited):
-        raise UsageError(f"--limit leaves out the head ({plan.cluster.head}): its registry sync routes only the "
-                            f"workers of the layout it was given last; add --limit {plan.cluster.head}")  # fmt: skip
+        raise UsageError(
+            f"--limit leaves out the head ({plan.cluster.head}): its registry sync routes only the "
+            f"workers of the layout it was given last; add --limit {plan.cluster.head}"
+        )
     if plan.engine_plugin:
         for name in sorted({w.host for w in plan.workers}):
             mismatch = packages.plugin_mismatch(state.inventory.get_host(name).data)
             if mismatch:
                 # not fatal: the plugin disables itself on the hosts, loudly
-                logger.warning(f"--> preflight: {name}: {mismatch}: it will patch nothing (no re-handshake of a "
-                               "disconnected NIXL peer, nixl_progress_thread=false has no effect)")  # fmt: skip
+                logger.warning(
+                    f"--> preflight: {name}: {mismatch}: it will patch nothing (no re-handshake of a "
+                    "disconnected NIXL peer, nixl_progress_thread=false has no effect)"
+                )
     if not plan.settings.preflight:
         logger.warning("--> preflight skipped: inventory data preflight=false")
         return

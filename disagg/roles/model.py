@@ -12,10 +12,10 @@ from pyinfra.api import OperationError, operation
 from pyinfra.api.deploy import deploy
 from pyinfra.context import ctx_state
 
-from disagg.infra import hub
 from disagg.core import settings as S
-from disagg.infra.facts import StagedTree
 from disagg.core.plan import Plan
+from disagg.infra import hub
+from disagg.infra.facts import StagedTree
 from disagg.roles.ops import directories
 from disagg.roles.transfer import made_safe, root_only, tree_pushed
 
@@ -31,8 +31,13 @@ def model(plan: Plan) -> None:
         tree_pushed(name=f"Push model {s.model_dir}", src=s.model_dir, dest=s.model_path)
     elif s.model_source == "hub":
         commit = hub_commit(plan)
-        hub_staged(name=f"Stage {s.model}@{s.model_revision} ({commit[:12]}) from {s.hf_endpoint or 'the hub'}",
-                   repo=s.model, commit=commit, dest=s.model_path, endpoint=s.hf_endpoint)  # fmt: skip
+        hub_staged(
+            name=f"Stage {s.model}@{s.model_revision} ({commit[:12]}) from {s.hf_endpoint or 'the hub'}",
+            repo=s.model,
+            commit=commit,
+            dest=s.model_path,
+            endpoint=s.hf_endpoint,
+        )
 
 
 # the deploy file runs once per host: one answer per deploy (pyinfra's State) for all of them
@@ -53,12 +58,15 @@ def hub_commit(plan: Plan) -> str:
             if staged.intact and staged.commit:
                 held[name] = staged.commit
         if len(set(held.values())) > 1:
-            raise OperationError(f"the hosts hold different commits of {s.model}@{s.model_revision} "
-                                 f"({', '.join(f'{n}: {c[:12]}' for n, c in held.items())}); set model_revision to "
-                                 "the commit they should all serve")  # fmt: skip
+            raise OperationError(
+                f"the hosts hold different commits of {s.model}@{s.model_revision} "
+                f"({', '.join(f'{n}: {c[:12]}' for n, c in held.items())}); set model_revision to "
+                "the commit they should all serve"
+            )
         try:
-            known[key] = next(iter(held.values()), None) or hub.commit(s.model, s.model_revision, s.hf_endpoint,
-                                                                          host.data.get("hf_token"))  # fmt: skip
+            known[key] = next(iter(held.values()), None) or hub.commit(
+                s.model, s.model_revision, s.hf_endpoint, host.data.get("hf_token")
+            )
         except hub.HubError as e:
             raise OperationError(str(e)) from None
     return known[key]
@@ -87,7 +95,9 @@ def hub_staged(repo: str, commit: str, dest: str, endpoint: str | None = None):
     yield from made_safe(dest, staged)
     if not fresh:  # (a link removed from it leaves a file short of the stamp)
         env = f"HF_ENDPOINT={shlex.quote(endpoint)} " if endpoint else ""
-        yield (f"{env}PYTHONPATH={S.AGENT_SRC} {S.VLLM_VENV}/bin/python -m disagg.agent.stage "
-               f"--repo {shlex.quote(repo)} --revision {shlex.quote(commit)} --dest {shlex.quote(dest)} "
-               f"--token-file {S.HF_TOKEN_ENV}")  # fmt: skip
+        yield (
+            f"{env}PYTHONPATH={S.AGENT_SRC} {S.VLLM_VENV}/bin/python -m disagg.agent.stage "
+            f"--repo {shlex.quote(repo)} --revision {shlex.quote(commit)} --dest {shlex.quote(dest)} "
+            f"--token-file {S.HF_TOKEN_ENV}"
+        )
     yield root_only(dest)

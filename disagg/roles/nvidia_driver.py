@@ -12,20 +12,19 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import apt, files, server
 
+from disagg.core import settings as S
 from disagg.infra.facts import NvidiaDriverLoaded
 from disagg.roles.ops import commands_if_changed
 
-DEFAULTS = {
-    "install_nvidia_driver": True,
-    "nvidia_driver_branch": 580,
-    "nvidia_driver_open": True,
-    # Ubuntu's datacenter ("server") driver branch packages
-    "nvidia_driver_package": "nvidia-driver-{branch}-server{open}",
-    "nvidia_fabricmanager_package": "nvidia-fabricmanager-{branch}",
-    # None: detect NVSwitches on the PCI bus (8-GPU HGX H100/H200 boards have them)
-    "nvswitch": None,
-    "nvidia_allow_reboot": False,
-}
+DEFAULTS = S.role_defaults(
+    "install_nvidia_driver",
+    "nvidia_driver_branch",
+    "nvidia_driver_open",
+    "nvidia_driver_package",
+    "nvidia_fabricmanager_package",
+    "nvswitch",
+    "nvidia_allow_reboot",
+)
 SUPPORTED = {("Ubuntu", 22), ("Ubuntu", 24)}
 BLACKLIST = "/etc/modprobe.d/disagg-blacklist-nouveau.conf"
 

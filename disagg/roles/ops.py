@@ -15,12 +15,21 @@ from pyinfra.api import OperationError, StringCommand, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
-from disagg.core.packages import pinned
-from disagg.infra.preflight import check_accounts
 from disagg.core import settings as S
 from disagg.core import units
-from disagg.infra.facts import (CommandSucceeds, DirectoryStates, FileStates, HostPlatform, HttpStatus, ManagedUnits,
-                          PasswdEntry, UnitState, VenvPackages)
+from disagg.core.packages import pinned
+from disagg.infra.facts import (
+    CommandSucceeds,
+    DirectoryStates,
+    FileStates,
+    HostPlatform,
+    HttpStatus,
+    ManagedUnits,
+    PasswdEntry,
+    UnitState,
+    VenvPackages,
+)
+from disagg.infra.preflight import check_accounts
 from disagg.infra.wheelhouse import ensure as wheelhouse_ensure
 from disagg.roles.transfer import not_a_directory, tree_pushed
 
@@ -96,8 +105,9 @@ def service_user(user: str, home: str):
     entry = host.get_fact(PasswdEntry, user=user)
     shell, comment, quoted = "/usr/sbin/nologin", shlex.quote(S.ACCOUNT_COMMENT), shlex.quote(user)
     if entry is None:
-        yield (f"useradd --system --user-group --home-dir {shlex.quote(home)} --shell {shell} --comment {comment} "
-               f"{quoted}")  # fmt: skip
+        yield (
+            f"useradd --system --user-group --home-dir {shlex.quote(home)} --shell {shell} --comment {comment} {quoted}"
+        )
     elif not entry["ours"]:  # preflight's line, where preflight is off
         raise OperationError(check_accounts(host.name, {user: entry})[0].line())
     elif (entry["home"], entry["shell"], entry["comment"]) != (home, shell, S.ACCOUNT_COMMENT):
@@ -154,8 +164,9 @@ def directories(wanted: dict[str, tuple[str, str]]):
             yield f"chmod {mode} {q}"
 
 
-def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = (),
-                    no_deps: Sequence[str] = (), bytecode: bool = True) -> list[OperationMeta]:  # fmt: skip
+def python_packages(
+    venv: str, packages: Sequence[str], remove: Sequence[str] = (), no_deps: Sequence[str] = (), bytecode: bool = True
+) -> list[OperationMeta]:
     """A venv at a fixed path with pinned packages, then `no_deps` pinned
     packages installed without their dependencies (nixl's meta package would
     pull a CUDA build of torch), installed by uv. With data `wheelhouse` (a
@@ -171,8 +182,11 @@ def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = 
         return [p for p in wanted if p.partition("==")[2] not in have.get(_pep503(p.partition("==")[0]), [])]
 
     unwanted = [p for p in remove if _pep503(p) in have]
-    install = [(group, flags) for group, flags in ((list(packages), ""), (list(no_deps), "--no-deps"))
-               if group and missing(group)]  # fmt: skip
+    install = [
+        (group, flags)
+        for group, flags in ((list(packages), ""), (list(no_deps), "--no-deps"))
+        if group and missing(group)
+    ]
     if not (install or unwanted):
         return []
     uv_package = pinned(host.data, "uv_package")
@@ -180,9 +194,15 @@ def python_packages(venv: str, packages: Sequence[str], remove: Sequence[str] = 
     installs = []
     for group, flags in install:
         index = _wheels(group, no_deps=bool(flags))
-        installs += [uv_install(name=f"Install {' '.join(group)} into {venv}{' without dependencies' if flags else ''}",
-                   venv=venv, packages=group, flags=" ".join(a for a in (index, flags) if a),
-                   bytecode=bytecode)]  # fmt: skip
+        installs += [
+            uv_install(
+                name=f"Install {' '.join(group)} into {venv}{' without dependencies' if flags else ''}",
+                venv=venv,
+                packages=group,
+                flags=" ".join(a for a in (index, flags) if a),
+                bytecode=bytecode,
+            )
+        ]
     # what an install pulls in is only known after it: the whole list then
     if remove and (install or unwanted):
         uv_remove(name=f"Remove {' '.join(remove)} from {venv}", venv=venv, packages=list(remove))
@@ -199,8 +219,10 @@ def _wheels(requirements: list[str], no_deps: bool = False) -> str:
         return ""
     platform = host.get_fact(HostPlatform)
     if platform is None:
-        raise OperationError(f"{host.name}: no /usr/bin/python3 (or no glibc) to fetch wheels for: install "
-                             "python3 on the host, or deploy without data 'wheelhouse'")  # fmt: skip
+        raise OperationError(
+            f"{host.name}: no /usr/bin/python3 (or no glibc) to fetch wheels for: install "
+            "python3 on the host, or deploy without data 'wheelhouse'"
+        )
     local = wheelhouse_ensure(wheelhouse, requirements, platform, no_deps=no_deps)
     remote = f"{WHEELHOUSE}/{local.name}"
     tree_pushed(name=f"Push wheels of {' '.join(requirements)}", src=str(local), dest=remote)
@@ -220,6 +242,7 @@ def uv_installed(package: str, index: str = ""):
     """
     version = package.partition("==")[2]
     if host.get_fact(CommandSucceeds, command=f"{UV_VENV}/bin/uv --version | grep -qxF {shlex.quote(f'uv {version}')}"):
+        host.noop(f"uv {version} is installed")
         return
     yield f"test -x {UV_VENV}/bin/pip || python3 -m venv {UV_VENV}"
     yield f"{UV_VENV}/bin/pip install -q {index} {shlex.quote(package)}".replace("  ", " ")
@@ -266,8 +289,13 @@ def _pep503(name: str) -> str:
 
 
 @operation()
-def unit_running(unit: str, changed_by: Sequence[OperationMeta] = (), restart: bool = True,
-                 reloaded_by: Sequence[OperationMeta] = (), files: Sequence[str] = ()):  # fmt: skip
+def unit_running(
+    unit: str,
+    changed_by: Sequence[OperationMeta] = (),
+    restart: bool = True,
+    reloaded_by: Sequence[OperationMeta] = (),
+    files: Sequence[str] = (),
+):
     """
     Start and enable a unit; restart it only when one of `changed_by` (its
     unit, env or config file) changed, reload it (`systemctl reload`: its
@@ -336,7 +364,7 @@ def distro_unit_unmasked(unit: str):
         distro_unit_unmasked(name="Unmask the package's own Prometheus", unit="prometheus.service")
     """
     path, marker = units.unit_path(unit.removesuffix(".service")), f"{S.MASKED_DIR}/{unit}"
-    if not host.get_fact(CommandSucceeds, command=f"test -e {marker} && test \"$(readlink {path})\" = /dev/null"):
+    if not host.get_fact(CommandSucceeds, command=f'test -e {marker} && test "$(readlink {path})" = /dev/null'):
         host.noop(f"{unit}: no mask of ours")
         return
     yield f"rm -f {path} {marker} && systemctl daemon-reload && {{ systemctl disable {unit} 2>/dev/null || true; }}"
@@ -373,6 +401,7 @@ def wait_healthy(unit: str, url: str, timeout: int, answers: Sequence[int] = (20
         wait_healthy(unit="disagg-context-0", url="http://10.0.0.1:8100/health", timeout=600)
     """
     if host.get_fact(HttpStatus, url=url) in answers:
+        host.noop(f"{url} answers")
         return
     yield health_loop(unit, url, timeout, answers)
 
@@ -380,15 +409,17 @@ def wait_healthy(unit: str, url: str, timeout: int, answers: Sequence[int] = (20
 def health_loop(unit: str, url: str, timeout: int, answers: Sequence[int] = (200,)) -> str:
     """Shell: poll url until it answers one of answers, else fail with the unit's journal."""
     q_url, q_unit = shlex.quote(url), shlex.quote(unit)
-    said = shlex.quote(f"{unit} is not healthy: {url} did not answer {'/'.join(map(str, answers))} "
-                       f"(timeout {int(timeout)} s); last lines of its journal:")  # fmt: skip
+    said = shlex.quote(
+        f"{unit} is not healthy: {url} did not answer {'/'.join(map(str, answers))} "
+        f"(timeout {int(timeout)} s); last lines of its journal:"
+    )
     return (
         f"deadline=$(( $(date +%s) + {int(timeout)} )); "
         f"until case \"$(curl -s -o /dev/null -m 5 -w '%{{http_code}}' {q_url})\" in "
         f"{'|'.join(map(str, answers))}) true;; *) false;; esac; do "
         f"if [ $(date +%s) -ge $deadline ] || systemctl -q is-failed {q_unit} "
         # a crash loop under Restart=on-failure never reaches 'failed'
-        f"|| [ \"$(systemctl show -p NRestarts --value {q_unit})\" -ge 3 ]; then "
+        f'|| [ "$(systemctl show -p NRestarts --value {q_unit})" -ge 3 ]; then '
         f"echo {said} >&2; "
         f"journalctl -u {q_unit} -n 40 --no-pager >&2; exit 1; fi; sleep 2; done"
     )
@@ -436,13 +467,18 @@ def roll(wave: Sequence[Rolling]):
             continue  # not running (unit_running starts it), or running as wanted
         if w.warning:
             logger.warning(f"{host.print_prefix}{w.warning}")
-        jobs.append(f"systemctl restart {shlex.quote(w.unit)} && {health_loop(w.unit, f'{w.url}/health', w.health_timeout)} && "
-                    f"{w.rejoin}")  # fmt: skip
+        jobs.append(
+            f"systemctl restart {shlex.quote(w.unit)} && {health_loop(w.unit, f'{w.url}/health', w.health_timeout)} && "
+            f"{w.rejoin}"
+        )
     if jobs:
         # together, each in its own subshell; fail if any fails
-        yield " ".join(f"( {job} ) & p{i}=$!;" for i, job in enumerate(jobs)) + " rc=0; " + " ".join(
-            f"wait $p{i} || rc=1;" for i in range(len(jobs))
-        ) + " exit $rc"
+        yield (
+            " ".join(f"( {job} ) & p{i}=$!;" for i, job in enumerate(jobs))
+            + " rc=0; "
+            + " ".join(f"wait $p{i} || rc=1;" for i in range(len(jobs)))
+            + " exit $rc"
+        )
 
 
 @operation()
@@ -461,6 +497,7 @@ def prune_units(keep: Sequence[str] = ()):
     """
     stale = [u for u in host.get_fact(ManagedUnits) if u not in keep]
     if not stale:
+        host.noop("no unit of ours beyond those kept")
         return
     # one command, so that systemd stops them in parallel and in dependency order
     yield f"systemctl disable --now {' '.join(f'{u}.service' for u in stale)}"
@@ -500,8 +537,10 @@ def hidden_content(path: str, content: str):
     if current is None or current["sha1"] != hashlib.sha1(content.encode()).hexdigest():
         q, size = shlex.quote(path), len(content.encode())
         # head -c: pyinfra ends what it writes to stdin with a newline
-        yield StringCommand(f"t=$(mktemp {q}.XXXXXX) && {{ head -c {size} > \"$t\" && mv -f \"$t\" {q} "
-                            f"|| {{ rm -f \"$t\"; false; }}; }}", _stdin=content)  # fmt: skip
+        yield StringCommand(
+            f't=$(mktemp {q}.XXXXXX) && {{ head -c {size} > "$t" && mv -f "$t" {q} || {{ rm -f "$t"; false; }}; }}',
+            _stdin=content,
+        )
 
 
 @operation()
@@ -520,4 +559,3 @@ def owner_only(path: str, owner: str):
         yield f"chown {owner}:{owner} {shlex.quote(path)}"
     if current is None or current["mode"] != "600":
         yield f"chmod 600 {shlex.quote(path)}"
-

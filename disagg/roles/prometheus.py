@@ -29,7 +29,8 @@ def prometheus(plan: Plan):
     rendered = units.prometheus_files(plan)
     written = put_files(rendered)
     # a config or rule Prometheus would refuse stops the deploy before the restart
-    commands_if_changed(name="promtool check config", commands=[f"promtool check config {units.PROMETHEUS_CONF}"],
-                        changed_by=written)  # fmt: skip
+    commands_if_changed(
+        name="promtool check config", commands=[f"promtool check config {units.PROMETHEUS_CONF}"], changed_by=written
+    )
     unit_running(name=f"Run {S.PROMETHEUS_UNIT}", unit=S.PROMETHEUS_UNIT, changed_by=written, files=list(rendered))
     wait_healthy(name="Prometheus ready", unit=S.PROMETHEUS_UNIT, url=f"{plan.prometheus_url}/-/ready", timeout=60)

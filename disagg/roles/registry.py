@@ -15,18 +15,15 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
 from disagg.agent import net
-from disagg.core import packages
 from disagg.core import settings as S
 from disagg.core import units
-from disagg.infra.facts import CommandSucceeds
 from disagg.core.plan import Plan
-from disagg.roles.credentials import DEFAULTS as CREDENTIALS, ca_files, heartbeat_passwords, nats_password, sync_password
+from disagg.infra.facts import CommandSucceeds
+from disagg.roles.credentials import DEFAULTS as CREDENTIALS
+from disagg.roles.credentials import ca_files, heartbeat_passwords, nats_password, sync_password
 from disagg.roles.ops import directories, put_files, python_packages, unit_running
 
-DEFAULTS = {
-    "agent_packages": packages.DEFAULTS["agent_packages"],
-    "ready_timeout": 300,
-}
+DEFAULTS = S.role_defaults("agent_packages", "ready_timeout")
 
 
 @deploy("Registry runtime", data_defaults={**DEFAULTS, **CREDENTIALS})
@@ -47,8 +44,7 @@ def runtime(plan: Plan) -> list[OperationMeta]:
 def runtime_files(plan: Plan) -> list[str]:
     """What runtime() writes: the agents' units read it."""
     admin = [units.NATS_SECRET_ENV] if host.name == plan.cluster.head else []
-    return [*admin, *(plan.heartbeat_env(w) for w in plan.workers_on(host.name)), *ca_files(plan),
-            *units.agent_code()]  # fmt: skip
+    return [*admin, *(plan.heartbeat_env(w) for w in plan.workers_on(host.name)), *ca_files(plan), *units.agent_code()]
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
@@ -64,9 +60,12 @@ def router_sync(plan: Plan, changed_by: list[OperationMeta]):
     put_files(units.layout_file(plan))
     password = sync_password(plan)
     rendered = units.sync_files(plan)
-    unit_running(name=f"Run {S.SYNC_UNIT}", unit=S.SYNC_UNIT,
-                 changed_by=[*changed_by, made, password, *put_files(rendered)],
-                 files=[*rendered, units.SYNC_ENV, *runtime_files(plan)])  # fmt: skip
+    unit_running(
+        name=f"Run {S.SYNC_UNIT}",
+        unit=S.SYNC_UNIT,
+        changed_by=[*changed_by, made, password, *put_files(rendered)],
+        files=[*rendered, units.SYNC_ENV, *runtime_files(plan)],
+    )
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
@@ -83,9 +82,11 @@ def readiness(plan: Plan):
     registry_ready(
         name="One request answered through the front door",
         check=check,
-        wait=(f"deadline=$(( $(date +%s) + {timeout} )); until {check}; do if [ $(date +%s) -ge $deadline ]; then "
-              f"echo 'no 200 from {plan.router_url} within {timeout} s (an authenticated chat completion)' >&2; "
-              "exit 1; fi; sleep 1; done"),
+        wait=(
+            f"deadline=$(( $(date +%s) + {timeout} )); until {check}; do if [ $(date +%s) -ge $deadline ]; then "
+            f"echo 'no 200 from {plan.router_url} within {timeout} s (an authenticated chat completion)' >&2; "
+            "exit 1; fi; sleep 1; done"
+        ),
     )
 
 
@@ -94,8 +95,9 @@ def front_door_request(plan: Plan) -> str:
     sends it (its key, if the front door asks one, read from the key file
     into curl's stdin: never a command line), true on a 200."""
     s = plan.settings
-    body = json.dumps({"model": s.served_name or s.model, "max_tokens": 1,
-                       "messages": [{"role": "user", "content": "Ready?"}]})  # fmt: skip
+    body = json.dumps(
+        {"model": s.served_name or s.model, "max_tokens": 1, "messages": [{"role": "user", "content": "Ready?"}]}
+    )
     key = f"sed -n '1s/^/Authorization: /p' {units.FRONTDOOR_KEYS} | " if s.client_api_keys else ""
     url, tls = f"{plan.router_url}/v1/chat/completions", ""
     if s.client_tls_names:  # the CA's certificate, checked as a client does, under its first name
@@ -105,8 +107,10 @@ def front_door_request(plan: Plan) -> str:
         tls = f"--cacert {S.CA_CERT} --connect-to {shlex.quote(f'{net.hostport(name, port)}:{net.hostport(address, port)}')} "
     elif plan.client_tls:  # data's own certificate: its CA is its clients' business
         tls = "-k "
-    return (f"{{ {key}curl -s -o /dev/null -w '%{{http_code}}' -m 30 {tls}{'-H @- ' if key else ''}"
-            f"-H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(url)} | grep -qx 200; }}")
+    return (
+        f"{{ {key}curl -s -o /dev/null -w '%{{http_code}}' -m 30 {tls}{'-H @- ' if key else ''}"
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(url)} | grep -qx 200; }}"
+    )
 
 
 @operation()

@@ -6,13 +6,12 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
-from disagg.core import packages
 from disagg.core import settings as S
 from disagg.core import units
 from disagg.core.plan import Plan
 from disagg.roles.ops import put_files, python_packages, unit_running, wait_healthy
 
-DEFAULTS = {"router_package": packages.DEFAULTS["router_package"]}
+DEFAULTS = S.role_defaults("router_package")
 
 
 @deploy("vllm-router", data_defaults=DEFAULTS)
@@ -20,8 +19,12 @@ def router(plan: Plan, changed_by: list[OperationMeta]):
     """`changed_by`: the API key's write, which restarts it."""
     python_packages(S.ROUTER_VENV, [host.data.get("router_package")])
     rendered = units.router_files(plan)
-    unit_running(name=f"Run {S.ROUTER_UNIT}", unit=S.ROUTER_UNIT, changed_by=[*changed_by, *put_files(rendered)],
-                 files=[*rendered, *units.api_key_env(plan)])  # fmt: skip
+    unit_running(
+        name=f"Run {S.ROUTER_UNIT}",
+        unit=S.ROUTER_UNIT,
+        changed_by=[*changed_by, *put_files(rendered)],
+        files=[*rendered, *units.api_key_env(plan)],
+    )
     wait_healthy(
         name="Router up",
         unit=S.ROUTER_UNIT,

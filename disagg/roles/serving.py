@@ -4,19 +4,20 @@ for the disaggregated and the baseline layout both follow it."""
 from pyinfra import host
 
 from disagg.core import settings as S
-from disagg.infra.facts import NvidiaPciDevices
 from disagg.core.plan import Plan
+from disagg.infra.facts import NvidiaPciDevices
+from disagg.roles import frontdoor as door
+from disagg.roles import prometheus as prom
+from disagg.roles import registry
 from disagg.roles.base import base
 from disagg.roles.credentials import api_key
 from disagg.roles.dcgm import dcgm
-from disagg.roles.firewall import PACKAGES as FIREWALL_PACKAGES, firewall
+from disagg.roles.firewall import PACKAGES as FIREWALL_PACKAGES
+from disagg.roles.firewall import firewall
+from disagg.roles.model import model
 from disagg.roles.nats import nats
 from disagg.roles.nvidia_driver import nvidia_driver
-from disagg.roles import frontdoor as door
-from disagg.roles import prometheus as prom
-from disagg.roles.model import model
 from disagg.roles.ops import distro_unit_masked, prune_units
-from disagg.roles import registry
 from disagg.roles.router import router
 from disagg.roles.vllm import vllm
 from disagg.roles.workers import workers, workers_healthy

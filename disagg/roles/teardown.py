@@ -22,8 +22,15 @@ def teardown(purge: bool = False):
     prune_units(name="Stop and remove disagg units", keep=[])
     table_absent(name="Remove our nftables table")
     # the sync's members belong to the layout that ends here
-    for path in (units.NATS_CONF, units.NATS_AUTH_CONF, units.NATS_SECRET_ENV, S.FIREWALL_RULES, S.HF_TOKEN_ENV,
-                 S.API_KEY_ENV, S.LAYOUT_FILE):  # fmt: skip
+    for path in (
+        units.NATS_CONF,
+        units.NATS_AUTH_CONF,
+        units.NATS_SECRET_ENV,
+        S.FIREWALL_RULES,
+        S.HF_TOKEN_ENV,
+        S.API_KEY_ENV,
+        S.LAYOUT_FILE,
+    ):
         files.file(name=f"Remove {path}", path=path, present=False)
     # Prometheus's TSDB (S.PROMETHEUS_DATA) is kept: the history of what ran
     for path in (S.TLS_DIR, S.PROMETHEUS_CONFIG_DIR, S.SCRAPE_TARGETS_DIR, S.FRONTDOOR_DIR, S.SYNC_DIR):

@@ -39,6 +39,7 @@ def tree_pushed(src: str, dest: str):
     staged = host.get_fact(StagedTree, path=dest)
     todo = manifest.changes(wanted, staged)
     if todo.none and not staged.unsafe:
+        host.noop(f"{dest} matches {src} (by its stamp and sizes)")
         return
     q, stamp = shlex.quote(dest), shlex.quote(manifest.stamp_path(dest))
     yield from made_safe(dest, staged)
@@ -73,8 +74,10 @@ def made_safe(dest: str, staged: manifest.Staged):
         logger.warning(f"{host.print_prefix}{dest}: {len(staged.foreign)} links or special files removed ({shown})")
         yield f"find {q} -mindepth 1 ! -type f ! -type d -delete"
     if staged.loose is not None and staged.kind == "d":
-        logger.warning(f"{host.print_prefix}{dest}: {staged.loose} was not root's or was writable by others: "
-                       "made root's, read-only to services")  # fmt: skip
+        logger.warning(
+            f"{host.print_prefix}{dest}: {staged.loose} was not root's or was writable by others: "
+            "made root's, read-only to services"
+        )
 
 
 def root_only(dest: str) -> str:

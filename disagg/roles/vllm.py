@@ -7,22 +7,13 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
-from disagg.core import packages
-from disagg.core import settings as S
-from disagg.core.plan import Plan
-from disagg.core import units
 from disagg.agent import envfile
+from disagg.core import settings as S
+from disagg.core import units
+from disagg.core.plan import Plan
 from disagg.roles.ops import commands_if_changed, directories, put_files, python_packages, secret_file
 
-DEFAULTS = {
-    "vllm_package": packages.DEFAULTS["vllm_package"],
-    # installed with the base packages (one apt run: roles/serving.py)
-    "vllm_system_packages": [],
-    # packages the engine package pulls in but that break it (CPU build: torchvision & co)
-    "vllm_remove_packages": [],
-    "nixl_packages": packages.DEFAULTS["nixl_packages"],
-    "hf_token": None,
-}
+DEFAULTS = S.role_defaults("vllm_package", "vllm_system_packages", "vllm_remove_packages", "nixl_packages", "hf_token")
 
 
 @deploy("vLLM engine", data_defaults=DEFAULTS)
@@ -37,15 +28,20 @@ def vllm(plan: Plan) -> list[OperationMeta]:
         bytecode=False,
     )
     # the workers' own (caches): the one place below root's STATE_DIR they write
-    wanted = {S.SERVICE_HOME: (S.SERVICE_USER, "750"), S.HF_HOME: (S.SERVICE_USER, "750"),
-              S.PYCACHE_DIR: (S.SERVICE_USER, "755")}  # fmt: skip
+    wanted = {
+        S.SERVICE_HOME: (S.SERVICE_USER, "750"),
+        S.HF_HOME: (S.SERVICE_USER, "750"),
+        S.PYCACHE_DIR: (S.SERVICE_USER, "755"),
+    }
     directories(name=f"Directories {', '.join(wanted)}", wanted=wanted)
     # the workers' entry module imported once, as they run it: its bytecode
     # compiled once here, not by every engine of the host at its first start
     commands_if_changed(
         name="Bytecode of the engine's imports",
-        commands=[f"runuser -u {S.SERVICE_USER} -- env HOME={S.SERVICE_HOME} PYTHONPYCACHEPREFIX={S.PYCACHE_DIR} "
-                  f"{S.VLLM_VENV}/bin/python -c 'import {S.VLLM_ENTRY}'"],  # fmt: skip
+        commands=[
+            f"runuser -u {S.SERVICE_USER} -- env HOME={S.SERVICE_HOME} PYTHONPYCACHEPREFIX={S.PYCACHE_DIR} "
+            f"{S.VLLM_VENV}/bin/python -c 'import {S.VLLM_ENTRY}'"
+        ],
         changed_by=installed,
     )
     if plan.engine_plugin:

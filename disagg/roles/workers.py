@@ -36,8 +36,12 @@ def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta
         unit_running(name=f"Run {w.unit}", unit=w.unit, changed_by=written[w.unit], restart=False)
     for w in mine:
         # a companion alone restarting leaves its worker in the router
-        unit_running(name=f"Run {w.agent_unit}", unit=w.agent_unit, changed_by=[*runtime, *companion[w.unit]],
-                     files=[*companions[w.unit], *shared])  # fmt: skip
+        unit_running(
+            name=f"Run {w.agent_unit}",
+            unit=w.agent_unit,
+            changed_by=[*runtime, *companion[w.unit]],
+            files=[*companions[w.unit], *shared],
+        )
     # before the health gates: a running worker whose port moved (a
     # relabel) answers at its new URL only once it is rolled
     waves = plan.waves()
@@ -60,11 +64,15 @@ def _rolling(plan: Plan, w: Worker, changed_by: list[OperationMeta]) -> Rolling:
     dp = plan.topology.stage(w.role).dp
     warning = None
     if dp == 1:
-        warning = (f"{w.unit} is the only {w.role} worker: restarting it stops serving until it is back; "
-                   f"add {w.role} workers (dp >= 2) to roll without loss")  # fmt: skip
+        warning = (
+            f"{w.unit} is the only {w.role} worker: restarting it stops serving until it is back; "
+            f"add {w.role} workers (dp >= 2) to roll without loss"
+        )
     elif plan.settings.max_unavailable >= dp:
-        warning = (f"{w.unit}: max_unavailable={plan.settings.max_unavailable} restarts all {dp} {w.role} workers "
-                   "at once: serving stops until they are back; lower max_unavailable")  # fmt: skip
+        warning = (
+            f"{w.unit}: max_unavailable={plan.settings.max_unavailable} restarts all {dp} {w.role} workers "
+            "at once: serving stops until they are back; lower max_unavailable"
+        )
     rejoin = plan.rejoin_command(w, timeout=REJOIN_TIMEOUT)
     paths = (units.unit_path(w.unit), S.env_path(w.unit))
     if plan.engine_plugin:  # code the worker loads: changed after it started = outdated

@@ -3,8 +3,10 @@ once per session and removed afterwards, also when a test fails or the run
 is interrupted.
 
 No test depends on another having run: each asks `deployment.ensure(...)`
-for the layout it needs, which deploys it only when the hosts do not
-already run it (a test that changes the layout says so with `changed()`).
+for the layout it needs (by default the inventory as it is), which deploys
+it only when the hosts do not already run it (a test that changes the
+layout says so with `changed()`). DISAGG_E2E_ORDER=reverse runs the tests
+in reverse order, to show it.
 
 DISAGG_KEEP_HOSTS=1 leaves them up after the run (to look around);
 DISAGG_REUSE_HOSTS=1 uses hosts that are already up instead of new ones."""
@@ -16,14 +18,27 @@ import os
 import pytest
 from pyinfra_cli.util import parse_cli_arg
 
-from disagg.lab import testhosts, tinymodel
-from disagg.infra.launch import run_deploy
 from disagg.core.plan import make_plan
 from disagg.infra.inventory import load_inventory
+from disagg.infra.launch import run_deploy
+from disagg.lab import testhosts, tinymodel
 
 INVENTORY = "inventories/local.py"
 _TIMINGS: dict[str, float] = {}
 _FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def controller_state(tmp_path_factory):
+    """The controller's state (the deployments' CAs, disagg/core/pki.py) for
+    the session's one deployment, not the user's (unless DISAGG_STATE_DIR
+    says where: to keep it across runs on hosts kept up)."""
+    if os.environ.get("DISAGG_STATE_DIR"):
+        yield os.environ["DISAGG_STATE_DIR"]
+        return
+    os.environ["DISAGG_STATE_DIR"] = str(tmp_path_factory.mktemp("controller-state"))
+    yield os.environ["DISAGG_STATE_DIR"]
+    del os.environ["DISAGG_STATE_DIR"]
 
 
 @pytest.fixture(scope="session")
@@ -48,19 +63,17 @@ class Deployment:
         self.current: tuple[str, tuple[str, ...]] | None = None
         self.deployed_once = False
 
-    def ensure(self, deploy: str = "deploys/disagg.py", data: tuple[str, ...] | None = None):
-        """Deploy unless the hosts already run `deploy` with `data` (None:
-        whatever engine data they run, with the inventory's own label);
+    def ensure(self, deploy: str = "deploys/disagg.py", data: tuple[str, ...] = ()):
+        """Deploy unless the hosts already run `deploy` with exactly `data`
+        (--data overrides; none: the inventory as it is), so that a test
+        sees the same layout alone, after any other or in any order;
         returns the plan of what runs."""
-        current = self.current
-        relabeled = current is not None and any(d.startswith(("label=", "baseline_label=")) for d in current[1])
-        if (current is None or current[0] != deploy or (data is None and relabeled)
-                or (data is not None and current[1] != data)):  # fmt: skip
-            run = run_deploy(INVENTORY, deploy, *(data or ()))
+        if self.current != (deploy, tuple(data)):
+            run = run_deploy(INVENTORY, deploy, *data)
             if not self.deployed_once:
                 _TIMINGS.setdefault("bare hosts to serving (first deploy of the session)", run.seconds)
             self.deployed_once = True
-            self.current = (deploy, tuple(data or ()))
+            self.current = (deploy, tuple(data))
         return self.plan()
 
     def plan(self):
@@ -91,6 +104,11 @@ def timings() -> dict[str, float]:
 def figures() -> list[str]:
     """Lines such as a fault's requests sent/failed, printed at the end."""
     return _FIGURES
+
+
+def pytest_collection_modifyitems(items):
+    if os.environ.get("DISAGG_E2E_ORDER") == "reverse":
+        items.reverse()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -5,6 +5,7 @@ printed as `fault:` lines at the end of the run."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,16 +15,21 @@ import time
 import urllib.request
 
 import pytest
+import waiting
 
-from disagg.perf import kvtransfer
-from disagg.lab import smoke
-from disagg.core import settings as S
 from disagg.agent import kv
+from disagg.core import settings as S
 from disagg.infra.launch import run_deploy
+from disagg.lab import smoke
 from disagg.lab.load import Load
 from disagg.lab.testhosts import ssh
+from disagg.perf import kvtransfer
 
 pytestmark = pytest.mark.e2e
+
+
+# each poll is an SSH command or an HTTP request to the hosts
+until = functools.partial(waiting.until, every=0.5)
 
 INVENTORY = "inventories/local.py"
 H1, H2 = 1, 2
@@ -38,8 +44,12 @@ def load(plan, timeout: float = 120) -> Load:
 
 
 def status(*args: str) -> tuple[int, dict]:
-    out = subprocess.run([sys.executable, "-m", "disagg", "status", "-i", INVENTORY, "--json", *args],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "disagg", "status", "-i", INVENTORY, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode in (0, 1), out.stderr[-3000:]
     return out.returncode, json.loads(out.stdout)
 
@@ -57,8 +67,11 @@ def router_dropped(url: str, after: float, timeout: float) -> float:
     needle = f"Remove .* \\[HTTP:{url.removeprefix('http://')},"
 
     def seen() -> str:
-        return ssh(H1, f"journalctl -u disagg-router -o short-unix --no-pager --since @{after:.0f} "
-                       f"| grep -m1 -E '{needle}' || true").stdout.strip()  # fmt: skip
+        return ssh(
+            H1,
+            f"journalctl -u disagg-router -o short-unix --no-pager --since @{after:.0f} "
+            f"| grep -m1 -E '{needle}' || true",
+        ).stdout.strip()
 
     until(seen, timeout, f"router dropped {url}")
     return float(seen().split()[0]) - after
@@ -68,26 +81,20 @@ def now_on_head() -> float:
     return float(ssh(H1, "date +%s.%N").stdout)
 
 
-def until(predicate, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.5)
-    return time.monotonic() - start
-
-
 def started(host: int, units: list[str]) -> dict[str, str]:
     out = ssh(host, " ; ".join(f"systemctl show -p ActiveEnterTimestampMonotonic --value {u}" for u in units)).stdout
     return dict(zip(units, out.split()))
 
 
 def test_context_args_change_rolls_under_load_and_loses_nothing(deployment, figures, timings):
-    plan = deployment.ensure(data=())
+    plan = deployment.ensure()
     change = 'context_args=["--max-num-seqs","64"]'
     dry = run_deploy(INVENTORY, "deploys/disagg.py", change, dry=True, diff=True)
     modified = re.findall(r"Will modify \S*?(/etc/\S+)", dry.output)
-    assert sorted(modified) == ["/etc/systemd/system/disagg-context-0.service",
-                                "/etc/systemd/system/disagg-context-1.service"]  # fmt: skip
+    assert sorted(modified) == [
+        "/etc/systemd/system/disagg-context-0.service",
+        "/etc/systemd/system/disagg-context-1.service",
+    ]
     assert len(re.findall(r"^\s+\+\s+--max-num-seqs 64$", dry.output, re.M)) == 2
     # the waves, and no warning: the generate worker is not touched
     assert "Rolling restart 1/2: context-0, generate-0" in dry.output and "Rolling restart 2/2: context-1" in dry.output
@@ -107,14 +114,19 @@ def test_context_args_change_rolls_under_load_and_loses_nothing(deployment, figu
     assert after["disagg-generate-0"] == before["disagg-generate-0"]
     assert all(after[u] != before[u] for u in ("disagg-context-0", "disagg-context-1"))
     # one at a time: context-1 was stopped only after context-0 was back
-    journal = ssh(H1, "journalctl -u disagg-context-0 -u disagg-context-1 -o short-unix --no-pager "
-                      "--since -15min | grep -E 'Stopping|Started'").stdout  # fmt: skip
+    journal = ssh(
+        H1,
+        "journalctl -u disagg-context-0 -u disagg-context-1 -o short-unix --no-pager "
+        "--since -15min | grep -E 'Stopping|Started'",
+    ).stdout
     events = [(line.split()[0], "Stopping" in line, "context-0" in line) for line in journal.splitlines()]
     stop1 = max(float(t) for t, stopping, c0 in events if stopping and not c0)
     start0 = max(float(t) for t, stopping, c0 in events if not stopping and c0)
     assert start0 < stop1
-    left = ssh(H1, "journalctl -u disagg-context-0 -u disagg-context-1 --since -15min -o cat | "
-                   "grep -c 'out of the router after'").stdout.strip()  # fmt: skip
+    left = ssh(
+        H1,
+        "journalctl -u disagg-context-0 -u disagg-context-1 --since -15min -o cat | grep -c 'out of the router after'",
+    ).stdout.strip()
     assert int(left) >= 2
 
 
@@ -138,14 +150,20 @@ def test_kill_9_of_a_context_worker_under_load_fails_no_request(deployment, figu
         # every process of the worker: its API server and its EngineCore (which holds the KV cache)
         at = float(ssh(H1, f"date +%s.%N; systemctl kill --signal=SIGKILL {victim.unit}").stdout)
         gone = router_dropped(victim.url, at, 30)
-        back = until(lambda: ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip() not in
-                     ("0", pid) and router_lists(victim.url), 300, "killed worker serving again")  # fmt: skip
+        until(
+            lambda: ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip() not in ("0", pid)
+            and router_lists(victim.url),
+            300,
+            "killed worker serving again",
+        )
         back_at = traffic.at()
         time.sleep(3)
     result, retries = traffic.result, frontdoor_retries(plan) - retried
-    figures.append(f"kill -9 of context-0 under load: {result.summary()}; the front door sent {retries:.0f} "
-                   f"requests again; the router dropped it {gone:.1f} s after the kill, and listed it again "
-                   f"{back_at - killed:.0f} s after")  # fmt: skip
+    figures.append(
+        f"kill -9 of context-0 under load: {result.summary()}; the front door sent {retries:.0f} "
+        f"requests again; the router dropped it {gone:.1f} s after the kill, and listed it again "
+        f"{back_at - killed:.0f} s after"
+    )
     timings["kill -9 of a context worker -> routed again"] = back_at - killed
     assert result.failed == 0, result.failures[:5]
     assert retries > 0, "the front door retried nothing: the kill did not hit a request"
@@ -168,8 +186,10 @@ def test_kill_9_of_the_router_under_load(deployment, figures, timings):
         serving = until(lambda: _answers(plan), 60, "the front door serving after the router's kill -9")
         time.sleep(3)
     result, retries = traffic.result, frontdoor_retries(plan) - retried
-    figures.append(f"kill -9 of the router under load: {result.summary()}; the front door sent {retries:.0f} requests "
-                   f"again and served again {serving:.1f} s after the kill")  # fmt: skip
+    figures.append(
+        f"kill -9 of the router under load: {result.summary()}; the front door sent {retries:.0f} requests "
+        f"again and served again {serving:.1f} s after the kill"
+    )
     timings["kill -9 of the router -> the front door serves again"] = serving
     assert ssh(H1, f"systemctl show -p MainPID --value {S.ROUTER_UNIT}").stdout.strip() not in ("0", pid)
     assert all(killed <= ended <= killed + serving + 5 for _, ended, _ in result.failures), result.failures[:5]
@@ -185,8 +205,9 @@ def _answers(plan) -> bool:
 
 
 def _post(url: str, body: dict, key: str) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json",
-                                                                      "Authorization": f"Bearer {key}"})  # fmt: skip
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)
 
@@ -201,11 +222,30 @@ def test_a_generate_worker_recomputes_the_prompt_its_dead_kv_source_held(deploym
     (generate,) = [w for w in plan.workers if w.role == "generate"]
     key = ssh(H1, f"sed -n 's/^VLLM_API_KEY=//p' {S.API_KEY_ENV}").stdout.strip()
     words = " ".join(f"r{os.getpid()}x{j}" for j in range(80))
-    request = {"model": MODEL, "messages": [{"role": "user", "content": words}], "max_tokens": 4, "min_tokens": 4,
-               "ignore_eos": True}  # fmt: skip
-    prefill = _post(f"{victim.url}/v1/chat/completions", {**request, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": {
-        "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None,
-        "remote_host": None, "remote_port": None}}, key)  # fmt: skip
+    request = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": words}],
+        "max_tokens": 4,
+        "min_tokens": 4,
+        "ignore_eos": True,
+    }
+    prefill = _post(
+        f"{victim.url}/v1/chat/completions",
+        {
+            **request,
+            "max_tokens": 1,
+            "min_tokens": 1,
+            "kv_transfer_params": {
+                "do_remote_decode": True,
+                "do_remote_prefill": False,
+                "remote_engine_id": None,
+                "remote_block_ids": None,
+                "remote_host": None,
+                "remote_port": None,
+            },
+        },
+        key,
+    )
     params = prefill["kv_transfer_params"]
     assert params["remote_port"] == victim.nixl_port
     pid = ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip()
@@ -215,15 +255,21 @@ def test_a_generate_worker_recomputes_the_prompt_its_dead_kv_source_held(deploym
     try:
         answer = _post(f"{generate.url}/v1/chat/completions", {**request, "kv_transfer_params": params}, key)
         moved = kvtransfer.delta(before, kvtransfer.read([generate.url]))
-        figures.append(f"KV source killed after its prefill: the generate worker answered "
-                       f"{answer['usage']['completion_tokens']} tokens; {moved}")  # fmt: skip
+        figures.append(
+            f"KV source killed after its prefill: the generate worker answered "
+            f"{answer['usage']['completion_tokens']} tokens; {moved}"
+        )
         assert answer["usage"]["completion_tokens"] == 4
         prompt = answer["usage"]["prompt_tokens"]
         assert moved["prompt_tokens_external"] == 0 and moved["prompt_tokens_local_compute"] > 0
         assert moved["prompt_tokens_local_compute"] + moved["prompt_tokens_local_cache"] == prompt
     finally:  # the layout whole again for the tests after this one
-        until(lambda: ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip() not in ("0", pid)
-              and router_lists(victim.url), 300, "killed worker serving again")  # fmt: skip
+        until(
+            lambda: ssh(H1, f"systemctl show -p MainPID --value {victim.unit}").stdout.strip() not in ("0", pid)
+            and router_lists(victim.url),
+            300,
+            "killed worker serving again",
+        )
 
 
 def test_nats_down_30_s_under_load_loses_nothing(deployment, figures, timings):
@@ -268,9 +314,11 @@ def test_generate_host_vanishes_and_comes_back(deployment, figures, timings):
         time.sleep(8)
     result = traffic.result
     after = result.failed_between(restored, result.seconds)
-    figures.append(f"generate host cut off under load: {result.summary()}; router dropped its worker after "
-                   f"{gone:.1f} s (TTL {kv.TTL:g} s + router expiry), routed again {back:.1f} s after the link came back; "
-                   f"{after} failed after that")  # fmt: skip
+    figures.append(
+        f"generate host cut off under load: {result.summary()}; router dropped its worker after "
+        f"{gone:.1f} s (TTL {kv.TTL:g} s + router expiry), routed again {back:.1f} s after the link came back; "
+        f"{after} failed after that"
+    )
     timings["host cut off -> its worker out of the router"] = gone
     timings["host back -> its worker routed again"] = back
     # the only generate worker: nothing can be served without it; requests

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from disagg.core import pki
-from disagg.lab import smoke, testhosts
 from disagg.core import settings as S
 from disagg.infra.launch import run_deploy
+from disagg.lab import smoke, testhosts
 from disagg.lab.load import Load
 from disagg.lab.testhosts import ssh
 
@@ -49,8 +49,9 @@ except Exception as e:
 """
 
 
-def from_neighbour(outside, url: str, method: str, path: str, key: str = "", ca: str = "", length: int = 0,
-                   timeout: float = 30) -> str:  # fmt: skip
+def from_neighbour(
+    outside, url: str, method: str, path: str, key: str = "", ca: str = "", length: int = 0, timeout: float = 30
+) -> str:
     out = outside(sys.executable, "-c", CLIENT, url, method, path, key, ca, str(length or ""), str(timeout))
     return out.stdout.strip() or out.stderr.strip()[-200:]
 
@@ -58,9 +59,16 @@ def from_neighbour(outside, url: str, method: str, path: str, key: str = "", ca:
 def test_clients_reach_inference_and_nothing_else(deployment, figures):
     plan = deployment.ensure()
     context = next(w for w in plan.workers if w.role == "context")
-    admin = [("POST", "/flush_cache"), ("POST", f"/remove_worker?url={context.url}"), ("GET", "/workers"),
-             ("GET", "/list_workers"), ("POST", f"/add_worker?url=http://{testhosts.OUTSIDER}:9"),
-             ("GET", "/get_loads"), ("GET", "/metrics"), ("GET", "/v1/../workers")]  # fmt: skip
+    admin = [
+        ("POST", "/flush_cache"),
+        ("POST", f"/remove_worker?url={context.url}"),
+        ("GET", "/workers"),
+        ("GET", "/list_workers"),
+        ("POST", f"/add_worker?url=http://{testhosts.OUTSIDER}:9"),
+        ("GET", "/get_loads"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/../workers"),
+    ]
     with testhosts.outsider() as outside:
         answers = {f"{m} {p}": from_neighbour(outside, plan.router_url, m, p) for m, p in admin}
         chat = from_neighbour(outside, plan.router_url, "POST", "/v1/chat/completions")
@@ -69,8 +77,10 @@ def test_clients_reach_inference_and_nothing_else(deployment, figures):
         too_big = from_neighbour(outside, plan.router_url, "POST", "/v1/chat/completions", length=limit + 1)
         # the router's own port is not the neighbour's (the firewall drops it)
         internal = from_neighbour(outside, plan.router_internal_url, "GET", "/workers", timeout=3)
-    figures.append(f"front door from a neighbour: router paths {sorted(set(answers.values()))}, chat {chat}, "
-                   f"health {health}, over {limit >> 20} MiB {too_big}, the router's own port {internal}")  # fmt: skip
+    figures.append(
+        f"front door from a neighbour: router paths {sorted(set(answers.values()))}, chat {chat}, "
+        f"health {health}, over {limit >> 20} MiB {too_big}, the router's own port {internal}"
+    )
     assert answers == dict.fromkeys(answers, "403"), answers
     assert (chat, health, too_big) == ("200", "200", "413")
     assert internal == "TimeoutError", internal
@@ -99,14 +109,25 @@ def test_client_keys_and_tls_rotate_under_load_without_a_failed_request(deployme
         ca = str(pki.ca_file(head))
         assert https == f"https://{plan.head.address}:{plan.settings.router_port}"
         with testhosts.outsider() as outside:
-            seen = {what: from_neighbour(outside, url, "POST", "/v1/chat/completions", key, ca) for what, url, key in (
-                ("no key", https, ""), ("another key", https, "not-a-key"), ("k1", https, k1), ("k2", https, k2),
-                ("plaintext", plan.router_url, k1))}  # fmt: skip
+            seen = {
+                what: from_neighbour(outside, url, "POST", "/v1/chat/completions", key, ca)
+                for what, url, key in (
+                    ("no key", https, ""),
+                    ("another key", https, "not-a-key"),
+                    ("k1", https, k1),
+                    ("k2", https, k2),
+                    ("plaintext", plan.router_url, k1),
+                )
+            }
         figures.append(f"front door with keys and TLS, from a neighbour: {seen}")
         assert seen["no key"] == seen["another key"] == "401" and seen["k1"] == seen["k2"] == "200"
         assert seen["plaintext"] in ("RemoteDisconnected", "ConnectionResetError", "BadStatusLine"), seen
         # rotate: k1 out, k3 in, while a client of k2 streams
-        second = (*base, f"client_api_keys={json.dumps([k2, k3])}", f"client_tls_names={json.dumps([plan.head.address])}")
+        second = (
+            *base,
+            f"client_api_keys={json.dumps([k2, k3])}",
+            f"client_tls_names={json.dumps([plan.head.address])}",
+        )
         with Load(https, MODEL, concurrency=2, pause=0.05, api_key=k2, ca=ca) as traffic:
             time.sleep(3)
             rotated = run_deploy(INVENTORY, "deploys/disagg.py", *second)
@@ -178,8 +199,10 @@ def test_client_rate_and_connection_limits(deployment, figures):
         run_deploy(INVENTORY, "deploys/disagg.py", *base)
         deployment.changed("deploys/disagg.py", base)
     codes = seen["codes"]
-    figures.append(f"client limits (20 requests/s, 4 connections) from a neighbour: a burst of 60 requests got "
-                   f"{codes.count(200)} x 200 and {codes.count(429)} x 429; 8 connections held, {seen['answered']} "
-                   "answered")  # fmt: skip
+    figures.append(
+        f"client limits (20 requests/s, 4 connections) from a neighbour: a burst of 60 requests got "
+        f"{codes.count(200)} x 200 and {codes.count(429)} x 429; 8 connections held, {seen['answered']} "
+        "answered"
+    )
     assert set(codes) == {200, 429} and codes[:15] == [200] * 15
     assert seen["answered"] == 4

@@ -4,16 +4,17 @@ baseline, bench and report, teardown, sweep. Each test asks the shared
 `deployment` for the layout it needs (tests/e2e/conftest.py)."""
 
 import errno
+import functools
 import itertools
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import shlex
 import shutil
+import socket
 import ssl
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -21,19 +22,24 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import waiting
 
-from disagg.perf import kvtransfer, results
-from disagg.core import manifest, pki
-from disagg.lab import smoke, testhosts
-from disagg.core import settings as S
 from disagg.agent import envfile, kv
-from disagg.infra.launch import DeployError, run_deploy
-from disagg.lab.load import Load
+from disagg.core import manifest, pki
+from disagg.core import settings as S
 from disagg.core.plan import make_plan
 from disagg.infra.inventory import load_inventory
+from disagg.infra.launch import DeployError, run_deploy
+from disagg.lab import smoke, testhosts
+from disagg.lab.load import Load
 from disagg.lab.testhosts import ssh
+from disagg.perf import kvtransfer, results
 
 pytestmark = pytest.mark.e2e
+
+
+# each poll is an SSH command or an HTTP request to the hosts
+until = functools.partial(waiting.until, every=0.5)
 
 INVENTORY = "inventories/local.py"
 H1, H2 = 1, 2
@@ -57,19 +63,14 @@ def listed_units(host: int) -> list[str]:
 
 def status(*args: str, inventory: str = INVENTORY) -> tuple[int, dict]:
     """`disagg status -i INVENTORY --json` as an operator runs it."""
-    out = subprocess.run([sys.executable, "-m", "disagg", "status", "-i", inventory, "--json", *args],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "disagg", "status", "-i", inventory, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode in (0, 1), out.stderr[-3000:]
     return out.returncode, json.loads(out.stdout)
-
-
-def until(predicate, timeout: float, what: str) -> float:
-    """Poll predicate until true; the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.5)
-    return time.monotonic() - start
 
 
 def test_converge_serves_through_the_router(deployment):
@@ -87,12 +88,23 @@ def test_converge_serves_through_the_router(deployment):
     after = {u: smoke.counter(u, "vllm:request_success_total") for u in before}
     assert sum(after[u] - before[u] for u in context) >= 2, "no context worker served the prefill"
     assert after[generate] - before[generate] >= 2, "the generate worker did not decode"
-    assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service",
-                                "disagg-context-1-agent.service", "disagg-context-1.service",
-                                "disagg-firewall.service", "disagg-frontdoor.service", "disagg-nats.service", "disagg-prometheus.service",
-                                "disagg-registry-sync.service", "disagg-router.service"]  # fmt: skip
-    assert listed_units(H2) == ["disagg-firewall.service", "disagg-generate-0-agent.service",
-                                "disagg-generate-0.service"]  # fmt: skip
+    assert listed_units(H1) == [
+        "disagg-context-0-agent.service",
+        "disagg-context-0.service",
+        "disagg-context-1-agent.service",
+        "disagg-context-1.service",
+        "disagg-firewall.service",
+        "disagg-frontdoor.service",
+        "disagg-nats.service",
+        "disagg-prometheus.service",
+        "disagg-registry-sync.service",
+        "disagg-router.service",
+    ]
+    assert listed_units(H2) == [
+        "disagg-firewall.service",
+        "disagg-generate-0-agent.service",
+        "disagg-generate-0.service",
+    ]
 
 
 def test_kv_cache_moves_from_context_to_generate_over_nixl(deployment, figures):
@@ -117,8 +129,10 @@ def test_kv_cache_moves_from_context_to_generate_over_nixl(deployment, figures):
     assert moved["failed_transfers"] == 0 and moved["bytes"] > 0 and moved["transfers"] >= 4
     # the prompt came over the wire (or from its own prefix cache: the chat
     # template), not from computing it again, but for at most a partial block each
-    assert moved["prompt_tokens_external"] + moved["prompt_tokens_local_cache"] + \
-        moved["prompt_tokens_local_compute"] == prompt_tokens
+    assert (
+        moved["prompt_tokens_external"] + moved["prompt_tokens_local_cache"] + moved["prompt_tokens_local_compute"]
+        == prompt_tokens
+    )
     assert moved["prompt_tokens_local_compute"] <= 4 * block
     assert moved["prompt_tokens_external"] >= prompt_tokens - 4 * block - moved["prompt_tokens_local_cache"]
     assert moved["prompt_tokens_external"] > 0
@@ -154,7 +168,9 @@ def test_nixl_progress_thread_is_off_where_data_says(deployment, figures):
     plugin = plan.worker_env(plan.workers[0])
     probe = {}
     for off in (False, True):
-        vars_ = "UCX_TLS=tcp,self " + (f"PYTHONPATH={plugin['PYTHONPATH']} DISAGG_NIXL_PROGRESS_THREAD=0" if off else "")
+        vars_ = "UCX_TLS=tcp,self " + (
+            f"PYTHONPATH={plugin['PYTHONPATH']} DISAGG_NIXL_PROGRESS_THREAD=0" if off else ""
+        )
         out = ssh(H2, f"cd /tmp && env {vars_} /opt/disagg/vllm/bin/python -c '{NIXL_AGENT}' 2>/dev/null")
         threads, cpu = out.stdout.split()[-2:]
         probe[off] = (int(threads), float(cpu))
@@ -180,8 +196,11 @@ def test_nats_speaks_only_tls_with_our_ca_asks_a_password_and_monitors_on_loopba
     pki.ensure("not-this-deployment", [plan.head.address])
     with pytest.raises(ssl.SSLCertVerificationError):
         nats_connect(plan, creds, ca=other)
-    for path, mode in (("/etc/disagg/nats.env", "root 600"), ("/etc/disagg/nats-auth.conf", "disagg-nats 600"),
-                       ("/etc/disagg/tls/nats.key", "disagg-nats 600")):  # fmt: skip
+    for path, mode in (
+        ("/etc/disagg/nats.env", "root 600"),
+        ("/etc/disagg/nats-auth.conf", "disagg-nats 600"),
+        ("/etc/disagg/tls/nats.key", "disagg-nats 600"),
+    ):
         assert ssh(H1, f"stat -c '%U %a' {path}").stdout.strip() == mode
 
 
@@ -191,8 +210,11 @@ def nats_connect(plan, creds: dict, ca: Path | None) -> str:
     with socket.create_connection((plan.head.address, plan.settings.nats_port), timeout=5) as sock:
         info = json.loads(sock.recv(4096).decode().removeprefix("INFO "))
         assert info["jetstream"] and info["tls_required"]
-        conn = ssl.create_default_context(cafile=str(ca)).wrap_socket(sock, server_hostname=plan.head.address) \
-            if ca else sock
+        conn = (
+            ssl.create_default_context(cafile=str(ca)).wrap_socket(sock, server_hostname=plan.head.address)
+            if ca
+            else sock
+        )
         conn.sendall(f"CONNECT {json.dumps({'verbose': False, **creds})}\r\nPING\r\n".encode())
         return conn.recv(4096).decode()
 
@@ -204,8 +226,9 @@ def test_workers_refuse_a_request_without_the_key_and_the_router_sends_it(deploy
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
 
     def direct(url: str, headers: dict) -> int:
-        request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json",
-                                                                               **headers})  # fmt: skip
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", body, {"Content-Type": "application/json", **headers}
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status
@@ -238,8 +261,11 @@ def test_no_secret_reaches_the_hosts_logs_after_a_deploy_and_a_key_rotation_as_t
     key, token = "rotated-" + os.urandom(16).hex(), "hf_e2e_" + os.urandom(16).hex()
     # and a NATS password of what a config parser or a shell would take apart
     password = f'pw 12 34;x "$HOME" `id` \\ #{os.urandom(8).hex()}'
-    data = (*(d for d in deployment.current[1] if not d.startswith("nats_password=")), f"api_key={key}",
-            f"nats_password={password}")  # fmt: skip
+    data = (
+        *(d for d in deployment.current[1] if not d.startswith("nats_password=")),
+        f"api_key={key}",
+        f"nats_password={password}",
+    )
     run = run_deploy(INVENTORY, "deploys/disagg.py", *data)
     deployment.changed("deploys/disagg.py", data)
     timings["API key rotated, workers rolled (as the sudo login)"] = run.seconds
@@ -249,8 +275,9 @@ def test_no_secret_reaches_the_hosts_logs_after_a_deploy_and_a_key_rotation_as_t
         # the HF token as the model's staging writes it (no worker restarts for it)
         staged = run_deploy(INVENTORY, "deploys/model.py", f"hf_token={token}")
         for host in (H1, H2):
-            assert ssh(host, f"sed -n 's/^VLLM_API_KEY=//p' {S.API_KEY_ENV}; sed -n 's/^HF_TOKEN=//p' "
-                             f"{S.HF_TOKEN_ENV}").stdout.split() == [key, token]  # fmt: skip
+            assert ssh(
+                host, f"sed -n 's/^VLLM_API_KEY=//p' {S.API_KEY_ENV}; sed -n 's/^HF_TOKEN=//p' {S.HF_TOKEN_ENV}"
+            ).stdout.split() == [key, token]
     finally:  # the layout's data has no token: its file goes, as the hub test's does
         for i in (H1, H2):
             ssh(i, f"rm -f {S.HF_TOKEN_ENV}", check=False)
@@ -260,11 +287,17 @@ def test_no_secret_reaches_the_hosts_logs_after_a_deploy_and_a_key_rotation_as_t
     for host in (H1, H2):
         # sudo's own lines are there (the logs are live), the secrets are not
         assert int(ssh(host, f"grep -c 'sudo: *{testhosts.LOGIN} : .*COMMAND=' /var/log/auth.log").stdout) > 50
-        assert int(ssh(host, f"journalctl --no-pager -o cat -t sudo | grep -c '{testhosts.LOGIN} : .*COMMAND='"
-                             ).stdout) > 50  # fmt: skip
+        assert (
+            int(ssh(host, f"journalctl --no-pager -o cat -t sudo | grep -c '{testhosts.LOGIN} : .*COMMAND='").stdout)
+            > 50
+        )
         for what, value in secrets.items():
-            found = ssh(host, f"journalctl --no-pager -o cat | grep -cF -- {shlex.quote(value)}; "
-                              f"grep -cF -- {shlex.quote(value)} /var/log/auth.log", check=False).stdout.split()  # fmt: skip
+            found = ssh(
+                host,
+                f"journalctl --no-pager -o cat | grep -cF -- {shlex.quote(value)}; "
+                f"grep -cF -- {shlex.quote(value)} /var/log/auth.log",
+                check=False,
+            ).stdout.split()
             assert found == ["0", "0"], f"{what} in the logs of host {host} (journal, auth.log): {found}"
 
 
@@ -277,8 +310,11 @@ def test_a_rerun_after_a_key_rotation_that_failed_half_way_serves_through_the_fr
     data = (*(d for d in deployment.current[1] if not d.startswith("api_key=")), f"api_key={key}")
     deployment.changed()
     for host in (H1, H2):
-        ssh(host, f"umask 077; printf %s {shlex.quote(envfile.text(dict.fromkeys(('VLLM_API_KEY', 'OPENAI_API_KEY'), key)))}"
-                  f" > {S.API_KEY_ENV}")  # fmt: skip
+        ssh(
+            host,
+            f"umask 077; printf %s {shlex.quote(envfile.text(dict.fromkeys(('VLLM_API_KEY', 'OPENAI_API_KEY'), key)))}"
+            f" > {S.API_KEY_ENV}",
+        )
     run_deploy(INVENTORY, "deploys/disagg.py", *data)
     deployment.changed("deploys/disagg.py", data)
     assert smoke.chat(deployment.plan().router_url, MODEL, 2)["completion_tokens"] == 2
@@ -288,15 +324,21 @@ def test_head_services_listen_only_where_they_must(deployment):
     plan = deployment.ensure()
     s = plan.settings
     listening = ssh(H1, "ss -ltnH").stdout.split("\n")
-    where = {int(local.rsplit(":", 1)[1]): local.rsplit(":", 1)[0]
-             for local in (line.split()[3] for line in listening if line.strip())}  # fmt: skip
+    where = {
+        int(local.rsplit(":", 1)[1]): local.rsplit(":", 1)[0]
+        for local in (line.split()[3] for line in listening if line.strip())
+    }
     head = plan.head.address
-    assert where[s.router_port] == where[s.router_metrics_port] == where[s.nats_port] == where[s.prometheus_port] == head
+    assert (
+        where[s.router_port] == where[s.router_metrics_port] == where[s.nats_port] == where[s.prometheus_port] == head
+    )
     assert where[s.router_internal_port] == where[s.frontdoor_metrics_port] == head
     assert where[s.router_discovery_port] == where[s.nats_monitor_port] == where[s.registry_metrics_port] == "127.0.0.1"
     # the distro package's own Prometheus never started, nor what it recommends (node exporter on :9100)
     assert 9100 not in where, where
-    assert ssh(H1, "systemctl is-enabled prometheus.service haproxy.service", check=False).stdout.split() == ["masked"] * 2
+    assert (
+        ssh(H1, "systemctl is-enabled prometheus.service haproxy.service", check=False).stdout.split() == ["masked"] * 2
+    )
 
 
 # connect_ex's errno: 0 when something answered; a dropped SYN times out (3 s)
@@ -307,13 +349,17 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
     plan = deployment.ensure()
     s = plan.settings
     context = next(w for w in plan.workers if w.role == "context")
-    ours = {"NATS": (plan.head.address, s.nats_port), "router metrics": (plan.head.address, s.router_metrics_port),
-            "the router itself": (plan.head.address, s.router_internal_port),
-            "front door metrics": (plan.head.address, s.frontdoor_metrics_port),
-            "Prometheus": (plan.head.address, s.prometheus_port),
-            "context worker HTTP": (context.address, context.http_port),
-            "context NIXL side channel": (context.address, context.nixl_port)}  # fmt: skip
+    ours = {
+        "NATS": (plan.head.address, s.nats_port),
+        "router metrics": (plan.head.address, s.router_metrics_port),
+        "the router itself": (plan.head.address, s.router_internal_port),
+        "front door metrics": (plan.head.address, s.frontdoor_metrics_port),
+        "Prometheus": (plan.head.address, s.prometheus_port),
+        "context worker HTTP": (context.address, context.http_port),
+        "context NIXL side channel": (context.address, context.nixl_port),
+    }
     with testhosts.outsider() as outside:
+
         def reaches(address: str, port: int) -> bool:
             return outside(sys.executable, "-c", PROBE, address, str(port)).stdout.strip() == "0"
 
@@ -338,8 +384,10 @@ def test_firewall_admits_each_port_of_ours_only_from_its_peers(deployment, figur
     table = ssh(H1, "nft list table inet disagg").stdout
     dropped = int(re.search(r"counter packets (\d+) bytes \d+ drop", table).group(1))
     assert dropped > 0
-    figures.append(f"firewall: from an outside namespace {', '.join(blocked)} blocked, router and ssh open; "
-                   f"{dropped} packets dropped on the head")  # fmt: skip
+    figures.append(
+        f"firewall: from an outside namespace {', '.join(blocked)} blocked, router and ssh open; "
+        f"{dropped} packets dropped on the head"
+    )
 
 
 # as a compromised host could: with a heartbeat's own credentials a foreign
@@ -390,8 +438,10 @@ def test_a_foreign_entry_is_refused_to_a_heartbeats_credentials_and_never_routed
     plan = deployment.ensure()
     beat = next(w for w in plan.workers if w.host == plan.cluster.head)
     agent = f"PYTHONPATH={S.AGENT_SRC} {S.AGENT_VENV}/bin/python -c {shlex.quote(IMPOSTOR)}"
-    args = (f"{plan.nats_url} {shlex.quote(plan.settings.nats_user)} {S.CA_CERT} {plan.head.address} "
-            f"{kv.heartbeat_user(beat.url)} {plan.heartbeat_env(beat)}")  # fmt: skip
+    args = (
+        f"{plan.nats_url} {shlex.quote(plan.settings.nats_user)} {S.CA_CERT} {plan.head.address} "
+        f"{kv.heartbeat_user(beat.url)} {plan.heartbeat_env(beat)}"
+    )
     since = time.time()
     with Load(plan.router_url, MODEL, concurrency=2, pause=0.05) as load:
         writer = subprocess.Popen([*testhosts.ssh_command(H1), f"{agent} {args}"], stdout=subprocess.PIPE, text=True)
@@ -407,8 +457,10 @@ def test_a_foreign_entry_is_refused_to_a_heartbeats_credentials_and_never_routed
     assert url.removeprefix("http://") not in router_log
     sync_log = ssh(H1, f"journalctl -u {S.SYNC_UNIT} -o cat --no-pager --since @{since:.0f}").stdout
     assert "not a worker of the deployed layout: foreign" in sync_log and "is not a JSON object" in sync_log
-    figures.append(f"foreign registry entry: a heartbeat's credentials {refused}; with the admin's, 20 s under "
-                   f"load: {load.result.ok} requests, {load.result.failed} failed, never in the router")  # fmt: skip
+    figures.append(
+        f"foreign registry entry: a heartbeat's credentials {refused}; with the admin's, 20 s under "
+        f"load: {load.result.ok} requests, {load.result.failed} failed, never in the router"
+    )
 
 
 # a TCP connect scan of every port: a closed one answers RST at once, one of
@@ -522,8 +574,11 @@ def test_a_hub_model_is_staged_verified_and_damage_fetched_again(deployment, tmp
             assert run_deploy(INVENTORY, "deploys/model.py", *data).changed == {}
             assert len(hub.requests) == asked
             # a corrupted shard (same size, bytes changed) and a partial file: found and fetched again
-            ssh(2, f"cd {dest} && printf 'XXXX' | dd of=model.safetensors bs=1 seek=4096 conv=notrunc 2>/dev/null "
-                   f"&& truncate -s 100 tokenizer.json")  # fmt: skip
+            ssh(
+                2,
+                f"cd {dest} && printf 'XXXX' | dd of=model.safetensors bs=1 seek=4096 conv=notrunc 2>/dev/null "
+                f"&& truncate -s 100 tokenizer.json",
+            )
             fetched = len(hub.downloads())
             again = run_deploy(INVENTORY, "deploys/model.py", *data)
             assert {h for hosts in again.changed.values() for h in hosts} == {testhosts.address(H2)}
@@ -538,11 +593,14 @@ def test_a_hub_model_is_staged_verified_and_damage_fetched_again(deployment, tmp
             ssh(2, f"rm -rf {dest} {dest}.manifest.json {dest}.commit")
             since = len(hub.requests)
             run_deploy(INVENTORY, "deploys/model.py", *data)
-            assert not [p for _, p in hub.requests[since:] if p.endswith(("/tiny", "/revision/main"))]  # main never asked
+            assert not [
+                p for _, p in hub.requests[since:] if p.endswith(("/tiny", "/revision/main"))
+            ]  # main never asked
             for i in (1, 2):
                 assert ssh(i, f"cat {dest}.commit").stdout.strip() == first
                 assert ssh(i, f"sha256sum {dest}/model.safetensors").stdout.split()[0] == manifest.sha256(
-                    repo / "model.safetensors")
+                    repo / "model.safetensors"
+                )
     finally:
         for i in (1, 2):
             ssh(i, f"rm -rf /var/lib/disagg/models/hub {S.HF_TOKEN_ENV}", check=False)
@@ -560,16 +618,18 @@ def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again
     run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
     for path, owner in secrets.items():
         assert ssh(H1, f"stat -c '%U %a' {path}").stdout.split() == [owner, "600"]
-    assert sorted(run.changed) == sorted([
-        "Registry runtime | /etc/disagg/nats.env root-only",
-        f"Worker API key | {S.API_KEY_ENV} root-only",
-        f"NATS server | {S.NATS_KEY} disagg-nats-only",
-    ]), run.changed  # fmt: skip
+    assert sorted(run.changed) == sorted(
+        [
+            "Registry runtime | /etc/disagg/nats.env root-only",
+            f"Worker API key | {S.API_KEY_ENV} root-only",
+            f"NATS server | {S.NATS_KEY} disagg-nats-only",
+        ]
+    ), run.changed
     assert active_since(H1, units) == since  # nothing restarted for a mode
 
 
 def test_running_services_are_sandboxed(deployment, figures):
-    plan = deployment.ensure()
+    deployment.ensure()
     exposure, units = {}, set()
     for host in (H1, H2):
         names = listed_units(host)
@@ -581,8 +641,12 @@ def test_running_services_are_sandboxed(deployment, figures):
     assert set(exposure) == units
     assert all(float(e) <= 4 for e in exposure.values()), exposure  # 9.2 (UNSAFE) before
     # as each main process sees the host: only its own state is writable
-    for unit, writable in (("disagg-context-0", S.SERVICE_HOME), ("disagg-nats", "/var/lib/disagg/nats"),
-                           ("disagg-router", None), ("disagg-frontdoor", None)):  # fmt: skip
+    for unit, writable in (
+        ("disagg-context-0", S.SERVICE_HOME),
+        ("disagg-nats", "/var/lib/disagg/nats"),
+        ("disagg-router", None),
+        ("disagg-frontdoor", None),
+    ):
         pid = ssh(H1, f"systemctl show -p MainPID --value {unit}").stdout.strip()
         inside = f"nsenter -t {pid} -m --"
         refused = ssh(H1, f"{inside} touch /opt/disagg/probe /etc/disagg/probe {S.MODELS_DIR}/probe", check=False)
@@ -612,8 +676,13 @@ def test_links_a_service_user_plants_never_lead_root_elsewhere(deployment):
     ssh(H1, f"mkdir -p {canary} && echo keep > {canary}/keep && chmod 755 {canary} && chmod 644 {canary}/keep")
     before = canary_state()
     try:
-        for command in (f"mv {model} {model}.x", f"ln -s {canary} {model}/evil", f"rm -f {model}.manifest.json",
-                        f"mv {S.PYCACHE_DIR} {S.STATE_DIR}/x", f"ln -s {canary} {S.MODELS_DIR}/evil"):  # fmt: skip
+        for command in (
+            f"mv {model} {model}.x",
+            f"ln -s {canary} {model}/evil",
+            f"rm -f {model}.manifest.json",
+            f"mv {S.PYCACHE_DIR} {S.STATE_DIR}/x",
+            f"ln -s {canary} {S.MODELS_DIR}/evil",
+        ):
             refused = as_disagg(command)
             assert refused.returncode != 0 and "Permission denied" in refused.stderr, (command, refused.stderr)
         # nor can it read the environment of the services that hold the NATS password (each its own user)
@@ -626,18 +695,29 @@ def test_links_a_service_user_plants_never_lead_root_elsewhere(deployment):
 
         # the state tree as releases before this one left it, then the links
         ssh(H1, f"chown {S.SERVICE_USER}: {S.STATE_DIR} {S.MODELS_DIR} && chown -R {S.SERVICE_USER}: {model}")
-        as_disagg(" && ".join([f"rm -f {model}.manifest.json",
-                               *(f"mv {p} {p}.aside && ln -s {canary} {p}" for p in planted)]), check=True)  # fmt: skip
+        as_disagg(
+            " && ".join(
+                [f"rm -f {model}.manifest.json", *(f"mv {p} {p}.aside && ln -s {canary} {p}" for p in planted)]
+            ),
+            check=True,
+        )
         run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
         for path in planted:
             assert f"{path} is not a directory (find type l): replaced" in run.output, (path, run.output[-3000:])
         assert canary_state() == before
-        owners = ssh(H1, f"stat -c '%F %U %a %n' {S.STATE_DIR} {S.MODELS_DIR} {model} {model}/config.json "
-                         f"{S.PYCACHE_DIR} {S.SCRAPE_TARGETS_DIR}").stdout.splitlines()  # fmt: skip
-        assert owners == [f"directory root 755 {S.STATE_DIR}", f"directory root 755 {S.MODELS_DIR}",
-                          f"directory root 755 {model}", f"regular file root 644 {model}/config.json",
-                          f"directory {S.SERVICE_USER} 755 {S.PYCACHE_DIR}",
-                          f"directory {S.SYNC_USER} 755 {S.SCRAPE_TARGETS_DIR}"]  # fmt: skip
+        owners = ssh(
+            H1,
+            f"stat -c '%F %U %a %n' {S.STATE_DIR} {S.MODELS_DIR} {model} {model}/config.json "
+            f"{S.PYCACHE_DIR} {S.SCRAPE_TARGETS_DIR}",
+        ).stdout.splitlines()
+        assert owners == [
+            f"directory root 755 {S.STATE_DIR}",
+            f"directory root 755 {S.MODELS_DIR}",
+            f"directory root 755 {model}",
+            f"regular file root 644 {model}/config.json",
+            f"directory {S.SERVICE_USER} 755 {S.PYCACHE_DIR}",
+            f"directory {S.SYNC_USER} 755 {S.SCRAPE_TARGETS_DIR}",
+        ]
         assert smoke.chat(plan.router_url, MODEL, 2)["completion_tokens"] == 2
         # and what it replaced is in place: the next run changes nothing
         assert run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1]).changed == {}
@@ -655,8 +735,11 @@ def prometheus(plan, path: str, **params) -> dict:
 
 def scraped(plan, job: str = "workers") -> dict[str, dict]:
     """Prometheus's active targets of a job, by instance (HOST:PORT)."""
-    return {t["labels"]["instance"]: t for t in prometheus(plan, "targets", state="active")["activeTargets"]
-            if t["labels"]["job"] == job}  # fmt: skip
+    return {
+        t["labels"]["instance"]: t
+        for t in prometheus(plan, "targets", state="active")["activeTargets"]
+        if t["labels"]["job"] == job
+    }
 
 
 def series(plan, promql: str) -> list[tuple[dict, float]]:
@@ -665,13 +748,23 @@ def series(plan, promql: str) -> list[tuple[dict, float]]:
 
 def test_prometheus_scrapes_every_worker_the_router_and_nats(deployment):
     plan = deployment.ensure()
-    until(lambda: len(scraped(plan)) == len(plan.workers) and
-          all(t["health"] == "up" for t in scraped(plan).values()), 60, "every worker scraped")  # fmt: skip
+    until(
+        lambda: len(scraped(plan)) == len(plan.workers) and all(t["health"] == "up" for t in scraped(plan).values()),
+        60,
+        "every worker scraped",
+    )
     for w in plan.workers:
         labels = scraped(plan)[w.url.removeprefix("http://")]["labels"]
-        assert labels == {"instance": w.url.removeprefix("http://"), "job": "workers", "layout": plan.label,
-                          "role": w.role, "index": str(w.index), "host": w.host, "worker": w.name,
-                          "gpus": str(len(w.gpus))}  # fmt: skip
+        assert labels == {
+            "instance": w.url.removeprefix("http://"),
+            "job": "workers",
+            "layout": plan.label,
+            "role": w.role,
+            "index": str(w.index),
+            "host": w.host,
+            "worker": w.name,
+            "gpus": str(len(w.gpus)),
+        }
     assert [t["health"] for t in scraped(plan, "router").values()] == ["up"]
     assert [t["health"] for t in scraped(plan, "registry").values()] == ["up"]
     assert scraped(plan, "dcgm") == {}  # CPU hosts: no exporter answers, none is listed
@@ -710,8 +803,12 @@ def test_every_dashboard_panel_and_top_show_the_layout_under_load(deployment, fi
     empty, skipped, seen = [], [], {}
 
     def top_shows_every_worker_busy() -> bool:
-        out = subprocess.run([sys.executable, "-m", "disagg", "top", "-i", INVENTORY, "--once", "--json"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "disagg", "top", "-i", INVENTORY, "--once", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         seen["top"] = json.loads(out.stdout)
         return all((w["output_tokens_per_s"] or 0) > 0 for w in seen["top"]["workers"])
@@ -738,9 +835,11 @@ def test_every_dashboard_panel_and_top_show_the_layout_under_load(deployment, fi
     assert top["workers"][-1]["kv_transfer_bytes_per_s"] > 0  # the generate worker pulls the prompts' KV
     assert top["totals"]["tokens_per_s_per_gpu"] > 0 and top["totals"]["gpus"] == 3
     assert top["sla"]["tokens_per_user"] == plan.settings.sla_tokens_per_user
-    figures.append(f"dashboards: every panel returned data under load ({load.result.summary()}) but the GPU-only "
-                   f"{sorted(set(skipped))}; top: {top['totals']['tokens_per_s_per_gpu']:.1f} tokens/s/GPU, "
-                   f"{top['totals']['tokens_per_s_per_user']:.1f} tokens/s/user")  # fmt: skip
+    figures.append(
+        f"dashboards: every panel returned data under load ({load.result.summary()}) but the GPU-only "
+        f"{sorted(set(skipped))}; top: {top['totals']['tokens_per_s_per_gpu']:.1f} tokens/s/GPU, "
+        f"{top['totals']['tokens_per_s_per_user']:.1f} tokens/s/user"
+    )
 
 
 def test_status_is_what_the_router_reports(deployment):
@@ -751,8 +850,10 @@ def test_status_is_what_the_router_reports(deployment):
         smoke.chat(plan.router_url, MODEL, 3, prompt=next(prompts))
     code, current = status()
     assert code == 0 and current["ready"] and current["nats"] == "healthy" and current["router"] == "healthy"
-    registered = {(w["role"], w["index"], w["host"], tuple(w["gpus"]), w["url"], w["label"], w["health"])
-                  for w in current["workers"]}  # fmt: skip
+    registered = {
+        (w["role"], w["index"], w["host"], tuple(w["gpus"]), w["url"], w["label"], w["health"])
+        for w in current["workers"]
+    }
     assert registered == {(w.role, w.index, w.host, w.gpus, w.url, plan.label, "healthy") for w in plan.workers}
     # the router's own account (its log), not what the sync sent it
     assert sorted(current["router_members"]) == sorted(w.url for w in plan.workers)
@@ -771,8 +872,12 @@ def test_status_is_what_the_router_reports(deployment):
         assert "disagg.agent heartbeat" in seen
         assert password not in seen
     # not even pyinfra's debug output, which prints every fact's output
-    debug = subprocess.run([sys.executable, "-m", "pyinfra", INVENTORY, "deploys/disagg.py", "--dry", "-vvv"],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    debug = subprocess.run(
+        [sys.executable, "-m", "pyinfra", INVENTORY, "deploys/disagg.py", "--dry", "-vvv"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert debug.returncode == 0 and "Loading: deploys/disagg.py" in debug.stderr + debug.stdout
     assert password not in debug.stdout + debug.stderr
 
@@ -786,15 +891,17 @@ def test_stopped_worker_leaves_rotation_under_load_without_a_failed_request(depl
         ssh(H1, f"systemctl stop --no-block {stopped.unit}")
         until(lambda: stopped.url not in status()[1]["router_members"], kv.TTL + 5, "stopped worker out of the router")
         timings["worker stop -> out of the router"] = time.monotonic() - start
-        until(lambda: ssh(H1, f"systemctl is-active {stopped.unit}", check=False).stdout.strip() == "inactive", 120,
-              "stopped worker stopped")  # fmt: skip
+        until(
+            lambda: ssh(H1, f"systemctl is-active {stopped.unit}", check=False).stdout.strip() == "inactive",
+            120,
+            "stopped worker stopped",
+        )
         time.sleep(2)
     figures.append(f"context-1 stopped (systemctl stop) under load: {traffic.result.summary()}")
     assert traffic.result.failed == 0, traffic.result.summary()
     code, current = status("--wait", "--timeout", "3")
     assert code == 1 and f"context-1 ({stopped.url}) is not registered" in current["problems"]
-    human = subprocess.run([sys.executable, "-m", "disagg", "status", "-i", INVENTORY],
-                           capture_output=True, text=True)  # fmt: skip
+    human = subprocess.run([sys.executable, "-m", "disagg", "status", "-i", INVENTORY], capture_output=True, text=True)
     assert human.returncode == 1 and "not ready: context-1" in human.stdout
 
     start = time.monotonic()
@@ -808,9 +915,13 @@ def test_add_a_context_worker_with_limit_no_router_restart(deployment, tmp_path,
     plan = deployment.ensure()
     # host 2 joins group context: room for a third context worker there
     scaled = tmp_path / "scaled.py"
-    scaled.write_text(open(INVENTORY).read() + (
-        '\ncontext = [(_h1, {"gpus": 2, **_ssh}), (_h2, {"gpus": 2, **_ssh})]'
-        '\ngenerate = [(_h2, {"gpus": 2, **_ssh})]\n'))  # fmt: skip
+    scaled.write_text(
+        open(INVENTORY).read()
+        + (
+            '\ncontext = [(_h1, {"gpus": 2, **_ssh}), (_h2, {"gpus": 2, **_ssh})]'
+            '\ngenerate = [(_h2, {"gpus": 2, **_ssh})]\n'
+        )
+    )
     label = "context_tp1dp3_generate_tp1dp1"
     grown = make_plan(load_inventory(str(scaled)), label)
     (added,) = [w for w in grown.workers if w.name == "context-2"]
@@ -827,20 +938,29 @@ def test_add_a_context_worker_with_limit_no_router_restart(deployment, tmp_path,
     # Prometheus scrapes it with no reload: the sync's target file changed
     prometheus_since = active_since(H1, ["disagg-prometheus"])
     timings["routed -> scraped by Prometheus (file_sd)"] = until(
-        lambda: scraped(plan).get(added.url.removeprefix("http://"), {}).get("health") == "up", 30,
-        "the added worker scraped")  # fmt: skip
+        lambda: scraped(plan).get(added.url.removeprefix("http://"), {}).get("health") == "up",
+        30,
+        "the added worker scraped",
+    )
     assert active_since(H1, ["disagg-prometheus"]) == prometheus_since
     before = smoke.counter(added.url, "vllm:request_success_total")
     prompts = (f"Request {i}: say something." for i in itertools.count())
-    until(lambda: smoke.chat(grown.router_url, MODEL, 3, prompt=next(prompts)) and
-          smoke.counter(added.url, "vllm:request_success_total") > before, 120, "added worker serving")  # fmt: skip
+    until(
+        lambda: smoke.chat(grown.router_url, MODEL, 3, prompt=next(prompts))
+        and smoke.counter(added.url, "vllm:request_success_total") > before,
+        120,
+        "added worker serving",
+    )
     assert active_since(H1, ["disagg-router", "disagg-registry-sync"]) == router_since
     # back to the inventory's layout: the added worker is pruned and leaves the router
     deployment.ensure(data=data)
     assert status()[0] == 0
     # (its port may be another worker's now: placement fills a host's ports in order)
-    until(lambda: added.name not in {t["labels"]["worker"] for t in scraped(plan).values()}, 30,
-          "the removed worker's target gone")  # fmt: skip
+    until(
+        lambda: added.name not in {t["labels"]["worker"] for t in scraped(plan).values()},
+        30,
+        "the removed worker's target gone",
+    )
 
 
 def test_relabel_prunes_the_stale_context_unit(deployment):
@@ -852,9 +972,16 @@ def test_relabel_prunes_the_stale_context_unit(deployment):
     run_deploy(INVENTORY, "deploys/disagg.py", *relabel)
     deployment.changed("deploys/disagg.py", relabel)
     assert "disagg-context-1.service" not in unit_files(H1)
-    assert listed_units(H1) == ["disagg-context-0-agent.service", "disagg-context-0.service", "disagg-firewall.service",
-                                "disagg-frontdoor.service", "disagg-nats.service", "disagg-prometheus.service", "disagg-registry-sync.service",
-                                "disagg-router.service"]  # fmt: skip
+    assert listed_units(H1) == [
+        "disagg-context-0-agent.service",
+        "disagg-context-0.service",
+        "disagg-firewall.service",
+        "disagg-frontdoor.service",
+        "disagg-nats.service",
+        "disagg-prometheus.service",
+        "disagg-registry-sync.service",
+        "disagg-router.service",
+    ]
     assert ssh(H1, "test -e /etc/disagg/disagg-context-1.env", check=False).returncode != 0
     # unchanged workers keep running through a relabel
     assert {**active_since(H1, kept[:1]), **active_since(H2, kept[1:])} == since
@@ -864,10 +991,18 @@ def test_relabel_prunes_the_stale_context_unit(deployment):
 
 def test_baseline_answers_and_survives_a_killed_worker(deployment, figures):
     baseline = deployment.ensure("deploys/baseline.py")
-    assert listed_units(H1) == ["disagg-baseline-0-agent.service", "disagg-baseline-0.service",
-                                "disagg-baseline-1-agent.service", "disagg-baseline-1.service", "disagg-firewall.service",
-                                "disagg-frontdoor.service", "disagg-nats.service", "disagg-prometheus.service", "disagg-registry-sync.service",
-                                "disagg-router.service"]  # fmt: skip
+    assert listed_units(H1) == [
+        "disagg-baseline-0-agent.service",
+        "disagg-baseline-0.service",
+        "disagg-baseline-1-agent.service",
+        "disagg-baseline-1.service",
+        "disagg-firewall.service",
+        "disagg-frontdoor.service",
+        "disagg-nats.service",
+        "disagg-prometheus.service",
+        "disagg-registry-sync.service",
+        "disagg-router.service",
+    ]
     # a host the layout no longer uses keeps nothing of ours, the firewall's table neither
     assert listed_units(H2) == []
     assert "table inet disagg" not in ssh(H2, "nft list tables").stdout
@@ -886,8 +1021,10 @@ def test_baseline_answers_and_survives_a_killed_worker(deployment, figures):
         killed = traffic.at()
         time.sleep(15)
     result = traffic.result
-    figures.append(f"kill -9 of baseline-1 under load (router retries on): {result.summary()}; "
-                   f"{result.failed_between(killed + 2, result.seconds)} failed from 2 s after the kill")  # fmt: skip
+    figures.append(
+        f"kill -9 of baseline-1 under load (router retries on): {result.summary()}; "
+        f"{result.failed_between(killed + 2, result.seconds)} failed from 2 s after the kill"
+    )
     assert result.failed <= traffic.concurrency and result.failed_between(killed + 2, result.seconds) == 0, result
     assert result.ok > 100, result
     code, current = status("--label-key", "baseline_label", "--wait", "--timeout", "240")
@@ -897,10 +1034,26 @@ def test_baseline_answers_and_survives_a_killed_worker(deployment, figures):
 def bench(*args: str) -> dict:
     """`disagg bench` as a user runs it, with small ISL/OSL for CPUs."""
     out = subprocess.run(
-        [sys.executable, "-m", "disagg", "bench", "-i", INVENTORY, "--concurrency", "1,2",
-         "--isl", "64", "--osl", "16", "--json", *args],
-        capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "disagg",
+            "bench",
+            "-i",
+            INVENTORY,
+            "--concurrency",
+            "1,2",
+            "--isl",
+            "64",
+            "--osl",
+            "16",
+            "--json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[2/2]" in out.stderr  # progress
     return json.loads(out.stdout)
@@ -930,14 +1083,17 @@ def test_bench_both_layouts_and_report(deployment, tmp_path):
     rows = [r for d in results.run_dirs([tmp_path]) for r in results.load_run(d)]
     sla = min(r["output_token_throughput_per_user"] for r in rows)
     out = subprocess.run(
-        [sys.executable, "-m", "disagg", "report", str(tmp_path), "--sla-tokens-per-user", str(sla), "--json"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "disagg", "report", str(tmp_path), "--sla-tokens-per-user", str(sla), "--json"]
+        + ["-o", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert len(report["rows"]) == 4
     assert report["series"] == ["baseline_tp1dp2", "context_tp1dp2_generate_tp1dp1"]
-    assert (tmp_path / "pareto.png").is_file()
+    assert (tmp_path / "report" / "pareto.png").is_file()
     assert all(report["picks"].values()) and report["ratio"] > 0
     assert all(len(hashes) == 1 and hashes != ["unknown"] for hashes in report["deployments"].values())
 
@@ -953,23 +1109,47 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
         "setsid /usr/local/bin/nats-server -p 4333 >/dev/null 2>&1 < /dev/null & echo $!",
     ).stdout.split()
     # and a firewall table of theirs
-    ssh(H1, "nft add table inet theirs && nft add chain inet theirs input "
-            "'{ type filter hook input priority 0; policy accept; }'")
+    ssh(
+        H1,
+        "nft add table inet theirs && nft add chain inet theirs input "
+        "'{ type filter hook input priority 0; policy accept; }'",
+    )
     time.sleep(1)
-    firewalls = {host: ssh(host, f"systemctl is-active {S.FIREWALL_UNIT}", check=False).stdout.strip() for host in (H1, H2)}
+    firewalls = {
+        host: ssh(host, f"systemctl is-active {S.FIREWALL_UNIT}", check=False).stdout.strip() for host in (H1, H2)
+    }
     deployment.changed()
     with Load(plan.router_url, MODEL, concurrency=2, pause=0.05, timeout=30) as traffic:
         time.sleep(2)
         run = run_deploy(INVENTORY, "deploys/teardown.py", timeout=300)
     deployment.changed("deploys/teardown.py")
     timings["teardown under load (deploys/teardown.py)"] = run.seconds
-    figures.append(f"teardown under load: {traffic.result.summary()} (the layout ends: failures expected); "
-                   f"the firewall units before: {firewalls}")
+    figures.append(
+        f"teardown under load: {traffic.result.summary()} (the layout ends: failures expected); "
+        f"the firewall units before: {firewalls}"
+    )
     s = plan.settings
-    ours = {s.router_port, s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port, s.nats_port,
-            s.nats_monitor_port, s.prometheus_port, s.registry_metrics_port, 8100, 8101}
-    head_users = [S.SERVICE_USER, S.HEARTBEAT_USER, S.SYNC_USER, S.ROUTER_USER, S.NATS_USER, S.PROMETHEUS_USER,
-                  S.FRONTDOOR_USER]  # fmt: skip
+    ours = {
+        s.router_port,
+        s.router_internal_port,
+        s.router_metrics_port,
+        s.frontdoor_metrics_port,
+        s.nats_port,
+        s.nats_monitor_port,
+        s.prometheus_port,
+        s.registry_metrics_port,
+        8100,
+        8101,
+    }
+    head_users = [
+        S.SERVICE_USER,
+        S.HEARTBEAT_USER,
+        S.SYNC_USER,
+        S.ROUTER_USER,
+        S.NATS_USER,
+        S.PROMETHEUS_USER,
+        S.FRONTDOOR_USER,
+    ]
     for host, users in ((H1, ",".join(head_users)), (H2, f"{S.SERVICE_USER},{S.HEARTBEAT_USER}")):
         assert listed_units(host) == [] and unit_files(host) == []
         # (pgrep refuses a user that does not exist: each host's own)
@@ -979,9 +1159,15 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
         ports = {int(m) for m in re.findall(r":(\d+)\s", listening)}
         assert not ports & ours, listening
     # Prometheus's history is kept (purge removes it), its config and targets are not
-    assert ssh(H1, f"test -d {S.PROMETHEUS_DATA}/wal && ! test -e {S.PROMETHEUS_CONFIG_DIR} && "
-                   f"! test -e {S.SCRAPE_TARGETS_DIR} && ! test -e {S.SYNC_DIR} && ! test -e {S.LAYOUT_FILE}",
-               check=False).returncode == 0  # fmt: skip
+    assert (
+        ssh(
+            H1,
+            f"test -d {S.PROMETHEUS_DATA}/wal && ! test -e {S.PROMETHEUS_CONFIG_DIR} && "
+            f"! test -e {S.SCRAPE_TARGETS_DIR} && ! test -e {S.SYNC_DIR} && ! test -e {S.LAYOUT_FILE}",
+            check=False,
+        ).returncode
+        == 0
+    )
     for pid in sentinels:
         assert ssh(H1, f"kill -0 {pid}", check=False).returncode == 0, f"teardown killed user process {pid}"
     assert 4333 in {int(m) for m in re.findall(r":(\d+)\s", ssh(H1, "ss -ltnH").stdout)}
@@ -994,8 +1180,12 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
 
 def preflight(*args: str) -> tuple[int, dict, float]:
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "disagg", "preflight", "-i", INVENTORY, "--json", *args],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "disagg", "preflight", "-i", INVENTORY, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode in (0, 1), out.stderr[-3000:]
     return out.returncode, json.loads(out.stdout), time.monotonic() - start
 
@@ -1011,8 +1201,11 @@ def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, t
     # a foreign process on the generate worker's port, the side channel of a
     # context worker firewalled in its host's network namespace, and an
     # account of our heartbeats' name that is someone's (a person's login)
-    squatter = ssh(H2, f"setsid python3 -m http.server {generate.http_port} --bind {generate.address} "
-                       ">/dev/null 2>&1 < /dev/null & echo $!").stdout.strip()  # fmt: skip
+    squatter = ssh(
+        H2,
+        f"setsid python3 -m http.server {generate.http_port} --bind {generate.address} "
+        ">/dev/null 2>&1 < /dev/null & echo $!",
+    ).stdout.strip()
     rule = ["-p", "tcp", "--dport", str(blocked.nixl_port), "-j", "REJECT"]
     subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-I", "INPUT", *rule], check=True)
     ssh(H2, f"usermod --comment 'Jane Doe' --shell /bin/bash {S.HEARTBEAT_USER}")
@@ -1022,11 +1215,15 @@ def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, t
         lines = [p["line"] for p in report["problems"]]
         assert code == 1 and len(lines) == 3, lines
         assert lines[0].startswith(f"{generate.host}: port {generate.http_port}: python3 (pid {squatter}")
-        assert lines[1] == (f"{generate.host}: user {S.HEARTBEAT_USER}: exists and is not disagg's (GECOS 'Jane Doe', shell "
-                            "/bin/bash); disagg never takes over an account: rename or remove it")  # fmt: skip
-        assert lines[2] == (f"{generate.host}: fabric: cannot open TCP to {blocked.name}'s NIXL side channel "
-                            f"{blocked.address}:{blocked.nixl_port} on {blocked.host}; check the address (the host's "
-                            "routable one), firewalls and routes between the hosts")  # fmt: skip
+        assert lines[1] == (
+            f"{generate.host}: user {S.HEARTBEAT_USER}: exists and is not disagg's (GECOS 'Jane Doe', shell "
+            "/bin/bash); disagg never takes over an account: rename or remove it"
+        )
+        assert lines[2] == (
+            f"{generate.host}: fabric: cannot open TCP to {blocked.name}'s NIXL side channel "
+            f"{blocked.address}:{blocked.nixl_port} on {blocked.host}; check the address (the host's "
+            "routable one), firewalls and routes between the hosts"
+        )
         # the deploy runs the same checks first, and changes nothing
         with pytest.raises(DeployError) as failed:
             run_deploy(INVENTORY, "deploys/disagg.py", timeout=300)
@@ -1037,16 +1234,39 @@ def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, t
     finally:
         subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-D", "INPUT", *rule], check=False)
         ssh(H2, f"kill {squatter}", check=False)
-        ssh(H2, f"usermod --comment {shlex.quote(S.ACCOUNT_COMMENT)} --shell /usr/sbin/nologin {S.HEARTBEAT_USER}",
-            check=False)  # fmt: skip
+        ssh(
+            H2,
+            f"usermod --comment {shlex.quote(S.ACCOUNT_COMMENT)} --shell /usr/sbin/nologin {S.HEARTBEAT_USER}",
+            check=False,
+        )
 
 
 def sweep(out, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "disagg", "sweep", "-i", INVENTORY, "--labels", ",".join(SWEPT), "--concurrency", "1",
-         "--isl", "64", "--osl", "16", "-o", str(out), "--json", *args],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "disagg",
+            "sweep",
+            "-i",
+            INVENTORY,
+            "--labels",
+            ",".join(SWEPT),
+            "--concurrency",
+            "1",
+            "--isl",
+            "64",
+            "--osl",
+            "16",
+            "-o",
+            str(out),
+            "--json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
 
 
 SWEPT = ["context_tp1dp1_generate_tp1dp1", "baseline_tp1dp2"]
@@ -1061,7 +1281,7 @@ def test_sweep_two_labels_then_resume(deployment, tmp_path, timings):
     report = json.loads(first.stdout)
     assert sorted({r["label"] for r in report["rows"]}) == sorted(SWEPT)
     assert all(r["status"] == "ok" for r in report["rows"])
-    assert (tmp_path / "pareto.png").is_file() and (tmp_path / "report.md").is_file()
+    assert (tmp_path / "report" / "pareto.png").is_file() and (tmp_path / "report.md").is_file()
     for label in SWEPT:
         assert f"{label}: deploying" in first.stderr and f"{label}: ready after" in first.stderr
     # torn down at the end

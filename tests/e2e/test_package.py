@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from disagg.lab import testhosts
 from disagg.infra.inventory import load_inventory
+from disagg.lab import testhosts
 
 pytestmark = pytest.mark.e2e
 
@@ -27,20 +27,35 @@ def _inventory_text(source: str) -> str:
     inventory = load_inventory(source)
     groups = {}
     for group in ("context", "generate"):
-        groups[group] = [(h.name, {k: v for k, v in h.data.dict().items() if k in ("gpus", "ucx_net_devices")})
-                         for h in inventory.get_group(group)]  # fmt: skip
-    login = {"ssh_user": "root", "ssh_key": str(testhosts.KEY), "ssh_known_hosts_file": "/dev/null",
-             "ssh_strict_host_key_checking": "no"}  # fmt: skip
-    layout = {k: v for k, v in inventory.get_host(groups["context"][0][0]).data.dict().items()
-              if k not in (*login, "_sudo", "gpus", "ucx_net_devices") and not k.startswith("_")}  # fmt: skip
-    return "".join(f"{g} = {[(name, {**data, **login}) for name, data in hosts]!r}\n" for g, hosts in groups.items()) \
-        + f"all = ({[name for hosts in groups.values() for name, _ in hosts]!r}, {layout!r})\n"  # fmt: skip
+        groups[group] = [
+            (h.name, {k: v for k, v in h.data.dict().items() if k in ("gpus", "ucx_net_devices")})
+            for h in inventory.get_group(group)
+        ]
+    login = {
+        "ssh_user": "root",
+        "ssh_key": str(testhosts.KEY),
+        "ssh_known_hosts_file": "/dev/null",
+        "ssh_strict_host_key_checking": "no",
+    }
+    layout = {
+        k: v
+        for k, v in inventory.get_host(groups["context"][0][0]).data.dict().items()
+        if k not in (*login, "_sudo", "gpus", "ucx_net_devices") and not k.startswith("_")
+    }
+    return (
+        "".join(f"{g} = {[(name, {**data, **login}) for name, data in hosts]!r}\n" for g, hosts in groups.items())
+        + f"all = ({[name for hosts in groups.values() for name, _ in hosts]!r}, {layout!r})\n"
+    )
 
 
 def test_a_wheel_installed_outside_the_checkout_deploys_the_test_hosts(deployment, tmp_path, timings):
     deployment.ensure()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("disagg-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -52,14 +67,23 @@ def test_a_wheel_installed_outside_the_checkout_deploys_the_test_hosts(deploymen
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([venv / "bin" / "disagg", *args], cwd=work, capture_output=True, text=True, timeout=900)
 
-    where = subprocess.run([venv / "bin" / "python", "-c", "import disagg; print(disagg.__file__)"], cwd=work,
-                           capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert where.startswith(str(venv)) and "roles" not in {p.name for p in (venv / "lib").glob("python3*/site-packages/*")}
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", "import disagg; print(disagg.__file__)"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert where.startswith(str(venv)) and "roles" not in {
+        p.name for p in (venv / "lib").glob("python3*/site-packages/*")
+    }
     assert run("check", "-i", "cluster.py").returncode == 0
     # the hosts run what the checkout deployed: the wheel's templates, roles, agent files and
     # pins render the very same files, so its deploy (as root, not through sudo) changes nothing
     start = time.monotonic()
-    deploy = run("deploy", "-i", "cluster.py", "-y", "--json", *(a for d in deployment.current[1] for a in ("--data", d)))
+    deploy = run(
+        "deploy", "-i", "cluster.py", "-y", "--json", *(a for d in deployment.current[1] for a in ("--data", d))
+    )
     timings["deploy from an installed wheel, root login (no change)"] = time.monotonic() - start
     assert deploy.returncode == 0, deploy.stderr[-4000:]
     results = json.loads(deploy.stdout)["results"]["operations"]
