@@ -13,7 +13,7 @@ from disagg.agent import envfile
 from disagg.core import manifest
 from disagg.core import settings as S
 from disagg.core.settings import MANAGED_MARKER, SYSTEMD_DIR
-from disagg.infra.wheelhouse import parse_platform
+from disagg.infra.wheelhouse import Platform, parse_platform
 
 QUERY_GPU_FIELDS = (
     "index,uuid,name,pci.bus_id,memory.total,memory.used,driver_version,compute_cap,persistence_mode,mig.mode.current"
@@ -62,7 +62,7 @@ def parse_driver_version(lines: list[str]) -> dict | None:
     return None
 
 
-class NvidiaGpus(FactBase):
+class NvidiaGpus(FactBase[list[dict]]):
     """GPUs as nvidia-smi reports them; [] where nvidia-smi is missing."""
 
     default = list
@@ -77,7 +77,7 @@ class NvidiaGpus(FactBase):
         return parse_query_gpu(list(output))
 
 
-class NvidiaPciDevices(FactBase):
+class NvidiaPciDevices(FactBase[dict[str, int]]):
     """{"gpus": N, "nvswitches": M} from sysfs; works before any driver is installed."""
 
     @staticmethod
@@ -85,42 +85,45 @@ class NvidiaPciDevices(FactBase):
         return {"gpus": 0, "nvswitches": 0}
 
     def command(self) -> str:
-        return (
-            "for d in /sys/bus/pci/devices/*; do "
-            'echo "${d##*/} $(cat $d/vendor) $(cat $d/class)"; done 2>/dev/null || true'
-        )
+        return 'for d in /sys/bus/pci/devices/*; do echo "${d##*/} $(cat $d/vendor) $(cat $d/class)"; done 2>/dev/null'
 
     def process(self, output):
         return parse_pci(list(output))
 
 
-class NvidiaDriverLoaded(FactBase):
+class NvidiaDriverLoaded(FactBase[dict | None]):
     """Version of the loaded NVIDIA kernel module, or None."""
 
     def command(self) -> str:
-        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
+        # no file: no module loaded (an answer); an unreadable one is an error
+        return "if [ -e /proc/driver/nvidia/version ]; then cat /proc/driver/nvidia/version; fi"
 
     def process(self, output):
         return parse_driver_version(list(output))
 
 
-class ManagedUnits(FactBase):
+class ManagedUnits(FactBase[list[str]]):
     """Names of the units on the host that we wrote (they carry our marker),
     whatever label they were deployed with."""
 
     default = list
 
     def command(self) -> str:
-        return f"grep -lxF {shlex.quote(MANAGED_MARKER)} {SYSTEMD_DIR}/disagg-*.service 2>/dev/null || true"
+        # no unit file, or none with our marker (grep's 1), is an answer; grep's 2 an error
+        return (
+            f'set -- {SYSTEMD_DIR}/disagg-*.service; [ -e "$1" ] || exit 0; '
+            f'grep -lxF {shlex.quote(MANAGED_MARKER)} "$@" || [ $? -eq 1 ]'
+        )
 
     def process(self, output):
         return sorted(line.rsplit("/", 1)[-1].removesuffix(".service") for line in output)
 
 
-class HttpStatus(FactBase):
+class HttpStatus(FactBase[int]):
     """HTTP status of a GET from the host itself, 0 if nothing answers."""
 
     def command(self, url: str) -> str:
+        # nothing answering is an answer (curl exits non-zero and writes 000)
         return f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' {shlex.quote(url)} || true"
 
     def process(self, output):
@@ -128,7 +131,7 @@ class HttpStatus(FactBase):
         return int(text) if text.isdigit() else 0
 
 
-class UnitState(FactBase):
+class UnitState(FactBase[dict]):
     """Whether a systemd unit is active, whether it is enabled, and whether
     any of `paths` (its unit and env files) changed after it started, i.e.
     it runs an old definition (a rolling restart that did not finish). One
@@ -155,7 +158,7 @@ class UnitState(FactBase):
         return {"active": "active" in words, "enabled": "enabled" in words, "outdated": "outdated" in words}
 
 
-class FileStates(FactBase):
+class FileStates(FactBase[dict[str, dict]]):
     """{path: {"sha1", "mode", "owner"}} of files that exist, for many paths
     in one round trip."""
 
@@ -172,18 +175,19 @@ class FileStates(FactBase):
         return _by_path(output, ("sha1", "mode", "owner"))
 
 
-class EnvFileValue(FactBase):
+class EnvFileValue(FactBase[str | None]):
     """The value in a `VARIABLE=value` line of an env file, or None. Used for
     a secret: pyinfra never prints fact output unless asked to debug facts."""
 
     def command(self, path: str, variable: str) -> str:
-        return f"sed -n 's/^{variable}=//p' {shlex.quote(path)} 2>/dev/null || true"
+        # no file: no value (an answer); an unreadable one is an error
+        return f"[ ! -e {shlex.quote(path)} ] || sed -n 's/^{variable}=//p' {shlex.quote(path)}"
 
     def process(self, output):
         return envfile.unquote(output[0]) if output and output[0] else None
 
 
-class CommandSucceeds(FactBase):
+class CommandSucceeds(FactBase[bool]):
     """Whether a shell command exits 0 on the host (its output discarded)."""
 
     def command(self, command: str) -> str:
@@ -205,7 +209,7 @@ def _sections(output) -> dict[str, list[str]]:
     return sections
 
 
-class StagedTree(FactBase):
+class StagedTree(FactBase[manifest.Staged]):
     """What a host has of a pushed or downloaded tree (disagg/core/manifest.py):
     its stamp (and hub commit), each file's size, and the sha256 of the
     files written after the stamp (all of them without one), in one round
@@ -257,7 +261,7 @@ def engine_versions(versions: dict[str, str]) -> dict[str, str | None]:
     }
 
 
-class VenvPackages(FactBase):
+class VenvPackages(FactBase[dict[str, list[str]]]):
     """{normalised name: [version]} of what a venv holds, from its
     dist-info directories (`pip freeze` starts Python and scans every
     package's metadata: 0.5 s and more for vLLM's venv, on every run).
@@ -277,7 +281,7 @@ def parse_versions(lines: list[str]) -> dict[str, str]:
     return dict(line.replace("_", "-").split(" ", 1) for line in lines if " " in line)
 
 
-class DeployedFiles(FactBase):
+class DeployedFiles(FactBase[dict]):
     """What a host runs, for a benchmark's provenance: the sha256 of each
     of `paths` that exists, the engine, NIXL and router versions of our venvs
     and the loaded NVIDIA driver's version."""
@@ -311,7 +315,7 @@ class DeployedFiles(FactBase):
         }
 
 
-class PreflightFacts(FactBase):
+class PreflightFacts(FactBase[dict]):
     """What preflight needs from one host, in one round trip: listeners
     with their process and systemd unit, GPUs (nvidia-smi and the PCI bus),
     free bytes under `paths`, the model's config.json where the host has it,
@@ -387,7 +391,7 @@ class PreflightFacts(FactBase):
         }
 
 
-class ControllerAddress(FactBase):
+class ControllerAddress(FactBase[str | None]):
     """The address this SSH connection comes from, as the host sees it (the
     controller's), or None (local connector, or under sudo, which drops the
     environment: ask it with `_sudo=False`)."""
@@ -399,7 +403,7 @@ class ControllerAddress(FactBase):
         return output[0].strip() if output and output[0].strip() else None
 
 
-class ResolvedNames(FactBase):
+class ResolvedNames(FactBase[dict[str, tuple[str, ...]]]):
     """{name: its addresses (IPv4 and IPv6, as getent ahosts lists them)}
     as this host resolves each of names; () for one it cannot resolve."""
 
@@ -425,7 +429,7 @@ PLATFORM_COMMAND = (
 )
 
 
-class HostPlatform(FactBase):
+class HostPlatform(FactBase[Platform | None]):
     """The host's platform for wheels (disagg.infra.wheelhouse.Platform: CPU,
     the python3 our venvs are made with, glibc), or None without python3."""
 
@@ -450,18 +454,19 @@ def parse_passwd(line: str) -> tuple[str, dict] | None:
     return fields[0], {"uid": int(fields[2]), "home": fields[5], "shell": shell, "comment": comment, "ours": ours}
 
 
-class PasswdEntry(FactBase):
+class PasswdEntry(FactBase[dict | None]):
     """{"uid", "home", "shell", "comment", "ours"} of a user, or None."""
 
     def command(self, user: str) -> str:
-        return f"getent passwd {shlex.quote(user)} || true"
+        # getent's 2: no such user (an answer); any other failure is an error
+        return f"getent passwd {shlex.quote(user)} || [ $? -eq 2 ]"
 
     def process(self, output):
         parsed = parse_passwd(output[0]) if output and output[0] else None
         return parsed[1] if parsed else None
 
 
-class DirectoryStates(FactBase):
+class DirectoryStates(FactBase[dict[str, dict]]):
     """{path: {"type", "owner", "group", "mode"}} of the paths that exist,
     for many paths in one round trip; type as find's %y (d a directory, l a
     symbolic link, never followed)."""
