@@ -4,7 +4,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from disagg.cli import main
-from disagg.core.errors import UsageError
+from disagg.core.errors import InventoryError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = str(ROOT / "inventories/h100.py")
@@ -63,9 +63,15 @@ def test_tp_wider_than_a_host_is_one_line_naming_tp16_and_8_gpus():
 
 def test_malformed_label_and_missing_inventory():
     bad = run("render", "context_tp2_generate_tp8dp1", "-i", H100)
-    assert bad.exit_code != 0 and "malformed" in bad.output and bad.output.count("\n") == 1
+    assert bad.exit_code == InventoryError.exit_code == 4
+    assert bad.output.startswith("error: ") and "malformed" in bad.output and bad.output.count("\n") == 1
     missing = run("render", "-i", "no/such/inventory.py")
-    assert missing.exit_code != 0 and "inventory 'no/such/inventory.py' not found" in missing.output
+    assert missing.exit_code == UsageError.exit_code == 2
+    assert "inventory 'no/such/inventory.py' not found" in missing.output
+    both = run("deploy", "-i", H100, "--baseline", "--teardown")
+    assert (
+        both.exit_code == 2 and both.output == "error: --baseline and --teardown are two deploys: run one at a time\n"
+    )
 
 
 def test_inventory_errors_name_the_field(tmp_path):
