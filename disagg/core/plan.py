@@ -53,7 +53,7 @@ def check_inventory(inventory) -> list[str]:
     hosts = list(inventory)
     groups = {name: [h.name for h in inventory.get_group(name, [])] for name in (*ROLE_GROUPS, "head")}
     head = (groups["head"] or groups["context"] or groups["baseline"] or [None])[0]
-    per_host = {**schema.HOST_DATA, **schema.ROLE_DATA}
+    per_host = {**S.HOST_DATA, **S.ROLE_TYPES}
     known = {*per_host, *(f.name for f in fields(Settings))}
     placed = {n for g in ROLE_GROUPS for n in groups[g]}
     problems: list[schema.Problem] = []

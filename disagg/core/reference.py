@@ -14,7 +14,6 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from disagg.core import schema
 from disagg.core import settings as S
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "inventory.md"
@@ -229,12 +228,12 @@ def keys() -> dict[str, str]:
     """Every key of the settings model: its scope (host: read per host;
     layout: read from the head)."""
     found = {f.name: "layout" for f in fields(S.Settings)}
-    found.update({k: "host" for k in (*schema.HOST_DATA, *schema.ROLE_DATA)})
+    found.update({k: "host" for k in (*S.HOST_DATA, *S.ROLE_TYPES)})
     return found
 
 
 def _types() -> dict:
-    return {**S._types(), **schema.HOST_DATA, **schema.ROLE_DATA}
+    return {**S._types(), **S.HOST_DATA, **S.ROLE_TYPES}
 
 
 def _default(key: str):

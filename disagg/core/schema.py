@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import AfterValidator, Field, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from disagg.core.errors import InventoryError
 
@@ -113,40 +113,6 @@ RouterPolicy = Literal[
     "random", "round_robin", "cache_aware", "kv_aware", "power_of_two", "consistent_hash", "sticky_least_loaded"
 ]
 
-# Data the roles read per host (their defaults: settings.ROLE_DEFAULTS):
-# honoured per host, so a host may differ from the head.
-ROLE_DATA: dict[str, Any] = {
-    "base_packages": Packages,
-    "nats_server_package": Text,
-    "install_nvidia_driver": StrictBool,
-    "nvidia_driver_branch": Annotated[StrictInt, Field(ge=400, le=999)],
-    "nvidia_driver_open": StrictBool,
-    "nvidia_driver_package": Text,
-    "nvidia_fabricmanager_package": Text,
-    "nvswitch": StrictBool | None,
-    "nvidia_allow_reboot": StrictBool,
-    "agent_packages": Packages,
-    "nats_password": Text | None,
-    "api_key": Text | None,
-    "ready_timeout": Seconds,
-    "router_package": Text,
-    "vllm_package": Text,
-    "vllm_system_packages": Packages,
-    "vllm_remove_packages": Packages,
-    "nixl_packages": Packages,
-    "hf_token": Text | None,
-    "wheelhouse": Text | None,
-    "purge": StrictBool,
-    "dcgm_packages": Packages,
-    "uv_package": Text,
-    "cuda_keyring": Text,
-}
-# Data of one host: where it is and what it has.
-HOST_DATA: dict[str, Any] = {
-    "gpus": Count,
-    "address": Text,
-    "ucx_net_devices": Text,
-}
 # pyinfra's own keys (connectors, sudo, ...) are never ours to refuse
 PYINFRA_PREFIXES = ("ssh_", "_", "docker_", "local_", "chroot_", "winrm_", "terraform_", "vagrant_")
 

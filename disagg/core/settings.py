@@ -1,6 +1,6 @@
 """Deployment-wide settings read from inventory data, with their defaults in
 one place: the layout's (Settings, read from the head), the roles' per host
-data (ROLE_DEFAULTS, their types in schema.ROLE_DATA) and the hosts'
+data (ROLE_DATA: type and default), a host's own (HOST_DATA) and the hosts'
 package pins (PINS); what each means is disagg/core/reference.py's."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .schema import (
     Json,
     KvCacheDtype,
     Network,
+    Packages,
     Port,
     Positive,
     Problem,
@@ -54,33 +55,45 @@ PINS = {
     # package alone pulls both CUDA 12 and 13 builds and an unpinned torch
     "nixl_packages": ["nixl==1.5.1", "nixl-cu12==1.5.1"],
 }
-# Data the roles read per host (their types: schema.ROLE_DATA), with their defaults
-ROLE_DEFAULTS = {
-    **PINS,
+# Data the roles read, honoured per host (a host may differ from the head):
+# its type and its default
+ROLE_DATA: dict[str, tuple[Any, Any]] = {
+    **{key: (Packages if isinstance(pin, list) else Text, pin) for key, pin in PINS.items()},
     # curl: health gates; python3-venv: our venvs
-    "base_packages": ["curl", "ca-certificates", "python3-venv"],
+    "base_packages": (Packages, ["curl", "ca-certificates", "python3-venv"]),
     # installed with the base packages (one apt run: roles/serving.py)
-    "vllm_system_packages": [],
+    "vllm_system_packages": (Packages, []),
     # packages the engine package pulls in but that break it (CPU build: torchvision & co)
-    "vllm_remove_packages": [],
-    "install_nvidia_driver": True,
-    "nvidia_driver_branch": 580,
-    "nvidia_driver_open": True,
+    "vllm_remove_packages": (Packages, []),
+    "install_nvidia_driver": (StrictBool, True),
+    "nvidia_driver_branch": (Annotated[StrictInt, Field(ge=400, le=999)], 580),
+    "nvidia_driver_open": (StrictBool, True),
     # Ubuntu's datacenter ("server") driver branch packages
-    "nvidia_driver_package": "nvidia-driver-{branch}-server{open}",
-    "nvidia_fabricmanager_package": "nvidia-fabricmanager-{branch}",
+    "nvidia_driver_package": (Text, "nvidia-driver-{branch}-server{open}"),
+    "nvidia_fabricmanager_package": (Text, "nvidia-fabricmanager-{branch}"),
     # None: detect NVSwitches on the PCI bus (8-GPU HGX H100/H200 boards have them)
-    "nvswitch": None,
-    "nvidia_allow_reboot": False,
-    "dcgm_packages": ["datacenter-gpu-manager-4-cuda12", "datacenter-gpu-manager-exporter"],
-    "cuda_keyring": "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu{major}04/x86_64/cuda-keyring_1.1-1_all.deb",
+    "nvswitch": (StrictBool | None, None),
+    "nvidia_allow_reboot": (StrictBool, False),
+    "dcgm_packages": (Packages, ["datacenter-gpu-manager-4-cuda12", "datacenter-gpu-manager-exporter"]),
+    "cuda_keyring": (
+        Text,
+        "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu{major}04/x86_64/cuda-keyring_1.1-1_all.deb",
+    ),
     # None: the head's current password or key, else one generated for this deploy
-    "nats_password": None,
-    "api_key": None,
-    "hf_token": None,
-    "ready_timeout": 300,
-    "wheelhouse": None,
-    "purge": False,
+    "nats_password": (Text | None, None),
+    "api_key": (Text | None, None),
+    "hf_token": (Text | None, None),
+    "ready_timeout": (Seconds, 300),
+    "wheelhouse": (Text | None, None),
+    "purge": (StrictBool, False),
+}
+ROLE_TYPES = {key: kind for key, (kind, _) in ROLE_DATA.items()}
+ROLE_DEFAULTS = {key: default for key, (_, default) in ROLE_DATA.items()}
+# Data of one host: where it is and what it has (no defaults: see docs/inventory.md)
+HOST_DATA: dict[str, Any] = {
+    "gpus": Count,
+    "address": Text,
+    "ucx_net_devices": Text,
 }
 
 
