@@ -1281,7 +1281,7 @@ def test_sweep_two_labels_then_resume(deployment, tmp_path, timings):
     report = json.loads(first.stdout)
     assert sorted({r["label"] for r in report["rows"]}) == sorted(SWEPT)
     assert all(r["status"] == "ok" for r in report["rows"])
-    assert (tmp_path / "report" / "pareto.png").is_file() and (tmp_path / "report.md").is_file()
+    assert (tmp_path / "pareto.png").is_file() and (tmp_path / "report.md").is_file()
     for label in SWEPT:
         assert f"{label}: deploying" in first.stderr and f"{label}: ready after" in first.stderr
     # torn down at the end
