@@ -100,18 +100,14 @@ def preflight(label, inventory_path, label_key, as_json):
     reachable from the generate hosts, the model's heads against each
     role's TP, engine versions, free disk. Changes nothing; exit 0 when
     nothing is wrong, 1 listing every problem (one line each)."""
-    from pyinfra.api import Config, State
-
     from disagg.infra import preflight as checks
+    from disagg.infra import remote
 
     inventory = load_inventory(inventory_path)
     plan = make_plan(inventory, label, label_key=label_key)
-    state = State(inventory, Config())
-    try:
+    # pyinfra's warnings as before: this command talks to the hosts for the user
+    with remote.connected(inventory, quiet=False) as state:
         report = checks.run(state, plan)
-    finally:
-        for host in inventory:
-            host.disconnect()
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -5,19 +5,21 @@ shell commands with the inventory's own SSH settings, every host at once
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 
 @contextmanager
-def connected(inventory) -> Iterator:
+def connected(inventory, quiet: bool = True) -> Iterator:
     """A pyinfra State over inventory; every host it connected is
-    disconnected at the end."""
+    disconnected at the end. quiet: without pyinfra's warnings (about the
+    host keys of inventories that do not check them)."""
     from pyinfra.api import Config, State
 
-    # pyinfra warns about host keys of inventories that do not check them
-    logging.getLogger("pyinfra").setLevel(logging.ERROR)
+    if quiet:
+        logging.getLogger("pyinfra").setLevel(logging.ERROR)
     state = State(inventory, Config())
     try:
         yield state
@@ -38,11 +40,10 @@ def fact(state, name: str, cls, **kwargs):
 
 def facts(state, names: Iterable[str], cls, kwargs: Callable[[str], dict]) -> dict:
     """{name: fact cls of that host}, read from every host at once."""
-    import gevent
-
-    reads = {name: gevent.spawn(fact, state, name, cls, **kwargs(name)) for name in names}
-    gevent.joinall(list(reads.values()), raise_error=True)
-    return {name: g.value for name, g in reads.items()}
+    names = list(names)
+    return dict(
+        zip(names, in_parallel([(functools.partial(fact, state, name, cls, **kwargs(name)), ()) for name in names]))
+    )
 
 
 def shell(state, name: str, command: str) -> tuple[bool, str]:
