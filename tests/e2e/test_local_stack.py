@@ -1191,6 +1191,8 @@ def preflight(*args: str) -> tuple[int, dict, float]:
 
 
 def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, timings):
+    # a deploy made our accounts (teardown keeps them): one is then made someone else's
+    deployment.ensure()
     plan = deployment.ensure("deploys/teardown.py")
     code, report, seconds = preflight()
     timings["preflight on clean hosts"] = seconds
@@ -1201,15 +1203,16 @@ def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, t
     # a foreign process on the generate worker's port, the side channel of a
     # context worker firewalled in its host's network namespace, and an
     # account of our heartbeats' name that is someone's (a person's login)
-    squatter = ssh(
-        H2,
-        f"setsid python3 -m http.server {generate.http_port} --bind {generate.address} "
-        ">/dev/null 2>&1 < /dev/null & echo $!",
-    ).stdout.strip()
+    squatter = None
     rule = ["-p", "tcp", "--dport", str(blocked.nixl_port), "-j", "REJECT"]
-    subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-I", "INPUT", *rule], check=True)
-    ssh(H2, f"usermod --comment 'Jane Doe' --shell /bin/bash {S.HEARTBEAT_USER}")
     try:
+        squatter = ssh(
+            H2,
+            f"setsid python3 -m http.server {generate.http_port} --bind {generate.address} "
+            ">/dev/null 2>&1 < /dev/null & echo $!",
+        ).stdout.strip()
+        subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-I", "INPUT", *rule], check=True)
+        ssh(H2, f"usermod --comment 'Jane Doe' --shell /bin/bash {S.HEARTBEAT_USER}")
         time.sleep(1)
         code, report, _ = preflight()
         lines = [p["line"] for p in report["problems"]]
@@ -1233,7 +1236,8 @@ def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, t
         assert ":Jane Doe:" in ssh(H2, f"getent passwd {S.HEARTBEAT_USER}").stdout  # not taken over
     finally:
         subprocess.run(["ip", "netns", "exec", "disagg-h1", "iptables", "-D", "INPUT", *rule], check=False)
-        ssh(H2, f"kill {squatter}", check=False)
+        if squatter:
+            ssh(H2, f"kill {squatter}", check=False)
         ssh(
             H2,
             f"usermod --comment {shlex.quote(S.ACCOUNT_COMMENT)} --shell /usr/sbin/nologin {S.HEARTBEAT_USER}",
