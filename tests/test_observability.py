@@ -35,7 +35,7 @@ def test_prometheus_scrapes_the_router_the_registry_and_the_synced_targets():
     conf = yaml.safe_load(files[units.PROMETHEUS_CONF])
     jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
     assert conf["rule_files"] == [units.PROMETHEUS_RULES]
-    assert jobs["router"]["static_configs"][0]["targets"] == [plan.router_metrics_hostport]
+    assert jobs["router"]["static_configs"][0]["targets"] == [plan.router_metrics_hostport()]
     assert jobs["registry"]["static_configs"][0]["targets"] == [f"127.0.0.1:{plan.settings.registry_metrics_port}"]
     assert jobs["workers"]["file_sd_configs"][0]["files"] == [f"{S.SCRAPE_TARGETS_DIR}/workers.json"]
     assert jobs["dcgm"]["file_sd_configs"][0]["files"] == [f"{S.SCRAPE_TARGETS_DIR}/dcgm.json"]

@@ -149,12 +149,12 @@ def test_the_front_door_listens_where_data_says_and_the_router_behind_it_on_the_
     plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data=data))
     files = host_units(plan, "h100-node1")
     door = files["/etc/disagg/frontdoor/haproxy.cfg"]
-    assert f"  bind {bind}\n" in door and "  server router h100-node1:8001\n" in door
+    assert f"  bind {bind}\n" in door and "  server h100-node1 h100-node1:8001\n" in door
     router = files["/etc/systemd/system/disagg-router.service"]
     assert "    --host h100-node1 \\\n    --port 8001 \\\n    --prometheus-host h100-node1 \\\n" in router
     assert "    --router http://h100-node1:8001 \\\n" in files["/etc/systemd/system/disagg-registry-sync.service"]
     assert plan.router_url == from_controller
-    assert plan.router_internal_url == "http://h100-node1:8001"
+    assert plan.router_internal_url() == "http://h100-node1:8001"
     assert plan.router_metrics_url == "http://h100-node1:29000/metrics"
 
 

@@ -5,14 +5,16 @@ default, so nothing but our ports is touched (ssh, other services, other
 tables' rules all stay as they are); the front door's port is open.
 
 Who needs what:
-- NATS (head): every host of the layout (agents), admins;
-- a worker's HTTP port: the head (router, sync), admins (`disagg status`
-  reads its /metrics);
+- NATS (head): every host of the layout (agents, syncs), admins;
+- a worker's HTTP port: the router hosts (router, sync), the head
+  (Prometheus), admins (`disagg status` reads its /metrics);
 - a worker's NIXL side channel and UCX's TCP listeners (the KV cache,
   bound within ucx_port_base..+ucx_port_count by UCX_TCP_PORT_RANGE):
   hosts of the other role;
-- the router's own port, its metrics, the front door's metrics and
-  Prometheus (head): admins (the head's own services come over loopback);
+- a router host's router: every router host's front door, admins; its
+  metrics and its front door's: the head (Prometheus), admins;
+- Prometheus (head): admins (the head's own services come over loopback);
+- VRRP (keepalived, data vip): the other router hosts alone;
 - a GPU host's DCGM exporter: the head (Prometheus), admins;
 - the router's discovery socket (head, loopback): the registry sync's
   user, in the output chain (any local user could register a worker).
@@ -40,6 +42,8 @@ class Rule:
     what: str
     ports: tuple[int | range, ...]
     sources: tuple[str, ...]
+    # a protocol without ports (VRRP) instead of TCP ports
+    protocol: str | None = None
 
 
 def rules(
@@ -54,26 +58,33 @@ def rules(
     def of(hosts) -> list[str]:
         return sorted({a for h in hosts for a in where[h]})
 
-    layout = of({w.host for w in plan.workers} | {plan.cluster.head})
+    routers = of(plan.cluster.routers)
+    layout = of({w.host for w in plan.workers} | {plan.cluster.head, *plan.cluster.routers})
     head = tuple(of([plan.cluster.head]))
     out: list[Rule] = []
     s = plan.settings
     if host == plan.cluster.head:
         out.append(Rule("NATS: the agents of every host", (s.nats_port,), _sources(layout, admins)))
-        # clients reach the front door (router_port) alone; the router itself is the admins'
-        out.append(
-            Rule(
-                "the router behind the front door, its metrics, the front door's metrics",
-                (s.router_internal_port, s.router_metrics_port, s.frontdoor_metrics_port),
-                _sources((), admins),
-            )
-        )
         if s.prometheus and s.prometheus_listen == "cluster":
             out.append(Rule("Prometheus", (s.prometheus_port,), _sources((), admins)))
+    if host in plan.cluster.routers:
+        # clients reach the front door (router_port) alone; the router itself is the
+        # other router hosts' front doors' (this host's own come over loopback)
+        peers = of(r for r in plan.cluster.routers if r != host)
+        out.append(Rule("the router behind the front doors", (s.router_internal_port,), _sources(peers, admins)))
+        out.append(
+            Rule(
+                "the router's metrics, the front door's metrics: Prometheus",
+                (s.router_metrics_port, s.frontdoor_metrics_port),
+                _sources(head if host != plan.cluster.head else (), admins),
+            )
+        )
+        if s.vip:
+            out.append(Rule("VRRP (the floating address): the other router hosts", (), tuple(peers), "vrrp"))
     mine = plan.workers_on(host)
     if mine:
         ports = tuple(w.http_port for w in mine)
-        out.append(Rule("workers' HTTP: the router", ports, _sources(head, admins)))
+        out.append(Rule("workers' HTTP: the routers, Prometheus", ports, _sources(routers, head, admins)))
         if s.prometheus and s.dcgm:
             out.append(Rule("DCGM exporter: Prometheus", (s.dcgm_exporter_port,), _sources(head, admins)))
     if plan.topology.disaggregated:
@@ -96,7 +107,7 @@ def local_ruleset(plan: Plan, host: str) -> list[str]:
     """The output chain's rules: the router's discovery socket (loopback,
     PD layouts) takes registrations from the registry sync's user alone,
     not from any local user."""
-    if host != plan.cluster.head or not plan.topology.disaggregated:
+    if host not in plan.cluster.routers or not plan.topology.disaggregated:
         return []
     port = plan.settings.router_discovery_port
     return [
@@ -149,6 +160,14 @@ def ruleset(
     lines = ['iif "lo" accept']
     ours: list[int] = []
     for rule in rules(plan, host, admins, resolved):
+        if rule.protocol:
+            lines.append(f"# {rule.what}")
+            for family in ("ip", "ip6"):
+                sources = [s for s in rule.sources if _family(s) == family]
+                if sources:
+                    lines.append(f"{family} saddr {_set(sources)} meta l4proto {rule.protocol} accept")
+            lines.append(f"meta l4proto {rule.protocol} counter drop")
+            continue
         ours += rule.ports
         lines.append(f"# {rule.what}" + ("" if rule.sources else ": none listed, so loopback only"))
         for family in ("ip", "ip6"):

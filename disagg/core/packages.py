@@ -39,9 +39,10 @@ def host_sets(plan: Plan, name: str, data) -> list[PackageSet]:
         value = pinned(data, key)
         return PackageSet(key, (value,) if isinstance(value, str) else tuple(value), no_deps)
 
-    on_head, workers = name == plan.cluster.head, bool(plan.workers_on(name))
-    sets = [one("nats_server_package"), one("router_package")] if on_head else []
-    if on_head or workers:
+    workers = bool(plan.workers_on(name))
+    sets = [one("nats_server_package")] if name == plan.cluster.head else []
+    sets += [one("router_package")] if name in plan.cluster.routers else []
+    if plan.serves(name):
         sets.append(one("agent_packages"))
     if workers:
         sets.append(one("vllm_package"))

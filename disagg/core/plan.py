@@ -18,10 +18,11 @@ from disagg.core.settings import Settings
 from disagg.core.topology import Cluster, Host, Topology, Worker, place
 
 ROLE_GROUPS = schema.ROLE_GROUPS
+SERVICE_GROUPS = schema.SERVICE_GROUPS
 
 
 def cluster_from_inventory(inventory) -> Cluster:
-    groups = {name: tuple(h.name for h in inventory.get_group(name, [])) for name in (*ROLE_GROUPS, "head")}
+    groups = {name: tuple(h.name for h in inventory.get_group(name, [])) for name in (*ROLE_GROUPS, *SERVICE_GROUPS)}
     placed = {n for g in ROLE_GROUPS for n in groups[g]}
     hosts = []
     for h in inventory:
@@ -35,7 +36,16 @@ def cluster_from_inventory(inventory) -> Cluster:
                 ) from None
         address = h.data.get("address") or h.data.get("ssh_hostname") or h.name
         devices = h.data.get("ucx_net_devices")
-        hosts.append(Host(h.name, str(address), gpus if h.name in placed else 0, str(devices) if devices else None))
+        vip_interface = h.data.get("vip_interface")
+        hosts.append(
+            Host(
+                h.name,
+                str(address),
+                gpus if h.name in placed else 0,
+                str(devices) if devices else None,
+                str(vip_interface) if vip_interface else None,
+            )
+        )
     head_group = groups["head"] or groups["context"] or groups["baseline"]
     if not head_group:
         raise InventoryError(
@@ -51,7 +61,7 @@ def check_inventory(inventory) -> list[str]:
     host other than the head (they would be ignored), hosts in no group or
     listed twice."""
     hosts = list(inventory)
-    groups = {name: [h.name for h in inventory.get_group(name, [])] for name in (*ROLE_GROUPS, "head")}
+    groups = {name: [h.name for h in inventory.get_group(name, [])] for name in (*ROLE_GROUPS, *SERVICE_GROUPS)}
     head = (groups["head"] or groups["context"] or groups["baseline"] or [None])[0]
     per_host = {**S.HOST_DATA, **S.ROLE_TYPES}
     known = {*per_host, *(f.name for f in fields(Settings))}
@@ -67,7 +77,7 @@ def check_inventory(inventory) -> list[str]:
         problems += schema.unknown_keys(h.name, data, known)
         if h.name in placed and data.get("gpus") is None:
             problems.append(schema.Problem(h.name, "gpus", None, "missing; set it to the number of GPUs on the host"))
-        mine = {g for g in (*ROLE_GROUPS, "head") if h.name in groups[g]}
+        mine = {g for g in (*ROLE_GROUPS, *SERVICE_GROUPS) if h.name in groups[g]}
         if not mine:
             problems.append(
                 schema.Problem(
@@ -75,7 +85,7 @@ def check_inventory(inventory) -> list[str]:
                     "groups",
                     [g for g in h.groups if g != "all"],
                     (
-                        "the host is in none of the groups context, generate, baseline or head, so nothing would run "
+                        "the host is in none of the groups context, generate, baseline, head or routers, so nothing would run "
                         "there; add it to one or remove it from the inventory"
                     ),
                 )
@@ -108,6 +118,8 @@ def check_inventory(inventory) -> list[str]:
                         ),
                     )
                 )
+        if head is not None and h.name in (groups["routers"] or [head]):
+            problems += _router_problems(h, layout.get("vip"))
         if head is not None and h.name != head:
             for key, value in layout.items():
                 if data.get(key) != value and repr(data.get(key)) != repr(value):  # nan != nan
@@ -123,7 +135,47 @@ def check_inventory(inventory) -> list[str]:
                             ),
                         )
                     )
+    if head is not None and groups["routers"] and head not in groups["routers"]:
+        problems.append(
+            schema.Problem(
+                head,
+                "groups",
+                [g for g in inventory.get_host(head).groups if g != "all"],
+                (
+                    f"the head is not in group 'routers' ({', '.join(groups['routers'])}): its registry sync feeds "
+                    "Prometheus there; add the head to group 'routers'"
+                ),
+            )
+        )
     return schema.lines(problems, [h.name for h in hosts])
+
+
+def _router_problems(h, vip) -> list[schema.Problem]:
+    """A router host that is to hold the floating address needs the
+    interface it goes on, and an address of its own other than it."""
+    if not vip:
+        return []
+    problems = []
+    if not h.data.get("vip_interface"):
+        problems.append(
+            schema.Problem(
+                h.name,
+                "vip_interface",
+                None,
+                "missing: this router host may hold the floating address (vip); name the interface it goes on, e.g. eth0",
+            )
+        )
+    own = str(h.data.get("address") or h.data.get("ssh_hostname") or h.name)
+    if own == str(vip).split("/")[0]:
+        problems.append(
+            schema.Problem(
+                h.name,
+                "vip",
+                vip,
+                "is this host's own address: the floating address moves between hosts; choose a free one in their network",
+            )
+        )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -142,39 +194,60 @@ class Plan:
         return self.cluster.host(self.cluster.head)
 
     @property
-    def router_address(self) -> str:
-        """Where the front door takes clients (the router's own ports are on the head's address)."""
-        return self.settings.router_address or self.head.address
+    def routers(self) -> tuple[Host, ...]:
+        """The router hosts (front door, vllm-router, registry sync), the preferred first."""
+        return tuple(self.cluster.host(n) for n in self.cluster.routers)
+
+    def _router(self, on: str | None) -> Host:
+        return self.cluster.host(on or self.cluster.head)
+
+    def router_address(self, on: str | None = None) -> str:
+        """Where a router host's front door takes clients (its router's own
+        ports are on the host's address)."""
+        return self.settings.router_address or self._router(on).address
+
+    @property
+    def vip_address(self) -> str | None:
+        return self.settings.vip.split("/")[0] if self.settings.vip else None
 
     @property
     def client_tls(self) -> bool:
         s = self.settings
         return bool(s.client_tls_cert or s.client_tls_names)
 
-    @property
-    def router_url(self) -> str:
-        """The front door, as clients reach it: the head's address where it listens on every one."""
-        host = self.router_address
-        host = self.head.address if net.loopback_for(host) != host else host
+    def frontdoor_url(self, on: str | None = None) -> str:
+        """A router host's front door, as clients reach it: the host's address where it listens on every one."""
+        host = self.router_address(on)
+        host = self._router(on).address if net.loopback_for(host) != host else host
         return net.url("https" if self.client_tls else "http", host, self.settings.router_port)
 
     @property
-    def router_internal_url(self) -> str:
-        """vllm-router itself, behind the front door: the front door, the
-        head's own services and admins (the firewall) reach it."""
-        return net.url("http", self.head.address, self.settings.router_internal_port)
+    def router_url(self) -> str:
+        """Where clients send requests: the floating address (vip), else the
+        head's front door (router_urls: every front door)."""
+        if self.vip_address:
+            return net.url("https" if self.client_tls else "http", self.vip_address, self.settings.router_port)
+        return self.frontdoor_url()
+
+    @property
+    def router_urls(self) -> list[str]:
+        """Every front door, the preferred first: what clients without a vip are given."""
+        return [self.frontdoor_url(r.name) for r in self.routers]
+
+    def router_internal_url(self, on: str | None = None) -> str:
+        """A router host's vllm-router itself, behind the front doors: they,
+        the host's own services and admins (the firewall) reach it."""
+        return net.url("http", self._router(on).address, self.settings.router_internal_port)
 
     @property
     def router_metrics_url(self) -> str:
-        return f"http://{self.router_metrics_hostport}/metrics"
+        return f"http://{self.router_metrics_hostport()}/metrics"
 
-    @property
-    def router_metrics_hostport(self) -> str:
-        return net.hostport(self.head.address, self.settings.router_metrics_port)
+    def router_metrics_hostport(self, on: str | None = None) -> str:
+        return net.hostport(self._router(on).address, self.settings.router_metrics_port)
 
-    @property
-    def frontdoor_metrics_hostport(self) -> str:
-        return net.hostport(self.head.address, self.settings.frontdoor_metrics_port)
+    def frontdoor_metrics_hostport(self, on: str | None = None) -> str:
+        return net.hostport(self._router(on).address, self.settings.frontdoor_metrics_port)
 
     @property
     def prometheus_address(self) -> str:
@@ -201,15 +274,28 @@ class Plan:
     def workers_on(self, host: str) -> list[Worker]:
         return [w for w in self.workers if w.host == host]
 
+    def serves(self, host: str) -> bool:
+        """Whether host runs anything of this layout."""
+        return bool(self.workers_on(host)) or host == self.cluster.head or host in self.cluster.routers
+
+    @property
+    def serving_hosts(self) -> list[str]:
+        """The names of the hosts that run anything of this layout, sorted."""
+        return sorted(h.name for h in self.cluster.hosts if self.serves(h.name))
+
     def units_on(self, host: str) -> list[str]:
         """Names of the units that belong on host under this plan."""
         names = [u for w in self.workers_on(host) for u in (w.unit, w.agent_unit)]
-        if self.settings.firewall and (names or host == self.cluster.head):
+        if self.settings.firewall and self.serves(host):
             names.append(S.FIREWALL_UNIT)
         if host == self.cluster.head:
-            names += [S.NATS_UNIT, S.ROUTER_UNIT, S.FRONTDOOR_UNIT, S.SYNC_UNIT]
+            names.append(S.NATS_UNIT)
             if self.settings.prometheus:
                 names.append(S.PROMETHEUS_UNIT)
+        if host in self.cluster.routers:
+            names += [S.ROUTER_UNIT, S.FRONTDOOR_UNIT, S.SYNC_UNIT]
+            if self.settings.vip:
+                names.append(S.KEEPALIVED_UNIT)
         return names
 
     def worker_command(self, w: Worker) -> list[str]:
@@ -270,16 +356,17 @@ class Plan:
         env.update({k: str(v) for k, v in sorted(self.settings.role_env(w.role).items())})
         return env
 
-    def router_command(self) -> list[str]:
+    def router_command(self, on: str | None = None) -> list[str]:
         s = self.settings
+        address = self._router(on).address
         args = [
             f"{S.ROUTER_VENV}/bin/vllm-router",
             "--host",
-            self.head.address,
+            address,
             "--port",
             str(s.router_internal_port),
             "--prometheus-host",
-            self.head.address,
+            address,
             "--prometheus-port",
             str(s.router_metrics_port),
         ]
@@ -395,10 +482,19 @@ class Plan:
         each as its heartbeat registers it."""
         return [{"name": w.name, "role": w.role, "url": w.url, "zmq": self.zmq_address(w)} for w in self.workers]
 
-    def sync_command(self) -> list[str]:
-        """The head's service that keeps the router's members = the registry's healthy workers."""
-        args = ["sync", "--router", self.router_internal_url, "--layout", S.LAYOUT_FILE, "--state-file", S.SYNC_STATE]
-        if self.settings.prometheus:
+    def sync_command(self, on: str | None = None) -> list[str]:
+        """A router host's service that keeps its router's members = the
+        registry's healthy workers; the head's also feeds Prometheus."""
+        args = [
+            "sync",
+            "--router",
+            self.router_internal_url(on),
+            "--layout",
+            S.LAYOUT_FILE,
+            "--state-file",
+            S.SYNC_STATE,
+        ]
+        if self.settings.prometheus and (on or self.cluster.head) == self.cluster.head:
             args += [
                 "--targets-dir",
                 S.SCRAPE_TARGETS_DIR,
@@ -448,7 +544,7 @@ class Plan:
             "--password-file",
             S.NATS_SECRET_ENV,
             "--router",
-            self.router_internal_url,
+            self.router_internal_url(),
             "--layout",
             S.LAYOUT_FILE,
         ]

@@ -44,6 +44,11 @@ ROWS = (
         "the interface(s) UCX moves the KV cache over (`UCX_NET_DEVICES` of that host's workers)",
         unset="UCX's choice",
     ),
+    Row(
+        ("vip_interface",),
+        "a router host's interface the floating client address (`vip`) goes on; required on every host of group "
+        "`routers` when `vip` is set",
+    ),
     Row(("label", "baseline_label"), "layouts for `deploys/disagg.py` and `deploys/baseline.py`"),
     Row(("model",), "model id (org/name) or an absolute path on the hosts", unset="required"),
     Row(
@@ -144,9 +149,17 @@ ROWS = (
     Row(
         ("router_address",),
         "an IP address the front door takes clients on; `0.0.0.0` for clients on every network (vllm-router "
-        "and its metrics stay on the head's address)",
-        unset="the head's address",
+        "and its metrics stay on the router host's address); with several router hosts, `0.0.0.0` or unset",
+        unset="each router host's address",
     ),
+    Row(
+        ("vip",),
+        "the clients' floating address with its prefix length (e.g. `10.0.0.100/24`): keepalived (VRRP, unicast "
+        "between the hosts of group `routers`) keeps it on a router host whose front door answers and moves it "
+        "within seconds when that host fails; it stays where it is when a host comes back",
+        unset="none: clients are given every router host's front door (`disagg render`)",
+    ),
+    Row(("vrrp_router_id",), "VRRP's virtual router id (1-255), unique among the VRRP groups of the network"),
     Row(("router_policy",), "vllm-router's `--policy`", unset="its default, `cache_aware`"),
     Row(("nats_user",), "the NATS admin user (`disagg status` and the readiness gate)"),
     Row(

@@ -17,6 +17,9 @@ from pydantic import AfterValidator, Field, StrictFloat, StrictInt, StrictStr, T
 from disagg.core.errors import InventoryError
 
 ROLE_GROUPS = ("context", "generate", "baseline")
+# the groups of the hosts that run the layout's own services: the head
+# (NATS, Prometheus) and the routers (front door, vllm-router, registry sync)
+SERVICE_GROUPS = ("head", "routers")
 # values never printed, in errors neither
 SECRETS = frozenset({"hf_token", "nats_password", "api_key", "client_api_keys"})
 
@@ -59,6 +62,16 @@ def _ip(value: str) -> str:
         raise ValueError("is not an IP address this host can bind") from None
 
 
+def _interface(value: str) -> str:
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError("is not an address with its prefix length") from None
+    if "/" not in value:
+        raise ValueError("has no prefix length") from None
+    return str(iface)
+
+
 def _network(value: str) -> str:
     try:
         return str(ipaddress.ip_network(value, strict=False))
@@ -69,6 +82,10 @@ def _network(value: str) -> str:
 Text = Annotated[StrictStr, Field(min_length=1), AfterValidator(_printable)]
 Network = Annotated[StrictStr, AfterValidator(_network)]
 BindAddress = Annotated[StrictStr, AfterValidator(_ip)]
+# an address with the prefix length of its network, e.g. 10.0.0.100/24
+Interface = Annotated[StrictStr, AfterValidator(_interface)]
+# the name of a network interface, as `ip link` shows it
+InterfaceName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,15}$")]
 EnvKey = Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 # an env value from data may be a number; a bool would render as "True"
 EnvValue = Annotated[StrictStr, AfterValidator(_printable)] | StrictInt | StrictFloat
@@ -124,6 +141,8 @@ FIX = {
     "router_policy": "use one of vllm-router's policies, e.g. round_robin or cache_aware",
     "prometheus_retention": "give a duration Prometheus takes, e.g. 15d or 12h",
     "prometheus_listen": "use cluster (the head's address, admins only through the firewall) or loopback",
+    "vip": "give the clients' floating address with its prefix length, e.g. 10.0.0.100/24",
+    "vip_interface": "name the interface the floating address goes on, e.g. eth0",
     "firewall_allow": "list the addresses or networks (CIDR) of admins' machines, e.g. ['10.0.0.5', '10.1.0.0/24']",
 }
 

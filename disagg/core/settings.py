@@ -22,6 +22,8 @@ from .schema import (
     Count,
     Env,
     Gigabytes,
+    Interface,
+    InterfaceName,
     Json,
     KvCacheDtype,
     Network,
@@ -94,6 +96,8 @@ HOST_DATA: dict[str, Any] = {
     "gpus": Count,
     "address": Text,
     "ucx_net_devices": Text,
+    # a router host's interface that the floating client address (vip) goes on
+    "vip_interface": InterfaceName,
 }
 
 
@@ -166,6 +170,9 @@ ROUTER_UNIT = "disagg-router"
 FRONTDOOR_UNIT = "disagg-frontdoor"
 FRONTDOOR_USER = "disagg-frontdoor"
 FRONTDOOR_DIR = f"{CONFIG_DIR}/frontdoor"
+# keepalived on the router hosts (data vip): it moves the clients' floating address
+KEEPALIVED_UNIT = "disagg-keepalived"
+KEEPALIVED_CONF = f"{CONFIG_DIR}/keepalived.conf"
 # Prometheus on the head: config and rules, its TSDB (kept by teardown
 # unless purge), and the file_sd targets the registry sync writes
 PROMETHEUS_UNIT = "disagg-prometheus"
@@ -244,6 +251,12 @@ class Settings:
     # where the router's port and its metrics listen (None: the head's
     # address, the one the workers reach; 0.0.0.0 for clients elsewhere)
     router_address: BindAddress | None = None
+    # the clients' floating address (with its prefix length) that keepalived
+    # keeps on one live host of the `routers` group (roles/keepalived.py);
+    # None: clients are given every router host's front door
+    vip: Interface | None = None
+    # VRRP's virtual router id: unique among the VRRP groups of the network
+    vrrp_router_id: Annotated[StrictInt, Field(ge=1, le=255)] = 51
     # vllm-router's fault handling in regular (aggregated) mode: a worker
     # that fails is retried around at once and skipped for a short while.
     # vllm-router 0.1.17 does not retry in PD discovery mode (measured), so

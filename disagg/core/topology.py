@@ -90,6 +90,8 @@ class Host:
     gpus: int
     # the interface(s) UCX moves KV cache over (UCX_NET_DEVICES), per host
     ucx_net_devices: str | None = None
+    # the interface the floating client address goes on (router hosts)
+    vip_interface: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,12 @@ class Cluster:
 
     def host(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
+
+    @property
+    def routers(self) -> tuple[str, ...]:
+        """The hosts of the `routers` group (front door, vllm-router,
+        registry sync), in order of preference; default: the head alone."""
+        return self.groups.get("routers") or (self.head,)
 
     def group(self, role: str) -> tuple[str, str, tuple[Host, ...]]:
         """(group name, its hosts) for a role. Baseline workers default to
@@ -151,14 +159,19 @@ class Ports:
 
     def head_services(self) -> dict[str, int]:
         return {
+            "nats_port": self.nats,
+            "nats_monitor_port": self.nats_monitor,
+            "prometheus_port": self.prometheus,
+        }
+
+    def router_services(self) -> dict[str, int]:
+        """The ports of each router host's services."""
+        return {
             "router_port": self.router,
             "router_internal_port": self.router_internal,
             "router_metrics_port": self.router_metrics,
             "frontdoor_metrics_port": self.frontdoor_metrics,
             "router_discovery_port": self.router_discovery,
-            "nats_port": self.nats,
-            "nats_monitor_port": self.nats_monitor,
-            "prometheus_port": self.prometheus,
             "registry_metrics_port": self.registry_metrics,
         }
 
@@ -260,6 +273,7 @@ def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports, ucx: bool
     none on a worker's host inside UCX's range."""
     by_host: dict[str, dict[int, str]] = {h.name: {} for h in cluster.hosts}
     claims: list[tuple[str, int, str]] = [(cluster.head, port, name) for name, port in ports.head_services().items()]
+    claims += [(r, port, name) for r in cluster.routers for name, port in ports.router_services().items()]
     for w in workers:
         claims.append((w.host, w.http_port, f"{w.name} http_port"))
         claims.extend((w.host, p, f"{w.name} nixl_port") for p in w.nixl_ports)

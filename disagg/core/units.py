@@ -94,6 +94,8 @@ def _service(
     notify: bool = False,
     reload: str | None = None,
     restart_sec: int = 5,
+    net_admin: bool = False,
+    runtime_dir: str | None = None,
 ) -> str:
     return render(
         "service.j2",
@@ -112,6 +114,8 @@ def _service(
         write_paths=write_paths,
         gpu=gpu,
         reads_journal=reads_journal,
+        net_admin=net_admin,
+        runtime_dir=runtime_dir,
     )
 
 
@@ -156,11 +160,11 @@ def agent_files(plan: Plan, w: Worker) -> dict[str, str]:
     return {unit_path(w.agent_unit): unit}
 
 
-def sync_files(plan: Plan) -> dict[str, str]:
+def sync_files(plan: Plan, on: str | None = None) -> dict[str, str]:
     unit = _service(
         "disagg router membership from the registry",
         S.SYNC_USER,
-        plan.sync_command(),
+        plan.sync_command(on),
         10,
         [SYNC_ENV],
         # the router's own view of its members is in its journal
@@ -207,12 +211,12 @@ def vllm_plugin_files() -> dict[str, str]:
     }
 
 
-def router_files(plan: Plan) -> dict[str, str]:
+def router_files(plan: Plan, on: str | None = None) -> dict[str, str]:
     unit = _service(
         # no label here (nor in the front door's or Prometheus's): a relabel, such as a worker added, restarts none
         "disagg vllm-router",
         S.ROUTER_USER,
-        plan.router_command(),
+        plan.router_command(on),
         30,
         api_key_env(plan),
         unlimited_log=plan.topology.disaggregated,
@@ -222,21 +226,26 @@ def router_files(plan: Plan) -> dict[str, str]:
     return {unit_path(S.ROUTER_UNIT): unit}
 
 
-def frontdoor_files(plan: Plan) -> dict[str, str]:
+def frontdoor_files(plan: Plan, on: str | None = None) -> dict[str, str]:
     """HAProxy's config and unit; the client keys and TLS files are
-    secrets, written by roles/frontdoor.py."""
+    secrets, written by roles/frontdoor.py. Its routers: the host's own,
+    then the other router hosts' as backups."""
     s = plan.settings
+    on = on or plan.cluster.head
+    own = plan.cluster.host(on)
+    routers = [own, *(r for r in plan.routers if r.name != on)]
     conf = render(
         "haproxy.cfg.j2",
-        bind=net.hostport(plan.router_address, s.router_port),
+        bind=net.hostport(plan.router_address(on), s.router_port),
+        vip=net.hostport(plan.vip_address, s.router_port) if plan.vip_address else None,
         tls=FRONTDOOR_TLS if plan.client_tls else None,
         keys=FRONTDOOR_KEYS if s.client_api_keys else None,
         bufsize=s.frontdoor_retry_buffer_kb * 1024,
         max_bytes=s.client_max_request_mb << 20,
         rate_limit=s.client_rate_limit,
         max_connections=s.client_max_connections,
-        metrics_bind=plan.frontdoor_metrics_hostport,
-        router=net.hostport(plan.head.address, s.router_internal_port),
+        metrics_bind=plan.frontdoor_metrics_hostport(on),
+        routers={r.name: net.hostport(r.address, s.router_internal_port) for r in routers},
         retries=s.frontdoor_retries,
     )
     unit = _service(
@@ -307,8 +316,8 @@ def prometheus_files(plan: Plan) -> dict[str, str]:
         interval=S.SCRAPE_INTERVAL,
         rules=PROMETHEUS_RULES,
         prometheus=plan.prometheus_hostport,
-        router=plan.router_metrics_hostport,
-        frontdoor=plan.frontdoor_metrics_hostport,
+        routers=[plan.router_metrics_hostport(r.name) for r in plan.routers],
+        frontdoors=[plan.frontdoor_metrics_hostport(r.name) for r in plan.routers],
         registry=plan.registry_metrics_address,
         layout=plan.label,
         targets=S.SCRAPE_TARGETS_DIR,
@@ -344,20 +353,67 @@ def firewall_files(
     }
 
 
+def keepalived_files(plan: Plan, on: str) -> dict[str, str]:
+    """keepalived's config on a router host (data vip): VRRP by unicast to
+    the other router hosts (clouds drop multicast), the preferred router
+    the highest priority; the address stays where it is when a host comes
+    back (nopreempt: a move would cut the streams under way)."""
+    s = plan.settings
+    own = plan.cluster.host(on)
+    rank = plan.cluster.routers.index(on)
+    conf = render(
+        "keepalived.conf.j2",
+        name=on,
+        interface=own.vip_interface,
+        router_id=s.vrrp_router_id,
+        priority=200 - 10 * rank,
+        source=own.address,
+        peers=[r.address for r in plan.routers if r.name != on],
+        vip=s.vip,
+        check=f"/usr/bin/curl -fs -m 1 -o /dev/null http://{plan.frontdoor_metrics_hostport(on)}/metrics",
+    )
+    unit = _service(
+        "disagg floating client address (keepalived, VRRP)",
+        "root",
+        [
+            "/usr/sbin/keepalived",
+            "--dont-fork",
+            "--log-console",
+            "--vrrp",
+            "--use-file",
+            S.KEEPALIVED_CONF,
+            "--pid",
+            f"/run/{S.KEEPALIVED_UNIT}/keepalived.pid",
+            "--vrrp_pid",
+            f"/run/{S.KEEPALIVED_UNIT}/vrrp.pid",
+        ],
+        10,
+        [],
+        reload="/bin/kill -HUP $MAINPID",
+        restart_sec=1,
+        net_admin=True,
+        runtime_dir=S.KEEPALIVED_UNIT,
+    )
+    return {S.KEEPALIVED_CONF: conf, unit_path(S.KEEPALIVED_UNIT): unit}
+
+
 def host_units(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str, str]:
     """Every unit, env and config file of ours that belongs on host under plan."""
     files: dict[str, str] = {}
-    if plan.settings.firewall and (plan.workers_on(host) or host == plan.cluster.head):
+    if plan.settings.firewall and plan.serves(host):
         files.update(firewall_files(plan, host, admins))
     for w in plan.workers_on(host):
         files.update(worker_files(plan, w))
         files.update(agent_files(plan, w))
     if host == plan.cluster.head:
         files.update(nats_files(plan))
-        files.update(router_files(plan))
-        files.update(frontdoor_files(plan))
-        files.update(sync_files(plan))
-        files.update(layout_file(plan))
         if plan.settings.prometheus:
             files.update(prometheus_files(plan))
+    if host in plan.cluster.routers:
+        files.update(router_files(plan, host))
+        files.update(frontdoor_files(plan, host))
+        files.update(sync_files(plan, host))
+        files.update(layout_file(plan))
+        if plan.settings.vip:
+            files.update(keepalived_files(plan, host))
     return files

@@ -64,7 +64,7 @@ def expected(plan: Plan) -> list[agent_status.Expected]:
 def status(inventory, plan: Plan, wait: float | None = None) -> agent_status.Status:
     """The registry, router and NATS health of plan's deployment; with
     wait, block up to that many seconds until it is ready."""
-    args = (nats_server(inventory, plan), plan.router_internal_url, expected(plan))
+    args = (nats_server(inventory, plan), plan.router_internal_url(), expected(plan))
     kw = {"router_metrics": plan.router_metrics_url, "layout": {w.url for w in plan.workers}}
     if wait is not None:
         return asyncio.run(agent_status.wait_ready(*args, timeout=wait, **kw))

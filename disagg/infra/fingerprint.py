@@ -20,7 +20,7 @@ def read(state, plan: Plan) -> dict:
     from disagg.infra import remote
     from disagg.infra.facts import DeployedFiles
 
-    names = sorted({w.host for w in plan.workers} | {plan.cluster.head})
+    names = plan.serving_hosts
     # the paths do not depend on who deploys (only the firewall's content does)
     paths = {name: tuple(sorted(host_units(plan, name))) for name in names}
     found = remote.facts(

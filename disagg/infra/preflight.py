@@ -103,6 +103,9 @@ def our_ports(plan: Plan, host: str) -> dict[int, str]:
     if host == plan.cluster.head:
         for name, port in plan.settings.ports.head_services().items():
             ports[port] = name
+    if host in plan.cluster.routers:
+        for name, port in plan.settings.ports.router_services().items():
+            ports[port] = name
     return ports
 
 
@@ -328,8 +331,7 @@ def run(state, plan: Plan) -> Report:
     report = Report()
     config, globs, where = model_config(plan)
     need = needed_disk(plan)
-    head = plan.cluster.head
-    names = sorted({w.host for w in plan.workers} | {head})
+    names = plan.serving_hosts
 
     def kwargs(name: str) -> dict:
         worker_host = bool(plan.workers_on(name))

@@ -90,7 +90,7 @@ def target_for(
         )
     return Target(
         url=url or plan.router_url,
-        router_url=plan.router_internal_url,
+        router_url=plan.router_internal_url(),
         api_key=next(iter(s.client_api_keys), None),
         label=plan.label,
         model=model or s.served_name or s.model,

@@ -1,4 +1,4 @@
-"""The front door on the head: HAProxy from the distribution (bookworm 2.6,
+"""The front door on each router host: HAProxy from the distribution (bookworm 2.6,
 jammy 2.4, noble 2.8: each has L7 retries and its Prometheus exporter
 built in) on the clients' port, before vllm-router (its own port internal
 since). It retries a request that failed before its answer started,
@@ -9,6 +9,7 @@ reloads it (no request cut); a unit change restarts it."""
 
 from pathlib import Path
 
+from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
@@ -74,7 +75,7 @@ def frontdoor(plan: Plan):
         )
     else:
         files.file(name="No client TLS", path=units.FRONTDOOR_TLS, present=False)
-    unit, config = put_unit_apart(units.frontdoor_files(plan), S.FRONTDOOR_UNIT)
+    unit, config = put_unit_apart(units.frontdoor_files(plan, host.name), S.FRONTDOOR_UNIT)
     # a config HAProxy would refuse stops the deploy before the reload (the running one keeps serving)
     commands_if_changed(
         name="haproxy -c",
@@ -90,14 +91,17 @@ def frontdoor(plan: Plan):
         name="Front door on its new files", commands=[_serving_since_written(plan)], changed_by=[*config, *secrets]
     )
     wait_healthy(
-        name="Front door up", unit=S.FRONTDOOR_UNIT, url=f"http://{plan.frontdoor_metrics_hostport}/metrics", timeout=60
+        name="Front door up",
+        unit=S.FRONTDOOR_UNIT,
+        url=f"http://{plan.frontdoor_metrics_hostport(host.name)}/metrics",
+        timeout=60,
     )
 
 
 def _serving_since_written(plan: Plan, timeout: int = 60) -> str:
     paths = " ".join((units.FRONTDOOR_CONF, units.FRONTDOOR_KEYS, units.FRONTDOOR_TLS))
     started = (
-        f"curl -s -m 2 http://{plan.frontdoor_metrics_hostport}/metrics | "
+        f"curl -s -m 2 http://{plan.frontdoor_metrics_hostport(host.name)}/metrics | "
         'awk \'$1 == "haproxy_process_start_time_seconds" { printf "%d", $2 }\''
     )
     return (

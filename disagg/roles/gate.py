@@ -20,10 +20,13 @@ def gate(plan: Plan) -> None:
         return
     _checked.add(id(state))
     limited = {h.name for h in state.limit_hosts or ()}
-    if limited and plan.cluster.head not in limited and any(plan.workers_on(h) for h in limited):
+    needed = [plan.cluster.head, *(r for r in plan.cluster.routers if r != plan.cluster.head)]
+    left_out = [n for n in needed if n not in limited]
+    if limited and left_out and any(plan.workers_on(h) for h in limited):
         raise UsageError(
-            f"--limit leaves out the head ({plan.cluster.head}): its registry sync routes only the "
-            f"workers of the layout it was given last; add --limit {plan.cluster.head}"
+            f"--limit leaves out {', '.join(left_out)} (the head, the router hosts): their registry syncs route "
+            f"only the workers of the layout they were given last, NATS admits only the workers it knows; "
+            f"add --limit {','.join(left_out)}"
         )
     if plan.engine_plugin:
         for name in sorted({w.host for w in plan.workers}):

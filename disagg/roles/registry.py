@@ -51,7 +51,7 @@ def runtime_files(plan: Plan) -> list[str]:
 def router_sync(plan: Plan, changed_by: list[OperationMeta]):
     # the sync's own: its state, and what it writes and Prometheus reads (file_sd)
     wanted = {S.SYNC_DIR: (S.SYNC_USER, "750")}
-    if plan.settings.prometheus:
+    if plan.settings.prometheus and host.name == plan.cluster.head:
         wanted[S.SCRAPE_TARGETS_DIR] = (S.SYNC_USER, "755")
     # a directory made anew (one replaced a planted link) is not the one the
     # running sync's namespace has mounted writable: it restarts
@@ -59,7 +59,7 @@ def router_sync(plan: Plan, changed_by: list[OperationMeta]):
     # before the workers start: the sync routes none that it does not name
     put_files(units.layout_file(plan))
     password = sync_password(plan)
-    rendered = units.sync_files(plan)
+    rendered = units.sync_files(plan, host.name)
     unit_running(
         name=f"Run {S.SYNC_UNIT}",
         unit=S.SYNC_UNIT,
@@ -78,19 +78,31 @@ def readiness(plan: Plan):
         wait=shlex.join(plan.status_command(timeout=timeout)),
     )
     # what status cannot see: keys that do not match along the way (a 401 at a worker)
-    check = front_door_request(plan)
+    _answered(plan, plan.router_url, "One request answered through the front door")
+
+
+@deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
+def front_door_ready(plan: Plan):
+    """On a router host other than the head: its own front door (its
+    router first) answers a request."""
+    _answered(plan, plan.frontdoor_url(host.name), "One request answered through this host's front door")
+
+
+def _answered(plan: Plan, url: str, name: str):
+    timeout = int(host.data.get("ready_timeout"))
+    check = front_door_request(plan, url)
     registry_ready(
-        name="One request answered through the front door",
+        name=name,
         check=check,
         wait=(
             f"deadline=$(( $(date +%s) + {timeout} )); until {check}; do if [ $(date +%s) -ge $deadline ]; then "
-            f"echo 'no 200 from {plan.router_url} within {timeout} s (an authenticated chat completion)' >&2; "
+            f"echo 'no 200 from {url} within {timeout} s (an authenticated chat completion)' >&2; "
             "exit 1; fi; sleep 1; done"
         ),
     )
 
 
-def front_door_request(plan: Plan) -> str:
+def front_door_request(plan: Plan, base: str) -> str:
     """Shell: one chat completion through the clients' port, as a client
     sends it (its key, if the front door asks one, read from the key file
     into curl's stdin: never a command line), true on a 200."""
@@ -99,10 +111,10 @@ def front_door_request(plan: Plan) -> str:
         {"model": s.served_name or s.model, "max_tokens": 1, "messages": [{"role": "user", "content": "Ready?"}]}
     )
     key = f"sed -n '1s/^/Authorization: /p' {units.FRONTDOOR_KEYS} | " if s.client_api_keys else ""
-    url, tls = f"{plan.router_url}/v1/chat/completions", ""
+    url, tls = f"{base}/v1/chat/completions", ""
     if s.client_tls_names:  # the CA's certificate, checked as a client does, under its first name
         name, port = s.client_tls_names[0], s.router_port
-        address = urllib.parse.urlsplit(plan.router_url).hostname
+        address = urllib.parse.urlsplit(base).hostname
         url = net.url("https", name, port, "/v1/chat/completions")
         tls = f"--cacert {S.CA_CERT} --connect-to {shlex.quote(f'{net.hostport(name, port)}:{net.hostport(address, port)}')} "
     elif plan.client_tls:  # data's own certificate: its CA is its clients' business

@@ -1,4 +1,4 @@
-"""vllm-router on the head host: PD mode with its members found through
+"""vllm-router on each router host: PD mode with its members found through
 service discovery (fed from the registry by roles/registry.py), or
 --worker-urls for the baseline; Prometheus metrics on."""
 
@@ -18,7 +18,7 @@ DEFAULTS = S.role_defaults("router_package")
 def router(plan: Plan, changed_by: list[OperationMeta]):
     """`changed_by`: the API key's write, which restarts it."""
     python_packages(S.ROUTER_VENV, [host.data.get("router_package")])
-    rendered = units.router_files(plan)
+    rendered = units.router_files(plan, host.name)
     unit_running(
         name=f"Run {S.ROUTER_UNIT}",
         unit=S.ROUTER_UNIT,
@@ -28,7 +28,7 @@ def router(plan: Plan, changed_by: list[OperationMeta]):
     wait_healthy(
         name="Router up",
         unit=S.ROUTER_UNIT,
-        url=f"{plan.router_internal_url}/health",
+        url=f"{plan.router_internal_url(host.name)}/health",
         timeout=120,
         # in PD mode it says 503 "Waiting for discovered workers" until the
         # registry sync has sent it some; the readiness gate waits for 200

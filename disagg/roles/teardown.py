@@ -13,6 +13,7 @@ from disagg.core import settings as S
 from disagg.core import units
 from disagg.roles.firewall import table_absent
 from disagg.roles.frontdoor import DISTRO_UNIT as HAPROXY_UNIT
+from disagg.roles.keepalived import DISTRO_UNIT as KEEPALIVED_UNIT
 from disagg.roles.ops import distro_unit_unmasked, prune_units, service_user_absent
 from disagg.roles.prometheus import DISTRO_UNIT as PROMETHEUS_UNIT
 
@@ -30,6 +31,7 @@ def teardown(purge: bool = False):
         S.HF_TOKEN_ENV,
         S.API_KEY_ENV,
         S.LAYOUT_FILE,
+        S.KEEPALIVED_CONF,
     ):
         files.file(name=f"Remove {path}", path=path, present=False)
     # Prometheus's TSDB (S.PROMETHEUS_DATA) is kept: the history of what ran
@@ -38,7 +40,7 @@ def teardown(purge: bool = False):
     if not purge:
         return
     # the packages stay (someone may use them), their own units as before us: disabled
-    for unit, _ in (PROMETHEUS_UNIT, HAPROXY_UNIT):
+    for unit, _ in (PROMETHEUS_UNIT, HAPROXY_UNIT, KEEPALIVED_UNIT):
         distro_unit_unmasked(name=f"Unmask {unit}", unit=unit)
     for path in (S.OPT_DIR, S.STATE_DIR, S.CONFIG_DIR):
         files.directory(name=f"Remove {path}", path=path, present=False)
