@@ -69,6 +69,9 @@ def render(label: str | None, inventory_path: str, units: bool, as_json: bool) -
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"{plan.label}: {plan.topology.gpus} GPUs, router {plan.router_url}")
+    if len(plan.router_urls) > 1 and not plan.vip_address:
+        # no floating address: a client that knows every front door tries the next when one fails
+        click.echo(f"front doors: {' '.join(plan.router_urls)}")
     click.echo(
         table(
             ["host", "role", "index", "gpus", "http_port", "nixl_port", "unit"],

@@ -35,6 +35,7 @@ from disagg.core import settings as S
 from disagg.core.plan import Plan
 
 TABLE = "disagg"
+VRRP = 112
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,9 @@ class Rule:
     what: str
     ports: tuple[int | range, ...]
     sources: tuple[str, ...]
-    # a protocol without ports (VRRP) instead of TCP ports
-    protocol: str | None = None
+    # an IP protocol number without ports (VRRP: 112; a name needs
+    # /etc/protocols, which minimal images lack) instead of TCP ports
+    protocol: int | None = None
 
 
 def rules(
@@ -80,7 +82,7 @@ def rules(
             )
         )
         if s.vip:
-            out.append(Rule("VRRP (the floating address): the other router hosts", (), tuple(peers), "vrrp"))
+            out.append(Rule("VRRP (the floating address): the other router hosts", (), tuple(peers), VRRP))
     mine = plan.workers_on(host)
     if mine:
         ports = tuple(w.http_port for w in mine)

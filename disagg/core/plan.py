@@ -482,6 +482,10 @@ class Plan:
         each as its heartbeat registers it."""
         return [{"name": w.name, "role": w.role, "url": w.url, "zmq": self.zmq_address(w)} for w in self.workers]
 
+    def feeds_prometheus(self, on: str | None = None) -> bool:
+        """Whether a router host's sync writes Prometheus's targets: the head's, where Prometheus runs."""
+        return self.settings.prometheus and (on or self.cluster.head) == self.cluster.head
+
     def sync_command(self, on: str | None = None) -> list[str]:
         """A router host's service that keeps its router's members = the
         registry's healthy workers; the head's also feeds Prometheus."""
@@ -494,7 +498,7 @@ class Plan:
             "--state-file",
             S.SYNC_STATE,
         ]
-        if self.settings.prometheus and (on or self.cluster.head) == self.cluster.head:
+        if self.feeds_prometheus(on):
             args += [
                 "--targets-dir",
                 S.SCRAPE_TARGETS_DIR,
@@ -577,7 +581,12 @@ class Plan:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "workers": [w.as_dict() for w in self.workers]}
+        return {
+            "label": self.label,
+            "router_url": self.router_url,
+            "front_doors": self.router_urls,
+            "workers": [w.as_dict() for w in self.workers],
+        }
 
 
 def make_plan(inventory, label: str | None = None, label_key: str = "label") -> Plan:

@@ -109,8 +109,10 @@ class Cluster:
     @property
     def routers(self) -> tuple[str, ...]:
         """The hosts of the `routers` group (front door, vllm-router,
-        registry sync), in order of preference; default: the head alone."""
-        return self.groups.get("routers") or (self.head,)
+        registry sync) in order of preference: the head, then the others
+        in inventory order; default: the head alone."""
+        names = self.groups.get("routers") or (self.head,)
+        return tuple(sorted(names, key=lambda n: n != self.head))
 
     def group(self, role: str) -> tuple[str, str, tuple[Host, ...]]:
         """(group name, its hosts) for a role. Baseline workers default to

@@ -171,7 +171,7 @@ def sync_files(plan: Plan, on: str | None = None) -> dict[str, str]:
         groups=("systemd-journal",),
         reads_journal=True,
         # its state file (replaced by rename), Prometheus's targets
-        write_paths=(S.SYNC_DIR, *([S.SCRAPE_TARGETS_DIR] if plan.settings.prometheus else [])),
+        write_paths=(S.SYNC_DIR, *([S.SCRAPE_TARGETS_DIR] if plan.feeds_prometheus(on) else [])),
     )
     return {unit_path(S.SYNC_UNIT): unit}
 
@@ -379,6 +379,8 @@ def keepalived_files(plan: Plan, on: str) -> dict[str, str]:
             "/usr/sbin/keepalived",
             "--dont-fork",
             "--log-console",
+            # the console is the journal: not every line twice
+            "--no-syslog",
             "--vrrp",
             "--use-file",
             S.KEEPALIVED_CONF,

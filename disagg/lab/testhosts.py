@@ -34,6 +34,8 @@ GATEWAY = f"{NET}.1"
 NET6 = "fd00:213::"
 NSPAWN_RUN = Path("/run/systemd/nspawn")
 OUTSIDER, OUTSIDER_NETNS, OUTSIDER_VETH = f"{NET}.99", "disagg-x", "disaggvx"
+# the clients' floating address of inventories/local-ha.py (keepalived)
+VIP = f"{NET}.100"
 # the login deploys use, as cloud images give one: passwordless sudo, not root
 LOGIN = "deployer"
 RECIPE = {
@@ -240,8 +242,7 @@ class TestHosts:
         _run("ip", "netns", "add", ns)
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _run("ip", "link", "set", veth, "master", BRIDGE, "up")
-        _run("ip", "-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
-        _run("ip", "-n", ns, "addr", "add", f"{address6(i)}/64", "dev", "eth0", "nodad")
+        _addresses(i, ns)
         _run("ip", "-n", ns, "link", "set", "eth0", "up")
         _run("ip", "-n", ns, "link", "set", "lo", "up")
         _run("ip", "-n", ns, "route", "add", "default", "via", GATEWAY)
@@ -262,28 +263,36 @@ class TestHosts:
         (target / "etc" / "hosts").write_text(
             f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost\n"
         )
-        log = open(CACHE / "testhosts" / f"{name}.log", "w")
-        proc = subprocess.Popen(
-            [
-                "systemd-nspawn",
-                "-q",
-                "-D",
-                str(target),
-                "--boot",
-                "--register=no",
-                "--keep-unit",
-                f"--network-namespace-path=/run/netns/{ns}",
-                f"--machine={name}",
-                # as root on a real host: nftables (our firewall), in its own namespace only
-                "--capability=CAP_NET_ADMIN",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        host["pid"] = proc.pid
+        host["pid"] = _start(name, ns, target)
         return host
+
+    def power_off(self, i: int) -> None:
+        """Cut host i's power: its init killed (and with it every process
+        of the container, at once: no unit stops, no VRRP goodbye), its
+        link dark and the addresses its programs added gone, as a host
+        that dies is (the namespace would answer for them otherwise)."""
+        state = self._state()
+        host = state["hosts"][str(i)]
+        pid = host["pid"]
+        if not (pid and is_our_container(pid, host["root"])):
+            raise HarnessError(f"test host {address(i)} is not running")
+        _run("ip", "link", "set", host["veth"], "down")
+        for child in _children(pid):
+            os.kill(child, signal.SIGKILL)
+        _stop(pid)
+        host["pid"] = None
+        self._record(state)
+        _run("ip", "-n", host["netns"], "addr", "flush", "dev", "eth0")
+        _addresses(i, host["netns"])
+
+    def power_on(self, i: int) -> None:
+        """Boot host i again from its disk as it was (after power_off)."""
+        state = self._state()
+        host = state["hosts"][str(i)]
+        _run("ip", "link", "set", host["veth"], "up")
+        host["pid"] = _start(f"disagg-h{i}", host["netns"], Path(host["root"]))
+        self._record(state)
+        self._wait_running(i)
 
     def _wait_running(self, i: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -314,6 +323,45 @@ class TestHosts:
         if state.get("tmpfs"):
             _run("umount", str(NSPAWN_RUN), check=False)
         STATE.unlink(missing_ok=True)
+
+
+def _addresses(i: int, ns: str) -> None:
+    """Test host i's own addresses on its interface in namespace ns."""
+    _run("ip", "-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
+    _run("ip", "-n", ns, "addr", "add", f"{address6(i)}/64", "dev", "eth0", "nodad")
+
+
+def _start(name: str, ns: str, root: Path) -> int:
+    """Boot a container on root in network namespace ns; returns its PID."""
+    log = open(CACHE / "testhosts" / f"{name}.log", "a")
+    proc = subprocess.Popen(
+        [
+            "systemd-nspawn",
+            "-q",
+            "-D",
+            str(root),
+            "--boot",
+            "--register=no",
+            "--keep-unit",
+            f"--network-namespace-path=/run/netns/{ns}",
+            f"--machine={name}",
+            # as root on a real host: nftables (our firewall), in its own namespace only
+            "--capability=CAP_NET_ADMIN",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc.pid
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (the container's init, for nspawn)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(p) for p in task.read_text().split()]
+    return found
 
 
 def is_our_container(pid: int, root: str) -> bool:

@@ -51,7 +51,7 @@ def runtime_files(plan: Plan) -> list[str]:
 def router_sync(plan: Plan, changed_by: list[OperationMeta]):
     # the sync's own: its state, and what it writes and Prometheus reads (file_sd)
     wanted = {S.SYNC_DIR: (S.SYNC_USER, "750")}
-    if plan.settings.prometheus and host.name == plan.cluster.head:
+    if plan.feeds_prometheus(host.name):
         wanted[S.SCRAPE_TARGETS_DIR] = (S.SYNC_USER, "755")
     # a directory made anew (one replaced a planted link) is not the one the
     # running sync's namespace has mounted writable: it restarts
@@ -83,21 +83,30 @@ def readiness(plan: Plan):
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
 def front_door_ready(plan: Plan):
-    """On a router host other than the head: its own front door (its
-    router first) answers a request."""
+    """On a router host other than the head: its own router has members
+    (its /health answers 200) and its front door answers a request."""
+    url = f"{plan.router_internal_url(host.name)}/health"
+    _passes(
+        "This host's router given its members by its sync",
+        f"curl -s -o /dev/null -w '%{{http_code}}' -m 5 {url} | grep -qx 200",
+        f"no 200 from {url}: is {S.SYNC_UNIT} running?",
+    )
     _answered(plan, plan.frontdoor_url(host.name), "One request answered through this host's front door")
 
 
 def _answered(plan: Plan, url: str, name: str):
+    _passes(name, front_door_request(plan, url), f"no 200 from {url} (an authenticated chat completion)")
+
+
+def _passes(name: str, check: str, failure: str):
+    """Wait up to ready_timeout until the shell `check` passes, else fail saying `failure`."""
     timeout = int(host.data.get("ready_timeout"))
-    check = front_door_request(plan, url)
     registry_ready(
         name=name,
         check=check,
         wait=(
             f"deadline=$(( $(date +%s) + {timeout} )); until {check}; do if [ $(date +%s) -ge $deadline ]; then "
-            f"echo 'no 200 from {url} within {timeout} s (an authenticated chat completion)' >&2; "
-            "exit 1; fi; sleep 1; done"
+            f"echo {shlex.quote(f'{failure} within {timeout} s')} >&2; exit 1; fi; sleep 1; done"
         ),
     )
 

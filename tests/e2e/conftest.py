@@ -24,6 +24,8 @@ from disagg.infra.launch import run_deploy
 from disagg.lab import testhosts, tinymodel
 
 INVENTORY = "inventories/local.py"
+# three hosts: the single-head layout uses the first two, the HA layout all
+HOSTS = 3
 _TIMINGS: dict[str, float] = {}
 _FIGURES: list[str] = []
 
@@ -42,50 +44,62 @@ def controller_state(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def local_hosts():
-    hosts = testhosts.TestHosts(2)
+def test_hosts() -> testhosts.TestHosts:
+    return testhosts.TestHosts(HOSTS)
+
+
+@pytest.fixture(scope="session")
+def local_hosts(test_hosts):
+    hosts = test_hosts
     if not (os.environ.get("DISAGG_REUSE_HOSTS") and testhosts.STATE.exists()):
         hosts.up()
     tinymodel.write(testhosts.CACHE / "tiny-llama")
     try:
-        yield [testhosts.address(1), testhosts.address(2)]
+        yield [testhosts.address(i) for i in range(1, HOSTS + 1)]
     finally:
         if not os.environ.get("DISAGG_KEEP_HOSTS"):
             hosts.down()
 
 
 class Deployment:
-    """What the hosts run now, as far as this session knows: the deploy
-    file and --data of the last deploy, or None when unknown (a test
-    changed it some other way)."""
+    """What the hosts run now, as far as this session knows: the
+    inventory, deploy file and --data of the last deploy, or None when
+    unknown (a test changed it some other way)."""
 
     def __init__(self):
-        self.current: tuple[str, tuple[str, ...]] | None = None
+        self.current: tuple[str, str, tuple[str, ...]] | None = None
         self.deployed_once = False
 
-    def ensure(self, deploy: str = "deploys/disagg.py", data: tuple[str, ...] = ()):
-        """Deploy unless the hosts already run `deploy` with exactly `data`
-        (--data overrides; none: the inventory as it is), so that a test
-        sees the same layout alone, after any other or in any order;
-        returns the plan of what runs."""
-        if self.current != (deploy, tuple(data)):
-            run = run_deploy(INVENTORY, deploy, *data)
+    def ensure(self, deploy: str = "deploys/disagg.py", data: tuple[str, ...] = (), inventory: str = INVENTORY):
+        """Deploy unless the hosts already run `deploy` of `inventory` with
+        exactly `data` (--data overrides; none: the inventory as it is), so
+        that a test sees the same layout alone, after any other or in any
+        order; returns the plan of what runs."""
+        if self.current != (inventory, deploy, tuple(data)):
+            run = run_deploy(inventory, deploy, *data)
             if not self.deployed_once:
                 _TIMINGS.setdefault("bare hosts to serving (first deploy of the session)", run.seconds)
+            else:
+                _TIMINGS[f"{self.current and self.current[0]} -> {inventory} (one layout to another)"] = run.seconds
             self.deployed_once = True
-            self.current = (deploy, tuple(data))
+            self.current = (inventory, deploy, tuple(data))
         return self.plan()
 
+    @property
+    def data(self) -> tuple[str, ...]:
+        """The --data of the last deploy."""
+        return self.current[2]
+
     def plan(self):
-        deploy, data = self.current
+        inventory, deploy, data = self.current
         # values as pyinfra's --data reads them
         overrides = {k: parse_cli_arg(v) for k, v in (d.split("=", 1) for d in data)}
         label_key = "baseline_label" if deploy.endswith("baseline.py") else "label"
-        return make_plan(load_inventory(INVENTORY, override_data=overrides), label_key=label_key)
+        return make_plan(load_inventory(inventory, override_data=overrides), label_key=label_key)
 
     def changed(self, deploy: str | None = None, data: tuple[str, ...] = ()):
-        """A test deployed something else (or None: left it unknown)."""
-        self.current = None if deploy is None else (deploy, data)
+        """A test deployed something else of the default inventory (or None: left it unknown)."""
+        self.current = None if deploy is None else (INVENTORY, deploy, data)
         self.deployed_once = True
 
 
@@ -107,6 +121,8 @@ def figures() -> list[str]:
 
 
 def pytest_collection_modifyitems(items):
+    # the HA layout's tests together, last: one change of layout, not one per test
+    items.sort(key=lambda item: item.path.name == "test_ha.py")
     if os.environ.get("DISAGG_E2E_ORDER") == "reverse":
         items.reverse()
 

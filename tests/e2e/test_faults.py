@@ -132,7 +132,7 @@ def test_context_args_change_rolls_under_load_and_loses_nothing(deployment, figu
 
 def frontdoor_retries(plan) -> float:
     """Requests the front door sent the router again, by its own count."""
-    return smoke.counter(f"http://{plan.frontdoor_metrics_hostport}", "haproxy_backend_retry_warnings_total")
+    return smoke.counter(f"http://{plan.frontdoor_metrics_hostport()}", "haproxy_backend_retry_warnings_total")
 
 
 def test_kill_9_of_a_context_worker_under_load_fails_no_request(deployment, figures, timings):

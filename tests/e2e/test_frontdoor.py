@@ -76,7 +76,7 @@ def test_clients_reach_inference_and_nothing_else(deployment, figures):
         limit = plan.settings.client_max_request_mb << 20
         too_big = from_neighbour(outside, plan.router_url, "POST", "/v1/chat/completions", length=limit + 1)
         # the router's own port is not the neighbour's (the firewall drops it)
-        internal = from_neighbour(outside, plan.router_internal_url, "GET", "/workers", timeout=3)
+        internal = from_neighbour(outside, plan.router_internal_url(), "GET", "/workers", timeout=3)
     figures.append(
         f"front door from a neighbour: router paths {sorted(set(answers.values()))}, chat {chat}, "
         f"health {health}, over {limit >> 20} MiB {too_big}, the router's own port {internal}"
@@ -93,7 +93,7 @@ def test_client_keys_and_tls_rotate_under_load_without_a_failed_request(deployme
     its main process stays, the router and workers too); a client of a
     key kept across a rotation never fails."""
     plan = deployment.ensure()
-    base = deployment.current[1]
+    base = deployment.data
     head = plan.cluster.head
     k1, k2, k3 = (f"client-{i}-" + os.urandom(12).hex() for i in (1, 2, 3))
     units = [S.FRONTDOOR_UNIT, S.ROUTER_UNIT, *(w.unit for w in plan.workers_on(head))]
@@ -186,7 +186,7 @@ print(json.dumps({"codes": codes, "answered": answered}))
 
 def test_client_rate_and_connection_limits(deployment, figures):
     plan = deployment.ensure()
-    base = deployment.current[1]
+    base = deployment.data
     limited = (*base, "client_rate_limit=20", "client_max_connections=4")
     try:
         run_deploy(INVENTORY, "deploys/disagg.py", *limited)

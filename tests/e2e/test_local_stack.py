@@ -262,7 +262,7 @@ def test_no_secret_reaches_the_hosts_logs_after_a_deploy_and_a_key_rotation_as_t
     # and a NATS password of what a config parser or a shell would take apart
     password = f'pw 12 34;x "$HOME" `id` \\ #{os.urandom(8).hex()}'
     data = (
-        *(d for d in deployment.current[1] if not d.startswith("nats_password=")),
+        *(d for d in deployment.data if not d.startswith("nats_password=")),
         f"api_key={key}",
         f"nats_password={password}",
     )
@@ -307,7 +307,7 @@ def test_a_rerun_after_a_key_rotation_that_failed_half_way_serves_through_the_fr
     runs on the old key. The re-run restarts what is older than its files."""
     deployment.ensure()
     key = "half-" + os.urandom(16).hex()
-    data = (*(d for d in deployment.current[1] if not d.startswith("api_key=")), f"api_key={key}")
+    data = (*(d for d in deployment.data if not d.startswith("api_key=")), f"api_key={key}")
     deployment.changed()
     for host in (H1, H2):
         ssh(
@@ -514,7 +514,7 @@ def test_a_scan_of_every_tcp_port_from_a_neighbour_finds_ssh_and_the_front_door_
 
 def test_rules_that_fail_to_load_leave_the_old_ones_and_a_rerun_mends_them(deployment):
     deployment.ensure()
-    data = deployment.current[1]
+    data = deployment.data
     rules = "nft -s list table inet disagg"  # -s: without counters
     before = ssh(H2, rules).stdout
     assert "drop" in before
@@ -534,7 +534,7 @@ def test_rerun_changes_nothing(deployment, timings, figures, tmp_path):
     plan = deployment.ensure()
     units = plan.units_on(plan.cluster.head)
     since = active_since(H1, units)
-    run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1], profile=tmp_path / "profile.json")
+    run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.data, profile=tmp_path / "profile.json")
     timings["no-op re-run (deploys/disagg.py)"] = run.seconds
     assert run.changed == {}
     assert active_since(H1, units) == since
@@ -615,7 +615,7 @@ def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again
     ssh(H1, " && ".join(f"chmod 644 {path} && chown disagg {path}" for path in secrets))
     units = plan.units_on(plan.cluster.head)
     since = active_since(H1, units)
-    run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
+    run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.data)
     for path, owner in secrets.items():
         assert ssh(H1, f"stat -c '%U %a' {path}").stdout.split() == [owner, "600"]
     assert sorted(run.changed) == sorted(
@@ -701,7 +701,7 @@ def test_links_a_service_user_plants_never_lead_root_elsewhere(deployment):
             ),
             check=True,
         )
-        run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1])
+        run = run_deploy(INVENTORY, "deploys/disagg.py", *deployment.data)
         for path in planted:
             assert f"{path} is not a directory (find type l): replaced" in run.output, (path, run.output[-3000:])
         assert canary_state() == before
@@ -720,7 +720,7 @@ def test_links_a_service_user_plants_never_lead_root_elsewhere(deployment):
         ]
         assert smoke.chat(plan.router_url, MODEL, 2)["completion_tokens"] == 2
         # and what it replaced is in place: the next run changes nothing
-        assert run_deploy(INVENTORY, "deploys/disagg.py", *deployment.current[1]).changed == {}
+        assert run_deploy(INVENTORY, "deploys/disagg.py", *deployment.data).changed == {}
     finally:
         ssh(H1, f"rm -rf {canary} {' '.join(aside)} {S.SERVICE_HOME}/evil", check=False)
 
@@ -928,7 +928,7 @@ def test_add_a_context_worker_with_limit_no_router_restart(deployment, tmp_path,
     assert added.host == plan.workers[-1].host  # the generate host
     router_since = active_since(H1, ["disagg-router", "disagg-registry-sync"])
     start = time.monotonic()
-    data = deployment.current[1]
+    data = deployment.data
     deployment.changed()
     # with the head: its sync routes only the workers its layout file names (it reads the new one, no restart)
     run_deploy(str(scaled), "deploys/disagg.py", f"label={label}", *data, limit=f"{added.host},{plan.cluster.head}")
@@ -967,7 +967,7 @@ def test_relabel_prunes_the_stale_context_unit(deployment):
     deployment.ensure()
     kept = ["disagg-context-0", "disagg-generate-0"]
     since = {**active_since(H1, kept[:1]), **active_since(H2, kept[1:])}
-    relabel = (*deployment.current[1], "label=context_tp1dp1_generate_tp1dp1")
+    relabel = (*deployment.data, "label=context_tp1dp1_generate_tp1dp1")
     deployment.changed()
     run_deploy(INVENTORY, "deploys/disagg.py", *relabel)
     deployment.changed("deploys/disagg.py", relabel)
