@@ -2,12 +2,15 @@
 with no single point of failure in the request path (`disagg testhosts up
 --count 3`):
 
-    host 1  context workers
-    host 2  the generate worker, a router host (front door, vllm-router, registry sync)
-    host 3  the head (NATS, Prometheus), the preferred router host
+    host 1  context workers, a NATS server
+    host 2  the generate worker, a router host (front door, vllm-router,
+            registry sync), a NATS server
+    host 3  the head (Prometheus), the preferred router host, a NATS server
 
 Clients use the floating address (vip), which keepalived keeps on a router
-host whose front door answers: host 3 while it lives, else host 2. On GPUs,
+host whose front door answers: host 3 while it lives, else host 2. The
+three NATS servers are a cluster: the registry has three replicas and
+serves while any two are up. On GPUs,
 give the router hosts no workers of their own, or enough that losing one
 host leaves every role served. The rest of the data is inventories/local.py's:
 
@@ -29,6 +32,7 @@ generate = [(_h2, {"gpus": 1, **_router})]
 # the head is the preferred router host: it takes the address when both start
 routers = [(_h2, {"gpus": 1, **_router}), (_h3, _router)]
 head = [(_h3, _router)]
+nats = [(_h1, {"gpus": 2, **_ssh}), (_h2, {"gpus": 1, **_router}), (_h3, _router)]
 
 all = (
     [_h1, _h2, _h3],

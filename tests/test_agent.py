@@ -68,6 +68,9 @@ class Nats:
                 auth="auth.conf",
                 cert_file=cert,
                 key_file=key,
+                cluster=None,
+                routes=[],
+                ca_file=self.ca,
             )
         )
         self.auth = tmp / "auth.conf"

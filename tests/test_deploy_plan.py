@@ -701,7 +701,7 @@ def test_a_limit_that_leaves_out_the_head_is_refused_before_any_change():
     # raised as pyinfra's own error, which its CLI prints as one line
     with pytest.raises(
         PyinfraError,
-        match=r"^--limit leaves out h100-node1 \(the head, the router hosts\): .*; add --limit h100-node1$",
+        match=r"^--limit leaves out h100-node1 \(the head, the router and NATS hosts\): .*; add --limit h100-node1$",
     ) as e:
         plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses(), limit=("h100-node2",))
     assert isinstance(e.value.__cause__, UsageError)

@@ -141,3 +141,34 @@ def test_router_and_vip_mistakes_are_one_line_each_before_any_host(tmp_path, rou
     with pytest.raises(InventoryError) as e:
         make_plan(load_inventory(write(tmp_path, routers, data, head_data)))
     assert message in str(e.value)
+
+
+def test_three_nats_hosts_are_a_cluster_with_routes_between_them_alone(tmp_path):
+    inventory = write(tmp_path, f"['{GENERATE}', '{HEAD}']")
+    with open(inventory, "a") as f:
+        f.write(f"nats = [('{CONTEXT}', {{'gpus': 2}}), ('{GENERATE}', {{'gpus': 1}}), ('{HEAD}', {{}})]\n")
+    plan = make_plan(load_inventory(inventory))
+    assert plan.nats_clustered and plan.cluster.nats == (HEAD, CONTEXT, GENERATE)
+    # every agent is given every server, the head's first
+    assert plan.nats_url == f"tls://{HEAD}:4222,tls://{CONTEXT}:4222,tls://{GENERATE}:4222"
+    assert f"--nats {plan.nats_url} " in host_units(plan, CONTEXT)["/etc/systemd/system/disagg-context-0-agent.service"]
+    conf = host_units(plan, CONTEXT)["/etc/disagg/nats-server.conf"]
+    assert f'listen: "{CONTEXT}:6222"' in conf and "verify: true" in conf
+    assert f'"nats-route://{HEAD}:6222"' in conf and f'"nats-route://{GENERATE}:6222"' in conf
+    assert f"nats-route://{CONTEXT}" not in conf and "server_name: disagg-10.1.0.11" in conf
+    assert all(S.NATS_UNIT in plan.units_on(n) for n in (HEAD, CONTEXT, GENERATE))
+    routes = {n: {r.sources for r in nftables.rules(plan, n, ()) if 6222 in r.ports} for n in plan.cluster.nats}
+    assert routes[CONTEXT] == {(GENERATE, HEAD)} and routes[HEAD] == {(CONTEXT, GENERATE)}
+
+
+def test_two_nats_hosts_are_refused_one_stays_as_it_was(tmp_path):
+    inventory = write(tmp_path, f"['{GENERATE}', '{HEAD}']")
+    with open(inventory, "a") as f:
+        f.write(f"nats = [('{GENERATE}', {{'gpus': 1}}), ('{HEAD}', {{}})]\n")
+    with pytest.raises(InventoryError, match="group 'nats' has two hosts: JetStream needs a majority"):
+        make_plan(load_inventory(inventory))
+    # another file: pyinfra keeps an inventory file's code by its name
+    (tmp_path / "single").mkdir()
+    single = make_plan(load_inventory(write(tmp_path / "single", f"['{GENERATE}', '{HEAD}']")))
+    assert not single.nats_clustered and single.nats_url == f"tls://{HEAD}:4222"
+    assert "cluster {" not in host_units(single, HEAD)["/etc/disagg/nats-server.conf"]

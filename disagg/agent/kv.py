@@ -50,6 +50,7 @@ class Server:
     """A NATS server as the agent reaches it. `ca`: the CA file that signed
     its certificate: with it the connection is TLS and verified."""
 
+    # one URL, or every server of a cluster comma-separated: the client fails over between them
     url: str
     user: str | None = None
     password: str | None = None
@@ -57,6 +58,10 @@ class Server:
 
     def __str__(self) -> str:
         return self.url
+
+    @property
+    def urls(self) -> list[str]:
+        return [u.strip() for u in self.url.split(",") if u.strip()]
 
     def options(self) -> dict:
         tls = None
@@ -237,7 +242,7 @@ async def connect(server: Server, stop: asyncio.Event | None = None, reconnect: 
             # nats-py retries a first connect silently for ever when reconnects
             # are allowed: fail fast here, and retry (or not) ourselves
             nc = await nats.connect(
-                server.url, allow_reconnect=False, max_reconnect_attempts=1, error_cb=first_failed, **options
+                server.urls, allow_reconnect=False, max_reconnect_attempts=1, error_cb=first_failed, **options
             )
             break
         except Exception as e:
@@ -259,7 +264,7 @@ async def connect(server: Server, stop: asyncio.Event | None = None, reconnect: 
         return nc
     await nc.close()
     connecting = asyncio.ensure_future(
-        nats.connect(server.url, allow_reconnect=True, max_reconnect_attempts=-1, error_cb=reconnecting, **options)
+        nats.connect(server.urls, allow_reconnect=True, max_reconnect_attempts=-1, error_cb=reconnecting, **options)
     )
     if stop is None:
         return await connecting
@@ -274,7 +279,9 @@ async def connect(server: Server, stop: asyncio.Event | None = None, reconnect: 
 
 async def bucket(nc, ttl: float = TTL):
     """The registry bucket; created on first use by whoever comes first (the
-    same config from every creator, so creating is idempotent)."""
+    same config from every creator, so creating is idempotent): three
+    replicas on a cluster of three or more servers (it survives one lost),
+    else one."""
     from nats.js.api import KeyValueConfig
     from nats.js.errors import BucketNotFoundError
 
@@ -282,7 +289,8 @@ async def bucket(nc, ttl: float = TTL):
     try:
         return await js.key_value(BUCKET)
     except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl))
+        replicas = 3 if len(nc.servers) >= 3 else 1
+        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl, replicas=replicas))
 
 
 @dataclass

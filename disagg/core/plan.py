@@ -135,15 +135,29 @@ def check_inventory(inventory) -> list[str]:
                             ),
                         )
                     )
-    if head is not None and groups["routers"] and head not in groups["routers"]:
+    why = {
+        "routers": "its registry sync feeds Prometheus there",
+        "nats": "the admin password and the NATS monitor Prometheus reads are the head's",
+    }
+    for group, reason in why.items():
+        if head is not None and groups[group] and head not in groups[group]:
+            problems.append(
+                schema.Problem(
+                    head,
+                    "groups",
+                    [g for g in inventory.get_host(head).groups if g != "all"],
+                    f"the head is not in group {group!r} ({', '.join(groups[group])}): {reason}; add the head to it",
+                )
+            )
+    if len(groups["nats"]) == 2:
         problems.append(
             schema.Problem(
-                head,
+                groups["nats"][1],
                 "groups",
-                [g for g in inventory.get_host(head).groups if g != "all"],
+                "nats",
                 (
-                    f"the head is not in group 'routers' ({', '.join(groups['routers'])}): its registry sync feeds "
-                    "Prometheus there; add the head to group 'routers'"
+                    "group 'nats' has two hosts: JetStream needs a majority of its servers, so two survive the loss "
+                    "of none; give it one host or three"
                 ),
             )
         )
@@ -268,15 +282,27 @@ class Plan:
         return net.hostport("127.0.0.1", self.settings.registry_metrics_port)
 
     @property
+    def nats_clustered(self) -> bool:
+        return len(self.cluster.nats) >= 3
+
+    @property
     def nats_url(self) -> str:
-        return net.url("tls", self.head.address, self.settings.nats_port)
+        """Every NATS server, the head's first, comma-separated: clients fail over between them."""
+        return ",".join(
+            net.url("tls", self.cluster.host(n).address, self.settings.nats_port) for n in self.cluster.nats
+        )
 
     def workers_on(self, host: str) -> list[Worker]:
         return [w for w in self.workers if w.host == host]
 
     def serves(self, host: str) -> bool:
         """Whether host runs anything of this layout."""
-        return bool(self.workers_on(host)) or host == self.cluster.head or host in self.cluster.routers
+        return (
+            bool(self.workers_on(host))
+            or host == self.cluster.head
+            or host in self.cluster.routers
+            or host in self.cluster.nats
+        )
 
     @property
     def serving_hosts(self) -> list[str]:
@@ -288,10 +314,10 @@ class Plan:
         names = [u for w in self.workers_on(host) for u in (w.unit, w.agent_unit)]
         if self.settings.firewall and self.serves(host):
             names.append(S.FIREWALL_UNIT)
-        if host == self.cluster.head:
+        if host in self.cluster.nats:
             names.append(S.NATS_UNIT)
-            if self.settings.prometheus:
-                names.append(S.PROMETHEUS_UNIT)
+        if host == self.cluster.head and self.settings.prometheus:
+            names.append(S.PROMETHEUS_UNIT)
         if host in self.cluster.routers:
             names += [S.ROUTER_UNIT, S.FRONTDOOR_UNIT, S.SYNC_UNIT]
             if self.settings.vip:

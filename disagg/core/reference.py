@@ -124,6 +124,7 @@ ROWS = (
             "frontdoor_metrics_port",
             "nats_port",
             "nats_monitor_port",
+            "nats_cluster_port",
             "router_discovery_port",
             "prometheus_port",
             "registry_metrics_port",

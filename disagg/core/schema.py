@@ -18,8 +18,9 @@ from disagg.core.errors import InventoryError
 
 ROLE_GROUPS = ("context", "generate", "baseline")
 # the groups of the hosts that run the layout's own services: the head
-# (NATS, Prometheus) and the routers (front door, vllm-router, registry sync)
-SERVICE_GROUPS = ("head", "routers")
+# (NATS, Prometheus), the routers (front door, vllm-router, registry sync)
+# and the NATS servers (one, or a cluster of three or more)
+SERVICE_GROUPS = ("head", "routers", "nats")
 # values never printed, in errors neither
 SECRETS = frozenset({"hf_token", "nats_password", "api_key", "client_api_keys"})
 

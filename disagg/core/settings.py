@@ -301,6 +301,7 @@ class Settings:
     frontdoor_metrics_port: Port = Ports.frontdoor_metrics
     nats_port: Port = Ports.nats
     nats_monitor_port: Port = Ports.nats_monitor
+    nats_cluster_port: Port = Ports.nats_cluster
     router_discovery_port: Port = Ports.router_discovery
     prometheus_port: Port = Ports.prometheus
     registry_metrics_port: Port = Ports.registry_metrics
@@ -424,6 +425,7 @@ class Settings:
             frontdoor_metrics=self.frontdoor_metrics_port,
             nats=self.nats_port,
             nats_monitor=self.nats_monitor_port,
+            nats_cluster=self.nats_cluster_port,
             router_discovery=self.router_discovery_port,
             prometheus=self.prometheus_port,
             registry_metrics=self.registry_metrics_port,

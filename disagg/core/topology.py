@@ -111,7 +111,16 @@ class Cluster:
         """The hosts of the `routers` group (front door, vllm-router,
         registry sync) in order of preference: the head, then the others
         in inventory order; default: the head alone."""
-        names = self.groups.get("routers") or (self.head,)
+        return self._head_first("routers")
+
+    @property
+    def nats(self) -> tuple[str, ...]:
+        """The hosts of the `nats` group (a NATS server each, clustered when
+        three or more), the head first; default: the head alone."""
+        return self._head_first("nats")
+
+    def _head_first(self, group: str) -> tuple[str, ...]:
+        names = self.groups.get(group) or (self.head,)
         return tuple(sorted(names, key=lambda n: n != self.head))
 
     def group(self, role: str) -> tuple[str, str, tuple[Host, ...]]:
@@ -138,6 +147,8 @@ class Ports:
     frontdoor_metrics: int = 8404
     nats: int = 4222
     nats_monitor: int = 8222
+    # NATS's cluster routes between the hosts of group nats (three or more)
+    nats_cluster: int = 6222
     # vllm-router's ZMQ service discovery (PD mode), on loopback
     router_discovery: int = 30001
     prometheus: int = 9090
@@ -160,11 +171,11 @@ class Ports:
         return f"{self.ucx_base}-{self.ucx_base + self.ucx_count - 1}"
 
     def head_services(self) -> dict[str, int]:
-        return {
-            "nats_port": self.nats,
-            "nats_monitor_port": self.nats_monitor,
-            "prometheus_port": self.prometheus,
-        }
+        return {"prometheus_port": self.prometheus}
+
+    def nats_services(self) -> dict[str, int]:
+        """The ports of each NATS host's server."""
+        return {"nats_port": self.nats, "nats_monitor_port": self.nats_monitor, "nats_cluster_port": self.nats_cluster}
 
     def router_services(self) -> dict[str, int]:
         """The ports of each router host's services."""
@@ -276,6 +287,7 @@ def check_ports(workers: list[Worker], cluster: Cluster, ports: Ports, ucx: bool
     by_host: dict[str, dict[int, str]] = {h.name: {} for h in cluster.hosts}
     claims: list[tuple[str, int, str]] = [(cluster.head, port, name) for name, port in ports.head_services().items()]
     claims += [(r, port, name) for r in cluster.routers for name, port in ports.router_services().items()]
+    claims += [(n, port, name) for n in cluster.nats for name, port in ports.nats_services().items()]
     for w in workers:
         claims.append((w.host, w.http_port, f"{w.name} http_port"))
         claims.extend((w.host, p, f"{w.name} nixl_port") for p in w.nixl_ports)

@@ -263,12 +263,22 @@ def frontdoor_files(plan: Plan, on: str | None = None) -> dict[str, str]:
     return {FRONTDOOR_CONF: conf, unit_path(S.FRONTDOOR_UNIT): unit}
 
 
-def nats_files(plan: Plan) -> dict[str, str]:
+def nats_files(plan: Plan, on: str | None = None) -> dict[str, str]:
+    """A NATS host's server; with three or more, clustered: routes over TLS
+    to the others, each end's certificate checked against our CA."""
     s = plan.settings
+    on = on or plan.cluster.head
+    own = plan.cluster.host(on)
+    routes = [
+        net.url("nats-route", plan.cluster.host(n).address, s.nats_cluster_port) for n in plan.cluster.nats if n != on
+    ]
     conf = render(
         "nats-server.conf.j2",
-        server_name=f"disagg-{plan.head.name}",
-        listen=net.hostport(plan.head.address, s.nats_port),
+        server_name=f"disagg-{on}",
+        listen=net.hostport(own.address, s.nats_port),
+        cluster=net.hostport(own.address, s.nats_cluster_port) if plan.nats_clustered else None,
+        routes=routes,
+        ca_file=S.CA_CERT,
         monitor_port=s.nats_monitor_port,
         store_dir=NATS_STORE,
         auth=Path(NATS_AUTH_CONF).name,
@@ -407,10 +417,10 @@ def host_units(plan: Plan, host: str, admins: tuple[str, ...] = ()) -> dict[str,
     for w in plan.workers_on(host):
         files.update(worker_files(plan, w))
         files.update(agent_files(plan, w))
-    if host == plan.cluster.head:
-        files.update(nats_files(plan))
-        if plan.settings.prometheus:
-            files.update(prometheus_files(plan))
+    if host in plan.cluster.nats:
+        files.update(nats_files(plan, host))
+    if host == plan.cluster.head and plan.settings.prometheus:
+        files.update(prometheus_files(plan))
     if host in plan.cluster.routers:
         files.update(router_files(plan, host))
         files.update(frontdoor_files(plan, host))

@@ -106,6 +106,9 @@ def our_ports(plan: Plan, host: str) -> dict[int, str]:
     if host in plan.cluster.routers:
         for name, port in plan.settings.ports.router_services().items():
             ports[port] = name
+    if host in plan.cluster.nats:
+        for name, port in plan.settings.ports.nats_services().items():
+            ports[port] = name
     return ports
 
 

@@ -50,9 +50,10 @@ def shared_secret(plan: Plan, data_key: str, path: str, variable: str) -> str:
 
 
 def tls_bundle(plan: Plan) -> pki.Bundle:
-    """The CA and NATS's certificate for the head's address, from the
-    controller's state directory (made there on first use)."""
-    return pki.ensure(plan.cluster.head, [plan.head.address])
+    """The CA and NATS's certificate for every NATS host's address (one
+    certificate: each server presents it to clients and to its cluster
+    peers), from the controller's state directory (made there on first use)."""
+    return pki.ensure(plan.cluster.head, [plan.cluster.host(n).address for n in plan.cluster.nats])
 
 
 def _nats_password(plan: Plan) -> str:

