@@ -12,6 +12,9 @@ no workers, or enough that losing one host leaves every role served)."""
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +22,7 @@ import urllib.request
 import pytest
 import waiting
 
+from disagg.agent import kv
 from disagg.core import settings as S
 from disagg.lab import smoke, testhosts
 from disagg.lab.load import Load
@@ -29,7 +33,7 @@ pytestmark = pytest.mark.e2e
 until = functools.partial(waiting.until, every=0.2)
 
 INVENTORY = "inventories/local-ha.py"
-H2, H3 = 2, 3
+H1, H2, H3 = 1, 2, 3
 MODEL = "tiny-llama"
 CLIENTS, PAUSE = 2, 0.05
 
@@ -152,3 +156,52 @@ def test_the_address_holder_loses_its_power_under_load_and_comes_back(ha, test_h
     finally:
         if off:
             test_hosts.power_on(H3)
+
+
+def status(*args: str) -> tuple[int, dict]:
+    """`disagg status` of the HA layout, from the controller (every NATS server's URL)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "disagg", "status", "-i", INVENTORY, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode in (0, 1), out.stderr[-3000:]
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_a_nats_server_stopped_for_60_s_under_load_fails_no_request(ha, figures, timings):
+    """The head's NATS server (every agent's first) stops for 60 s: the
+    agents and syncs move to the other two, which keep the registry (three
+    replicas, a quorum of two). Every entry stays refreshed (they expire
+    after the TTL otherwise), and a worker restarted meanwhile leaves,
+    registers again and is routed again."""
+    stopped = False
+    try:
+        with Load(ha.router_url, MODEL, concurrency=CLIENTS, pause=PAUSE) as traffic:
+            time.sleep(3)
+            ssh(H3, f"systemctl stop {S.NATS_UNIT}")
+            stopped, since = True, time.monotonic()
+            time.sleep(kv.TTL + 5)
+            code, current = status()
+            assert code == 0, current["problems"]
+            restart = time.monotonic()
+            ssh(H1, "systemctl restart disagg-context-1", timeout=300)
+            code, current = status("--wait", "--timeout", "180")
+            rejoined = time.monotonic() - restart
+            assert code == 0, current["problems"]
+            time.sleep(max(0.0, 60 - (time.monotonic() - since)))
+            ssh(H3, f"systemctl start {S.NATS_UNIT}")
+            stopped = False
+            time.sleep(3)
+        result = traffic.result
+        figures.append(
+            f"HA: the head's NATS server stopped for 60 s under load: {result.summary()}; context-1 restarted "
+            f"meanwhile, registered and routed again in {rejoined:.0f} s"
+        )
+        timings["HA: a worker restarted with a NATS server down -> routed again"] = rejoined
+        assert result.failed == 0, result.summary()
+        assert result.ok > 100
+    finally:
+        if stopped:
+            ssh(H3, f"systemctl start {S.NATS_UNIT}")
