@@ -376,7 +376,7 @@ def test_a_heartbeats_own_user_puts_its_workers_key_and_no_other(nats, agents, w
     proc = agents.heartbeat("context", 0, ours, "--user", kv.heartbeat_user(ours.url), password="hb-1 secret")
     until(lambda: look(nats, expect(workers)[:1]).workers, what="registered with its own user")
     mine = kv.Server(nats.url, kv.heartbeat_user(ours.url), "hb-1 secret", str(nats.ca))
-    _refused(mine, kv.worker_key(other.url), kv.worker_key(IMPOSTOR["url"]), kv.ROUTER_KEY)
+    _refused(mine, kv.worker_key(other.url), kv.worker_key(IMPOSTOR["url"]), kv.router_key("http://127.0.0.1:1"))
     assert [w["url"] for w in look(nats, expect(workers)).workers] == [ours.url]
     asyncio.run(_put_as(mine, kv.worker_key(ours.url), {**IMPOSTOR, "url": ours.url}))  # its own key: taken
     proc.send_signal(signal.SIGTERM)

@@ -172,3 +172,20 @@ def test_two_nats_hosts_are_refused_one_stays_as_it_was(tmp_path):
     single = make_plan(load_inventory(write(tmp_path / "single", f"['{GENERATE}', '{HEAD}']")))
     assert not single.nats_clustered and single.nats_url == f"tls://{HEAD}:4222"
     assert "cluster {" not in host_units(single, HEAD)["/etc/disagg/nats-server.conf"]
+
+
+def test_a_worker_is_routed_when_every_router_lists_it_and_out_when_none_does():
+    from disagg.agent import kv
+    from disagg.agent.status import routed_by_all as routed
+
+    a, b = "http://10.1.0.13:8001", "http://10.1.0.12:8001"
+    values = {
+        kv.router_key(a): {"router": a, "members": ["w1", "w2"]},
+        kv.router_key(b): {"router": b, "members": ["w1"]},
+        "worker.x": {"url": "w1"},
+    }
+    views = kv.router_views(values)
+    assert set(views) == {a, b} and kv.router_key(a) != kv.router_key(b)
+    # w2 is not routed yet (b lacks it): a rolled worker waits for every router
+    assert routed(views) == ["w1"]
+    assert routed({**views, b: {"router": b, "members": None}}) is None and routed({}) is None

@@ -37,7 +37,8 @@ SYNC_INTERVAL = 1.0
 ROUTER_FORGETS_AFTER = 5.0
 PASSWORD_ENV = "DISAGG_NATS_PASSWORD"
 WORKER_PREFIX = "worker."
-ROUTER_KEY = "router"
+# each router's view, put by its sync: one key per router (several router hosts)
+ROUTER_PREFIX = "router."
 # what each role is to vllm-router's service discovery
 DISCOVERY_TYPE = {"context": "P", "generate": "D"}
 # a NATS operation that takes longer than this is treated as failed, so that
@@ -117,7 +118,7 @@ def sync_permissions() -> dict:
     """What the sync's user may do: read the registry, make the bucket on
     first use and put the router's view; never a worker's key."""
     return {
-        "publish": {"allow": [*_reading(), f"$JS.API.STREAM.CREATE.KV_{BUCKET}", f"$KV.{BUCKET}.{ROUTER_KEY}"]},
+        "publish": {"allow": [*_reading(), f"$JS.API.STREAM.CREATE.KV_{BUCKET}", f"$KV.{BUCKET}.{ROUTER_PREFIX}>"]},
         "subscribe": {"allow": ["_INBOX.>"]},
     }
 
@@ -126,6 +127,16 @@ def worker_key(url: str) -> str:
     """One key per worker endpoint, so that two layouts that both have a
     `context-0` (on different hosts) never share a key."""
     return WORKER_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", hostport(url))
+
+
+def router_key(router: str) -> str:
+    """The key a router's sync puts its view under (router: its URL)."""
+    return ROUTER_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", hostport(router))
+
+
+def router_views(values: dict[str, dict]) -> dict[str, dict]:
+    """{router URL: its view} of every live router report in the registry."""
+    return {v.get("router", k): v for k, v in values.items() if k.startswith(ROUTER_PREFIX) and isinstance(v, dict)}
 
 
 def hostport(url: str) -> str:

@@ -5,7 +5,6 @@ reports it), then drained of the requests it still runs."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from . import kv, metrics
@@ -48,13 +47,12 @@ async def _out_of_router(server: kv.Server, url: str, timeout: float) -> None:
 
 
 async def _router_members(store) -> list[str] | None:
-    from nats.js.errors import KeyNotFoundError
-
-    try:
-        entry = await asyncio.wait_for(store.get(kv.ROUTER_KEY), kv.NATS_TIMEOUT)
-    except KeyNotFoundError:
+    """Every worker some router still lists (each router host's sync
+    reports its own), None while a router's view is unknown."""
+    views = kv.router_views({k: e.value for k, e in (await kv.read_all(store)).items()})
+    if not views or any(v.get("members") is None for v in views.values()):
         return None
-    return json.loads(entry.value).get("members")
+    return sorted({m for v in views.values() for m in v["members"]})
 
 
 def _drain(url: str, timeout: float) -> str:

@@ -34,6 +34,8 @@ class Status:
     # what the router itself reports routing to (None: unknown, see problems)
     members: list[str] | None = None
     problems: list[str] = field(default_factory=list)
+    # {router URL: the members it reports}, one per router host's sync
+    routers: dict[str, list[str] | None] = field(default_factory=dict)
     # the registry could not be read: readiness is unknown, not false
     error: str | None = None
 
@@ -52,9 +54,18 @@ class Status:
             "nats": self.nats,
             "router": self.router,
             "router_members": self.members,
+            "routers": self.routers,
             "workers": self.workers,
             "problems": self.problems,
         }
+
+
+def routed_by_all(views: dict[str, dict]) -> list[str] | None:
+    """The workers every router lists (each router host's sync reports its
+    own view); None while no router reported or one's view is unknown."""
+    if not views or any(v.get("members") is None for v in views.values()):
+        return None
+    return sorted(set.intersection(*(set(v["members"]) for v in views.values())))
 
 
 def assess(expected: list[Expected], entries: dict[str, dict], members: list[str] | None) -> list[str]:
@@ -102,8 +113,9 @@ async def status(
         await asyncio.wait_for(nc.close(), kv.NATS_TIMEOUT)
     age = kv.ages(entries)
     values = {k: e.value for k, e in entries.items()}
-    router_state = values.get(kv.ROUTER_KEY)
-    members = router_state.get("members") if router_state else None
+    views = kv.router_views(values)
+    unknown = [r for r, v in views.items() if v.get("members") is None]
+    members = routed_by_all(views)
     names = {w.url: w.name for w in expected}
     routed = metrics.per_worker(
         await asyncio.to_thread(metrics.scrape, router_metrics) if router_metrics else None,
@@ -143,11 +155,14 @@ async def status(
         ]
     if router and router_health != "healthy":
         problems.insert(0, f"router at {router} is {router_health}")
-    if expected and router_state is None:
-        problems.append("the router sync has not reported (disagg-registry-sync on the head)")
-    elif expected and members is None:
-        problems.append(f"the router's own view is unknown: {router_state.get('view_error')}")
-    return Status(nats="healthy", router=router_health, workers=workers, members=members, problems=problems)
+    if expected and not views:
+        problems.append("the router sync has not reported (disagg-registry-sync on the router hosts)")
+    for r in unknown:
+        problems.append(f"the router's own view is unknown ({r}): {views[r].get('view_error')}")
+    routers = {r: v.get("members") for r, v in views.items()}
+    return Status(
+        nats="healthy", router=router_health, workers=workers, members=members, problems=problems, routers=routers
+    )
 
 
 async def wait_ready(
@@ -183,6 +198,12 @@ def table(current: Status) -> str:
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines = [f"NATS: {current.nats}    router: {current.router}"]
+    if len(current.routers) > 1:
+        # several router hosts: "in router" is "listed by every one"
+        lines += [
+            f"router {r}: {'view unknown' if m is None else f'{len(m)} members'}"
+            for r, m in sorted(current.routers.items())
+        ]
     lines += ["  ".join(str(c).ljust(n) for c, n in zip(r, widths)).rstrip() for r in rows]
     if not current.workers:
         lines.append("(no worker registered)")

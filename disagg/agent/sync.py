@@ -231,7 +231,8 @@ async def _registry(
             try:
                 if store is None:
                     raise RuntimeError("no registry bucket")
-                await kv.put(store, kv.ROUTER_KEY, {**state, "sending": sorted(e["url"] for e in members.routable())})
+                report = {**state, "sending": sorted(e["url"] for e in members.routable())}
+                await kv.put(store, kv.router_key(router), report)
                 publish_failed(None)
             except Exception as e:
                 publish_failed(f"cannot publish the router's view: {kv.describe(e)}")
