@@ -280,7 +280,9 @@ def nats_files(plan: Plan, on: str | None = None) -> dict[str, str]:
         routes=routes,
         ca_file=S.CA_CERT,
         monitor_port=s.nats_monitor_port,
-        store_dir=NATS_STORE,
+        # a standalone server's streams are no cluster's: a server that joins one starts a store of its own
+        # (the registry is soft state, put again by every heartbeat within seconds)
+        store_dir=f"{NATS_STORE}/cluster" if plan.nats_clustered else NATS_STORE,
         auth=Path(NATS_AUTH_CONF).name,
         cert_file=S.NATS_CERT,
         key_file=S.NATS_KEY,
