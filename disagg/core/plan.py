@@ -593,7 +593,9 @@ class Plan:
 
     def rejoin_command(self, w: Worker, timeout: int) -> list[str]:
         """On w's host, as root: wait until w is registered, healthy and
-        listed by the router again."""
+        listed by every router again; while no router has reported (a new
+        layout's routers start after its workers roll), registered and
+        healthy: the readiness gate waits for the routers at the end."""
         return self._agent(
             "status",
             "--password-file",
@@ -603,6 +605,7 @@ class Plan:
             "--wait",
             "--timeout",
             str(timeout),
+            "--unless-no-router",
             user=kv.heartbeat_user(w.url),
         )
 
