@@ -85,8 +85,8 @@ def check_inventory(inventory) -> list[str]:
                     "groups",
                     [g for g in h.groups if g != "all"],
                     (
-                        "the host is in none of the groups context, generate, baseline, head or routers, so nothing would run "
-                        "there; add it to one or remove it from the inventory"
+                        "the host is in none of the groups context, generate, baseline, head, routers or nats, so nothing would "
+                        "run there; add it to one or remove it from the inventory"
                     ),
                 )
             )
