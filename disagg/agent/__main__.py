@@ -56,11 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--wait", action="store_true")
     st.add_argument("--timeout", type=float, default=300)
     st.add_argument("--json", action="store_true")
-    st.add_argument(
-        "--unless-no-router",
-        action="store_true",
-        help="ready without the routers' view while no router has reported (a new layout's start later)",
-    )
     args = parser.parse_args(argv)
     try:
         password = kv.read_password(args.password_file)
@@ -113,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(leave(server, args.url, args.drain_timeout, args.router_timeout))
         return 0
     expected = parse_expected(args.expect)
-    kw = {
-        "layout": set(Layout(args.layout).workers) if args.layout else None,
-        "routers_optional": args.unless_no_router,
-    }
+    kw = {"layout": set(Layout(args.layout).workers) if args.layout else None}
     if args.wait:
         current = asyncio.run(wait_ready(server, args.router, expected, args.timeout, **kw))
     else:

@@ -92,12 +92,10 @@ async def status(
     expected: list[Expected],
     router_metrics: str | None = None,
     layout: set[str] | None = None,
-    routers_optional: bool = False,
 ) -> Status:
     """layout: the URLs of every worker of the deployed layout, when known
     (expected may name only some: a rolled worker's rejoin); an entry of
-    none is foreign, and one in the router a problem. routers_optional:
-    while no router has reported, being registered and healthy is ready."""
+    none is foreign, and one in the router a problem."""
     router_health = "unknown"
     if router:
         router_health = await asyncio.to_thread(kv.probe, router)
@@ -157,7 +155,7 @@ async def status(
         ]
     if router and router_health != "healthy":
         problems.insert(0, f"router at {router} is {router_health}")
-    if expected and not views and not routers_optional:
+    if expected and not views:
         problems.append("the router sync has not reported (disagg-registry-sync on the router hosts)")
     for r in unknown:
         problems.append(f"the router's own view is unknown ({r}): {views[r].get('view_error')}")

@@ -593,9 +593,7 @@ class Plan:
 
     def rejoin_command(self, w: Worker, timeout: int) -> list[str]:
         """On w's host, as root: wait until w is registered, healthy and
-        listed by every router again; while no router has reported (a new
-        layout's routers start after its workers roll), registered and
-        healthy: the readiness gate waits for the routers at the end."""
+        listed by the router again."""
         return self._agent(
             "status",
             "--password-file",
@@ -605,7 +603,6 @@ class Plan:
             "--wait",
             "--timeout",
             str(timeout),
-            "--unless-no-router",
             user=kv.heartbeat_user(w.url),
         )
 
