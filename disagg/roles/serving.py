@@ -23,7 +23,7 @@ from disagg.roles.nvidia_driver import nvidia_driver
 from disagg.roles.ops import distro_unit_masked, prune_units
 from disagg.roles.router import router
 from disagg.roles.vllm import vllm
-from disagg.roles.workers import workers, workers_healthy
+from disagg.roles.workers import rolled, workers, workers_healthy
 
 
 def converge(plan: Plan) -> None:
@@ -71,8 +71,7 @@ def converge(plan: Plan) -> None:
         model(plan)
     # before starting anything, so that the old layout frees its GPUs and ports
     prune_units(name="Remove units of other layouts", keep=plan.units_on(host.name))
-    if runs_workers:
-        workers(plan, runtime, [*engine, *key])
+    waves = workers(plan, runtime, [*engine, *key]) if runs_workers else []
     if watched:
         prom.prometheus(plan)
     if on_router:
@@ -80,6 +79,8 @@ def converge(plan: Plan) -> None:
         door.frontdoor(plan)
     if floating:
         keepalived(plan)
+    if runs_workers:
+        rolled(plan, waves)
     # after the head's services: they install while the engines load
     if runs_workers:
         workers_healthy(plan)

@@ -23,10 +23,11 @@ REJOIN_TIMEOUT = 120
 
 
 @deploy("disagg workers")
-def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta]):
+def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta]) -> list[list[Rolling]]:
     """`runtime`: the operations whose change restarts the companions
     (NATS credentials, the agent's files); `engine`: those that roll the
-    workers (the vLLM plugin's files, the API key)."""
+    workers (the vLLM plugin's files, the API key). New workers start here;
+    returns the waves of the running ones to roll (rolled())."""
     mine = plan.workers_on(host.name)
     written = {w.unit: put_files(units.worker_files(plan, w)) for w in mine}
     companions = {w.unit: units.agent_files(plan, w) for w in mine}
@@ -42,14 +43,20 @@ def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta
             changed_by=[*runtime, *companion[w.unit]],
             files=[*companions[w.unit], *shared],
         )
-    # before the health gates: a running worker whose port moved (a
-    # relabel) answers at its new URL only once it is rolled
-    waves = plan.waves()
-    for k, wave in enumerate(waves, 1):
-        roll(
-            name=f"Rolling restart {k}/{len(waves)}: {', '.join(w.name for w in wave)}",
-            wave=[_rolling(plan, w, [*written[w.unit], *engine]) for w in wave if w.host == host.name],
-        )
+    return [
+        [_rolling(plan, w, [*written[w.unit], *engine]) for w in wave if w.host == host.name] for wave in plan.waves()
+    ]
+
+
+@deploy("disagg workers")
+def rolled(plan: Plan, waves: list[list[Rolling]]):
+    """The rolling restarts, after the routers are set up (a rolled worker
+    waits until every router lists it again: a new layout's routers must
+    exist by then) and before the health gates (a running worker whose
+    port moved, a relabel, answers at its new URL only once it is rolled)."""
+    names = [", ".join(w.name for w in wave) for wave in plan.waves()]
+    for k, (wave, name) in enumerate(zip(waves, names), 1):
+        roll(name=f"Rolling restart {k}/{len(waves)}: {name}", wave=wave)
 
 
 @deploy("disagg workers")

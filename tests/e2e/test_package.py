@@ -81,9 +81,7 @@ def test_a_wheel_installed_outside_the_checkout_deploys_the_test_hosts(deploymen
     # the hosts run what the checkout deployed: the wheel's templates, roles, agent files and
     # pins render the very same files, so its deploy (as root, not through sudo) changes nothing
     start = time.monotonic()
-    deploy = run(
-        "deploy", "-i", "cluster.py", "-y", "--json", *(a for d in deployment.current[1] for a in ("--data", d))
-    )
+    deploy = run("deploy", "-i", "cluster.py", "-y", "--json", *(a for d in deployment.data for a in ("--data", d)))
     timings["deploy from an installed wheel, root login (no change)"] = time.monotonic() - start
     assert deploy.returncode == 0, deploy.stderr[-4000:]
     results = json.loads(deploy.stdout)["results"]["operations"]
