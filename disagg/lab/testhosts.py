@@ -245,7 +245,7 @@ class TestHosts:
         _addresses(i, ns)
         _run("ip", "-n", ns, "link", "set", "eth0", "up")
         _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", ns, "route", "add", "default", "via", GATEWAY)
+        _default_route(ns)
         target = Path(host["root"])
         shutil.rmtree(target, ignore_errors=True)
         _run("cp", "-a", str(root), str(target))
@@ -290,9 +290,21 @@ class TestHosts:
         state = self._state()
         host = state["hosts"][str(i)]
         _run("ip", "link", "set", host["veth"], "up")
+        _default_route(host["netns"])
         host["pid"] = _start(f"disagg-h{i}", host["netns"], Path(host["root"]))
         self._record(state)
         self._wait_running(i)
+
+    def cut(self, i: int) -> None:
+        """Cut host i's link (it keeps running, unreachable)."""
+        _run("ip", "-n", self._state()["hosts"][str(i)]["netns"], "link", "set", "eth0", "down")
+
+    def reconnect(self, i: int) -> None:
+        """Host i's link back after cut(), with the default route a link
+        taken down loses (the package mirrors are reached through it)."""
+        ns = self._state()["hosts"][str(i)]["netns"]
+        _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        _default_route(ns)
 
     def _wait_running(self, i: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -329,6 +341,10 @@ def _addresses(i: int, ns: str) -> None:
     """Test host i's own addresses on its interface in namespace ns."""
     _run("ip", "-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
     _run("ip", "-n", ns, "addr", "add", f"{address6(i)}/64", "dev", "eth0", "nodad")
+
+
+def _default_route(ns: str) -> None:
+    _run("ip", "-n", ns, "route", "replace", "default", "via", GATEWAY)
 
 
 def _start(name: str, ns: str, root: Path) -> int:

@@ -291,16 +291,15 @@ def test_nats_down_30_s_under_load_loses_nothing(deployment, figures, timings):
     assert result.ok > 100
 
 
-def test_generate_host_vanishes_and_comes_back(deployment, figures, timings):
+def test_generate_host_vanishes_and_comes_back(deployment, test_hosts, figures, timings):
     plan = deployment.ensure()
     (generate,) = [w for w in plan.workers if w.role == "generate"]
-    link = ["ip", "-n", "disagg-h2", "link", "set", "eth0"]
     # a request in flight to a host that vanished hangs (no RST; TCP retries
     # for minutes): a client that gives up after 10 s counts it as failed
     with load(plan, timeout=10) as traffic:
         time.sleep(3)
         cut = now_on_head()
-        subprocess.run([*link, "down"], check=True)
+        test_hosts.cut(H2)
         try:
             gone = router_dropped(generate.url, cut, 60)
             # longer than UCX's keepalive: NIXL marks the context workers'
@@ -308,7 +307,7 @@ def test_generate_host_vanishes_and_comes_back(deployment, figures, timings):
             time.sleep(60)
             failing = traffic.result.failed
         finally:
-            subprocess.run([*link, "up"], check=True)
+            test_hosts.reconnect(H2)
         back = until(lambda: router_lists(generate.url), 60, "worker of the returned host routed again")
         restored = traffic.at()
         time.sleep(8)
