@@ -9,11 +9,10 @@ import functools
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 
+import as_operator
 import pytest
 import waiting
 
@@ -44,14 +43,7 @@ def load(plan, timeout: float = 120) -> Load:
 
 
 def status(*args: str) -> tuple[int, dict]:
-    out = subprocess.run(
-        [sys.executable, "-m", "disagg", "status", "-i", INVENTORY, "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode in (0, 1), out.stderr[-3000:]
-    return out.returncode, json.loads(out.stdout)
+    return as_operator.status(INVENTORY, *args)
 
 
 def router_lists(url: str) -> bool | None:

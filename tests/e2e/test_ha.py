@@ -12,13 +12,11 @@ no workers, or enough that losing one host leaves every role served)."""
 from __future__ import annotations
 
 import functools
-import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
+import as_operator
 import pytest
 import waiting
 
@@ -160,14 +158,7 @@ def test_the_address_holder_loses_its_power_under_load_and_comes_back(ha, test_h
 
 def status(*args: str) -> tuple[int, dict]:
     """`disagg status` of the HA layout, from the controller (every NATS server's URL)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "disagg", "status", "-i", INVENTORY, "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode in (0, 1), out.stderr[-3000:]
-    return out.returncode, json.loads(out.stdout)
+    return as_operator.status(INVENTORY, *args)
 
 
 def test_a_nats_server_stopped_for_60_s_under_load_fails_no_request(ha, figures, timings):

@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import as_operator
 import pytest
 import waiting
 
@@ -62,15 +63,7 @@ def listed_units(host: int) -> list[str]:
 
 
 def status(*args: str, inventory: str = INVENTORY) -> tuple[int, dict]:
-    """`disagg status -i INVENTORY --json` as an operator runs it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "disagg", "status", "-i", inventory, "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode in (0, 1), out.stderr[-3000:]
-    return out.returncode, json.loads(out.stdout)
+    return as_operator.status(inventory, *args)
 
 
 def test_converge_serves_through_the_router(deployment):
