@@ -7,13 +7,17 @@ import subprocess
 import sys
 
 
-def status(inventory: str, *args: str) -> tuple[int, dict]:
-    """`disagg status -i INVENTORY --json ARGS`: its exit status (0 ready, 1 not) and its JSON."""
+def run_json(command: str, inventory: str, *args: str) -> tuple[int, dict]:
+    """`disagg COMMAND -i INVENTORY --json ARGS` (status, preflight): its exit status (0 yes, 1 no) and its JSON."""
     out = subprocess.run(
-        [sys.executable, "-m", "disagg", "status", "-i", inventory, "--json", *args],
+        [sys.executable, "-m", "disagg", command, "-i", inventory, "--json", *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode in (0, 1), out.stderr[-3000:]
     return out.returncode, json.loads(out.stdout)
+
+
+def status(inventory: str, *args: str) -> tuple[int, dict]:
+    return run_json("status", inventory, *args)

@@ -1173,14 +1173,8 @@ def test_teardown_under_load_removes_ours_and_nothing_else(deployment, timings, 
 
 def preflight(*args: str) -> tuple[int, dict, float]:
     start = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "disagg", "preflight", "-i", INVENTORY, "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode in (0, 1), out.stderr[-3000:]
-    return out.returncode, json.loads(out.stdout), time.monotonic() - start
+    code, report = as_operator.run_json("preflight", INVENTORY, *args)
+    return code, report, time.monotonic() - start
 
 
 def test_preflight_names_each_injected_problem_and_nothing_changes(deployment, timings):
