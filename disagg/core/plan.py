@@ -21,6 +21,11 @@ ROLE_GROUPS = schema.ROLE_GROUPS
 SERVICE_GROUPS = schema.SERVICE_GROUPS
 
 
+def _address(h) -> str:
+    """Where peers reach an inventory host: data address, else its SSH name, else its inventory name."""
+    return str(h.data.get("address") or h.data.get("ssh_hostname") or h.name)
+
+
 def cluster_from_inventory(inventory) -> Cluster:
     groups = {name: tuple(h.name for h in inventory.get_group(name, [])) for name in (*ROLE_GROUPS, *SERVICE_GROUPS)}
     placed = {n for g in ROLE_GROUPS for n in groups[g]}
@@ -34,13 +39,13 @@ def cluster_from_inventory(inventory) -> Cluster:
                 raise InventoryError(
                     f"host {h.name!r}: inventory data 'gpus' is {gpus!r}; set it to the number of GPUs on the host"
                 ) from None
-        address = h.data.get("address") or h.data.get("ssh_hostname") or h.name
+        address = _address(h)
         devices = h.data.get("ucx_net_devices")
         vip_interface = h.data.get("vip_interface")
         hosts.append(
             Host(
                 h.name,
-                str(address),
+                address,
                 gpus if h.name in placed else 0,
                 str(devices) if devices else None,
                 str(vip_interface) if vip_interface else None,
@@ -179,7 +184,7 @@ def _router_problems(h, vip) -> list[schema.Problem]:
                 "missing: this router host may hold the floating address (vip); name the interface it goes on, e.g. eth0",
             )
         )
-    own = str(h.data.get("address") or h.data.get("ssh_hostname") or h.name)
+    own = _address(h)
     if own == str(vip).split("/")[0]:
         problems.append(
             schema.Problem(
