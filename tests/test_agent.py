@@ -26,7 +26,7 @@ from waiting import until
 from disagg.agent import envfile, kv, layout, metrics
 from disagg.agent import status as agent_status
 from disagg.agent.routerview import DiscoveryLog
-from disagg.agent.sync import discovery_message
+from disagg.agent.sync import Behind, behind, discovery_message
 from disagg.core import pki, units
 from disagg.lab.load import Load
 
@@ -832,6 +832,19 @@ def test_assess_names_each_reason():
     assert agent_status.assess(expected[:1], entries, []) == [
         "a (http://a:1) is not in the router (the router does not list it)"
     ]
+
+
+def test_a_read_without_the_syncs_own_last_write_is_behind_and_not_used():
+    """A NATS server rejoining its cluster answers for a moment from its old
+    copy (seen on the HA test hosts: the workers' entries missing while the
+    sync's own write of a second before was missing too)."""
+    at = kv.Entry({}, None, revision=41)
+    behind(None, 0)  # nothing written yet: nothing to compare
+    behind(at, 41)
+    behind(kv.Entry({}, None, revision=42), 41)
+    for own in (None, at):
+        with pytest.raises(Behind, match=r"lacks this sync's last write \(revision 42"):
+            behind(own, 42)
 
 
 def test_keys_are_per_endpoint_and_valid_nats_keys():

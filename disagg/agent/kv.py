@@ -309,6 +309,8 @@ class Entry:
     value: dict
     # when the NATS server stored it (its clock)
     created: datetime
+    # its position in the stream: a copy that lacks revision R lacks all after R
+    revision: int = 0
 
 
 async def read_all(kv, timeout: float = NATS_TIMEOUT) -> dict[str, Entry]:
@@ -329,7 +331,7 @@ async def read_all(kv, timeout: float = NATS_TIMEOUT) -> dict[str, Entry]:
                 if not isinstance(value, dict):
                     skipped(entry.key, "is not a JSON object")
                     continue
-                out[entry.key] = Entry(value, entry.created)
+                out[entry.key] = Entry(value, entry.created, entry.revision)
     finally:
         await watcher.stop()
     return out
@@ -366,8 +368,9 @@ def member(key: str, value: dict, roles: set[str]) -> dict | None:
     return value
 
 
-async def put(kv, key: str, value: dict) -> None:
-    await asyncio.wait_for(kv.put(key, json.dumps(value).encode()), NATS_TIMEOUT)
+async def put(kv, key: str, value: dict) -> int:
+    """Its revision."""
+    return await asyncio.wait_for(kv.put(key, json.dumps(value).encode()), NATS_TIMEOUT)
 
 
 def ages(entries: dict[str, Entry]) -> dict[str, float]:

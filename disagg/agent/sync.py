@@ -211,12 +211,16 @@ async def _registry(
     except kv.Stopped:
         return
     store = None
+    own = kv.router_key(router)
+    # the revision of this sync's last put of its view: a read without it is behind
+    written = 0
     read_failed, publish_failed = kv.Complaint(), kv.Complaint()
     try:
         while not stop.is_set():
             try:
                 store = store or await kv.bucket(nc)
                 entries = await kv.read_all(store)
+                behind(entries.get(own), written)
                 layout.refresh()
                 routable = ((k, kv.member(k, e.value, roles)) for k, e in entries.items())
                 members.replace({m["url"]: m for k, m in routable if m and layout.admits(k, m)})
@@ -232,13 +236,27 @@ async def _registry(
                 if store is None:
                     raise RuntimeError("no registry bucket")
                 report = {**state, "sending": sorted(e["url"] for e in members.routable())}
-                await kv.put(store, kv.router_key(router), report)
+                written = await kv.put(store, own, report)
                 publish_failed(None)
             except Exception as e:
                 publish_failed(f"cannot publish the router's view: {kv.describe(e)}")
             await kv.sleep(stop, interval)
     finally:
         await asyncio.wait_for(nc.close(), kv.NATS_TIMEOUT)
+
+
+class Behind(Exception):
+    pass
+
+
+def behind(own: kv.Entry | None, written: int) -> None:
+    """Raise when a read lacks this sync's own last write: it came from a
+    NATS server still catching up (one that rejoins its cluster serves its
+    old copy for a moment, the workers' entries expired in it), and would
+    drop members that are alive."""
+    if written and (own is None or own.revision < written):
+        have = own.revision if own else "none"
+        raise Behind(f"the read lacks this sync's last write (revision {written}, read {have}): a server catching up")
 
 
 def _router_state(router: str, mode: str, view: DiscoveryLog | None) -> dict:

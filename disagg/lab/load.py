@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 import threading
 import time
@@ -127,7 +128,9 @@ class Load:
             conn.request("POST", "/v1/chat/completions", self.body, self.headers)
             response = conn.getresponse()
             if response.status != 200:
-                return f"HTTP {response.status}"
+                # who answered it: the front door's page or the router's message
+                said = " ".join(re.sub(r"<[^>]*>", " ", response.read(300).decode(errors="replace")).split())
+                return f"HTTP {response.status}" + (f": {said[:80]}" if said else "")
             done = False
             for raw in response:
                 line = raw.strip()

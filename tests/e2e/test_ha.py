@@ -150,9 +150,8 @@ def test_the_address_holder_loses_its_power_under_load_and_comes_back(ha, test_h
             f"HA: the head powered on again under load: {back.summary()}; its front door answered after {rejoined:.0f} s"
         )
         assert holds(H2) and not holds(H3)
-        if back.failed:
-            # known, open (issue 25's note): 0 failed in two runs, 216 HTTP 503 from host 2's router in a third
-            pytest.xfail(f"the powered-on head's rejoin cost failed requests: {back.summary()}")
+        # its NATS server answers from its old copy for a moment: no sync drops a member for it
+        assert back.failed == 0, back.summary()
     finally:
         if off:
             test_hosts.power_on(H3)
