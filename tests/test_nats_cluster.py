@@ -109,6 +109,32 @@ def test_three_servers_route_over_tls_keep_three_replicas_and_survive_one_stoppe
     asyncio.run(run())
 
 
+def test_the_consumers_of_reads_every_second_do_not_pile_up(cluster, monkeypatch):
+    """Each read of the bucket is a consumer of its own: the server drops
+    it soon after the read (nats-py would keep it 5 minutes; 1000 piled up
+    on the HA test hosts and the reads failed)."""
+    servers, ca = cluster
+    monkeypatch.setattr(kv, "CONSUMER_IDLE", 1.0)
+    until(lambda: all(peers(s["monitor"]) == 2 for s in servers), 30, "each server routed to the other two")
+    url = ",".join(f"tls://127.0.0.1:{s['client']}" for s in servers)
+
+    async def run():
+        nc = await kv.connect(kv.Server(url, "disagg", PASSWORD, str(ca)), reconnect=True)
+        try:
+            store = await until_async(lambda: kv.bucket(nc), 30)
+            await kv.put(store, "worker.a", {"x": 1})
+            for _ in range(10):
+                assert set(await kv.read_all(store)) == {"worker.a"}
+            js = nc.jetstream()
+            assert (await js.stream_info(f"KV_{kv.BUCKET}")).state.consumer_count >= 1
+            await asyncio.sleep(6)  # the server sweeps idle consumers every few seconds
+            assert (await js.stream_info(f"KV_{kv.BUCKET}")).state.consumer_count == 0
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
 async def until_async(make, timeout: float):
     """The first result of make() that does not raise, within timeout seconds."""
     loop = asyncio.get_running_loop()

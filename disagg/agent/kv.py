@@ -44,6 +44,8 @@ DISCOVERY_TYPE = {"context": "P", "generate": "D"}
 # a NATS operation that takes longer than this is treated as failed, so that
 # no loop waits on a control plane that is down
 NATS_TIMEOUT = 3.0
+# seconds the server keeps a read's consumer once nobody reads from it
+CONSUMER_IDLE = 5.0
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,10 @@ class Entry:
 async def read_all(kv, timeout: float = NATS_TIMEOUT) -> dict[str, Entry]:
     """Every live key of the bucket with its decoded value and the server's
     time of its last put."""
-    watcher = await kv.watchall(ignore_deletes=True)
+    # each read is a consumer of its own, left to the server once stopped:
+    # nats-py keeps an idle one 5 minutes, and the syncs read every second
+    # (1000 of them piled up on a cluster: "maximum consumers limit reached")
+    watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=CONSUMER_IDLE)
     out: dict[str, Entry] = {}
     try:
         while True:
