@@ -58,9 +58,12 @@ def test_each_front_door_asks_its_own_router_first_and_binds_the_floating_addres
     assert [s[1:3] for s in servers] == [[GENERATE, f"{GENERATE}:8001"], [HEAD, f"{HEAD}:8001"]]
     assert "backup" not in servers[0] and servers[1][-1] == "backup"
     assert "  option redispatch 1\n" in door
-    assert f"  bind {GENERATE}:8000\n" in door and "  bind 10.1.0.100:8000 transparent\n" in door
-    # its router and sync are its own
     units = host_units(plan, GENERATE)
+    # the floating address bound while another host holds it (FreeBind): by systemd, which keeps it across a crash
+    socket = units["/etc/systemd/system/disagg-frontdoor.socket"]
+    assert f"\nListenStream={GENERATE}:8000\nListenStream=10.1.0.100:8000\n" in socket and "\nFreeBind=yes\n" in socket
+    assert "  # the floating address 10.1.0.100:8000, wherever it is now" in door and "  bind fd@4\n" in door
+    # its router and sync are its own
     assert f"--host {GENERATE} " in units["/etc/systemd/system/disagg-router.service"]
     sync = units["/etc/systemd/system/disagg-registry-sync.service"]
     assert f"--router http://{GENERATE}:8001 " in sync and "--targets-dir" not in sync

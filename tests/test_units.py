@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from disagg.core import settings as S
+from disagg.core import units
 from disagg.core.plan import make_plan
 from disagg.core.units import exec_start, host_units, systemd_arg, vllm_plugin_files
 from disagg.infra.inventory import load_inventory
@@ -149,13 +150,28 @@ def test_the_front_door_listens_where_data_says_and_the_router_behind_it_on_the_
     plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data=data))
     files = host_units(plan, "h100-node1")
     door = files["/etc/disagg/frontdoor/haproxy.cfg"]
-    assert f"  bind {bind}\n" in door and "  server h100-node1 h100-node1:8001\n" in door
+    # systemd listens (disagg-frontdoor.socket) and hands HAProxy the sockets in order
+    socket = files["/etc/systemd/system/disagg-frontdoor.socket"]
+    assert f"\nListenStream={bind}\nListenStream=h100-node1:8404\n" in socket and "FreeBind" not in socket
+    assert f"  # {bind}\n  bind fd@3\n" in door and "  bind fd@4\n" in door and "fd@5" not in door
+    assert "  server h100-node1 h100-node1:8001\n" in door
+    assert "\nRequires=disagg-frontdoor.socket\n" in files["/etc/systemd/system/disagg-frontdoor.service"]
     router = files["/etc/systemd/system/disagg-router.service"]
     assert "    --host h100-node1 \\\n    --port 8001 \\\n    --prometheus-host h100-node1 \\\n" in router
     assert "    --router http://h100-node1:8001 \\\n" in files["/etc/systemd/system/disagg-registry-sync.service"]
     assert plan.router_url == from_controller
     assert plan.router_internal_url() == "http://h100-node1:8001"
     assert plan.router_metrics_url == "http://h100-node1:29000/metrics"
+
+
+def test_the_front_door_socket_listens_on_the_address_the_host_resolves_its_name_to():
+    plan = make_plan(load_inventory(str(ROOT / "inventories/h100.py")))
+    assert units.frontdoor_names(plan, "h100-node1") == ("h100-node1",)
+    files = units.frontdoor_files(plan, "h100-node1", {"h100-node1": ("10.0.0.1", "fd00::1")})
+    socket = files["/etc/systemd/system/disagg-frontdoor.socket"]
+    assert "\nListenStream=10.0.0.1:8000\nListenStream=10.0.0.1:8404\n" in socket
+    ip = make_plan(load_inventory(str(ROOT / "inventories/h100.py"), override_data={"router_address": "0.0.0.0"}))
+    assert units.frontdoor_names(ip, "h100-node1") == ("h100-node1",)  # its metrics: the host's address
 
 
 @pytest.mark.parametrize(

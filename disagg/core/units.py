@@ -74,8 +74,8 @@ def exec_start(args: list[str]) -> str:
     return " \\\n    ".join(" ".join(line) for line in lines)
 
 
-def unit_path(unit: str) -> str:
-    return f"{S.SYSTEMD_DIR}/{unit}.service"
+def unit_path(unit: str, kind: str = "service") -> str:
+    return f"{S.SYSTEMD_DIR}/{unit}.{kind}"
 
 
 def _service(
@@ -96,9 +96,11 @@ def _service(
     restart_sec: int = 5,
     net_admin: bool = False,
     runtime_dir: str | None = None,
+    socket: str | None = None,
 ) -> str:
     return render(
         "service.j2",
+        socket=socket,
         description=description,
         user=user,
         notify=notify,
@@ -226,25 +228,37 @@ def router_files(plan: Plan, on: str | None = None) -> dict[str, str]:
     return {unit_path(S.ROUTER_UNIT): unit}
 
 
-def frontdoor_files(plan: Plan, on: str | None = None) -> dict[str, str]:
-    """HAProxy's config and unit; the client keys and TLS files are
-    secrets, written by roles/frontdoor.py. Its routers: the host's own,
-    then the other router hosts' as backups."""
+def frontdoor_files(
+    plan: Plan, on: str | None = None, resolved: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, str]:
+    """HAProxy's config, unit and listening sockets; the client keys and
+    TLS files are secrets, written by roles/frontdoor.py. Its routers: the
+    host's own, then the other router hosts' as backups. systemd binds the
+    sockets and takes no name: resolved gives the address (the first the
+    host resolves, as HAProxy took it) of each that is a name."""
     s = plan.settings
     on = on or plan.cluster.head
     own = plan.cluster.host(on)
     routers = [own, *(r for r in plan.routers if r.name != on)]
+
+    def listen(address: str, port: int) -> str:
+        return net.hostport((resolved or {}).get(address, (address,))[0], port)
+
+    # systemd's sockets in this order: HAProxy's file descriptors 3, 4, ...
+    binds = {"clients": listen(plan.router_address(on), s.router_port)}
+    if plan.vip_address:
+        binds["vip"] = listen(plan.vip_address, s.router_port)
+    binds["metrics"] = listen(own.address, s.frontdoor_metrics_port)
     conf = render(
         "haproxy.cfg.j2",
-        bind=net.hostport(plan.router_address(on), s.router_port),
-        vip=net.hostport(plan.vip_address, s.router_port) if plan.vip_address else None,
+        binds=binds,
+        fds={name: f"fd@{3 + i}" for i, name in enumerate(binds)},
         tls=FRONTDOOR_TLS if plan.client_tls else None,
         keys=FRONTDOOR_KEYS if s.client_api_keys else None,
         bufsize=s.frontdoor_retry_buffer_kb * 1024,
         max_bytes=s.client_max_request_mb << 20,
         rate_limit=s.client_rate_limit,
         max_connections=s.client_max_connections,
-        metrics_bind=plan.frontdoor_metrics_hostport(on),
         routers={r.name: net.hostport(r.address, s.router_internal_port) for r in routers},
         retries=s.frontdoor_retries,
     )
@@ -259,8 +273,21 @@ def frontdoor_files(plan: Plan, on: str | None = None) -> dict[str, str]:
         reload="/bin/kill -USR2 $MAINPID",
         # clients' requests are retried for about `frontdoor_retries` seconds while it is away
         restart_sec=1,
+        socket=f"{S.FRONTDOOR_UNIT}.socket",
     )
-    return {FRONTDOOR_CONF: conf, unit_path(S.FRONTDOOR_UNIT): unit}
+    socket = render(
+        "socket.j2",
+        description="disagg front door's listening sockets",
+        listen=list(binds.values()),
+        free_bind=plan.vip_address is not None,
+        service=S.FRONTDOOR_UNIT,
+    )
+    return {FRONTDOOR_CONF: conf, unit_path(S.FRONTDOOR_UNIT): unit, unit_path(S.FRONTDOOR_UNIT, "socket"): socket}
+
+
+def frontdoor_names(plan: Plan, on: str) -> tuple[str, ...]:
+    """The front door's listening addresses on host `on` that are names."""
+    return tuple(sorted({a for a in (plan.router_address(on), plan.cluster.host(on).address) if not net.is_ip(a)}))
 
 
 def nats_files(plan: Plan, on: str | None = None) -> dict[str, str]:
@@ -294,6 +321,8 @@ def nats_files(plan: Plan, on: str | None = None) -> dict[str, str]:
         30,
         [],
         write_paths=(NATS_STORE,),
+        # users, passwords and TLS files are re-read in place: its clients stay connected
+        reload="/bin/kill -HUP $MAINPID",
     )
     return {NATS_CONF: conf, unit_path(S.NATS_UNIT): unit}
 

@@ -103,20 +103,22 @@ class NvidiaDriverLoaded(FactBase[dict | None]):
 
 
 class ManagedUnits(FactBase[list[str]]):
-    """Names of the units on the host that we wrote (they carry our marker),
-    whatever label they were deployed with."""
+    """Units on the host that we wrote (they carry our marker), whatever
+    label they were deployed with: services and sockets, by file name
+    (`disagg-router.service`)."""
 
     default = list
 
     def command(self) -> str:
         # no unit file, or none with our marker (grep's 1), is an answer; grep's 2 an error
         return (
-            f'set -- {SYSTEMD_DIR}/disagg-*.service; [ -e "$1" ] || exit 0; '
+            f"set -- $(ls -d {SYSTEMD_DIR}/disagg-*.service {SYSTEMD_DIR}/disagg-*.socket 2>/dev/null); "
+            '[ -n "$1" ] || exit 0; '
             f'grep -lxF {shlex.quote(MANAGED_MARKER)} "$@" || [ $? -eq 1 ]'
         )
 
     def process(self, output):
-        return sorted(line.rsplit("/", 1)[-1].removesuffix(".service") for line in output)
+        return sorted(line.rsplit("/", 1)[-1] for line in output)
 
 
 class HttpStatus(FactBase[int]):
@@ -325,13 +327,17 @@ class PreflightFacts(FactBase[dict]):
     def command(self, paths: tuple[str, ...], config_globs: tuple[str, ...], venv: str) -> str:
         # each listener with its first process's unit: one ps for all (a ps
         # per listener took 0.9 s on a host with 15 listeners)
+        # a socket systemd holds for a service (socket activation) is listed
+        # with pid 1 when the service is not running: its socket unit then
         listeners = (
-            "{ ps -e -o pid=,unit= 2>/dev/null; echo ---; ss -ltnpH 2>/dev/null; } | awk '"
-            '$0 == "---" { ss = 1; next } !ss { unit[$1] = $2; next } '
-            '{ pid = "-"; if (match($0, /pid=[0-9]+/)) pid = substr($0, RSTART + 4, RLENGTH - 4); '
+            "{ ps -e -o pid=,unit= 2>/dev/null; echo ---; systemctl list-sockets --no-legend --no-pager 2>/dev/null; "
+            "echo ---; ss -ltnpH 2>/dev/null; } | awk '"
+            '$0 == "---" { part++; next } part == 0 { unit[$1] = $2; next } part == 1 { socket[$1] = $2; next } '
+            '{ pid = "-"; s = $0; while (match(s, /pid=[0-9]+/)) { p = substr(s, RSTART + 4, RLENGTH - 4); '
+            'if (pid == "-" || pid == 1) pid = p; s = substr(s, RSTART + RLENGTH) } '
+            'u = (pid in unit) ? unit[pid] : "-"; if (pid == 1 && ($4 in socket)) u = socket[$4]; '
             'users = ""; for (i = 6; i <= NF; i++) users = users (i > 6 ? " " : "") $i; '
-            'print $4, pid, ((pid in unit) ? unit[pid] : "-"), users }'
-            "'"
+            "print $4, pid, u, users }'"
         )
         free = (
             "; ".join(

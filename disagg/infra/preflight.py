@@ -27,7 +27,7 @@ from disagg.infra import wheelhouse
 from disagg.infra.wheelhouse import Platform
 
 # a listener on one of our ports that belongs to a unit of ours is fine
-OUR_UNIT = re.compile(r"^disagg-[A-Za-z0-9-]+\.service$")
+OUR_UNIT = re.compile(r"^disagg-[A-Za-z0-9-]+\.(service|socket)$")
 GiB = 1024**3
 
 

@@ -5,24 +5,30 @@ since). It retries a request that failed before its answer started,
 passes inference paths only, asks clients' keys, speaks TLS when data
 asks. The package's own unit is masked before its first install; ours runs
 it as its own user with our config. A config, key or certificate change
-reloads it (no request cut); a unit change restarts it."""
+reloads it (no request cut); a unit change restarts it. Its sockets are
+systemd's (disagg-frontdoor.socket): a client who connects while it
+restarts, after a crash too, waits instead of being refused."""
 
+import shlex
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import OperationError, deploy
 from pyinfra.operations import files
 
 from disagg.core import pki, units
 from disagg.core import settings as S
 from disagg.core.errors import InventoryError
 from disagg.core.plan import Plan
+from disagg.infra.facts import ResolvedNames
 from disagg.roles.ops import (
     commands_if_changed,
     directories,
+    put_files,
     put_unit_apart,
     secret_file,
     service_user,
+    socket_listening,
     unit_running,
     wait_healthy,
 )
@@ -75,13 +81,22 @@ def frontdoor(plan: Plan):
         )
     else:
         files.file(name="No client TLS", path=units.FRONTDOOR_TLS, present=False)
-    unit, config = put_unit_apart(units.frontdoor_files(plan, host.name), S.FRONTDOOR_UNIT)
+    # systemd binds the sockets, and takes no name: the host resolves it now
+    names = units.frontdoor_names(plan, host.name)
+    resolved = host.get_fact(ResolvedNames, names=names) if names else {}
+    if unresolved := [n for n in names if not resolved.get(n)]:
+        raise OperationError(
+            f"{host.name}: cannot resolve {', '.join(unresolved)} (where the front door listens); give "
+            "router_address or the host's address as an IP, or make the name resolve here"
+        )
+    rendered = units.frontdoor_files(plan, host.name, resolved)
+    socket_text = rendered.pop(units.unit_path(S.FRONTDOOR_UNIT, "socket"))
+    socket = put_files({units.unit_path(S.FRONTDOOR_UNIT, "socket"): socket_text})
+    unit, config = put_unit_apart(rendered, S.FRONTDOOR_UNIT)
     # a config HAProxy would refuse stops the deploy before the reload (the running one keeps serving)
-    commands_if_changed(
-        name="haproxy -c",
-        commands=[f"runuser -u {S.FRONTDOOR_USER} -- haproxy -c -q -f {units.FRONTDOOR_CONF}"],
-        changed_by=[*config, *secrets],
-    )
+    sockets = socket_text.count("\nListenStream=")
+    commands_if_changed(name="haproxy -c", commands=[_check(sockets)], changed_by=[*config, *secrets])
+    socket_listening(name=f"Listen on {S.FRONTDOOR_UNIT}.socket", unit=S.FRONTDOOR_UNIT, changed_by=socket)
     unit_running(
         name=f"Run {S.FRONTDOOR_UNIT}", unit=S.FRONTDOOR_UNIT, changed_by=unit, reloaded_by=[*config, *secrets]
     )
@@ -95,6 +110,29 @@ def frontdoor(plan: Plan):
         unit=S.FRONTDOOR_UNIT,
         url=f"http://{plan.frontdoor_metrics_hostport(host.name)}/metrics",
         timeout=60,
+    )
+
+
+# HAProxy checks that each `bind fd@N` is a socket: the check gets stand-ins
+# on loopback at 3, 4, ... (systemd's are the running front door's)
+_STAND_INS = (
+    "import os, socket, sys\n"
+    "n = int(sys.argv[1])\n"
+    "held = [socket.socket() for _ in range(n)]\n"
+    "for i, s in enumerate(held):\n"
+    "    s.bind(('127.0.0.1', 0))\n"
+    "    os.dup2(s.fileno(), 100 + i)\n"
+    "for i in range(n):\n"
+    "    os.dup2(100 + i, 3 + i)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _check(sockets: int) -> str:
+    """haproxy -c of the new config, as the front door's user."""
+    return (
+        f"cd / && runuser -u {S.FRONTDOOR_USER} -- /usr/bin/python3 -c {shlex.quote(_STAND_INS)} {sockets} "
+        f"haproxy -c -q -f {units.FRONTDOOR_CONF}"
     )
 
 

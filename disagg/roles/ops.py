@@ -328,6 +328,34 @@ def unit_running(
 
 
 @operation()
+def socket_listening(unit: str, changed_by: Sequence[OperationMeta] = ()):
+    """
+    Start and enable the socket unit of service `unit` (`unit`.socket, the
+    service's listening sockets). systemd binds a changed socket only when
+    it is stopped, and its service holds it: on a change, or when the
+    service ran before it had the socket (it binds the same ports itself),
+    the service stops first and starts again on the new sockets.
+
+    **Example:**
+
+    .. code:: python
+
+        socket_listening(unit="disagg-frontdoor", changed_by=put_files(rendered_socket))
+    """
+    socket, service = f"{unit}.socket", f"{unit}.service"
+    state = host.get_fact(UnitState, unit=socket)
+    if changed(changed_by):
+        yield "systemctl daemon-reload"
+    if not state["active"] or changed(changed_by):
+        yield f"systemctl stop {service} {socket}"
+        yield f"systemctl start {socket} {service}"
+    else:
+        host.noop(f"{socket} listens on its addresses")
+    if not state["enabled"]:
+        yield f"systemctl enable {socket}"
+
+
+@operation()
 def distro_unit_masked(unit: str, binary: str):
     """
     Mask a distro package's own unit before the package is first installed
@@ -495,15 +523,18 @@ def prune_units(keep: Sequence[str] = ()):
         prune_units(keep=["disagg-context-0", "disagg-router"])  # prune
         prune_units()  # teardown
     """
-    stale = [u for u in host.get_fact(ManagedUnits) if u not in keep]
+    # a service's socket goes with it
+    stale = [u for u in host.get_fact(ManagedUnits) if u.rpartition(".")[0] not in keep]
     if not stale:
         host.noop("no unit of ours beyond those kept")
         return
     # one command, so that systemd stops them in parallel and in dependency order
-    yield f"systemctl disable --now {' '.join(f'{u}.service' for u in stale)}"
+    yield f"systemctl disable --now {' '.join(stale)}"
     for unit in stale:
+        name, _, kind = unit.rpartition(".")
+        path = units.unit_path(name, kind)
         # .wants: a heartbeat agent is enabled as WantedBy= its worker
-        yield f"rm -rf {units.unit_path(unit)} {units.unit_path(unit)}.wants {S.env_path(unit)}"
+        yield f"rm -rf {path} {path}.wants" + (f" {S.env_path(name)}" if kind == "service" else "")
     yield "systemctl daemon-reload"
     yield "systemctl reset-failed"
 
