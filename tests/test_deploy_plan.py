@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 from cryptography import x509
-from fakehosts import RESOLVED, gpu_host_responses, plan_deploy
+from fakehosts import RESOLVED, ROOT, gpu_host_responses, plan_deploy
 from hubserver import Hub
 from pyinfra.api import OperationError, StringCommand
 from pyinfra.api.exceptions import PyinfraError
@@ -703,13 +703,32 @@ def test_a_limit_that_leaves_out_the_head_is_refused_before_any_change():
     # raised as pyinfra's own error, which its CLI prints as one line
     with pytest.raises(
         PyinfraError,
-        match=r"^--limit leaves out h100-node1 \(the head, the router and NATS hosts\): .*; add --limit h100-node1$",
+        match=r"^--limit leaves out h100-node1 \(the head and the router hosts\): .*; add --limit h100-node1$",
     ) as e:
         plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses(), limit=("h100-node2",))
     assert isinstance(e.value.__cause__, UsageError)
     assert e.value.planned.commands("h100-node2") == []
     both = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses(), limit=("h100-node2", "h100-node1"))
     assert any(S.LAYOUT_FILE == path for path in both.uploads("h100-node1"))
+
+
+def test_a_limit_may_leave_out_a_nats_host_but_not_the_head_or_a_router_host(tmp_path, caplog):
+    """A NATS server may be down while workers are added: the scale-out
+    goes on with the other servers, and says that the one left out admits
+    the new heartbeats only once deployed."""
+    context, generate, head = "10.1.0.11", "10.1.0.12", "10.1.0.13"
+    inventory = tmp_path / "three.py"
+    inventory.write_text(
+        f"import runpy\n_h100 = runpy.run_path({str(ROOT / H100)!r})\n"
+        f"context = [('{context}', {{'gpus': 8}})]\ngenerate = [('{generate}', {{'gpus': 8}})]\n"
+        f"routers = ['{generate}', '{head}']\nhead = ['{head}']\nnats = ['{context}', '{generate}', '{head}']\n"
+        f"all = (['{context}', '{generate}', '{head}'], _h100['all'][1])\n"
+    )
+    planned = plan_deploy(str(inventory), "deploys/disagg.py", responses=gpu_host_responses(), limit=(generate, head))
+    assert f"--limit leaves out NATS host(s) {context}: their servers admit a new worker's heartbeat" in caplog.text
+    assert planned.commands(context) == [] and any(S.LAYOUT_FILE == p for p in planned.uploads(generate))
+    with pytest.raises(PyinfraError, match=rf"^--limit leaves out {generate} \(the head and the router hosts\)"):
+        plan_deploy(str(inventory), "deploys/disagg.py", responses=gpu_host_responses(), limit=(context, head))
 
 
 def test_pins_of_releases_the_vllm_plugin_was_not_written_for_are_said_before_the_deploy(caplog):

@@ -20,13 +20,18 @@ def gate(plan: Plan) -> None:
         return
     _checked.add(id(state))
     limited = {h.name for h in state.limit_hosts or ()}
-    needed = list(dict.fromkeys([plan.cluster.head, *plan.cluster.routers, *plan.cluster.nats]))
-    left_out = [n for n in needed if n not in limited]
-    if limited and left_out and any(plan.workers_on(h) for h in limited):
+    placing = limited and any(plan.workers_on(h) for h in limited)
+    needed = list(dict.fromkeys([plan.cluster.head, *plan.cluster.routers]))
+    if placing and (left_out := [n for n in needed if n not in limited]):
         raise UsageError(
-            f"--limit leaves out {', '.join(left_out)} (the head, the router and NATS hosts): their registry syncs route "
-            f"only the workers of the layout they were given last, NATS admits only the workers it knows; "
-            f"add --limit {','.join(left_out)}"
+            f"--limit leaves out {', '.join(left_out)} (the head and the router hosts): their registry syncs route "
+            f"only the workers of the layout they were given last; add --limit {','.join(left_out)}"
+        )
+    if placing and (servers := [n for n in plan.cluster.nats if n not in limited]):
+        # a NATS server may be down: a scale-out goes on with the others (the head's is among them)
+        logger.warning(
+            f"--> --limit leaves out NATS host(s) {', '.join(servers)}: their servers admit a new worker's "
+            "heartbeat only once deployed; it uses the other servers until then"
         )
     if plan.engine_plugin:
         for name in sorted({w.host for w in plan.workers}):

