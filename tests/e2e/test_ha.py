@@ -1,8 +1,9 @@
 """No single point of failure in the request path, on three test hosts
 (inventories/local-ha.py): load through the floating address while the
-router on the host holding it is killed, and while that host, the head
-(NATS, Prometheus, the preferred router host), loses its power and comes
-back. Every request is counted; `fault:` lines print the figures.
+router or the front door on the host holding it is killed, while that
+host, the head (NATS, Prometheus, the preferred router host), loses its
+power and comes back, and while a NATS server is down and a worker is
+added. Every request is counted; `fault:` lines print the figures.
 
 The address is moved to host 3 before each fault: host 2 runs the only
 generate worker, so a host 2 that died would take the layout with it
@@ -15,6 +16,7 @@ import functools
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import as_operator
 import pytest
@@ -22,6 +24,7 @@ import waiting
 
 from disagg.agent import kv
 from disagg.core import settings as S
+from disagg.infra.launch import run_deploy
 from disagg.lab import smoke, testhosts
 from disagg.lab.load import Load
 from disagg.lab.testhosts import ssh
@@ -82,30 +85,37 @@ def test_every_front_door_and_the_floating_address_answer(ha):
     assert servers == [testhosts.address(H2), testhosts.address(H3)]
 
 
-def test_kill_9_of_the_router_on_the_address_holder_loses_only_its_streams_under_way(ha, figures, timings):
-    """Its front door sends to the other router host's router until its own
-    answers /health again (restarted, and given its members by the sync):
-    no request sent after the kill fails. A stream whose answer had started
-    through the killed process cannot be sent again by anyone."""
+@pytest.mark.parametrize("unit", [S.ROUTER_UNIT, S.FRONTDOOR_UNIT])
+def test_kill_9_on_the_address_holder_loses_only_the_streams_under_way_through_it(ha, unit, figures, timings):
+    """The router: its front door sends to the other router host's router
+    until its own answers /health again (restarted, and given its members
+    by the sync). The front door: systemd holds its sockets
+    (disagg-frontdoor.socket), so a client that connects while it restarts
+    waits instead of being refused, and keepalived's check waits too (the
+    address stays). No request sent after the kill fails; a stream whose
+    answer had started through the killed process cannot be sent again by
+    anyone."""
+    h3 = testhosts.address(H3)
+    ready = {
+        S.ROUTER_UNIT: lambda: health(ha.router_internal_url(h3)) == 200,
+        S.FRONTDOOR_UNIT: lambda: answers(ha.frontdoor_url(h3)),
+    }[unit]
     with Load(ha.router_url, MODEL, concurrency=CLIENTS, pause=PAUSE) as traffic:
         time.sleep(3)
-        pid = ssh(H3, f"systemctl show -p MainPID --value {S.ROUTER_UNIT}").stdout.strip()
+        pid = ssh(H3, f"systemctl show -p MainPID --value {unit}").stdout.strip()
         killed = traffic.at()
         ssh(H3, f"kill -9 {pid}")
-        back = until(
-            lambda: health(ha.router_internal_url(testhosts.address(H3))) == 200,
-            60,
-            "the killed router back with its members",
-        )
+        until(lambda: ssh(H3, f"systemctl show -p MainPID --value {unit}").stdout.strip() not in ("0", pid), 30, unit)
+        back = until(ready, 60, f"{unit} serving again")
         time.sleep(3)
     result = traffic.result
-    figures.append(f"HA: kill -9 of the router on the address holder under load: {result.summary()}")
-    timings["HA: kill -9 of the router -> it answers /health again"] = back
-    assert ssh(H3, f"systemctl show -p MainPID --value {S.ROUTER_UNIT}").stdout.strip() not in ("0", pid)
+    figures.append(f"HA: kill -9 of {unit} on the address holder under load: {result.summary()}")
+    timings[f"HA: kill -9 of {unit} -> serving again"] = back
     # at most those in flight through it, ended by the kill (the ssh that kills takes up to a second)
     assert result.failed <= CLIENTS, result.summary()
     assert all(killed <= ended <= killed + 2 for _, ended, _ in result.failures), result.failures
     assert result.failed_between(killed + 1, result.seconds) == 0, result.failures
+    assert not any("Refused" in reason for *_, reason in result.failures), result.failures
     assert result.ok > 20 and holds(H3)
 
 
@@ -162,38 +172,61 @@ def status(*args: str) -> tuple[int, dict]:
     return as_operator.status(INVENTORY, *args)
 
 
-def test_a_nats_server_stopped_for_60_s_under_load_fails_no_request(ha, figures, timings):
-    """The head's NATS server (every agent's first) stops for 60 s: the
-    agents and syncs move to the other two, which keep the registry (three
-    replicas, a quorum of two). Every entry stays refreshed (they expire
-    after the TTL otherwise), and a worker restarted meanwhile leaves,
-    registers again and is routed again."""
+def test_a_nats_server_stopped_for_60_s_under_load_fails_no_request_and_a_scale_out_meanwhile_is_routed(
+    ha, deployment, tmp_path, figures, timings
+):
+    """Host 1's NATS server stops for 60 s: the agents and syncs that used it
+    move to the other two, which keep the registry (three replicas, a
+    quorum of two), and every entry stays refreshed (they expire after the
+    TTL otherwise). Meanwhile a generate worker is added on host 2 with
+    `--limit` of the head and the router hosts only (host 1, whose server
+    is down, left out): it registers and both routers route it."""
+    scaled = tmp_path / "scaled.py"
+    here = 'Path(__file__).with_name("local.py")'
+    scaled.write_text(
+        # its data from inventories/local.py wherever the copy is
+        open(INVENTORY).read().replace(here, repr(str(Path(INVENTORY).resolve().with_name("local.py"))))
+        # a second generate worker beside the first (which keeps its port)
+        + "\n_h2data = {'gpus': 2, **_router}\ngenerate = [(_h2, _h2data)]\nrouters = [(_h2, _h2data), (_h3, _router)]\n"
+        + "nats = [(_h1, {'gpus': 2, **_ssh}), (_h2, _h2data), (_h3, _router)]\n"
+    )
+    label = "context_tp1dp2_generate_tp1dp2"
     stopped = False
     try:
         with Load(ha.router_url, MODEL, concurrency=CLIENTS, pause=PAUSE) as traffic:
             time.sleep(3)
-            ssh(H3, f"systemctl stop {S.NATS_UNIT}")
+            ssh(H1, f"systemctl stop {S.NATS_UNIT}")
             stopped, since = True, time.monotonic()
             time.sleep(kv.TTL + 5)
             code, current = status()
             assert code == 0, current["problems"]
-            restart = time.monotonic()
-            ssh(H1, "systemctl restart disagg-context-1", timeout=300)
-            code, current = status("--wait", "--timeout", "180")
-            rejoined = time.monotonic() - restart
+            data = deployment.data
+            deployment.changed()
+            start = time.monotonic()
+            run_deploy(
+                str(scaled),
+                "deploys/disagg.py",
+                f"label={label}",
+                *data,
+                limit=f"{testhosts.address(H2)},{testhosts.address(H3)}",
+            )
+            code, current = as_operator.status(str(scaled), "--label", label, "--wait", "--timeout", "180")
+            added = time.monotonic() - start
             assert code == 0, current["problems"]
+            assert ssh(H1, f"systemctl is-active {S.NATS_UNIT}", check=False).stdout.strip() == "inactive"
             time.sleep(max(0.0, 60 - (time.monotonic() - since)))
-            ssh(H3, f"systemctl start {S.NATS_UNIT}")
+            ssh(H1, f"systemctl start {S.NATS_UNIT}")
             stopped = False
             time.sleep(3)
         result = traffic.result
         figures.append(
-            f"HA: the head's NATS server stopped for 60 s under load: {result.summary()}; context-1 restarted "
-            f"meanwhile, registered and routed again in {rejoined:.0f} s"
+            f"HA: host 1's NATS server stopped for 60 s under load: {result.summary()}; a generate worker added "
+            f"meanwhile on host 2 (--limit of hosts 2 and 3) was registered and routed by both routers {added:.0f} s after "
+            "the deploy began"
         )
-        timings["HA: a worker restarted with a NATS server down -> routed again"] = rejoined
+        timings["HA: deploy --limit of a worker with a NATS server down -> routed by both routers"] = added
         assert result.failed == 0, result.summary()
         assert result.ok > 100
     finally:
         if stopped:
-            ssh(H3, f"systemctl start {S.NATS_UNIT}")
+            ssh(H1, f"systemctl start {S.NATS_UNIT}")

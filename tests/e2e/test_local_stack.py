@@ -88,6 +88,7 @@ def test_converge_serves_through_the_router(deployment):
         "disagg-context-1.service",
         "disagg-firewall.service",
         "disagg-frontdoor.service",
+        "disagg-frontdoor.socket",
         "disagg-nats.service",
         "disagg-prometheus.service",
         "disagg-registry-sync.service",
@@ -602,7 +603,8 @@ def test_a_hub_model_is_staged_verified_and_damage_fetched_again(deployment, tmp
 def test_units_pass_systemd_verify_and_a_loosened_secret_is_made_root_only_again(deployment):
     plan = deployment.ensure()
     for host in (H1, H2):
-        verify = ssh(host, "systemd-analyze verify /etc/systemd/system/disagg-*.service", check=False)
+        ours = "ls -d /etc/systemd/system/disagg-*.service /etc/systemd/system/disagg-*.socket 2>/dev/null"
+        verify = ssh(host, f"systemd-analyze verify $({ours})", check=False)
         assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
     secrets = {"/etc/disagg/nats.env": "root", S.API_KEY_ENV: "root", S.NATS_KEY: "disagg-nats"}
     ssh(H1, " && ".join(f"chmod 644 {path} && chown disagg {path}" for path in secrets))
@@ -625,7 +627,7 @@ def test_running_services_are_sandboxed(deployment, figures):
     deployment.ensure()
     exposure, units = {}, set()
     for host in (H1, H2):
-        names = listed_units(host)
+        names = [u for u in listed_units(host) if u.endswith(".service")]
         units |= {u.removesuffix(".service") for u in names}
         report = ssh(host, f"systemd-analyze security --no-pager {' '.join(names)}").stdout
         # its summary table: UNIT EXPOSURE PREDICATE HAPPY
@@ -970,6 +972,7 @@ def test_relabel_prunes_the_stale_context_unit(deployment):
         "disagg-context-0.service",
         "disagg-firewall.service",
         "disagg-frontdoor.service",
+        "disagg-frontdoor.socket",
         "disagg-nats.service",
         "disagg-prometheus.service",
         "disagg-registry-sync.service",
@@ -991,6 +994,7 @@ def test_baseline_answers_and_survives_a_killed_worker(deployment, figures):
         "disagg-baseline-1.service",
         "disagg-firewall.service",
         "disagg-frontdoor.service",
+        "disagg-frontdoor.socket",
         "disagg-nats.service",
         "disagg-prometheus.service",
         "disagg-registry-sync.service",
