@@ -22,7 +22,7 @@ from disagg.core import pki
 from disagg.core import settings as S
 from disagg.core.errors import InventoryError, UsageError
 from disagg.core.plan import make_plan
-from disagg.core.units import firewall_files, host_units
+from disagg.core.units import firewall_files, frontdoor_files, host_units
 from disagg.infra.facts import ResolvedNames
 from disagg.infra.hub import HubError
 from disagg.infra.hub import commit as hub_commit
@@ -53,6 +53,9 @@ def test_deploy_writes_exactly_the_rendered_units(deploy, label_key):
         expected = host_units(plan, host)
         if S.FIREWALL_RULES in expected:
             expected.update(firewall_files(plan, host, (), resolved))
+        if host in plan.cluster.routers:  # systemd listens on the address the name resolves to
+            expected.update(frontdoor_files(plan, host, resolved))
+            assert "\nListenStream=10.100.0.1:8000\n" in ours["/etc/systemd/system/disagg-frontdoor.socket"]
         assert ours == expected
 
 

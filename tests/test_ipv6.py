@@ -58,8 +58,9 @@ def test_units_give_programs_bare_addresses_and_urls_in_brackets(plan):
     router = head["/etc/systemd/system/disagg-router.service"]
     assert f"--host {CONTEXT} \\\n    --port 8001 \\\n    --prometheus-host {CONTEXT} \\\n" in router
     door = head["/etc/disagg/frontdoor/haproxy.cfg"]
-    assert f"  bind [{CONTEXT}]:8000\n" in door and f"  server {CONTEXT} [{CONTEXT}]:8001\n" in door
-    assert f"  bind [{CONTEXT}]:8404\n" in door
+    assert f"  # [{CONTEXT}]:8000\n  bind fd@3\n" in door and f"  server {CONTEXT} [{CONTEXT}]:8001\n" in door
+    socket = head["/etc/systemd/system/disagg-frontdoor.socket"]
+    assert f"\nListenStream=[{CONTEXT}]:8000\nListenStream=[{CONTEXT}]:8404\n" in socket
     assert f'listen: "[{CONTEXT}]:4222"' in head["/etc/disagg/nats-server.conf"]
     scrape = yaml.safe_load(head["/etc/disagg/prometheus/prometheus.yml"])
     static = {
