@@ -17,6 +17,7 @@ import pytest
 from waiting import until
 
 from disagg.agent import kv
+from disagg.agent import status as agent_status
 from disagg.core import pki, units
 
 BIN = Path(sys.executable).parent
@@ -133,6 +134,29 @@ def test_the_consumers_of_reads_every_second_do_not_pile_up(cluster, monkeypatch
             await nc.close()
 
     asyncio.run(run())
+
+
+def test_status_shows_each_server_of_the_cluster_and_one_down_keeps_it_ready(cluster):
+    servers, ca = cluster
+    until(lambda: all(peers(s["monitor"]) == 2 for s in servers), 30, "each server routed to the other two")
+    urls = [f"tls://127.0.0.1:{s['client']}" for s in servers]
+    server = kv.Server(",".join(urls), "disagg", PASSWORD, str(ca))
+
+    async def made():
+        nc = await kv.connect(server, reconnect=False)
+        try:
+            await until_async(lambda: kv.bucket(nc), 30)
+        finally:
+            await nc.close()
+
+    asyncio.run(made())
+    servers[1]["proc"].terminate()
+    servers[1]["proc"].wait(10)
+    current = asyncio.run(until_async(lambda: agent_status.status(server, None, []), 30))
+    assert current.nats_servers[urls[0]] == current.nats_servers[urls[2]] == "up"
+    assert current.nats_servers[urls[1]].startswith("down: ")
+    assert current.ready, current.problems
+    assert f"NATS servers: {urls[0]} up; {urls[1]} down: " in agent_status.table(current)
 
 
 async def until_async(make, timeout: float):

@@ -8,6 +8,7 @@ Exit codes (`status` here and `disagg status`): 0 ready, 1 not ready,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,9 @@ class Status:
     routers: dict[str, list[str] | None] = field(default_factory=dict)
     # the registry could not be read: readiness is unknown, not false
     error: str | None = None
+    # {URL: "up" or "down: why"} of each server of a NATS cluster: one down
+    # is no problem for readiness (the others keep the registry), but shown
+    nats_servers: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -55,6 +59,7 @@ class Status:
             "router": self.router,
             "router_members": self.members,
             "routers": self.routers,
+            "nats_servers": self.nats_servers,
             "workers": self.workers,
             "problems": self.problems,
         }
@@ -99,16 +104,18 @@ async def status(
     router_health = "unknown"
     if router:
         router_health = await asyncio.to_thread(kv.probe, router)
+    urls = server.urls if len(server.urls) > 1 else []
+    servers = dict(zip(urls, await asyncio.gather(*(_server_state(server, u) for u in urls))))
     try:
         nc = await asyncio.wait_for(kv.connect(server, reconnect=False), 5)
     except Exception as e:
         error = f"NATS at {server} refused or unreachable: {kv.describe(e)}"
-        return Status(nats=error, router=router_health, error=error)
+        return Status(nats=error, router=router_health, error=error, nats_servers=servers)
     try:
         entries = await kv.read_all(await kv.bucket(nc))
     except Exception as e:
         error = f"NATS at {server}: registry unreadable: {kv.describe(e)}"
-        return Status(nats=error, router=router_health, error=error)
+        return Status(nats=error, router=router_health, error=error, nats_servers=servers)
     finally:
         await asyncio.wait_for(nc.close(), kv.NATS_TIMEOUT)
     age = kv.ages(entries)
@@ -161,8 +168,24 @@ async def status(
         problems.append(f"the router's own view is unknown ({r}): {views[r].get('view_error')}")
     routers = {r: v.get("members") for r, v in views.items()}
     return Status(
-        nats="healthy", router=router_health, workers=workers, members=members, problems=problems, routers=routers
+        nats="healthy",
+        router=router_health,
+        workers=workers,
+        members=members,
+        problems=problems,
+        routers=routers,
+        nats_servers=servers,
     )
+
+
+async def _server_state(server: kv.Server, url: str) -> str:
+    """One server of a cluster: "up" when it takes a connection, else "down: why"."""
+    try:
+        nc = await asyncio.wait_for(kv.connect(dataclasses.replace(server, url=url), reconnect=False), 5)
+    except Exception as e:
+        return f"down: {kv.describe(e)}"
+    await asyncio.wait_for(nc.close(), kv.NATS_TIMEOUT)
+    return "up"
 
 
 async def wait_ready(
@@ -198,6 +221,8 @@ def table(current: Status) -> str:
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines = [f"NATS: {current.nats}    router: {current.router}"]
+    if current.nats_servers:
+        lines.append("NATS servers: " + "; ".join(f"{u} {state}" for u, state in current.nats_servers.items()))
     if len(current.routers) > 1:
         # several router hosts: "in router" is "listed by every one"
         lines += [
