@@ -76,3 +76,20 @@ def test_loading_an_inventory_or_planning_leaves_the_stdlib_unpatched():
         check=True,
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_a_failed_deploy_names_every_failed_operation_with_its_hosts_lines():
+    from disagg.infra.launch import _failures
+
+    log = [
+        "--> Starting operation: NATS server | NATS JetStream healthy \n",
+        "    [h2] nats did not answer within 60 s\n",
+        "    [h2] Error: executed 0 commands\n",
+        "--> Starting operation: Router sync and readiness gate | Every worker registered \n",
+        "    [h3] not ready: generate-1 is not registered\n",
+        "    [h3] Error: executed 0 commands\n",
+    ]
+    text = _failures(log)
+    assert text.startswith("failed operations:\n--> Starting operation: NATS server | NATS JetStream healthy")
+    assert "[h2] nats did not answer" in text and "[h3] not ready: generate-1" in text
+    assert _failures(log[:2]) == ""

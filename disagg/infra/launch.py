@@ -85,10 +85,23 @@ def run_deploy(
     if proc.returncode == -signal.SIGKILL and seconds >= timeout:
         raise DeployError(f"{' '.join(args[2:])} timed out after {timeout:.0f} s:\n{stderr[-6000:]}")
     if proc.returncode:
-        raise DeployError(f"{' '.join(args[2:])} failed:\n{stdout[-6000:]}\n{stderr[-6000:]}")
+        raise DeployError(f"{' '.join(args[2:])} failed:\n{_failures(log)}{stdout[-6000:]}\n{stderr[-6000:]}")
     changed: dict[str, list[str]] = {}
     if not diff:
         for op in json.loads(stdout).get("results", {}).get("operations", []):
             if op["success"]:
                 changed[op["name"]] = op["success"]
     return DeployRun(seconds, changed, stdout + stderr)
+
+
+def _failures(log: list[str]) -> str:
+    """Each operation that failed, with the host's lines under it: the log's
+    tail may show only the last host to fail."""
+    failed, operation = [], ""
+    for i, line in enumerate(log):
+        if line.startswith("--> Starting operation:"):
+            operation = line
+        elif "] Error" in line:
+            # the lines a failing operation printed come before its Error line
+            failed += [operation, *log[max(0, i - 15) : i + 1]]
+    return "".join(["failed operations:\n", *failed, "\n"]) if failed else ""
