@@ -5,15 +5,15 @@ unit from an earlier deploy is pruned like any other: its stop deletes our
 table and no other."""
 
 from pyinfra import host
-from pyinfra.api import OperationError, deploy, operation
+from pyinfra.api import deploy, operation
 
 from disagg.core import settings as S
 from disagg.core import units
 from disagg.core.nftables import TABLE
 from disagg.core.nftables import names as address_names
 from disagg.core.plan import Plan
-from disagg.infra.facts import CommandSucceeds, ControllerAddress, ResolvedNames
-from disagg.roles.ops import put_unit_apart, unit_running
+from disagg.infra.facts import CommandSucceeds, ControllerAddress
+from disagg.roles.ops import put_unit_apart, resolved, unit_running
 
 # installed with the base packages (one apt run)
 PACKAGES = ("nftables",)
@@ -24,14 +24,12 @@ def firewall(plan: Plan):
     # as the login user: sudo drops SSH_CLIENT from the environment
     controller = host.get_fact(ControllerAddress, _sudo=False)
     # the rules hold addresses: a name nft resolves at load may not resolve at boot
-    names = address_names(plan)
-    resolved = host.get_fact(ResolvedNames, names=names) if names else {}
-    if unresolved := [n for n in names if not resolved.get(n)]:
-        raise OperationError(
-            f"{host.name}: cannot resolve {', '.join(unresolved)} (an inventory address) for the "
-            "firewall's rules; give the host's address as an IP, or make the name resolve here"
-        )
-    rendered = units.firewall_files(plan, host.name, (controller,) if controller else (), resolved)
+    addresses = resolved(
+        address_names(plan),
+        "(an inventory address) for the firewall's rules; give the host's address as an IP, "
+        "or make the name resolve here",
+    )
+    rendered = units.firewall_files(plan, host.name, (controller,) if controller else (), addresses)
     unit, rules = put_unit_apart(rendered, S.FIREWALL_UNIT)
     # never restarted: its stop deletes the table, and a start that then
     # failed would leave every port open; a reload swaps the rules in one

@@ -13,19 +13,19 @@ import shlex
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import OperationError, deploy
+from pyinfra.api import deploy
 from pyinfra.operations import files
 
 from disagg.core import pki, units
 from disagg.core import settings as S
 from disagg.core.errors import InventoryError
 from disagg.core.plan import Plan
-from disagg.infra.facts import ResolvedNames
 from disagg.roles.ops import (
     commands_if_changed,
     directories,
     put_files,
     put_unit_apart,
+    resolved,
     secret_file,
     service_user,
     socket_listening,
@@ -82,16 +82,15 @@ def frontdoor(plan: Plan):
     else:
         files.file(name="No client TLS", path=units.FRONTDOOR_TLS, present=False)
     # systemd binds the sockets, and takes no name: the host resolves it now
-    names = units.frontdoor_names(plan, host.name)
-    resolved = host.get_fact(ResolvedNames, names=names) if names else {}
-    if unresolved := [n for n in names if not resolved.get(n)]:
-        raise OperationError(
-            f"{host.name}: cannot resolve {', '.join(unresolved)} (where the front door listens); give "
-            "router_address or the host's address as an IP, or make the name resolve here"
-        )
-    rendered = units.frontdoor_files(plan, host.name, resolved)
-    socket_text = rendered.pop(units.unit_path(S.FRONTDOOR_UNIT, "socket"))
-    socket = put_files({units.unit_path(S.FRONTDOOR_UNIT, "socket"): socket_text})
+    addresses = resolved(
+        units.frontdoor_names(plan, host.name),
+        "(where the front door listens); give router_address or the host's address as an IP, "
+        "or make the name resolve here",
+    )
+    rendered = units.frontdoor_files(plan, host.name, addresses)
+    socket_path = units.unit_path(S.FRONTDOOR_UNIT, "socket")
+    socket_text = rendered.pop(socket_path)
+    socket = put_files({socket_path: socket_text})
     unit, config = put_unit_apart(rendered, S.FRONTDOOR_UNIT)
     # a config HAProxy would refuse stops the deploy before the reload (the running one keeps serving)
     sockets = socket_text.count("\nListenStream=")

@@ -26,6 +26,7 @@ from disagg.infra.facts import (
     HttpStatus,
     ManagedUnits,
     PasswdEntry,
+    ResolvedNames,
     UnitState,
     VenvPackages,
 )
@@ -325,6 +326,16 @@ def unit_running(
         yield f"systemctl reload {service}"
     if not state["enabled"]:
         yield f"systemctl enable {service}"
+
+
+def resolved(names: Sequence[str], why: str) -> dict[str, tuple[str, ...]]:
+    """{name: its addresses} as this host resolves each of names (systemd
+    and nft take addresses, not names); a name it cannot resolve stops the
+    deploy while it plans, before any change, saying `why` it is needed."""
+    found = host.get_fact(ResolvedNames, names=tuple(names)) if names else {}
+    if unresolved := [n for n in names if not found.get(n)]:
+        raise OperationError(f"{host.name}: cannot resolve {', '.join(unresolved)} {why}")
+    return found
 
 
 @operation()
