@@ -4,6 +4,7 @@ commands captured on real hosts (../shared/fixtures) instead of SSH."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tempfile
 from dataclasses import dataclass
@@ -97,6 +98,36 @@ class Planned:
                     c.src.seek(0)
                     out[c.dest] = c.src.read()
         return out
+
+    def held(self, host: str, but: str) -> dict:
+        """Fact responses (FileStates, DirectoryStates) of a host that holds
+        every file and directory this plan makes (content, mode, owner),
+        except files whose path contains `but`: the host after a deploy of
+        the plan without that part."""
+        files: dict[str, dict] = {}
+        dirs: dict[str, dict] = {}
+        for _, cmds in self._raw_ops(host):
+            for c in cmds:
+                if isinstance(c, FileUploadCommand):
+                    c.src.seek(0)
+                    files[c.dest] = {"text": c.src.read(), "mode": "644", "owner": "root"}
+                elif "_stdin" in c.connector_arguments:  # a secret (ops.hidden_content)
+                    path = re.search(r'mv -f "\$t" (\S+)', c.get_raw_value()).group(1)
+                    files[path] = {"text": c.connector_arguments["_stdin"], "mode": "600", "owner": "root"}
+                elif m := re.match(r"mkdir -p (\S+)$", str(c)):
+                    dirs.setdefault(m[1], {"owner": "root", "group": "root", "mode": "755"})
+                elif m := re.match(r"chown (?:-h )?([^:]+):(\S+) (\S+)$", str(c)):
+                    (dirs if m[3] in dirs else files).setdefault(m[3], {}).update(owner=m[1], group=m[2])
+                elif m := re.match(r"chmod (\d+) (\S+)$", str(c)):
+                    (dirs if m[2] in dirs else files).setdefault(m[2], {}).update(mode=m[1])
+        return {
+            "sha1sum <": [
+                f"{hashlib.sha1(f['text'].encode()).hexdigest()} {f['mode']} {f['owner']} {path}"
+                for path, f in files.items()
+                if "text" in f and but not in path
+            ],
+            "-printf '%y %u %g %m %p": [f"d {d['owner']} {d['group']} {d['mode']} {path}" for path, d in dirs.items()],
+        }
 
     def executed(self, host: str) -> list[str]:
         return self.state.inventory.get_host(host).connector.executed_commands

@@ -174,6 +174,20 @@ def test_changed_running_workers_roll_one_per_role_at_a_time(caplog):
     assert "disagg-context-0 is the only" not in caplog.text
 
 
+def test_a_worker_added_starts_its_own_heartbeat_and_restarts_no_other_agent():
+    """Its new NATS password is its heartbeat's alone: the sync and the
+    other heartbeats on the host read only their own."""
+    first = plan_deploy(H100, "deploys/disagg.py", responses=gpu_host_responses())
+    # the head ran context_tp2dp3 (every file in place, every unit running); context-3 is added
+    held = first.held("h100-node1", but="context-3")
+    new = {"systemctl is-active disagg-context-3": [""]}
+    planned = plan_deploy(H100, "deploys/disagg.py", responses={**gpu_host_responses(), **new, **RUNNING, **held})
+    runs = {name.split(" | ")[-1]: cmds for names, cmds in planned.ops("h100-node1") for name in names.split(", ")}
+    assert "systemctl start disagg-context-3-agent.service" in runs["Run disagg-context-3-agent"]
+    for unit in (S.SYNC_UNIT, "disagg-context-0-agent", "disagg-context-2-agent", "disagg-router"):
+        assert not any("restart" in c for c in runs[f"Run {unit}"]), unit
+
+
 def test_max_unavailable_sizes_the_waves(caplog):
     planned = plan_deploy(
         H100, "deploys/disagg.py", data={"max_unavailable": 2}, responses={**gpu_host_responses(), **RUNNING}

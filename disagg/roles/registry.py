@@ -20,7 +20,7 @@ from disagg.core import units
 from disagg.core.plan import Plan
 from disagg.infra.facts import CommandSucceeds
 from disagg.roles.credentials import DEFAULTS as CREDENTIALS
-from disagg.roles.credentials import ca_files, heartbeat_passwords, nats_password, sync_password
+from disagg.roles.credentials import ca_files, nats_password, sync_password
 from disagg.roles.ops import directories, put_files, python_packages, unit_running
 
 DEFAULTS = S.role_defaults("agent_packages", "ready_timeout")
@@ -28,23 +28,21 @@ DEFAULTS = S.role_defaults("agent_packages", "ready_timeout")
 
 @deploy("Registry runtime", data_defaults={**DEFAULTS, **CREDENTIALS})
 def runtime(plan: Plan) -> list[OperationMeta]:
-    """NATS credentials (the CA, each heartbeat's own password; the admin
-    password on the head alone), the venv and the host agent's files: what
-    every agent unit on this host needs. Returns the operations whose
-    change restarts them."""
+    """The NATS admin password on the head alone (status, the readiness
+    gate: no unit reads it), the CA, the venv and the host agent's files.
+    Returns the operations whose change restarts every agent unit on this
+    host; each heartbeat's own password restarts it alone (workers())."""
     if host.name == plan.cluster.head:
-        passwords = [nats_password(plan)]
+        nats_password(plan)
     else:  # a worker host's agents use their own users: no admin password there (releases before left one)
-        passwords = [files.file(name="No NATS admin password", path=units.NATS_SECRET_ENV, present=False)]
-    heartbeats = heartbeat_passwords(plan, host.name)
+        files.file(name="No NATS admin password", path=units.NATS_SECRET_ENV, present=False)
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
-    return [*passwords, *heartbeats, *put_files({**ca_files(plan), **units.agent_code()})]
+    return put_files({**ca_files(plan), **units.agent_code()})
 
 
 def runtime_files(plan: Plan) -> list[str]:
-    """What runtime() writes: the agents' units read it."""
-    admin = [units.NATS_SECRET_ENV] if host.name == plan.cluster.head else []
-    return [*admin, *(plan.heartbeat_env(w) for w in plan.workers_on(host.name)), *ca_files(plan), *units.agent_code()]
+    """What runtime() writes that every agent unit reads."""
+    return [*ca_files(plan), *units.agent_code()]
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)

@@ -15,6 +15,7 @@ from disagg.core import settings as S
 from disagg.core import units
 from disagg.core.plan import Plan
 from disagg.core.topology import Worker
+from disagg.roles.credentials import heartbeat_passwords
 from disagg.roles.ops import Rolling, put_files, roll, unit_running, wait_healthy
 from disagg.roles.registry import runtime_files
 
@@ -24,14 +25,16 @@ REJOIN_TIMEOUT = 120
 
 @deploy("disagg workers")
 def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta]) -> list[list[Rolling]]:
-    """`runtime`: the operations whose change restarts the companions
-    (NATS credentials, the agent's files); `engine`: those that roll the
+    """`runtime`: the operations whose change restarts every companion
+    (the CA, the agent's files); `engine`: those that roll the
     workers (the vLLM plugin's files, the API key). New workers start here;
     returns the waves of the running ones to roll (rolled())."""
     mine = plan.workers_on(host.name)
     written = {w.unit: put_files(units.worker_files(plan, w)) for w in mine}
     companions = {w.unit: units.agent_files(plan, w) for w in mine}
     companion = {unit: put_files(rendered) for unit, rendered in companions.items()}
+    # a new worker's password restarts its companion alone, not its neighbours'
+    passwords = dict(zip((w.unit for w in mine), heartbeat_passwords(plan, host.name)))
     shared = runtime_files(plan)
     for w in mine:
         unit_running(name=f"Run {w.unit}", unit=w.unit, changed_by=written[w.unit], restart=False)
@@ -40,8 +43,8 @@ def workers(plan: Plan, runtime: list[OperationMeta], engine: list[OperationMeta
         unit_running(
             name=f"Run {w.agent_unit}",
             unit=w.agent_unit,
-            changed_by=[*runtime, *companion[w.unit]],
-            files=[*companions[w.unit], *shared],
+            changed_by=[*runtime, passwords[w.unit], *companion[w.unit]],
+            files=[*companions[w.unit], plan.heartbeat_env(w), *shared],
         )
     return [
         [_rolling(plan, w, [*written[w.unit], *engine]) for w in wave if w.host == host.name] for wave in plan.waves()
