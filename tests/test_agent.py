@@ -678,6 +678,31 @@ def test_nats_outage_does_not_touch_the_routers_members(nats, agents, workers, r
     assert took < 15
 
 
+def test_entries_that_expired_while_the_registry_failed_are_kept_a_ttl_after_it_is_back(nats, agents, workers, router):
+    """While a NATS server's host dies and its cluster chooses a new leader,
+    heartbeats cannot put and their entries expire though their workers
+    live (seen on the HA test hosts). The sync, whose reads failed too,
+    keeps every member for a TTL after; here the heartbeats stand still
+    (SIGSTOP) for a while after NATS is back."""
+    sync = start_layout(agents, workers, router)
+    until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")
+    log = Path(sync.log.name)
+    for beat in sync.beats:
+        beat.send_signal(signal.SIGSTOP)
+    try:
+        nats.stop()
+        time.sleep(kv.TTL + 1)
+        nats.start()
+        until(lambda: "registry readable again" in log.read_text(), 20, "the sync reading again")
+        assert not look(nats, expect(workers)).workers  # every entry expired
+        time.sleep(3)  # reads that lack every worker
+        assert "member: -" not in log.read_text() and not router.said("Remove")
+    finally:
+        for beat in sync.beats:
+            beat.send_signal(signal.SIGCONT)
+    until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready again")
+
+
 def test_a_sync_restarted_while_nats_is_down_keeps_the_members(nats, agents, workers, router):
     sync = start_layout(agents, workers, router)
     until(lambda: look(nats, expect(workers), router.url).ready, 20, "ready")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -104,6 +105,37 @@ def test_three_servers_route_over_tls_keep_three_replicas_and_survive_one_stoppe
             await until_async(lambda: store.put("b", b"2"), 30)
             assert nc.connected_url.port != first
             assert (await store.get("a")).value == b"1" and (await store.get("b")).value == b"2"
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+def test_a_server_that_falls_silent_is_left_before_the_entries_it_should_refresh_expire(cluster):
+    """A host that dies sends no FIN; a stopped (SIGSTOP) server stands for
+    it. The client notices by its pings (nats-py's default would wait two
+    of 120 s), does not wait for the dead server's TLS goodbye (asyncio's
+    30 s) and moves to another server in time for a heartbeat's next put to
+    land within the TTL (5 s here)."""
+    servers, ca = cluster
+    until(lambda: all(peers(s["monitor"]) == 2 for s in servers), 30, "each server routed to the other two")
+    url = ",".join(f"tls://127.0.0.1:{s['client']}" for s in servers)
+
+    async def run():
+        nc = await kv.connect(kv.Server(url, "disagg", PASSWORD, str(ca)), reconnect=True)
+        try:
+            await until_async(lambda: kv.bucket(nc), 30)
+            first = nc.connected_url.port
+            silent = next(s for s in servers if s["client"] == first)
+            silent["proc"].send_signal(signal.SIGSTOP)
+            try:
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                while nc.connected_url is None or nc.connected_url.port == first:
+                    assert loop.time() - start < kv.TTL - kv.HEARTBEAT, "still on the silent server"
+                    await asyncio.sleep(0.2)
+            finally:
+                silent["proc"].send_signal(signal.SIGCONT)
         finally:
             await nc.close()
 

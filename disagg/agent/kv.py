@@ -25,6 +25,11 @@ logging.getLogger("asyncio").addFilter(
     lambda record: "eof_received() has no effect when using ssl" not in record.getMessage()
 )
 
+# a NATS client leaving a server whose host died waits for that server's TLS
+# goodbye before it tries the next (nats-py's reconnect closes first), for
+# asyncio's default of 30 s: longer than the registry's TTL
+asyncio.constants.SSL_SHUTDOWN_TIMEOUT = 1.0
+
 BUCKET = "disagg-workers"
 # The bucket's max age: an entry not refreshed for TTL (by the NATS server's
 # clock) is gone, so a worker whose host dies leaves the registry within TTL.
@@ -247,7 +252,10 @@ async def connect(server: Server, stop: asyncio.Event | None = None, reconnect: 
     async def first_failed(error):
         failed.append(error)
 
-    options = dict(server.options(), connect_timeout=2, reconnect_time_wait=1)
+    # a server whose host died sends no FIN: without a pong for 4 s the
+    # client moves to another (nats-py's default waits 2 pings of 120 s,
+    # while the entries it should refresh expire after TTL)
+    options = dict(server.options(), connect_timeout=2, reconnect_time_wait=1, ping_interval=1, max_outstanding_pings=3)
     backoff = 1.0
     complain = Complaint()
     while True:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -72,10 +73,13 @@ class Members:
     def routable(self) -> list[dict]:
         return [e for url, e in self.entries.items() if url not in self.gone]
 
-    def replace(self, entries: dict[str, dict]) -> None:
-        # a member missing from one read only is kept until the next: a read
-        # of the bucket has come back empty for a moment under load
-        kept = {url: e for url, e in self.entries.items() if url not in entries and url not in self.missing}
+    def replace(self, entries: dict[str, dict], hold: bool = False) -> None:
+        """hold: keep every member the read lacks (the registry failed less
+        than a TTL ago: entries expired while their heartbeats could not put
+        them, as while a NATS server's host dies and a new leader is chosen)."""
+        # else a member missing from one read only is kept until the next: a
+        # read of the bucket has come back empty for a moment under load
+        kept = {url: e for url, e in self.entries.items() if url not in entries and (hold or url not in self.missing)}
         self.missing = set(kept)
         entries = {**entries, **kept}
         if entries == self.entries:
@@ -214,6 +218,8 @@ async def _registry(
     own = kv.router_key(router)
     # the revision of this sync's last put of its view: a read without it is behind
     written = 0
+    # when a read or put last failed: for a TTL after, an absent entry proves nothing
+    failed_at = float("-inf")
     read_failed, publish_failed = kv.Complaint(), kv.Complaint()
     try:
         while not stop.is_set():
@@ -223,9 +229,13 @@ async def _registry(
                 behind(entries.get(own), written)
                 layout.refresh()
                 routable = ((k, kv.member(k, e.value, roles)) for k, e in entries.items())
-                members.replace({m["url"]: m for k, m in routable if m and layout.admits(k, m)})
+                members.replace(
+                    {m["url"]: m for k, m in routable if m and layout.admits(k, m)},
+                    hold=time.monotonic() - failed_at < kv.TTL,
+                )
                 read_failed(None, recovered="registry readable again")
             except Exception as e:
+                failed_at = time.monotonic()
                 read_failed(f"registry unreadable, keeping the last {len(members.entries)} members: {kv.describe(e)}")
             if scrape:
                 targets.write(
@@ -239,6 +249,7 @@ async def _registry(
                 written = await kv.put(store, own, report)
                 publish_failed(None)
             except Exception as e:
+                failed_at = time.monotonic()
                 publish_failed(f"cannot publish the router's view: {kv.describe(e)}")
             await kv.sleep(stop, interval)
     finally:
