@@ -55,8 +55,13 @@ def test_each_router_host_runs_a_front_door_router_and_sync_the_head_nats_and_pr
 def test_each_front_door_asks_its_own_router_first_and_binds_the_floating_address(plan):
     door = host_units(plan, GENERATE)["/etc/disagg/frontdoor/haproxy.cfg"]
     servers = [line.split() for line in door.splitlines() if line.strip().startswith("server ")]
-    assert [s[1:3] for s in servers] == [[GENERATE, f"{GENERATE}:8001"], [HEAD, f"{HEAD}:8001"]]
-    assert "backup" not in servers[0] and servers[1][-1] == "backup"
+    assert [s[1:3] for s in servers] == [
+        [GENERATE, f"{GENERATE}:8001"],
+        [HEAD, f"{HEAD}:8001"],
+        # its own again, unchecked, when every check fails: the router's answer, never HAProxy's 503
+        ["last-resort", f"{GENERATE}:8001"],
+    ]
+    assert "backup" not in servers[0] and servers[1][-1] == "backup" and servers[2][3:] == ["backup"]
     assert "  option redispatch 1\n" in door
     units = host_units(plan, GENERATE)
     # the floating address bound while another host holds it (FreeBind): by systemd, which keeps it across a crash

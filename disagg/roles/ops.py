@@ -319,13 +319,19 @@ def unit_running(
     if changed(changed_by):
         yield "systemctl daemon-reload"
     if not state["active"]:
-        yield f"systemctl start {service}"
+        yield _told(f"systemctl start {service}", service)
     elif restart and (changed(changed_by) or state["outdated"]):
-        yield f"systemctl restart {service}"
+        yield _told(f"systemctl restart {service}", service)
     elif changed(reloaded_by):
-        yield f"systemctl reload {service}"
+        yield _told(f"systemctl reload {service}", service)
     if not state["enabled"]:
         yield f"systemctl enable {service}"
+
+
+def _told(command: str, service: str) -> str:
+    """command, which prints the unit's last lines when it fails: the deploy
+    shows why (an nft error, a bad config), not systemd's 'see journalctl'."""
+    return f"{command} || {{ journalctl -u {service} -n 10 --no-pager -o cat; false; }}"
 
 
 def resolved(names: Sequence[str], why: str) -> dict[str, tuple[str, ...]]:
