@@ -37,12 +37,16 @@ def runtime(plan: Plan) -> list[OperationMeta]:
     else:  # a worker host's agents use their own users: no admin password there (releases before left one)
         files.file(name="No NATS admin password", path=units.NATS_SECRET_ENV, present=False)
     python_packages(S.AGENT_VENV, host.data.get("agent_packages"))
-    return put_files({**ca_files(plan), **units.agent_code()})
+    return put_files(_shared(plan))
 
 
 def runtime_files(plan: Plan) -> list[str]:
     """What runtime() writes that every agent unit reads."""
-    return [*ca_files(plan), *units.agent_code()]
+    return list(_shared(plan))
+
+
+def _shared(plan: Plan) -> dict[str, str]:
+    return {**ca_files(plan), **units.agent_code()}
 
 
 @deploy("Router sync and readiness gate", data_defaults=DEFAULTS)
